@@ -1,0 +1,1 @@
+"""Pallas kernels behind ``impl="pallas"`` (installed as ``ls_jax.kernels``)."""

@@ -1,0 +1,1 @@
+"""ls_jax: label-smoothed, memory-efficient cross-entropy for JAX/Flax."""
