@@ -1,0 +1,277 @@
+"""Supervised fine-tuning data: local files -> token ids with prompt masking -> batches.
+
+Input rows (through ``datasets``, offline) have either chat ``messages`` (a list of
+``{"role", "content"}``) or ``prompt`` / ``response`` strings.
+
+* ``prompt``/``response``: the token ids are ``[bos] + tok(prompt) + tok(response) + [eos]``
+  (bos only when the tokenizer has one); the loss covers the response and the eos.
+* ``messages``: rendered with the tokenizer's chat template when it has one; otherwise with
+  :data:`SIMPLE_TEMPLATE`, i.e. ``"<|role|>\\ncontent\\n"`` per message and ``"<|assistant|>\\n"``
+  before each assistant reply. Every assistant message (and the eos after it, for the simple
+  template) is a response; all other text is prompt.
+
+Labels are aligned with ``input_ids`` (the model wrapper shifts them): ``-100`` on prompt and
+padding tokens. Examples longer than ``max_length`` are cut at the end and counted; those left
+without a response token are dropped and counted. Batches have a fixed shape ``[B, max_length]``
+and are drawn in a seeded order per epoch, addressed by a plain integer position so a run can
+resume exactly.
+"""
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+IGNORE_INDEX = -100
+SIMPLE_TEMPLATE = "<|{role}|>\n{content}\n"
+
+
+class DataError(ValueError):
+    """Bad training data (missing file, malformed row, nothing to train on); one-line message."""
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _read_json_rows(path: str) -> List[dict]:
+    """Rows of a ``.jsonl`` file (one object per line) or a ``.json`` list / {"data": [...]}."""
+    with open(path, encoding="utf-8") as f:
+        if path.endswith(".jsonl"):
+            rows = []
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}: line {lineno}: malformed JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}: line {lineno}: expected a JSON object, got {type(row).__name__}")
+                rows.append(row)
+            return rows
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: malformed JSON at line {e.lineno} ({e.msg})") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise DataError(f"{path}: expected a JSON list of objects (or {{\"data\": [...]}})")
+    return data
+
+
+def load_rows(path: str, split: str = "train"):
+    """A ``datasets.Dataset`` from a local .jsonl/.json/.parquet file or a save_to_disk dir.
+
+    A saved ``DatasetDict`` is indexed by ``split``. Raises :class:`DataError` when the path
+    does not exist, cannot be parsed or holds no rows.
+    """
+    import datasets
+
+    if not os.path.exists(path):
+        raise DataError(f"data not found: {path}")
+    if os.path.isdir(path):
+        try:
+            ds = datasets.load_from_disk(path)
+        except (FileNotFoundError, ValueError) as e:
+            raise DataError(f"{path}: not a datasets save_to_disk directory ({e})") from None
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise DataError(f"{path}: no split {split!r} (have {sorted(ds)})")
+            ds = ds[split]
+    elif path.endswith((".jsonl", ".json")):
+        ds = datasets.Dataset.from_list(_read_json_rows(path))
+    elif path.endswith(".parquet"):
+        ds = datasets.Dataset.from_parquet(path)
+    else:
+        raise DataError(f"{path}: unsupported data format (use .jsonl, .json, .parquet or a save_to_disk directory)")
+    if len(ds) == 0:
+        raise DataError(f"{path}: the data set is empty")
+    return ds
+
+
+# --------------------------------------------------------------------------- tokenisation
+
+
+def _segments(row: dict, tokenizer, index: int) -> List[Tuple[str, bool]]:
+    """The example as ``(text, is_response)`` pieces, in order."""
+    if "messages" in row and row["messages"] is not None:
+        msgs = row["messages"]
+        if not isinstance(msgs, (list, tuple)) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
+            raise DataError(f"row {index}: 'messages' must be a list of {{'role', 'content'}} objects")
+        if getattr(tokenizer, "chat_template", None):
+            return _chat_template_segments(list(msgs), tokenizer, index)
+        out = []
+        for m in msgs:
+            if m["role"] == "assistant":
+                out.append(("<|assistant|>\n", False))
+                out.append((str(m["content"]) + (tokenizer.eos_token or ""), True))
+                out.append(("\n", False))
+            else:
+                out.append((SIMPLE_TEMPLATE.format(role=m["role"], content=m["content"]), False))
+        return out
+    if "prompt" in row and "response" in row:
+        return [(str(row["prompt"]), False), (str(row["response"]) + (tokenizer.eos_token or ""), True)]
+    raise DataError(f"row {index}: needs 'messages' or 'prompt' and 'response' fields, has {sorted(row)}")
+
+
+def _chat_template_segments(msgs: List[dict], tokenizer, index: int) -> List[Tuple[str, bool]]:
+    """Split a chat-template rendering at each assistant message by rendering prefixes."""
+    out, done = [], ""
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True) if i else ""
+        upto = tokenizer.apply_chat_template(msgs[: i + 1], tokenize=False)
+        if not before.startswith(done) or not upto.startswith(before):
+            raise DataError(f"row {index}: the chat template does not render conversations prefix by prefix")
+        out += [(before[len(done):], False), (upto[len(before):], True)]
+        done = upto
+    full = tokenizer.apply_chat_template(msgs, tokenize=False)
+    if not full.startswith(done):
+        raise DataError(f"row {index}: the chat template does not render conversations prefix by prefix")
+    out.append((full[len(done):], False))
+    return out
+
+
+def tokenize_example(row: dict, tokenizer, index: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+    """``(input_ids [T] int32, labels [T] int32)`` with ``IGNORE_INDEX`` on prompt tokens.
+
+    With no chat template a bos token (if the tokenizer has one) starts the sequence.
+    """
+    ids: List[int] = []
+    labels: List[int] = []
+    segs = _segments(row, tokenizer, index)
+    templated = "messages" in row and bool(getattr(tokenizer, "chat_template", None))
+    if tokenizer.bos_token_id is not None and not templated:
+        ids.append(tokenizer.bos_token_id)
+        labels.append(IGNORE_INDEX)
+    for text, is_response in segs:
+        if not text:
+            continue
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += piece
+        labels += piece if is_response else [IGNORE_INDEX] * len(piece)
+    return np.asarray(ids, np.int32), np.asarray(labels, np.int32)
+
+
+@dataclass
+class PrepareStats:
+    """Counts from :func:`prepare`: rows in, rows cut at max_length, rows dropped (no response left)."""
+
+    rows: int
+    truncated: int
+    dropped: int
+
+    def log_line(self, name: str, max_length: int) -> str:
+        return (f"{name}: {self.rows} examples, {self.truncated} truncated to {max_length} tokens, "
+                f"{self.dropped} dropped with no response token left")
+
+
+def prepare(rows, tokenizer, max_length: int, name: str = "data") -> Tuple[List[Tuple[np.ndarray, np.ndarray]], PrepareStats]:
+    """Tokenise, truncate to ``max_length`` and drop examples without response tokens.
+
+    Raises :class:`DataError` if nothing is left. A response token at position 0 cannot be
+    predicted (nothing precedes it), so only positions >= 1 count as response tokens.
+    """
+    examples, truncated, dropped = [], 0, 0
+    for i, row in enumerate(rows):
+        ids, labels = tokenize_example(row, tokenizer, i)
+        if len(ids) > max_length:
+            truncated += 1
+            ids, labels = ids[:max_length], labels[:max_length]
+        if not (labels[1:] != IGNORE_INDEX).any():
+            dropped += 1
+            continue
+        examples.append((ids, labels))
+    stats = PrepareStats(len(rows), truncated, dropped)
+    if not examples:
+        raise DataError(f"{name}: no example has a response token after truncation to {max_length} tokens "
+                        f"({stats.rows} rows, {stats.truncated} truncated)")
+    return examples, stats
+
+
+# --------------------------------------------------------------------------- rows and batches
+
+
+def pack(examples: Sequence[Tuple[np.ndarray, np.ndarray]], max_length: int) -> List[List[int]]:
+    """Greedy first-fit packing: a list of rows, each the indices of the examples it holds."""
+    rows: List[List[int]] = []
+    room: List[int] = []
+    for i, (ids, _) in enumerate(examples):
+        n = len(ids)
+        for r, free in enumerate(room):
+            if free >= n:
+                rows[r].append(i)
+                room[r] -= n
+                break
+        else:
+            rows.append([i])
+            room.append(max_length - n)
+    return rows
+
+
+def build_row(examples, members: Sequence[int], max_length: int, pad_id: int) -> Dict[str, np.ndarray]:
+    """One padded row ``[max_length]`` from the examples ``members`` placed end to end.
+
+    input_ids, labels (IGNORE_INDEX on padding and on each segment's first token, so no
+    token is predicted across a segment boundary), positions (restart at 0 per segment),
+    segment_ids (1, 2, ... per example; 0 on padding). All int32.
+    """
+    out = {
+        "input_ids": np.full(max_length, pad_id, np.int32),
+        "labels": np.full(max_length, IGNORE_INDEX, np.int32),
+        "positions": np.zeros(max_length, np.int32),
+        "segment_ids": np.zeros(max_length, np.int32),
+    }
+    at = 0
+    for seg, i in enumerate(members, 1):
+        ids, labels = examples[i]
+        n = len(ids)
+        out["input_ids"][at:at + n] = ids
+        out["labels"][at + 1:at + n] = labels[1:]
+        out["positions"][at:at + n] = np.arange(n)
+        out["segment_ids"][at:at + n] = seg
+        at += n
+    return out
+
+
+class Batches:
+    """Fixed-shape batches ``[batch_size, max_length]`` in a seeded order, addressed by position.
+
+    ``batch(p)`` is batch number ``p`` counted from the start of training over all epochs:
+    epoch ``p // per_epoch`` visits the rows in ``permutation(seed + epoch)`` order, and a
+    trailing partial batch is skipped. The same ``p`` always gives the same batch, which is
+    what makes ``--resume`` exact. With ``packing`` rows hold several examples.
+    """
+
+    def __init__(self, examples, batch_size: int, max_length: int, pad_id: int, *,
+                 seed: int = 0, packing: bool = False, shuffle: bool = True):
+        members = pack(examples, max_length) if packing else [[i] for i in range(len(examples))]
+        self.rows = [build_row(examples, m, max_length, pad_id) for m in members]
+        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
+        self.per_epoch = len(self.rows) // batch_size
+        if self.per_epoch == 0:
+            raise DataError(f"only {len(self.rows)} rows of data for a batch size of {batch_size}")
+
+    def batch(self, position: int) -> Dict[str, np.ndarray]:
+        """Batch number ``position``: dict of int32 arrays ``[batch_size, max_length]``."""
+        epoch, k = divmod(position, self.per_epoch)
+        order = (np.random.default_rng(self.seed + epoch).permutation(len(self.rows))
+                 if self.shuffle else np.arange(len(self.rows)))
+        take = order[k * self.batch_size:(k + 1) * self.batch_size]
+        return {key: np.stack([self.rows[i][key] for i in take]) for key in self.rows[0]}
+
+    def __len__(self) -> int:
+        return self.per_epoch
+
+
+def eval_batches(examples, batch_size: int, max_length: int, pad_id: int) -> List[Dict[str, np.ndarray]]:
+    """Every example once, in order, padded to ``[batch_size, max_length]`` (pad rows are all-ignored)."""
+    rows = [build_row(examples, [i], max_length, pad_id) for i in range(len(examples))]
+    blank = build_row([], [], max_length, pad_id)
+    rows += [blank] * (-len(rows) % batch_size)
+    return [{k: np.stack([r[k] for r in rows[s:s + batch_size]]) for k in rows[0]}
+            for s in range(0, len(rows), batch_size)]

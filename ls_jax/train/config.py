@@ -1,0 +1,153 @@
+"""Trainer configuration: one dataclass, its command-line flags, and its JSON form."""
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run (flag ``--foo-bar`` sets field ``foo_bar``).
+
+    ``data=None`` selects the embedded default: a tokenizer trained locally on generated
+    arithmetic / multiple-choice data (``num_train`` / ``num_eval`` rows). ``mesh`` names the
+    sizes of the (data, fsdp, tensor) axes, ``-1`` meaning "all remaining devices".
+    ``compare_smoothing`` trains one run per value (same seed, same data) into
+    ``output_dir/ls<value>`` and compares them; empty means one run with ``label_smoothing``.
+    """
+
+    # model, tokenizer and data
+    model: str = "tiny"
+    data: Optional[str] = None
+    eval_data: Optional[str] = None
+    split: str = "train"
+    eval_fraction: float = 0.1
+    num_train: int = 4000
+    num_eval: int = 400
+    max_length: int = 48
+    packing: bool = False
+    # optimisation
+    steps: int = 300
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 3e-3
+    warmup_steps: int = 30
+    decay: str = "cosine"
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    b1: float = 0.9
+    b2: float = 0.98
+    clip_norm: float = 1.0
+    seed: int = 0
+    compute_dtype: str = "float32"
+    param_dtype: str = "float32"
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    # loss
+    label_smoothing: float = 0.0
+    compare_smoothing: List[float] = field(default_factory=list)
+    z_loss: float = 0.0
+    logit_softcap: Optional[float] = None
+    no_softcap: bool = False
+    impl: str = "auto"
+    block_n: Optional[int] = None
+    block_v: Optional[int] = None
+    block_d: Optional[int] = None
+    # sharding, logging, checkpoints
+    mesh: str = "data=-1,fsdp=1,tensor=1"
+    output_dir: Optional[str] = None
+    save_every: int = 100
+    keep_checkpoints: int = 3
+    eval_every: int = 100
+    eval_batch_size: int = 64
+    log_every: int = 10
+    resume: bool = False
+    progress: bool = True
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+EMBEDDED_COMPARE = [0.0, 0.1]
+
+_HELP = {
+    "model": "a local Hugging Face checkpoint directory, or the name of a built-in tiny config",
+    "data": "training data: .jsonl / .json / .parquet file or a save_to_disk directory "
+            "(rows with 'messages' or 'prompt'/'response'); default: generated arithmetic data",
+    "eval_data": "held-out data (same formats); default: --eval-fraction of --data",
+    "split": "split to read from a saved DatasetDict",
+    "eval_fraction": "fraction of --data held out when --eval-data is not given",
+    "num_train": "rows of generated data to train on (embedded default only)",
+    "num_eval": "rows of generated held-out data (embedded default only)",
+    "max_length": "tokens per row; longer examples are cut (and counted)",
+    "packing": "pack several examples per row (positions restart, attention stays within each)",
+    "steps": "optimizer steps",
+    "batch_size": "rows per micro-batch (divisible by the data x fsdp mesh size)",
+    "grad_accum": "micro-batches per optimizer step",
+    "lr": "peak learning rate",
+    "warmup_steps": "linear warmup steps",
+    "decay": "decay after warmup: cosine, linear or constant",
+    "min_lr_ratio": "final learning rate as a fraction of --lr",
+    "clip_norm": "clip gradients to this global norm (0: off)",
+    "compute_dtype": "activation dtype: float32 or bfloat16",
+    "param_dtype": "parameter dtype: float32 or bfloat16",
+    "lora_rank": "train only LoRA adapters of this rank on the linear layers (0: full fine-tuning)",
+    "lora_alpha": "LoRA scale numerator (scale = alpha / rank)",
+    "label_smoothing": "label smoothing a in [0, 1): target (1 - a) * onehot + a / V",
+    "compare_smoothing": "comma-separated smoothing values, one run each, compared in the final table "
+                         "(default for the embedded data: 0,0.1)",
+    "z_loss": "z-loss coefficient (adds z_loss * lse^2)",
+    "logit_softcap": "override the model's final-logit softcap",
+    "no_softcap": "disable the model's final-logit softcap",
+    "impl": "loss implementation: auto, reference, xla, pallas",
+    "mesh": "device mesh sizes, e.g. data=2,fsdp=4,tensor=1 (-1: the remaining devices)",
+    "output_dir": "where checkpoints, metrics.jsonl and plots go (default runs/<timestamp>)",
+    "save_every": "checkpoint every k steps (and at the end)",
+    "keep_checkpoints": "checkpoints kept on disk",
+    "eval_every": "evaluate every k steps (and at the end)",
+    "log_every": "write a train line to metrics.jsonl every k steps",
+    "resume": "continue from the latest checkpoint in --output-dir",
+    "progress": "show a progress bar",
+}
+
+
+def _floats(text: str) -> List[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """argparse flags for every :class:`TrainConfig` field."""
+    p = argparse.ArgumentParser(
+        prog="train.py",
+        description="Supervised fine-tuning with the fused label-smoothed cross-entropy. "
+                    "With no arguments: a tiny model on generated arithmetic data, offline.",
+    )
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        helptext = _HELP.get(f.name)
+        if f.type is bool or f.type == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=helptext)
+        elif f.name == "compare_smoothing":
+            p.add_argument(flag, type=_floats, default=None, help=helptext)
+        else:
+            t = str(f.type)  # int, float, str or Optional[...] of them
+            conv = int if "int" in t else float if "float" in t else str
+            p.add_argument(flag, type=conv, default=f.default, help=helptext)
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
+    """A :class:`TrainConfig` from command-line flags (``argv=None``: ``sys.argv[1:]``)."""
+    ns = vars(build_parser().parse_args(argv))
+    if ns["compare_smoothing"] is None:
+        ns["compare_smoothing"] = list(EMBEDDED_COMPARE) if ns["data"] is None else []
+    return TrainConfig(**ns)

@@ -1,0 +1,66 @@
+"""What a run tells its user: JSON-lines metrics, a progress bar, and the final table."""
+
+import json
+import sys
+import time
+from typing import Dict, List, Sequence
+
+from tqdm import tqdm
+
+
+class MetricsLog:
+    """Appends one JSON object per line to ``path`` (``{"kind": "train" | "eval", "step": ..., ...}``)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def write(self, kind: str, step: int, values: Dict[str, float]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
+
+
+class Progress:
+    """A tqdm bar over optimizer steps showing loss and tokens/s (plain log lines when disabled)."""
+
+    def __init__(self, total: int, start: int, desc: str, enabled: bool):
+        self.enabled = enabled
+        self.bar = tqdm(total=total, initial=start, desc=desc, file=sys.stderr, dynamic_ncols=True,
+                        disable=not enabled, leave=True)
+        self.last_time, self.tokens = time.perf_counter(), 0
+
+    def update(self, step: int, loss: float, tokens: int) -> float:
+        """Advance one step; returns the tokens/s since the previous update."""
+        now = time.perf_counter()
+        rate = tokens / max(now - self.last_time, 1e-9)
+        self.last_time = now
+        self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}", refresh=False)
+        self.bar.update(1)
+        return rate
+
+    def note(self, text: str) -> None:
+        """A line printed above the bar (or to stderr when the bar is off)."""
+        if self.enabled:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+TABLE_COLUMNS = (("label_smoothing", "smoothing", "{:.2f}"), ("loss", "eval loss", "{:.4f}"),
+                 ("accuracy", "token acc", "{:.3f}"), ("answer_accuracy", "answer acc", "{:.3f}"),
+                 ("nll", "NLL", "{:.4f}"), ("ece", "ECE", "{:.4f}"), ("brier", "Brier", "{:.4f}"),
+                 ("tokens_per_s", "train tok/s", "{:,.0f}"))
+
+
+def summary_table(rows: Sequence[Dict[str, float]], columns=TABLE_COLUMNS) -> str:
+    """A fixed-width text table of the final held-out metrics, one row per run."""
+    cols = [(key, title, fmt) for key, title, fmt in columns if any(key in r for r in rows)]
+    cells: List[List[str]] = [[title for _, title, _ in cols]]
+    for r in rows:
+        cells.append([fmt.format(r[key]) if r.get(key) is not None else "-" for key, _, fmt in cols])
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,188 @@
+"""Data pipeline: loading formats, prompt masking, truncation counts, packing, batch order."""
+
+import json
+import re
+
+import datasets
+import numpy as np
+import pytest
+
+from ls_jax.data import (IGNORE_INDEX, Batches, DataError, build_row, eval_batches, load_rows, pack, prepare,
+                         tokenize_example)
+from ls_jax.tokenizer import train_bpe_tokenizer
+from ls_jax.train import synthetic
+
+ROWS = [{"prompt": "What is 3 + 4?\nAnswer: ", "response": "7"},
+        {"prompt": "Which number is the largest?\nA) 1\nB) 9\nAnswer: ", "response": "B"},
+        {"messages": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi there"}]}]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    train, _ = synthetic.generate(200, 0, seed=1)
+    return train_bpe_tokenizer([r["prompt"] + r["response"] for r in train] + ["Say hi there user assistant"])
+
+
+def _decode(tok, ids):
+    return tok.decode(list(ids), skip_special_tokens=False)
+
+
+def test_tokenizer_round_trip_and_single_digits(tok):
+    text = "What is 1234 + 5?\nAnswer: 1239"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert _decode(tok, ids) == text
+    digits = [t for t in tok.convert_ids_to_tokens(ids) if any(c.isdigit() for c in t)]
+    assert digits == list("1234" "5" "1239")
+    assert (tok.pad_token, tok.eos_token, tok.bos_token) == ("<pad>", "<eos>", "<bos>")
+
+
+def test_prompt_response_masking(tok):
+    ids, labels = tokenize_example(ROWS[0], tok)
+    resp = labels != IGNORE_INDEX
+    np.testing.assert_array_equal(labels[resp], ids[resp])
+    assert _decode(tok, ids[resp]) == "7<eos>"
+    assert _decode(tok, ids[~resp]) == "<bos>" + ROWS[0]["prompt"]
+    assert resp[-2:].all() and not resp[:-2].any()  # response contiguous at the end
+
+
+def test_messages_simple_template_masking(tok):
+    assert not tok.chat_template
+    ids, labels = tokenize_example(ROWS[2], tok)
+    resp = labels != IGNORE_INDEX
+    assert _decode(tok, ids[resp]) == "hi there<eos>"
+    assert _decode(tok, ids) == "<bos><|user|>\nSay hi\n<|assistant|>\nhi there<eos>\n"
+
+
+def test_messages_chat_template_multi_turn(tok, tmp_path):
+    tok.save_pretrained(tmp_path)
+    templated = type(tok).from_pretrained(tmp_path)
+    templated.chat_template = ("{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{{ eos_token }}{% endfor %}"
+                               "{% if add_generation_prompt %}[assistant]{% endif %}")
+    row = {"messages": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"},
+                        {"role": "user", "content": "again"}, {"role": "assistant", "content": "there"}]}
+    ids, labels = tokenize_example(row, templated)
+    resp = labels != IGNORE_INDEX
+    assert _decode(templated, ids) == templated.apply_chat_template(row["messages"], tokenize=False)
+    # response runs: each assistant message with its end-of-turn token, nothing else
+    runs, cur = [], []
+    for i, r in zip(ids, resp):
+        if r:
+            cur.append(i)
+        elif cur:
+            runs, cur = runs + [cur], []
+    runs += [cur] if cur else []
+    assert [_decode(templated, r) for r in runs] == ["hi<eos>", "there<eos>"]
+
+
+def test_bad_rows(tok):
+    with pytest.raises(DataError, match="row 0"):
+        tokenize_example({"text": "x"}, tok)
+    with pytest.raises(DataError, match="messages"):
+        tokenize_example({"messages": [{"role": "user"}]}, tok)
+
+
+def test_truncation_counts_and_drops(tok):
+    m = len(tokenize_example(ROWS[0], tok)[0])  # fits exactly
+    long_prompt = {"prompt": "What is 1 + 1? " * 5, "response": "2"}  # cut inside the prompt: dropped
+    long_resp = {"prompt": "Q: ", "response": "1 2 3 4 5 6 7 8 9 " * 3}  # cut inside the response: kept
+    examples, stats = prepare([ROWS[0], long_prompt, long_resp], tok, max_length=m)
+    assert (stats.rows, stats.truncated, stats.dropped) == (3, 2, 1)
+    assert [len(ids) for ids, _ in examples] == [m, m]
+    np.testing.assert_array_equal(examples[1][0], tokenize_example(long_resp, tok)[0][:m])
+    assert "2 truncated to %d tokens, 1 dropped" % m in stats.log_line("train", m)
+    with pytest.raises(DataError, match="no example has a response token after truncation"):
+        prepare([long_prompt], tok, max_length=m)
+
+
+def test_packing_positions_segments_labels(tok):
+    rows = synthetic.generate(30, 0, seed=3)[0]
+    examples, _ = prepare(rows, tok, max_length=64)
+    groups = pack(examples, 64)
+    assert sorted(i for g in groups for i in g) == list(range(len(examples)))
+    assert len(groups) < len(examples)
+    for g in groups:
+        row = build_row(examples, g, 64, tok.pad_token_id)
+        seg = row["segment_ids"]
+        assert sorted(set(seg[seg > 0])) == list(range(1, len(g) + 1))
+        for s, i in enumerate(g, 1):
+            ids, labels = examples[i]
+            at = np.flatnonzero(seg == s)
+            assert len(at) == len(ids) and (np.diff(at) == 1).all()  # contiguous
+            np.testing.assert_array_equal(row["input_ids"][at], ids)
+            np.testing.assert_array_equal(row["positions"][at], np.arange(len(ids)))
+            assert row["labels"][at[0]] == IGNORE_INDEX  # nothing predicted across a boundary
+            np.testing.assert_array_equal(row["labels"][at[1:]], labels[1:])
+        pad = seg == 0
+        assert (row["labels"][pad] == IGNORE_INDEX).all() and (row["input_ids"][pad] == tok.pad_token_id).all()
+
+
+def test_batches_deterministic_and_cover_each_epoch(tok):
+    examples, _ = prepare(synthetic.generate(50, 0, seed=4)[0], tok, max_length=40)
+    a, b = Batches(examples, 8, 40, 0, seed=7), Batches(examples, 8, 40, 0, seed=7)
+    assert len(a) == 50 // 8
+    for p in (0, 3, 6, 13):
+        for k, v in a.batch(p).items():
+            np.testing.assert_array_equal(v, b.batch(p)[k])
+            assert v.shape == (8, 40) and v.dtype == np.int32
+    key = lambda batch: [tuple(r) for r in batch["input_ids"]]  # noqa: E731
+    epoch0 = sum((key(a.batch(p)) for p in range(len(a))), [])
+    epoch1 = sum((key(a.batch(p)) for p in range(len(a), 2 * len(a))), [])
+    assert len(set(epoch0)) == len(epoch0) == len(a) * 8  # no row twice within an epoch
+    assert epoch0 != epoch1  # reshuffled
+    with pytest.raises(DataError, match="batch size"):
+        Batches(examples[:3], 8, 40, 0)
+
+
+def test_eval_batches_cover_all_once(tok):
+    examples, _ = prepare(synthetic.generate(21, 0, seed=5)[0], tok, max_length=40)
+    batches = eval_batches(examples, 8, 40, tok.pad_token_id)
+    assert len(batches) == 3
+    got = np.concatenate([b["labels"] for b in batches])
+    assert (got[21:] == IGNORE_INDEX).all()
+    for i, (_, labels) in enumerate(examples):
+        np.testing.assert_array_equal(got[i, 1:len(labels)], labels[1:])
+
+
+def test_load_formats(tmp_path):
+    rows = ROWS[:2]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    (tmp_path / "d.json").write_text(json.dumps({"data": rows}))
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "saved_dict"))
+    for name in ("d.jsonl", "d.json", "d.parquet", "saved", "saved_dict"):
+        assert list(load_rows(str(tmp_path / name))) == rows, name
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        load_rows(str(tmp_path / "nope.jsonl"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(ROWS[0]) + "\n" + json.dumps(ROWS[1]) + "\n{\"prompt\": \"x\",\n")
+    with pytest.raises(DataError, match=re.escape("line 3: malformed JSON")):
+        load_rows(str(bad))
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(DataError, match="empty"):
+        load_rows(str(tmp_path / "empty.jsonl"))
+    (tmp_path / "x.csv").write_text("a,b\n")
+    with pytest.raises(DataError, match="unsupported"):
+        load_rows(str(tmp_path / "x.csv"))
+    datasets.DatasetDict({"test": datasets.Dataset.from_list(ROWS[:1])}).save_to_disk(str(tmp_path / "sd"))
+    with pytest.raises(DataError, match="no split 'train'"):
+        load_rows(str(tmp_path / "sd"))
+
+
+def test_synthetic_answers_check_out_and_split_is_disjoint():
+    train, held = synthetic.generate(300, 100, seed=11)
+    assert (train, held) == synthetic.generate(300, 100, seed=11)
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in held}
+    kinds = set()
+    for r in train + held:
+        if m := re.fullmatch(r"What is (\d+) \+ (\d+)\?\nAnswer: ", r["prompt"]):
+            kinds.add("add")
+            assert int(r["response"]) == int(m[1]) + int(m[2])
+        else:
+            kinds.add("mc")
+            opts = dict(re.findall(r"([A-D])\) (\d+)", r["prompt"]))
+            assert len(opts) == 4 and r["response"] == max(opts, key=lambda k: int(opts[k]))
+    assert kinds == {"add", "mc"}
