@@ -1,0 +1,205 @@
+"""Building blocks shared by every decoder here: RMSNorm, RoPE, masks, GQA attention, gated MLP.
+
+Shapes: B batch, T tokens, D hidden, H query heads, K key/value heads (H = K * G), Dh head dim.
+Parameters are ``nnx.Param`` (``nnx.Linear`` kernels are ``[in, out]``); attribute names follow
+Hugging Face (``q_proj``, ``gate_proj``, ...), so checkpoint keys map one to one.
+"""
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ls_jax.logit_stats import apply_softcap
+
+# Score given to masked attention entries: finite, so a fully masked row (a padding query)
+# gets a uniform softmax instead of NaN.
+_MASKED = -1e30
+
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+}
+
+
+class RMSNorm(nnx.Module):
+    """``x / rms(x) * (offset + weight)``, computed in float32, returned in ``x.dtype``.
+
+    offset 0 is Llama's norm (weight initialised to 1); offset 1 is Gemma's ``(1 + w)`` norm
+    (weight initialised to 0). weight: ``nnx.Param [D]``.
+    """
+
+    def __init__(self, dim: int, *, eps: float, offset: float = 0.0, param_dtype=jnp.float32):
+        self.weight = nnx.Param(jnp.full((dim,), 1.0 - offset, param_dtype))
+        self.eps = eps
+        self.offset = offset
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
+        return (y * (self.offset + self.weight[...].astype(jnp.float32))).astype(x.dtype)
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding of the first ``head_dim`` features, rotate-half layout (Hugging Face).
+
+    rope_type: "default", "linear" (positions / factor) or "llama3" (Llama 3.1 frequency
+    scaling with factor, low/high_freq_factor, original_max_position_embeddings).
+    """
+
+    head_dim: int
+    theta: float = 10000.0
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    SUPPORTED = ("default", "linear", "llama3")
+
+    @classmethod
+    def from_hf(cls, rope_parameters: Optional[dict], head_dim: int) -> "RopeConfig":
+        """From a transformers ``config.rope_parameters`` dict (transformers >= 5 layout)."""
+        p = dict(rope_parameters or {})
+        rope_type = p.get("rope_type", p.get("type", "default"))
+        if rope_type not in cls.SUPPORTED:
+            raise ValueError(f"rope_type {rope_type!r} is not supported; supported: {cls.SUPPORTED}")
+        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        extra = {k: p[k] for k in keys if p.get(k) is not None and rope_type != "default"}
+        return cls(head_dim=head_dim, theta=float(p.get("rope_theta", 10000.0)), rope_type=rope_type, **extra)
+
+    def inv_freq(self) -> np.ndarray:
+        """float32 inverse frequencies ``[head_dim // 2]`` (computed like transformers, in fp32)."""
+        exponent = np.arange(0, self.head_dim, 2).astype(np.float32) / np.float32(self.head_dim)
+        inv = (np.float32(1.0) / np.power(np.float32(self.theta), exponent)).astype(np.float32)
+        if self.rope_type == "linear":
+            return (inv / np.float32(self.factor)).astype(np.float32)
+        if self.rope_type == "llama3":
+            old = self.original_max_position_embeddings
+            low_wavelen, high_wavelen = old / self.low_freq_factor, old / self.high_freq_factor
+            wavelen = np.float32(2 * math.pi) / inv
+            scaled = np.where(wavelen > low_wavelen, inv / np.float32(self.factor), inv)
+            smooth = (old / wavelen - self.low_freq_factor) / (self.high_freq_factor - self.low_freq_factor)
+            smoothed = (1 - smooth) * scaled / self.factor + smooth * scaled
+            medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+            return np.where(medium, smoothed, scaled).astype(np.float32)
+        return inv
+
+
+def rope_tables(positions: jax.Array, rope: RopeConfig, dtype) -> tuple:
+    """(cos, sin), each ``[B, T, Dh]`` in ``dtype``, for integer ``positions [B, T]``."""
+    freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(rope.inv_freq())
+    angles = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate ``x [B, T, heads, Dh]`` by the tables ``[B, T, Dh]`` (rotate-half convention)."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+def default_positions(attention_mask: Optional[jax.Array], segment_ids: Optional[jax.Array], shape) -> jax.Array:
+    """int32 positions ``[B, T]``: count of real tokens before each one in its own segment.
+
+    Padding (``attention_mask == 0``) does not advance the position, so a left-padded row gets
+    the positions of the unpadded sequence; each packed segment restarts at 0.
+    """
+    real = jnp.ones(shape, jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
+    count = jnp.cumsum(real, axis=-1)
+    if segment_ids is None:
+        base = jnp.zeros(shape, jnp.int32)
+    else:
+        starts = jnp.concatenate(
+            [jnp.ones((shape[0], 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=-1
+        )
+        # real tokens before the segment start; non-decreasing along T, so a running max carries it
+        base = jax.lax.cummax(jnp.where(starts, count - real, 0), axis=1)
+    return jnp.maximum(count - base - 1, 0)
+
+
+def token_mask(attention_mask: Optional[jax.Array], segment_ids: Optional[jax.Array], shape) -> jax.Array:
+    """bool ``[B, T(query), T(key)]``: causal, key is a real token, same packed segment."""
+    b, t = shape
+    idx = jnp.arange(t)
+    mask = jnp.broadcast_to(idx[None, :, None] >= idx[None, None, :], (b, t, t))
+    if attention_mask is not None:
+        mask = mask & attention_mask.astype(bool)[:, None, :]
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    return mask
+
+
+def sliding_window_mask(mask: jax.Array, window: Optional[int]) -> jax.Array:
+    """``mask [B, T, T]`` restricted to keys less than ``window`` tokens back (None: unchanged)."""
+    if window is None:
+        return mask
+    idx = jnp.arange(mask.shape[-1])
+    return mask & ((idx[:, None] - idx[None, :]) < window)
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with RoPE, optional qkv/output bias and score softcap.
+
+    Params: ``q_proj [D, H*Dh]``, ``k_proj``/``v_proj [D, K*Dh]``, ``o_proj [H*Dh, D]``.
+    Scores ``scale * q.k`` (then ``softcap * tanh(s / softcap)``) and softmax in float32.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
+                 scale: float, qkv_bias: bool = False, out_bias: bool = False,
+                 softcap: Optional[float] = None, dtype=jnp.float32, param_dtype=jnp.float32,
+                 kernel_init=nnx.initializers.normal(0.02), rngs: nnx.Rngs):
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        linear = functools.partial(nnx.Linear, dtype=dtype, param_dtype=param_dtype,
+                                   kernel_init=kernel_init, rngs=rngs)
+        self.q_proj = linear(hidden_size, num_heads * head_dim, use_bias=qkv_bias)
+        self.k_proj = linear(hidden_size, num_kv_heads * head_dim, use_bias=qkv_bias)
+        self.v_proj = linear(hidden_size, num_kv_heads * head_dim, use_bias=qkv_bias)
+        self.o_proj = linear(num_heads * head_dim, hidden_size, use_bias=out_bias)
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale, self.softcap = scale, softcap
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+        """x ``[B, T, D]``, rope tables ``[B, T, Dh]``, bool mask ``[B, T, T]`` -> ``[B, T, D]``."""
+        b, t, _ = x.shape
+        k_heads, groups = self.num_kv_heads, self.num_heads // self.num_kv_heads
+        q = apply_rope(self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rope(self.k_proj(x).reshape(b, t, k_heads, self.head_dim), cos, sin)
+        v = self.v_proj(x).reshape(b, t, k_heads, self.head_dim)
+        q = q.reshape(b, t, k_heads, groups, self.head_dim)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * self.scale
+        scores = apply_softcap(scores, self.softcap)
+        scores = jnp.where(mask[:, None, None], scores, _MASKED)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
+
+
+class GatedMLP(nnx.Module):
+    """``down_proj(act(gate_proj(x)) * up_proj(x))``: SwiGLU (silu, Llama) or GeGLU (gelu, Gemma)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, *, activation: str = "silu",
+                 use_bias: bool = False, dtype=jnp.float32, param_dtype=jnp.float32,
+                 kernel_init=nnx.initializers.normal(0.02), rngs: nnx.Rngs):
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation {activation!r} is not supported; supported: {sorted(ACTIVATIONS)}")
+        linear = functools.partial(nnx.Linear, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                                   kernel_init=kernel_init, rngs=rngs)
+        self.gate_proj = linear(hidden_size, intermediate_size)
+        self.up_proj = linear(hidden_size, intermediate_size)
+        self.down_proj = linear(intermediate_size, hidden_size)
+        self.activation = activation
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``[..., D] -> [..., D]``."""
+        return self.down_proj(ACTIVATIONS[self.activation](self.gate_proj(x)) * self.up_proj(x))

@@ -1,0 +1,154 @@
+"""Build models from a transformers config, or load them from a local Hugging Face checkpoint.
+
+Nothing is fetched from a hub: ``from_pretrained`` takes a local directory holding
+``config.json`` and ``model.safetensors`` (or shards listed in ``model.safetensors.index.json``).
+Parameter ``("model", "layers", 0, "self_attn", "q_proj", "kernel")`` is checkpoint tensor
+``model.layers.0.self_attn.q_proj.weight`` (transposed: nnx kernels are ``[in, out]``).
+"""
+
+import json
+import os
+from typing import Callable, Dict, Optional
+
+import jax.numpy as jnp
+from flax import nnx
+from safetensors import safe_open
+from transformers import AutoConfig
+
+from ls_jax.models.classification import SequenceClassifier
+from ls_jax.models.gemma2 import gemma2_spec
+from ls_jax.models.llama import llama_spec
+from ls_jax.models.transformer import CausalLM, DecoderSpec
+
+# config.model_type -> its DecoderSpec builder
+ARCHITECTURES: Dict[str, Callable[..., DecoderSpec]] = {
+    "llama": llama_spec, "mistral": llama_spec, "qwen2": llama_spec, "gemma2": gemma2_spec,
+}
+TASKS = ("causal_lm", "sequence_classification")
+# checkpoint tensors that are fine to leave unused
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def decoder_spec(config) -> DecoderSpec:
+    """The :class:`DecoderSpec` of a transformers config; ValueError if the architecture is unsupported."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise ValueError(
+            f"unsupported architecture model_type={model_type!r} (architectures="
+            f"{getattr(config, 'architectures', None)}); supported model types: {sorted(ARCHITECTURES)}"
+        )
+    return ARCHITECTURES[model_type](config)
+
+
+def _task(config, task: Optional[str]) -> str:
+    if task is None:
+        archs = getattr(config, "architectures", None) or []
+        task = "sequence_classification" if any(a.endswith("ForSequenceClassification") for a in archs) else "causal_lm"
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    return task
+
+
+def _build(config, task, num_labels, dtype, param_dtype, remat, rngs):
+    spec = decoder_spec(config)
+    if _task(config, task) == "sequence_classification":
+        return SequenceClassifier(spec, num_labels or config.num_labels, dtype=dtype,
+                                  param_dtype=param_dtype, remat=remat, rngs=rngs)
+    return CausalLM(spec, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
+
+
+def from_config(config, *, task: Optional[str] = None, num_labels: Optional[int] = None, seed: int = 0,
+                rngs: Optional[nnx.Rngs] = None, dtype=jnp.float32, param_dtype=jnp.float32,
+                remat: bool = False):
+    """Randomly initialised model for a transformers config (``LlamaConfig``, ``MistralConfig``,
+    ``Qwen2Config``, ``Gemma2Config``).
+
+    task: "causal_lm" (:class:`CausalLM`) or "sequence_classification"
+    (:class:`SequenceClassifier` with ``num_labels`` or ``config.num_labels`` classes); None picks
+    from ``config.architectures`` (causal LM unless it names ``*ForSequenceClassification``).
+    dtype: compute dtype of activations; param_dtype: stored parameters. ``rngs`` defaults to
+    ``nnx.Rngs(seed)``. Example: ``from_config(tiny_llama_config(vocab_size=512))``.
+    """
+    return _build(config, task, num_labels, dtype, param_dtype, remat, rngs or nnx.Rngs(seed))
+
+
+def _checkpoint_name(path: tuple) -> tuple:
+    """(checkpoint tensor name, transpose?) of an nnx parameter path."""
+    names = [str(p) for p in path]
+    if names == ["lm_head"]:
+        return "lm_head.weight", False
+    *head, leaf = names
+    if leaf in ("kernel", "embedding"):
+        return ".".join(head + ["weight"]), leaf == "kernel"
+    return ".".join(names), False
+
+
+def _may_be_unused(name: str, model) -> bool:
+    """Checkpoint tensors the model may leave unused: rotary buffers, and ``lm_head`` when the
+    embeddings are tied or the model is a classifier built from a causal-LM checkpoint."""
+    if name.endswith(_IGNORED_SUFFIXES):
+        return True
+    return name == "lm_head.weight" and (not isinstance(model, CausalLM) or model.spec.tie_word_embeddings)
+
+
+class _Checkpoint:
+    """Lazy reader of the safetensors files of a local checkpoint directory."""
+
+    def __init__(self, directory: str):
+        index = os.path.join(directory, "model.safetensors.index.json")
+        single = os.path.join(directory, "model.safetensors")
+        if os.path.exists(index):
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        elif os.path.exists(single):
+            with safe_open(single, framework="flax") as f:
+                weight_map = {k: "model.safetensors" for k in f.keys()}
+        else:
+            raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {directory}")
+        self.directory, self.weight_map, self._files = directory, weight_map, {}
+
+    def get(self, name: str):
+        fname = self.weight_map[name]
+        if fname not in self._files:
+            self._files[fname] = safe_open(os.path.join(self.directory, fname), framework="flax")
+        return self._files[fname].get_tensor(name)
+
+
+def from_pretrained(path: str, *, task: Optional[str] = None, num_labels: Optional[int] = None,
+                    dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False, seed: int = 0):
+    """Load a local Hugging Face checkpoint directory (config.json + safetensors) as an NNX model.
+
+    The architecture comes from ``config.model_type`` (see :data:`ARCHITECTURES`), the task as in
+    :func:`from_config`. Loading a causal-LM checkpoint as "sequence_classification" keeps the
+    decoder and initialises the ``score`` head randomly (``seed``). Parameters are cast to
+    ``param_dtype``; ``dtype`` is the compute dtype. Raises ValueError for an unsupported
+    architecture or for missing / unexpected / mis-shaped tensors.
+    """
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path!r} is not a local checkpoint directory")
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    model = nnx.eval_shape(lambda: _build(config, task, num_labels, dtype, param_dtype, remat, nnx.Rngs(seed)))
+    graphdef, state = nnx.split(model)
+    ckpt = _Checkpoint(path)
+    used, missing, loaded = set(), [], []
+    init = nnx.initializers.normal(config.initializer_range)
+    for key, var in nnx.to_flat_state(state):
+        name, transpose = _checkpoint_name(key)
+        shape = var.get_value().shape
+        if name in ckpt.weight_map:
+            value = ckpt.get(name)
+            value = value.T if transpose else value
+            if value.shape != shape:
+                raise ValueError(f"{name}: checkpoint shape {value.shape}, model expects {shape}")
+            used.add(name)
+        elif key[0] == "score" and isinstance(model, SequenceClassifier):
+            value = init(nnx.Rngs(seed).params(), shape, param_dtype)
+        else:
+            missing.append(name)
+            continue
+        loaded.append((key, var.replace(jnp.asarray(value, param_dtype))))
+    unexpected = [k for k in ckpt.weight_map if k not in used and not _may_be_unused(k, model)]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not match the {type(model).__name__} built from its config: "
+                         f"missing {missing[:10]}, unexpected {unexpected[:10]}")
+    return nnx.merge(graphdef, nnx.from_flat_state(loaded))

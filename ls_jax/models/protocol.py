@@ -1,0 +1,32 @@
+"""The interface a causal language model needs for ``ls_jax.lm_loss.causal_lm_loss``.
+
+Any Flax NNX module (ours or yours) that has these works with the fused smoothed loss:
+
+* ``model(input_ids, attention_mask=None, positions=None, segment_ids=None) -> hidden [B, T, D]``
+  input_ids int32 ``[B, T]``; attention_mask ``[B, T]`` (1 token, 0 padding) or None;
+  positions int ``[B, T]`` or None; segment_ids ``[B, T]`` or None (packed sequences).
+  ``hidden`` is the final hidden state (final norm applied), *not* logits.
+* ``model.unembedding() -> W [V, D]``: the output embedding in Hugging Face layout
+  (lm_head weight, or the tied token-embedding table); logits are ``hidden @ W.T``.
+* ``model.final_logit_softcap``: float c (logits become ``c * tanh(z / c)``) or None.
+* ``model.logits(input_ids, ...) -> [B, T, V]`` float32, materialised, for inference and checks.
+"""
+
+from typing import Optional, Protocol, runtime_checkable
+
+import jax
+
+
+@runtime_checkable
+class CausalLMProtocol(Protocol):
+    final_logit_softcap: Optional[float]
+
+    def __call__(self, input_ids: jax.Array, attention_mask: Optional[jax.Array] = None,
+                 positions: Optional[jax.Array] = None,
+                 segment_ids: Optional[jax.Array] = None) -> jax.Array: ...
+
+    def unembedding(self) -> jax.Array: ...
+
+    def logits(self, input_ids: jax.Array, attention_mask: Optional[jax.Array] = None,
+               positions: Optional[jax.Array] = None,
+               segment_ids: Optional[jax.Array] = None) -> jax.Array: ...
