@@ -1,0 +1,154 @@
+"""Backward kernels: ``dz = (g_lse * softmax(z) + g_sum) * softcap'(raw)`` pulled back through
+``hidden @ weight.T``, recomputing the logit tiles instead of storing them.
+
+Two kernels, no atomics, deterministic; each program accumulates (fp32) only into the output
+block it owns, so no two programs ever write the same memory:
+
+* ``dh`` kernel, grid over token blocks: loop over vocabulary blocks; recompute the
+  ``[bn, bv]`` logit tile (loop over D), form dz, and add ``dz @ W[blk]`` into the program's
+  own ``[bn, d_pad]`` fp32 row slab of dh, one ``bd`` chunk at a time.
+* ``dW`` kernel, grid over vocabulary blocks: loop over token blocks; recompute the tile, add
+  ``dz.T @ h[blk]`` into the program's ``[bv, d_pad]`` slab of dW; dbias (``dz.sum(0)``)
+  accumulates in registers.
+
+The slab is the fp32 accumulator because ``[bn, D]`` does not fit in registers for
+D in the thousands and the Triton lowering has no scratch memory. A barrier after each update
+orders the slab's writes before the next iteration's reads by other threads of the program.
+
+Gradient filtering (``Plan.filter_eps``): a tile whose softmax is below eps everywhere is
+skipped (its dz is at most eps * |g_lse|). Only valid without the logit-sum cotangent
+(``need_sum=False``), which adds a dense term to every element; the wrapper enforces that.
+"""
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from .tiles import Plan, dot_precision, logit_tile
+
+
+def _dz_tile(h_ref, w_ref, b_ref, lse, g_lse, g_sum, h_row, w_row, w_col0, p: Plan):
+    """float32 dz ``[bn, bv]`` (zero on padded columns), and whether the tile counts: a traced
+    bool when filtering (some softmax value >= eps), else None."""
+    z, valid = logit_tile(h_ref, w_ref, b_ref, h_row, w_row, w_col0, p)
+    prob = jnp.where(valid, jnp.exp(z - lse[:, None]), 0.0)
+    dz = g_lse[:, None] * prob
+    if p.need_sum:
+        dz = dz + jnp.where(valid, g_sum[:, None], 0.0)
+    if p.softcap is not None:
+        dz = dz * (1.0 - jnp.square(z / p.softcap))
+    keep = None if p.filter_eps is None else prob.max(axis=1).max(axis=0) >= p.filter_eps
+    return dz, keep
+
+
+def _add_chunks(out_ref, product, keep, p: Plan):
+    """``out_ref[:, cols] += product(cols)`` for every ``bd`` chunk of D (only if ``keep``, a
+    traced bool, or always when None), then a barrier."""
+
+    def chunk(k, _):
+        cols = pl.ds(pl.multiple_of(k * p.bd, p.bd), p.bd)
+        out_ref[:, cols] = out_ref[:, cols] + product(cols)
+
+    def add():
+        jax.lax.fori_loop(0, p.d_pad // p.bd, chunk, None)
+        if not p.interpret:
+            plgpu.debug_barrier()
+
+    if keep is None:
+        add()
+    else:
+        pl.when(keep)(add)
+
+
+def _zero(out_ref, p: Plan):
+    def chunk(k, _):
+        cols = pl.ds(pl.multiple_of(k * p.bd, p.bd), p.bd)
+        out_ref[:, cols] = jnp.zeros((out_ref.shape[0], p.bd), out_ref.dtype)
+
+    jax.lax.fori_loop(0, p.d_pad // p.bd, chunk, None)
+
+
+def _dh_kernel(p: Plan, has_bias, h_ref, w_ref, *refs):
+    b_ref = refs[0] if has_bias else None
+    lse_ref, g_lse_ref = refs[has_bias], refs[has_bias + 1]
+    g_sum = refs[has_bias + 2][...] if p.need_sum else None
+    dh_ref = refs[-1]
+    lse, g_lse = lse_ref[...], g_lse_ref[...]
+    prec = dot_precision(w_ref.dtype)
+    _zero(dh_ref, p)
+
+    def step(j, _):
+        w_row = j * p.bv
+        dz, keep = _dz_tile(h_ref, w_ref, b_ref, lse, g_lse, g_sum, 0, w_row, w_row, p)
+        dz = dz.astype(w_ref.dtype)
+        _add_chunks(dh_ref, lambda cols: jnp.dot(
+            dz, w_ref[pl.ds(w_row, p.bv), cols], precision=prec,
+            preferred_element_type=jnp.float32), keep, p)
+
+    jax.lax.fori_loop(0, p.v_pad // p.bv, step, None)
+
+
+def _dw_kernel(p: Plan, has_bias, h_ref, w_ref, *refs):
+    b_ref = refs[0] if has_bias else None
+    lse_ref, g_lse_ref = refs[has_bias], refs[has_bias + 1]
+    g_sum_ref = refs[has_bias + 2] if p.need_sum else None
+    dw_ref = refs[-2] if has_bias else refs[-1]
+    prec = dot_precision(h_ref.dtype)
+    w_col0 = pl.program_id(0) * p.bv
+    _zero(dw_ref, p)
+
+    def step(i, db):
+        rows = pl.ds(pl.multiple_of(i * p.bn, p.bn), p.bn)
+        g_sum = g_sum_ref[rows] if p.need_sum else None
+        dz, keep = _dz_tile(h_ref, w_ref, b_ref, lse_ref[rows], g_lse_ref[rows], g_sum,
+                            i * p.bn, 0, w_col0, p)
+        dz_lo = dz.astype(h_ref.dtype)
+        _add_chunks(dw_ref, lambda cols: jax.lax.dot_general(
+            dz_lo, h_ref[rows, cols], (((0,), (0,)), ((), ())), precision=prec,
+            preferred_element_type=jnp.float32), keep, p)
+        return db + dz.sum(axis=0) if has_bias else db
+
+    db = jax.lax.fori_loop(0, p.n_pad // p.bn, step, jnp.zeros((p.bv,), jnp.float32))
+    if has_bias:
+        refs[-1][...] = db
+
+
+def backward(h, w, b, lse, g_lse, g_sum, p: Plan):
+    """fp32 ``(dh [n_pad, d_pad], dW [v_pad, d_pad], db [v_pad] or None)`` for padded inputs:
+    hidden, weight, bias as in ``forward_partials``; lse, g_lse, g_sum (None unless need_sum)
+    float32 ``[n_pad]`` (zero cotangents on padded rows)."""
+    vecs = [lse, g_lse] + ([g_sum] if p.need_sum else [])
+    common = dict(compiler_params=plgpu.CompilerParams(num_warps=p.num_warps), interpret=p.interpret)
+    has_bias = b is not None
+    bias_args = [b] if has_bias else []
+
+    whole = lambda shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))
+    blocked = lambda shape: pl.BlockSpec(shape, lambda i: (i,) + (0,) * (len(shape) - 1))
+    dh = pl.pallas_call(
+        lambda *refs: _dh_kernel(p, has_bias, *refs),
+        out_shape=jax.ShapeDtypeStruct((p.n_pad, p.d_pad), jnp.float32),
+        grid=(p.n_pad // p.bn,),
+        in_specs=[blocked((p.bn, p.d_pad)), whole((p.v_pad, p.d_pad))]
+        + [whole((p.v_pad,))] * has_bias + [blocked((p.bn,))] * len(vecs),
+        out_specs=blocked((p.bn, p.d_pad)),
+        name="logit_stats_bwd_dh",
+        **common,
+    )(h, w, *bias_args, *vecs)
+
+    dw_out = [jax.ShapeDtypeStruct((p.v_pad, p.d_pad), jnp.float32)]
+    dw_specs = [blocked((p.bv, p.d_pad))]
+    if has_bias:
+        dw_out.append(jax.ShapeDtypeStruct((p.v_pad,), jnp.float32))
+        dw_specs.append(blocked((p.bv,)))
+    dw = pl.pallas_call(
+        lambda *refs: _dw_kernel(p, has_bias, *refs),
+        out_shape=tuple(dw_out),
+        grid=(p.v_pad // p.bv,),
+        in_specs=[whole((p.n_pad, p.d_pad)), blocked((p.bv, p.d_pad))]
+        + [blocked((p.bv,))] * has_bias + [whole((p.n_pad,))] * len(vecs),
+        out_specs=tuple(dw_specs),
+        name="logit_stats_bwd_dw",
+        **common,
+    )(h, w, *bias_args, *vecs)
+    return dh, dw[0], dw[1] if has_bias else None

@@ -1,0 +1,77 @@
+"""Forward kernel: LogitStats of ``softcap(hidden @ weight.T + bias)`` without storing logits.
+
+Grid ``(n_pad / bn, splits)``. Program ``(i, s)`` owns token block i and vocabulary split s
+(``v_pad / (splits * bv)`` consecutive vocabulary blocks). A ``fori_loop`` walks those blocks;
+each step builds one float32 ``[bn, bv]`` logit tile (itself a loop over D chunks,
+``tiles.logit_tile``) and folds it into an online log-sum-exp with the running max, argmax and,
+if asked, the logit sum. Each program writes only its own ``[bn]`` slice of the per-split
+partials ``[splits, n_pad]``; ``merge_splits`` combines them (flash-decoding style, deterministic).
+"""
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from ls_jax.logit_stats import LogitStats
+from .tiles import Plan, logit_tile
+
+
+def _kernel(p: Plan, has_bias, h_ref, w_ref, *refs):
+    b_ref = refs[0] if has_bias else None
+    lse_ref, sum_ref, max_ref, arg_ref = refs[-4:]
+    per_split = p.v_pad // (p.splits * p.bv)
+    first_col = pl.program_id(1) * per_split * p.bv
+
+    def step(j, carry):
+        m, l, total, best = carry
+        w_row = j * p.bv
+        z, valid = logit_tile(h_ref, w_ref, b_ref, 0, w_row, first_col + w_row, p)
+        z = jnp.where(valid, z, -jnp.inf)
+        tile_max = z.max(axis=1)
+        new_m = jnp.maximum(m, tile_max)  # finite: every split's first block has a real column
+        l = l * jnp.exp(m - new_m) + jnp.exp(z - new_m[:, None]).sum(axis=1)
+        if p.need_sum:
+            total = total + jnp.where(valid, z, 0.0).sum(axis=1)
+        tile_arg = first_col + w_row + jnp.argmax(z, axis=1).astype(jnp.int32)
+        best = jnp.where(tile_max > m, tile_arg, best)  # strict: lowest index wins ties
+        return new_m, l, total, best
+
+    init = (jnp.full((p.bn,), -jnp.inf, jnp.float32), jnp.zeros((p.bn,), jnp.float32),
+            jnp.zeros((p.bn,), jnp.float32), jnp.zeros((p.bn,), jnp.int32))
+    m, l, total, best = jax.lax.fori_loop(0, per_split, step, init)
+    lse_ref[...] = m + jnp.log(l)
+    sum_ref[...] = total
+    max_ref[...] = m
+    arg_ref[...] = best
+
+
+def forward_partials(h, w, b, p: Plan):
+    """Per-split partials, each ``[splits, n_pad]``: lse, logit sum, max (float32), argmax (int32),
+    of padded hidden ``[n_pad, d_pad]``, weight ``[v_pad, d_pad]``, bias ``[v_pad]`` or None."""
+    per_split_rows = p.v_pad // p.splits
+    in_specs = [pl.BlockSpec((p.bn, p.d_pad), lambda i, s: (i, 0)),
+                pl.BlockSpec((per_split_rows, p.d_pad), lambda i, s: (s, 0))]
+    args = [h, w]
+    if b is not None:
+        in_specs.append(pl.BlockSpec((per_split_rows,), lambda i, s: (s,)))
+        args.append(b)
+    part = pl.BlockSpec((None, p.bn), lambda i, s: (s, i))
+    f32 = jax.ShapeDtypeStruct((p.splits, p.n_pad), jnp.float32)
+    return pl.pallas_call(
+        lambda *refs: _kernel(p, b is not None, *refs),
+        out_shape=(f32, f32, f32, jax.ShapeDtypeStruct((p.splits, p.n_pad), jnp.int32)),
+        grid=(p.n_pad // p.bn, p.splits),
+        in_specs=in_specs,
+        out_specs=(part, part, part, part),
+        compiler_params=plgpu.CompilerParams(num_warps=p.num_warps),
+        interpret=p.interpret,
+        name="logit_stats_fwd",
+    )(*args)
+
+
+def merge_splits(lse, total, mx, arg) -> LogitStats:
+    """Combine per-split partials ``[S, N]`` into LogitStats ``[N]`` (lowest argmax on ties)."""
+    best_split = jnp.argmax(mx, axis=0)
+    return LogitStats(jax.nn.logsumexp(lse, axis=0), total.sum(0), mx.max(0),
+                      jnp.take_along_axis(arg, best_split[None], axis=0)[0])

@@ -1,0 +1,89 @@
+"""What every kernel shares: the static plan (block sizes, padded shapes) and one logit tile.
+
+All arrays reach the kernels padded to block multiples (see ``plan``): hidden ``[n_pad, d_pad]``,
+weight ``[v_pad, d_pad]``, bias ``[v_pad]``, zeros in the padding. Padded vocabulary columns are
+masked inside the kernels (-inf logits, zero gradient); padded token rows get zero cotangents.
+"""
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from ls_jax.logit_stats import apply_softcap
+
+# Defaults sized for an H100 (Triton lowering: power-of-two blocks, dot dims >= 16).
+BLOCK_N, BLOCK_V, BLOCK_D = 64, 256, 64
+MIN_BLOCK = 16
+# The forward splits the vocabulary until there are about this many programs (2 per SM on H100).
+TARGET_PROGRAMS = 264
+
+
+class Plan(NamedTuple):
+    """Static description of one call: true sizes, block sizes, padded sizes, options (hashable)."""
+
+    n: int
+    v: int
+    d: int
+    bn: int
+    bv: int
+    bd: int
+    n_pad: int
+    v_pad: int
+    d_pad: int
+    splits: int  # forward vocabulary splits (grid axis 1); divides v_pad // bv
+    softcap: Optional[float]
+    need_sum: bool
+    filter_eps: Optional[float]
+    interpret: bool
+
+    @property
+    def num_warps(self) -> int:
+        return 4 if self.bn * self.bv <= 64 * 128 else 8
+
+
+def _block(requested, default, size, name):
+    """Power-of-two block for an axis of length ``size``: requested (or default), at most needed."""
+    b = int(requested or default)
+    if b < 1 or b & (b - 1):
+        raise ValueError(f"{name} must be a power of two, got {b}")
+    return min(b, max(MIN_BLOCK, pl.next_power_of_2(size)))
+
+
+def plan(n, v, d, *, block_n=None, block_v=None, block_d=None, softcap=None, need_sum=False,
+         filter_eps=None, interpret=False) -> Plan:
+    """Blocks and padded sizes for hidden ``[n, d]`` and weight ``[v, d]``."""
+    bn, bv, bd = (_block(block_n, BLOCK_N, n, "block_n"), _block(block_v, BLOCK_V, v, "block_v"),
+                  _block(block_d, BLOCK_D, d, "block_d"))
+    n_pad, v_pad, d_pad = (pl.cdiv(n, bn) * bn, pl.cdiv(v, bv) * bv, pl.cdiv(d, bd) * bd)
+    v_blocks, want = v_pad // bv, pl.cdiv(TARGET_PROGRAMS, n_pad // bn)
+    splits = max(s for s in range(1, min(want, v_blocks) + 1) if v_blocks % s == 0)
+    return Plan(n, v, d, bn, bv, bd, n_pad, v_pad, d_pad, splits, softcap, need_sum, filter_eps, interpret)
+
+
+def dot_precision(dtype):
+    """float32 inputs: true fp32 products (Triton would use tf32 by default); bf16/fp16: default."""
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def logit_tile(h_ref, w_ref, b_ref, h_row, w_row, w_col0, p: Plan):
+    """float32 tiles for hidden rows ``[h_row, h_row + bn)`` x weight rows ``[w_row, w_row + bv)``
+    (the rows of the refs as passed; ``w_col0`` is the global vocabulary index of weight row
+    ``w_row``): the capped logits ``z = softcap(h @ W.T + b)`` ([bn, bv], the matmul summed over
+    D in ``bd`` chunks) and ``valid`` ([1, bv] bool, False on padded vocabulary columns)."""
+    prec = dot_precision(h_ref.dtype)
+
+    def chunk(k, acc):
+        cols = pl.ds(pl.multiple_of(k * p.bd, p.bd), p.bd)
+        h = h_ref[pl.ds(h_row, p.bn), cols]
+        w = w_ref[pl.ds(w_row, p.bv), cols]
+        return acc + jax.lax.dot_general(h, w, (((1,), (1,)), ((), ())), precision=prec,
+                                         preferred_element_type=jnp.float32)
+
+    raw = jax.lax.fori_loop(0, p.d_pad // p.bd, chunk, jnp.zeros((p.bn, p.bv), jnp.float32))
+    if b_ref is not None:
+        raw = raw + b_ref[pl.ds(w_row, p.bv)].astype(jnp.float32)[None, :]
+    z = apply_softcap(raw, p.softcap)
+    valid = (w_col0 + jax.lax.broadcasted_iota(jnp.int32, (1, p.bv), 1)) < p.v
+    return z, valid
