@@ -1,0 +1,144 @@
+"""One training run: place the state on the mesh, train, evaluate, checkpoint, resume.
+
+Run directory layout (``out_dir``): ``config.json``, ``tokenizer/``, ``checkpoints/<step>/``
+(orbax), ``metrics.jsonl`` (train lines every ``log_every`` steps, eval lines every
+``eval_every`` steps and at the end), ``reliability.png`` and ``final.json`` (the last eval).
+"""
+
+import json
+import os
+import time
+from typing import Dict, Optional
+
+import jax
+import numpy as np
+from flax import nnx
+
+from ls_jax.calibration import CalibrationReport, reliability_diagram
+from ls_jax.data import Batches, eval_batches
+from ls_jax.train import sharding
+from ls_jax.train.checkpoint import CheckpointStore
+from ls_jax.train.config import TrainConfig
+from ls_jax.train.lora import add_lora
+from ls_jax.train.optim import adamw, learning_rate
+from ls_jax.train.report import MetricsLog, Progress
+from ls_jax.train.setup import ConfigError, Prepared
+from ls_jax.train.step import LossOptions, accumulate, make_eval_step, make_train_step
+
+# config fields that must match between a checkpoint and the run resuming it
+RESUME_FIELDS = ("model", "data", "eval_data", "split", "eval_fraction", "num_train", "num_eval", "max_length",
+                 "packing", "steps", "batch_size", "grad_accum", "lr", "warmup_steps", "decay", "min_lr_ratio",
+                 "weight_decay", "b1", "b2", "clip_norm", "seed", "compute_dtype", "param_dtype", "lora_rank",
+                 "label_smoothing", "z_loss", "logit_softcap", "no_softcap")
+
+
+def check_resumable(saved: dict, config: TrainConfig) -> None:
+    """Raise :class:`ConfigError` if ``config`` changes a field that would make resuming inexact."""
+    now = config.to_json()
+    changed = [k for k in RESUME_FIELDS if k in saved and saved[k] != now[k]]
+    if changed:
+        raise ConfigError("--resume with changed settings: " + ", ".join(
+            f"{k} {saved[k]!r} -> {now[k]!r}" for k in changed))
+
+
+def _evaluate(evaluate, params, frozen, batches, mesh) -> Dict:
+    """Held-out metrics: loss, token accuracy, answer accuracy, NLL, ECE, ...; plus the bins."""
+    total = None
+    for b in batches:
+        total = accumulate(total, evaluate(params, frozen, jax.device_put(b, sharding.batch_sharding(mesh))))
+    total = jax.device_get(total)
+    report = CalibrationReport.from_bins(total["bins"])
+    tokens = max(int(total["tokens"]), 1)
+    metrics = {"loss": float(total["loss_sum"]) / tokens, "accuracy": report.accuracy, "nll": report.nll,
+               "ece": report.ece, "rms_calibration_error": report.rms_calibration_error,
+               "max_calibration_error": report.max_calibration_error, "mean_confidence": report.mean_confidence,
+               "answer_accuracy": int(total["answers_correct"]) / max(int(total["answers"]), 1),
+               "tokens": int(total["tokens"])}
+    return {"metrics": metrics, "bins": report.bins}
+
+
+def train(config: TrainConfig, prep: Prepared, out_dir: str, *, stop_at: Optional[int] = None) -> Dict:
+    """Train with ``config`` into ``out_dir``; returns the final held-out metrics.
+
+    ``stop_at``: save a checkpoint and return after this step, as if the job were stopped
+    (``--resume`` then continues exactly). Returns ``{"metrics": {...}, "losses": [...],
+    "tokens_per_s": float, "step": int}``.
+    """
+    mesh = prep.mesh
+    model = prep.build_model()
+    if config.lora_rank:
+        add_lora(model, config.lora_rank, seed=config.seed)
+    trainable = nnx.LoRAParam if config.lora_rank else nnx.Param
+    graphdef, params, frozen = nnx.split(model, trainable, ...)
+    del model
+    param_sh = sharding.tree_shardings(params, mesh)
+    frozen_sh = sharding.tree_shardings(frozen, mesh)
+    params, frozen = jax.device_put(params, param_sh), jax.device_put(frozen, frozen_sh)
+    schedule = learning_rate(config.lr, config.steps, config.warmup_steps, config.decay, config.min_lr_ratio)
+    tx = adamw(schedule, weight_decay=config.weight_decay, b1=config.b1, b2=config.b2, clip_norm=config.clip_norm)
+    opt_sh = sharding.tree_shardings(jax.eval_shape(tx.init, params), mesh)
+    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+
+    opts = LossOptions(label_smoothing=config.label_smoothing, z_loss=config.z_loss,
+                       logit_softcap=config.logit_softcap, no_softcap=config.no_softcap, impl=config.impl,
+                       block_n=config.block_n, block_v=config.block_v, block_d=config.block_d)
+    train_step = make_train_step(graphdef, tx, opts, param_shardings=param_sh, frozen_shardings=frozen_sh,
+                                 opt_shardings=opt_sh, mesh=mesh)
+    evaluate = make_eval_step(graphdef, opts, param_shardings=param_sh, frozen_shardings=frozen_sh, mesh=mesh)
+
+    pad = prep.tokenizer.pad_token_id
+    batches = Batches(prep.train, config.batch_size, config.max_length, pad, seed=config.seed, packing=config.packing)
+    held = eval_batches(prep.held_out, config.eval_batch_size, config.max_length, pad)
+
+    store = CheckpointStore(os.path.join(out_dir, "checkpoints"), keep=config.keep_checkpoints)
+    log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"))
+    step, position = 0, 0
+    latest = store.latest_step() if config.resume else None
+    if latest is not None:
+        (params, opt_state), meta = store.restore(latest, (params, opt_state))
+        check_resumable(meta["config"], config)
+        step, position = meta["step"], meta["data_position"]
+
+    def save():
+        store.save(step, (params, opt_state), {"step": step, "data_position": position, "config": config.to_json()})
+
+    progress = Progress(config.steps, step, f"train a={config.label_smoothing:g}", config.progress)
+    if latest is not None:
+        progress.note(f"resumed from step {step} (data position {position})")
+    batch_sh = sharding.batch_sharding(mesh, leading=1)
+    losses, rates, result = [], [], None
+    last = config.steps if stop_at is None else min(stop_at, config.steps)
+    while step < last:
+        micro = [batches.batch(position + i) for i in range(config.grad_accum)]
+        batch = {k: np.stack([m[k] for m in micro]) for k in micro[0]}
+        t0 = time.perf_counter()
+        params, opt_state, metrics = train_step(params, frozen, opt_state, jax.device_put(batch, batch_sh))
+        loss, tokens = float(metrics["loss"]), int(metrics["tokens"])
+        step, position = step + 1, position + config.grad_accum
+        losses.append(loss)
+        rate = progress.update(step, loss, int(batch["segment_ids"].astype(bool).sum()))
+        if step > 1 or latest is not None:  # the first step includes compilation
+            rates.append(rate)
+        if step % config.log_every == 0 or step == last:
+            log.write("train", step, {"loss": loss, "grad_norm": float(metrics["grad_norm"]),
+                                      "lr": float(schedule(step - 1)), "response_tokens": tokens,
+                                      "tokens_per_s": rate, "step_time_s": time.perf_counter() - t0})
+        if step % config.save_every == 0 or step == last:
+            save()
+        if step % config.eval_every == 0 or step == config.steps:
+            result = _evaluate(evaluate, params, frozen, held, mesh)
+            log.write("eval", step, result["metrics"])
+            progress.note(f"step {step}: held-out " + ", ".join(
+                f"{k} {result['metrics'][k]:.4f}" for k in ("loss", "accuracy", "nll", "ece")))
+    progress.close()
+    store.close()
+    if result is None:  # stopped early, or resumed at the end
+        result = _evaluate(evaluate, params, frozen, held, mesh)
+    throughput = float(np.median(rates)) if rates else float("nan")
+    final = {"step": step, "label_smoothing": config.label_smoothing, **result["metrics"], "tokens_per_s": throughput}
+    if step == config.steps:
+        reliability_diagram(result["bins"], os.path.join(out_dir, "reliability.png"),
+                            title=f"held out, label smoothing {config.label_smoothing:g}")
+        with open(os.path.join(out_dir, "final.json"), "w") as f:
+            json.dump(final, f, indent=2)
+    return {"metrics": final, "losses": losses, "step": step}

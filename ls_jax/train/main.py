@@ -1,0 +1,78 @@
+"""The ``train.py`` command: validate, then train one run per label-smoothing value, then report.
+
+Exit status 0 on success, 2 on bad input (one ``error: ...`` line on stderr; nothing written).
+"""
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import List, Optional, Sequence
+
+from ls_jax.data import DataError
+from ls_jax.train.config import TrainConfig, parse_args
+from ls_jax.train.setup import ConfigError, prepare
+from ls_jax.train.sharding import MeshError
+from ls_jax.train.report import summary_table
+
+BAD_INPUT = (ConfigError, DataError, MeshError)
+
+
+def _run_dirs(config: TrainConfig, out_dir: str) -> List[tuple]:
+    """(config, directory) per run: one per --compare-smoothing value, or the single run."""
+    if not config.compare_smoothing:
+        return [(config, out_dir)]
+    return [(dataclasses.replace(config, label_smoothing=a, compare_smoothing=[]), os.path.join(out_dir, f"ls{a:g}"))
+            for a in config.compare_smoothing]
+
+
+def _check_output(runs, resume: bool) -> None:
+    for _, d in runs:
+        if not resume and os.path.isdir(os.path.join(d, "checkpoints")):
+            raise ConfigError(f"{d} already holds checkpoints: pass --resume to continue, or another --output-dir")
+
+
+def run(config: TrainConfig, *, stop_at: Optional[int] = None) -> List[dict]:
+    """Validate, then train every run of ``config``; returns each run's final metrics.
+
+    Raises the :data:`BAD_INPUT` errors before anything is written.
+    """
+    out_dir = config.output_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    config = dataclasses.replace(config, output_dir=out_dir)
+    runs = _run_dirs(config, out_dir)
+    _check_output(runs, config.resume)
+    saved_tok = os.path.join(runs[0][1], "tokenizer")
+    prep = prepare(config, saved_tok if config.resume and os.path.isdir(saved_tok) else None)
+
+    from ls_jax.train.loop import train  # imports jax-heavy modules only once input is valid
+
+    for line in prep.log:
+        print(line, file=sys.stderr)
+    results = []
+    for run_config, d in runs:
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, "config.json"), "w") as f:
+            json.dump(run_config.to_json(), f, indent=2)
+        prep.tokenizer.save_pretrained(os.path.join(d, "tokenizer"))
+        results.append(train(run_config, prep, d, stop_at=stop_at)["metrics"])
+    if len(runs) > 1:
+        with open(os.path.join(out_dir, "summary.json"), "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``python train.py [flags]``; returns the exit status."""
+    config = parse_args(argv)
+    start = time.perf_counter()
+    try:
+        results = run(config)
+    except BAD_INPUT as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = config.output_dir or "runs/"
+    print(f"\nheld-out results after {results[0]['step']} steps ({time.perf_counter() - start:.0f} s):")
+    print(summary_table(results))
+    print(f"checkpoints, metrics.jsonl and reliability.png under {out}")
+    return 0

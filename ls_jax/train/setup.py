@@ -1,0 +1,167 @@
+"""Everything a run needs, checked before anything is written: config, tokenizer, data, model, mesh.
+
+:func:`prepare` raises :class:`ConfigError` / :class:`ls_jax.data.DataError` /
+:class:`ls_jax.train.sharding.MeshError` (one-line messages) on bad input; only after it
+returns does the trainer create its output directory.
+"""
+
+import os
+import random
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Tuple
+
+import jax.numpy as jnp
+
+from ls_jax import data
+from ls_jax.train import sharding, synthetic
+from ls_jax.train.config import TrainConfig
+from ls_jax.train.optim import DECAYS
+
+# --model NAME -> overrides of ls_jax.models.tiny_llama_config (vocabulary from the tokenizer)
+TINY_MODELS = {"tiny": dict(hidden_size=64, num_hidden_layers=2)}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+IMPLS = ("auto", "reference", "xla", "pallas")
+
+
+class ConfigError(ValueError):
+    """An invalid flag or model (one-line message)."""
+
+
+@dataclass
+class Prepared:
+    """A validated run: tokenizer, tokenised train / held-out examples, a model builder, the mesh.
+
+    ``build_model()`` returns a fresh NNX model (random init from the seed, or the checkpoint).
+    ``log`` holds the data-preparation lines (truncation counts) for the user.
+    """
+
+    tokenizer: object
+    train: List[Tuple]
+    held_out: List[Tuple]
+    build_model: Callable
+    mesh: object
+    log: List[str]
+
+
+def check_config(c: TrainConfig) -> None:
+    """Raise :class:`ConfigError` for out-of-range or unknown flag values."""
+    positive = ("steps", "batch_size", "grad_accum", "max_length", "save_every", "eval_every", "log_every",
+                "eval_batch_size", "keep_checkpoints")
+    for name in positive:
+        if getattr(c, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(c, name)}")
+    for a in [c.label_smoothing, *c.compare_smoothing]:
+        if not 0.0 <= a < 1.0:
+            raise ConfigError(f"label smoothing must be in [0, 1), got {a}")
+    checks = [
+        (c.decay in DECAYS, f"--decay must be one of {DECAYS}"),
+        (c.impl in IMPLS, f"--impl must be one of {IMPLS}"),
+        (c.compute_dtype in DTYPES, f"--compute-dtype must be one of {tuple(DTYPES)}"),
+        (c.param_dtype in DTYPES, f"--param-dtype must be one of {tuple(DTYPES)}"),
+        (c.lr > 0, "--lr must be > 0"),
+        (c.warmup_steps >= 0, "--warmup-steps must be >= 0"),
+        (0 <= c.min_lr_ratio <= 1, "--min-lr-ratio must be in [0, 1]"),
+        (c.z_loss >= 0, "--z-loss must be >= 0"),
+        (c.logit_softcap is None or c.logit_softcap > 0, "--logit-softcap must be > 0"),
+        (c.lora_rank >= 0, "--lora-rank must be >= 0"),
+        (0 < c.eval_fraction < 1, "--eval-fraction must be in (0, 1)"),
+        (c.max_length >= 2, "--max-length must be >= 2"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def _tokenizer_and_rows(c: TrainConfig, saved_tokenizer: Optional[str]):
+    """(tokenizer, train rows, held-out rows) for the config."""
+    if c.data is None:
+        train_rows, held_rows = synthetic.generate(c.num_train, c.num_eval, seed=c.seed)
+    else:
+        rows = data.load_rows(c.data, c.split)
+        if c.eval_data is not None:
+            train_rows, held_rows = list(rows), list(data.load_rows(c.eval_data, c.split))
+        else:
+            rows = list(rows)
+            order = list(range(len(rows)))
+            random.Random(c.seed).shuffle(order)
+            n_eval = max(1, int(round(c.eval_fraction * len(rows))))
+            if n_eval >= len(rows):
+                raise data.DataError(f"{c.data}: {len(rows)} rows are too few to hold out --eval-fraction {c.eval_fraction}")
+            held_rows = [rows[i] for i in order[:n_eval]]
+            train_rows = [rows[i] for i in order[n_eval:]]
+    if saved_tokenizer is not None:
+        tokenizer = _auto_tokenizer(saved_tokenizer)
+    elif os.path.isdir(c.model):
+        tokenizer = _auto_tokenizer(c.model)
+    else:
+        from ls_jax.tokenizer import train_bpe_tokenizer
+
+        texts = [str(r.get("prompt", "")) + str(r.get("response", "")) + " ".join(
+            str(m.get("content", "")) for m in (r.get("messages") or []) if isinstance(m, dict)) for r in train_rows]
+        tokenizer = train_bpe_tokenizer(texts)
+    return tokenizer, train_rows, held_rows
+
+
+def _auto_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot load a tokenizer from {path}: {str(e).splitlines()[0]}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _model_builder(c: TrainConfig, vocab: int) -> Callable:
+    """A zero-argument model builder, after checking the model can be built (config only)."""
+    from transformers import AutoConfig
+
+    from ls_jax.models import decoder_spec, from_config, from_pretrained, tiny_llama_config
+
+    dtypes = dict(dtype=DTYPES[c.compute_dtype], param_dtype=DTYPES[c.param_dtype])
+    if os.path.isdir(c.model):
+        try:
+            config = AutoConfig.from_pretrained(c.model, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--model {c.model}: cannot read config.json: {str(e).splitlines()[0]}") from None
+
+        def build():
+            return from_pretrained(c.model, **dtypes)
+    elif c.model in TINY_MODELS:
+        config = tiny_llama_config(vocab_size=vocab, **TINY_MODELS[c.model])
+
+        def build():
+            return from_config(config, seed=c.seed, **dtypes)
+    else:
+        raise ConfigError(f"--model {c.model!r} is neither a local checkpoint directory nor a built-in "
+                          f"model ({', '.join(TINY_MODELS)})")
+    try:
+        decoder_spec(config)
+    except ValueError as e:
+        raise ConfigError(f"--model {c.model}: {e}") from None
+    if config.vocab_size < vocab:
+        raise ConfigError(f"--model {c.model}: vocabulary of {config.vocab_size} is smaller than the tokenizer's {vocab}")
+    return build
+
+
+def prepare(c: TrainConfig, saved_tokenizer: Optional[str] = None) -> Prepared:
+    """Validate the config and load everything; no file is written.
+
+    ``saved_tokenizer``: a directory holding the tokenizer of the run being resumed.
+    """
+    check_config(c)
+    mesh = sharding.make_mesh(c.mesh)
+    sharding.check_batch(c.batch_size, mesh)
+    sharding.check_batch(c.eval_batch_size, mesh)
+    tokenizer, train_rows, held_rows = _tokenizer_and_rows(c, saved_tokenizer)
+    build = _model_builder(c, len(tokenizer))
+    name = "generated" if c.data is None else c.data
+    train, train_stats = data.prepare(train_rows, tokenizer, c.max_length, name=f"{name} (train)")
+    held, held_stats = data.prepare(held_rows, tokenizer, c.max_length, name=f"{c.eval_data or name} (held out)")
+    rows = len(data.pack(train, c.max_length)) if c.packing else len(train)
+    if rows < c.batch_size:
+        raise data.DataError(f"{len(train)} training examples ({rows} rows) are fewer than --batch-size {c.batch_size}")
+    log = [train_stats.log_line("train", c.max_length), held_stats.log_line("held out", c.max_length)]
+    return Prepared(tokenizer, train, held, build, mesh, log)

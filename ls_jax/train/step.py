@@ -1,0 +1,143 @@
+"""The jitted train and eval steps over a split NNX model (pure functions of arrays).
+
+The model is split once into ``graphdef`` (static), ``params`` (trained: ``nnx.Param``, or
+only ``nnx.LoRAParam`` adapters) and ``frozen`` (everything else); the steps merge them back
+inside ``jit``. Placement is explicit: ``jax.jit`` with in/out NamedShardings (the mesh rules
+of :mod:`ls_jax.train.sharding`), so the same code runs on one device or many.
+
+A train batch is a dict of int32 arrays ``[grad_accum, B, T]`` (``ls_jax.data`` rows stacked):
+the gradient is accumulated over the ``grad_accum`` micro-batches with ``lax.scan``, each
+weighted by its share of the step's response tokens, so the update equals that of one batch
+of ``grad_accum * B`` rows (up to float rounding).
+"""
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from ls_jax.calibration import token_calibration
+from ls_jax.data import IGNORE_INDEX
+from ls_jax.lm_loss import causal_lm_loss, next_token_targets
+from ls_jax.losses import linear_smoothed_cross_entropy
+from ls_jax.train import sharding
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """Keyword arguments of the fused loss (``ls_jax.lm_loss.causal_lm_loss``).
+
+    logit_softcap: None keeps the model's own final-logit softcap; a float overrides it;
+    ``no_softcap`` turns it off.
+    """
+
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    logit_softcap: Optional[float] = None
+    no_softcap: bool = False
+    impl: str = "auto"
+    block_n: Optional[int] = None
+    block_v: Optional[int] = None
+    block_d: Optional[int] = None
+
+    def softcap(self, model) -> Optional[float]:
+        """The final-logit softcap in effect for ``model``."""
+        if self.no_softcap:
+            return None
+        return self.logit_softcap if self.logit_softcap is not None else getattr(model, "final_logit_softcap", None)
+
+
+def model_inputs(batch: Dict[str, jax.Array]) -> Dict[str, jax.Array]:
+    """The model's keyword inputs from a data batch: mask, positions and segments of each row."""
+    return {"attention_mask": batch["segment_ids"] > 0, "positions": batch["positions"],
+            "segment_ids": batch["segment_ids"]}
+
+
+def _loss_sum(model, batch, opts: LossOptions):
+    """Summed smoothed loss over the batch's response tokens (the wrapper shifts the labels)."""
+    loss, _ = causal_lm_loss(
+        model, {"input_ids": batch["input_ids"], "labels": batch["labels"], **model_inputs(batch)},
+        label_smoothing=opts.label_smoothing, z_loss=opts.z_loss, logit_softcap=opts.softcap(model),
+        reduction="sum", impl=opts.impl, block_n=opts.block_n, block_v=opts.block_v, block_d=opts.block_d,
+    )
+    return loss
+
+
+def response_tokens(labels: jax.Array) -> jax.Array:
+    """int32 count of predicted (shifted) response tokens in labels ``[..., T]``."""
+    return (labels[..., 1:] != IGNORE_INDEX).sum().astype(jnp.int32)
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, opts: LossOptions, *,
+                    param_shardings, frozen_shardings, opt_shardings, mesh) -> Callable:
+    """``step(params, frozen, opt_state, batch) -> (params, opt_state, metrics)``, jitted.
+
+    metrics: float32 ``loss`` (the step's token-weighted mean), ``grad_norm`` (before
+    clipping), int32 ``tokens`` (response tokens in the step).
+    """
+
+    def step(params, frozen, opt_state, batch):
+        total = jnp.maximum(response_tokens(batch["labels"]), 1).astype(jnp.float32)
+
+        def micro(acc, mb):
+            def weighted(p):
+                model = nnx.merge(graphdef, p, frozen)
+                return _loss_sum(model, mb, opts) / total
+
+            loss, grads = jax.value_and_grad(weighted)(params)
+            return jax.tree.map(jnp.add, acc, grads), loss
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        grads, losses = jax.lax.scan(micro, zeros, batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics = {"loss": losses.sum(), "grad_norm": optax.global_norm(grads),
+                   "tokens": response_tokens(batch["labels"])}
+        return params, opt_state, metrics
+
+    return jax.jit(
+        step,
+        in_shardings=(param_shardings, frozen_shardings, opt_shardings, sharding.batch_sharding(mesh, leading=1)),
+        out_shardings=(param_shardings, opt_shardings, None),
+        donate_argnums=(0, 2),
+    )
+
+
+def make_eval_step(graphdef, opts: LossOptions, *, param_shardings, frozen_shardings, mesh,
+                   n_bins: int = 15) -> Callable:
+    """``evaluate(params, frozen, batch) -> sums`` for a batch ``[B, T]``, jitted.
+
+    One forward pass, two passes over the vocabulary. Sums (add them over batches):
+    ``loss_sum`` (the training loss, smoothing included), ``tokens``, ``answers`` /
+    ``answers_correct`` (rows with a response / rows whose response tokens are all
+    argmax-correct under teacher forcing, i.e. greedy decoding reproduces the answer), and
+    ``bins``: token-level :class:`ls_jax.calibration.CalibrationBins` (accuracy, NLL, ECE).
+    """
+
+    def evaluate(params, frozen, batch):
+        model = nnx.merge(graphdef, params, frozen)
+        inputs = model_inputs(batch)
+        hidden = model(batch["input_ids"], **inputs)
+        weight, cap = model.unembedding(), opts.softcap(model)
+        targets = next_token_targets(batch["labels"], inputs["attention_mask"], inputs["segment_ids"])
+        bins = token_calibration(hidden, weight, targets, n_bins=n_bins, logit_softcap=cap, impl=opts.impl,
+                                 block_v=opts.block_v)
+        loss, stats = linear_smoothed_cross_entropy(
+            hidden, weight, targets, label_smoothing=opts.label_smoothing, z_loss=opts.z_loss, logit_softcap=cap,
+            reduction="none", impl=opts.impl, block_v=opts.block_v, return_stats=True)
+        wrong = (stats.valid & (stats.prediction != targets)).any(-1)
+        answered = stats.valid.any(-1)
+        return {"loss_sum": loss.sum(), "tokens": stats.valid.sum(), "answers": answered.sum(),
+                "answers_correct": (answered & ~wrong).sum(), "bins": bins}
+
+    return jax.jit(evaluate, in_shardings=(param_shardings, frozen_shardings, sharding.batch_sharding(mesh)))
+
+
+def accumulate(total: Optional[Dict[str, Any]], part: Dict[str, Any]) -> Dict[str, Any]:
+    """Sum eval-step outputs (bins merge by addition)."""
+    if total is None:
+        return part
+    return jax.tree.map(jnp.add, total, part)

@@ -1,0 +1,12 @@
+"""Supervised fine-tuning with label-smoothed, fused cross-entropy: ``python train.py --help``.
+
+With no arguments: a tiny built-in model on generated arithmetic / multiple-choice data,
+trained with label smoothing 0 and 0.1, offline, in a few minutes on a CPU.
+"""
+
+import sys
+
+from ls_jax.train import main
+
+if __name__ == "__main__":
+    sys.exit(main())
