@@ -5,8 +5,8 @@ with the dense reference and with optax's dense smoothed loss, at one shape, in 
 and prints a table of absolute figures and ratios to the dense reference, naming the device.
 
 Memory per case: XLA's own buffer plan for the compiled step (temporaries, i.e. beyond the
-inputs and outputs), and on CPU the measured peak RSS growth of a fresh process that runs
-only that case (on GPU, the device's peak_bytes_in_use). Every case runs in its own
+inputs and outputs), and on CPU the measured peak growth of resident memory while the
+compiled step runs (outputs included; sampled every ms; on GPU, peak_bytes_in_use). Every case runs in its own
 subprocess so peaks do not mix.
 
     python benchmarks/bench_loss_memory.py                      # N=8192 D=1024 V=65536 fp32
@@ -15,9 +15,10 @@ subprocess so peaks do not mix.
 
 import argparse
 import json
-import resource
+import os
 import subprocess
 import sys
+import threading
 import time
 
 
@@ -40,6 +41,32 @@ def build_step(case: str, smoothing: float):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
 
 
+class RssPeak:
+    """Samples this process's resident memory (bytes) every millisecond while active."""
+
+    def __init__(self):
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.peak, self._stop = self.now(), threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def now(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def _sample(self):
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, self.now())
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.now())
+
+
 def run_case(args) -> dict:
     """Runs in a child process: compile, measure memory plan, time, measure peak."""
     import jax
@@ -56,15 +83,17 @@ def run_case(args) -> dict:
     plan = compiled.memory_analysis()
     temp = getattr(plan, "temp_size_in_bytes", None) if plan is not None else None
     device = jax.devices()[0]
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     jax.block_until_ready(compiled(h, w, y))  # warm-up
     times = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(h, w, y))
-        times.append(time.perf_counter() - t0)
+    with RssPeak() as rss:
+        before = rss.now()
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            out = jax.block_until_ready(compiled(h, w, y))
+            times.append(time.perf_counter() - t0)
+            del out
     if device.platform == "cpu":
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
+        peak = rss.peak - before
     else:
         peak = device.memory_stats()["peak_bytes_in_use"]
     return {"case": args.case, "time_s": sorted(times)[len(times) // 2], "temp_bytes": temp,
