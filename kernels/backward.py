@@ -8,11 +8,13 @@ block it owns, so no two programs ever write the same memory:
   ``[bn, bv]`` logit tile (loop over D), form dz, and add ``dz @ W[blk]`` into the program's
   own ``[bn, d_pad]`` fp32 row slab of dh, one ``bd`` chunk at a time.
 * ``dW`` kernel, grid over vocabulary blocks: loop over token blocks; recompute the tile, add
-  ``dz.T @ h[blk]`` into the program's ``[bv, d_pad]`` slab of dW; dbias (``dz.sum(0)``)
-  accumulates in registers.
+  ``dz.T @ h[blk]`` into the program's ``[dw_bv, d_pad]`` slab of dW; dbias (``dz.sum(0)``)
+  accumulates in registers. Its tile is ``Plan.for_dw()`` (few vocabulary rows, many tokens).
 
 The slab is the fp32 accumulator because ``[bn, D]`` does not fit in registers for
-D in the thousands and the Triton lowering has no scratch memory. A barrier after each update
+D in the thousands and the Triton lowering has no scratch memory. Each kernel reads and
+writes its slab once per streamed block: ``8 * N * D * V / bv`` bytes for dh and
+``8 * N * D * V / dw_bn`` for dW, which is why the streamed block is the large one. A barrier after each update
 orders the slab's writes before the next iteration's reads by other threads of the program.
 
 Gradient filtering (``Plan.filter_eps``): a tile whose softmax is below eps everywhere is
@@ -119,7 +121,6 @@ def backward(h, w, b, lse, g_lse, g_sum, p: Plan):
     hidden, weight, bias as in ``forward_partials``; lse, g_lse, g_sum (None unless need_sum)
     float32 ``[n_pad]`` (zero cotangents on padded rows)."""
     vecs = [lse, g_lse] + ([g_sum] if p.need_sum else [])
-    common = dict(compiler_params=plgpu.CompilerParams(num_warps=p.num_warps), interpret=p.interpret)
     has_bias = b is not None
     bias_args = [b] if has_bias else []
 
@@ -132,23 +133,26 @@ def backward(h, w, b, lse, g_lse, g_sum, p: Plan):
         in_specs=[blocked((p.bn, p.d_pad)), whole((p.v_pad, p.d_pad))]
         + [whole((p.v_pad,))] * has_bias + [blocked((p.bn,))] * len(vecs),
         out_specs=blocked((p.bn, p.d_pad)),
+        compiler_params=plgpu.CompilerParams(num_warps=p.num_warps),
+        interpret=p.interpret,
         name="logit_stats_bwd_dh",
-        **common,
     )(h, w, *bias_args, *vecs)
 
-    dw_out = [jax.ShapeDtypeStruct((p.v_pad, p.d_pad), jnp.float32)]
-    dw_specs = [blocked((p.bv, p.d_pad))]
+    q = p.for_dw()
+    dw_out = [jax.ShapeDtypeStruct((q.v_pad, q.d_pad), jnp.float32)]
+    dw_specs = [blocked((q.bv, q.d_pad))]
     if has_bias:
-        dw_out.append(jax.ShapeDtypeStruct((p.v_pad,), jnp.float32))
-        dw_specs.append(blocked((p.bv,)))
+        dw_out.append(jax.ShapeDtypeStruct((q.v_pad,), jnp.float32))
+        dw_specs.append(blocked((q.bv,)))
     dw = pl.pallas_call(
-        lambda *refs: _dw_kernel(p, has_bias, *refs),
+        lambda *refs: _dw_kernel(q, has_bias, *refs),
         out_shape=tuple(dw_out),
-        grid=(p.v_pad // p.bv,),
-        in_specs=[whole((p.n_pad, p.d_pad)), blocked((p.bv, p.d_pad))]
-        + [blocked((p.bv,))] * has_bias + [whole((p.n_pad,))] * len(vecs),
+        grid=(q.v_pad // q.bv,),
+        in_specs=[whole((q.n_pad, q.d_pad)), blocked((q.bv, q.d_pad))]
+        + [blocked((q.bv,))] * has_bias + [whole((q.n_pad,))] * len(vecs),
         out_specs=tuple(dw_specs),
+        compiler_params=plgpu.CompilerParams(num_warps=q.num_warps),
+        interpret=q.interpret,
         name="logit_stats_bwd_dw",
-        **common,
     )(h, w, *bias_args, *vecs)
     return dh, dw[0], dw[1] if has_bias else None

@@ -26,9 +26,11 @@ class Plan(NamedTuple):
     n: int
     v: int
     d: int
-    bn: int
-    bv: int
-    bd: int
+    bn: int  # token rows per tile (forward and dh kernel)
+    bv: int  # vocabulary rows per tile (forward and dh kernel)
+    bd: int  # D chunk of every matmul
+    dw_bn: int  # token rows per tile in the dW kernel
+    dw_bv: int  # vocabulary rows per tile in the dW kernel
     n_pad: int
     v_pad: int
     d_pad: int
@@ -42,6 +44,10 @@ class Plan(NamedTuple):
     def num_warps(self) -> int:
         return 4 if self.bn * self.bv <= 64 * 128 else 8
 
+    def for_dw(self) -> "Plan":
+        """The plan as the dW kernel sees it (its tile is dw_bn x dw_bv)."""
+        return self._replace(bn=self.dw_bn, bv=self.dw_bv)
+
 
 def _block(requested, default, size, name):
     """Power-of-two block for an axis of length ``size``: requested (or default), at most needed."""
@@ -53,13 +59,20 @@ def _block(requested, default, size, name):
 
 def plan(n, v, d, *, block_n=None, block_v=None, block_d=None, softcap=None, need_sum=False,
          filter_eps=None, interpret=False) -> Plan:
-    """Blocks and padded sizes for hidden ``[n, d]`` and weight ``[v, d]``."""
+    """Blocks and padded sizes for hidden ``[n, d]`` and weight ``[v, d]``.
+
+    The forward and dh kernels use ``bn x bv`` tiles; the dW kernel swaps the roles (its own
+    vocabulary block is the small one, ``block_n`` rows, and it streams ``block_v`` tokens per
+    step), so both backward kernels re-read their fp32 accumulator slab equally rarely.
+    """
     bn, bv, bd = (_block(block_n, BLOCK_N, n, "block_n"), _block(block_v, BLOCK_V, v, "block_v"),
                   _block(block_d, BLOCK_D, d, "block_d"))
-    n_pad, v_pad, d_pad = (pl.cdiv(n, bn) * bn, pl.cdiv(v, bv) * bv, pl.cdiv(d, bd) * bd)
+    dw_bn, dw_bv = _block(block_v, BLOCK_V, n, "block_v"), _block(block_n, BLOCK_N, v, "block_n")
+    n_pad, v_pad = pl.cdiv(n, max(bn, dw_bn)) * max(bn, dw_bn), pl.cdiv(v, max(bv, dw_bv)) * max(bv, dw_bv)
+    d_pad = pl.cdiv(d, bd) * bd
     v_blocks, want = v_pad // bv, pl.cdiv(TARGET_PROGRAMS, n_pad // bn)
     splits = max(s for s in range(1, min(want, v_blocks) + 1) if v_blocks % s == 0)
-    return Plan(n, v, d, bn, bv, bd, n_pad, v_pad, d_pad, splits, softcap, need_sum, filter_eps, interpret)
+    return Plan(n, v, d, bn, bv, bd, dw_bn, dw_bv, n_pad, v_pad, d_pad, splits, softcap, need_sum, filter_eps, interpret)
 
 
 def dot_precision(dtype):

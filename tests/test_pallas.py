@@ -1,0 +1,156 @@
+"""The Pallas kernels (interpret mode on CPU) against the dense oracle
+``ls_jax.logit_stats.reference_logit_stats``, and their lowering to Triton for CUDA.
+
+Unwritten outputs cannot pass: in interpret mode Pallas fills every output buffer with NaN
+(floats) / iinfo.min (ints) before the kernel runs (checked below), every output element is
+compared with the oracle, and all outputs must be finite.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental import pallas as pl
+
+from ls_jax.kernels import pallas_logit_stats, tiles
+from ls_jax.logit_stats import dense_logits, reference_logit_stats
+
+SMALL_BLOCKS = dict(block_n=16, block_v=64, block_d=16)
+pallas_jit = jax.jit(pallas_logit_stats, static_argnames=(
+    "logit_softcap", "need_sum", "block_n", "block_v", "block_d", "filter_eps"))
+
+
+def make_problem(n, d, v, dtype, seed):
+    """hidden [n, d], weight [v, d], bias [v] and cotangents g_lse, g_sum [n] (float32)."""
+    k = jax.random.split(jax.random.key(seed), 5)
+    h = jax.random.normal(k[0], (n, d)).astype(dtype)
+    w = (jax.random.normal(k[1], (v, d)) * (3 / np.sqrt(d))).astype(dtype)
+    b = jax.random.normal(k[2], (v,)).astype(dtype)
+    return h, w, b, jax.random.normal(k[3], (n,)), jax.random.normal(k[4], (n,))
+
+
+def stats_and_vjp(fn, h, w, b, g_lse, g_sum, **kw):
+    """Statistics and (dh, dw, db) for cotangents g_lse on lse and g_sum on logit_sum."""
+    stats, vjp = jax.vjp(lambda h, w, b: fn(h, w, b, **kw), h, w, b)
+    ct = stats._replace(lse=g_lse, logit_sum=g_sum, max_logit=jnp.ones_like(g_lse),
+                        argmax=np.zeros(g_lse.shape, jax.dtypes.float0))
+    return stats, vjp(ct)
+
+
+def check_finite_and_close(actual, expected, rel):
+    """Every element finite and within ``rel`` times the oracle's largest magnitude."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert np.isfinite(actual).all()
+    np.testing.assert_allclose(actual, expected, rtol=rel, atol=rel * np.abs(expected).max())
+
+
+def test_interpret_mode_poisons_outputs():
+    """The premise of the poison argument: an output the kernel never writes comes back NaN."""
+    out = pl.pallas_call(lambda x_ref, o_ref, i_ref: None, interpret=True,
+                         out_shape=(jax.ShapeDtypeStruct((8,), jnp.float32),
+                                    jax.ShapeDtypeStruct((8,), jnp.int32)))(jnp.ones(8))
+    assert np.isnan(out[0]).all() and (out[1] == np.iinfo(np.int32).min).all()
+
+
+CASES = [
+    # n, d, v, dtype, bias, softcap, need_sum, blocks
+    (77, 96, 1000, jnp.float32, True, None, False, dict(block_n=16, block_v=128, block_d=32)),
+    (77, 96, 1000, jnp.float32, True, 5.0, True, dict(block_n=16, block_v=128, block_d=32)),
+    (37, 40, 300, jnp.float32, False, None, True, SMALL_BLOCKS),
+    (37, 40, 300, jnp.float32, False, 2.0, False, SMALL_BLOCKS),
+    (21, 24, 50, jnp.float32, True, None, True, {}),  # default blocks, one vocabulary block
+    (37, 40, 300, jnp.bfloat16, True, None, True, SMALL_BLOCKS),
+    (37, 40, 300, jnp.bfloat16, False, 4.0, True, SMALL_BLOCKS),
+]
+
+
+@pytest.mark.parametrize("n,d,v,dtype,bias,softcap,need_sum,blocks", CASES)
+def test_matches_dense_reference(n, d, v, dtype, bias, softcap, need_sum, blocks):
+    h, w, b, g_lse, g_sum = make_problem(n, d, v, dtype, seed=n + v)
+    b = b if bias else None
+    kw = dict(logit_softcap=softcap, need_sum=need_sum)
+    got, grads = stats_and_vjp(pallas_jit, h, w, b, g_lse, g_sum, **kw, **blocks)
+    want, want_grads = stats_and_vjp(reference_logit_stats, h, w, b, g_lse, g_sum, **kw)
+
+    check_finite_and_close(got.lse, want.lse, 1e-5)
+    check_finite_and_close(got.max_logit, want.max_logit, 1e-5)
+    check_finite_and_close(got.logit_sum, want.logit_sum, 1e-5)
+    assert not need_sum or np.abs(want.logit_sum).min() > 0  # the sum was really computed
+    # argmax: an index in range whose oracle logit is the oracle max (robust to near-ties).
+    z = np.asarray(dense_logits(h, w, b, softcap))
+    arg = np.asarray(got.argmax)
+    assert got.argmax.dtype == jnp.int32 and ((arg >= 0) & (arg < v)).all()
+    np.testing.assert_allclose(z[np.arange(n), arg], z.max(-1), rtol=1e-5, atol=1e-5)
+
+    rel = 1e-5 if dtype == jnp.float32 else 3e-2  # bf16: dz is rounded to bf16 before the matmuls
+    for name, g, wg in zip(("hidden", "weight", "bias"), grads, want_grads):
+        if wg is None:
+            assert g is None
+            continue
+        assert g.dtype == dtype, name
+        check_finite_and_close(g, wg, rel)
+
+
+@pytest.mark.parametrize("target_programs", [1, 10**6])
+def test_argmax_ties_pick_lowest_index_across_blocks_and_splits(target_programs, monkeypatch):
+    """Tied rows in one split (several blocks per program: target 1 gives one split) and in
+    different splits (a huge target gives one block per split)."""
+    monkeypatch.setattr(tiles, "TARGET_PROGRAMS", target_programs)
+    n, d, v = 19, 32, 700
+    h, w, _, _, _ = make_problem(n, d, v, jnp.float32, seed=3)
+    u = jax.random.normal(jax.random.key(4), (d,))
+    h = u + 0.1 * h  # logit u . h ~ d = 32 for every token, far above the others (std ~ 3)
+    w = w.at[jnp.array([130, 5, 611])].set(u)  # identical rows in different blocks and splits
+    got = pallas_logit_stats(h, w, **SMALL_BLOCKS)
+    assert (np.asarray(got.argmax) == 5).all()
+    check_finite_and_close(got.max_logit, reference_logit_stats(h, w).max_logit, 1e-6)
+
+
+def test_filter_eps():
+    """eps=0 and need_sum=True are exact (bitwise equal to no filtering); a small eps stays close
+    to the oracle; a large eps really drops tiles (so the check above is not vacuous)."""
+    n, d, v = 37, 40, 300
+    h, w, b, g_lse, g_sum = make_problem(n, d, v, jnp.float32, seed=7)
+    h = h * 3  # peaked softmax: most tiles are far below eps
+    run = lambda **kw: stats_and_vjp(pallas_jit, h, w, b, g_lse, g_sum, **SMALL_BLOCKS, **kw)[1]
+    exact = run()
+    for kw in (dict(filter_eps=0.0), dict(filter_eps=0.5, need_sum=True)):
+        if kw.get("need_sum"):
+            exact_sum = run(need_sum=True)
+            for x, y in zip(run(**kw), exact_sum):
+                np.testing.assert_array_equal(x, y)
+        else:
+            for x, y in zip(run(**kw), exact):
+                np.testing.assert_array_equal(x, y)
+    want = stats_and_vjp(reference_logit_stats, h, w, b, g_lse, g_sum)[1]
+    for x, y in zip(run(filter_eps=1e-6), want):
+        check_finite_and_close(x, y, 1e-4)
+    coarse = run(filter_eps=0.5)
+    assert not np.allclose(coarse[1], want[1], rtol=1e-2, atol=1e-2 * np.abs(want[1]).max())
+
+
+def _lowered_triton_calls(n, d, v, dtype, bias, softcap, need_sum, filter_eps):
+    def loss(h, w, b):
+        s = pallas_logit_stats(h, w, b, logit_softcap=softcap, need_sum=need_sum,
+                               filter_eps=filter_eps, interpret=False)
+        return (s.lse + s.logit_sum).sum()
+
+    args = (jax.ShapeDtypeStruct((n, d), dtype), jax.ShapeDtypeStruct((v, d), dtype),
+            jax.ShapeDtypeStruct((v,), dtype) if bias else None)
+    lowered = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2) if bias else (0, 1))).trace(*args)
+    return lowered.lower(lowering_platforms=("cuda",)).as_text().count("xla.gpu.triton")
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("softcap,need_sum,filter_eps",
+                         [(None, False, None), (None, False, 1e-5), (None, True, None), (30.0, True, None),
+                          (30.0, False, 1e-5)])
+def test_lowers_to_triton_for_cuda(dtype, bias, softcap, need_sum, filter_eps):
+    """Every shipped configuration (fwd, dh, dW kernels; default H100 blocks) lowers to Triton
+    for the GPU from this CPU machine: one forward and two backward kernel calls."""
+    assert _lowered_triton_calls(77, 96, 1000, dtype, bias, softcap, need_sum, filter_eps) == 3
+
+
+def test_lowers_at_gemma_head_shape():
+    assert _lowered_triton_calls(8192, 2304, 256000, jnp.bfloat16, False, None, False, None) == 3
