@@ -1,0 +1,85 @@
+"""The fused, label-smoothed next-token loss of a causal language model.
+
+Works with any Flax NNX model following ``ls_jax.models.protocol`` (hidden states plus
+``unembedding()``): the logits ``[B, T, V]`` are never materialised, the loss goes through
+:func:`ls_jax.losses.linear_smoothed_cross_entropy`.
+"""
+
+from typing import Optional, Union
+
+import jax
+import jax.numpy as jnp
+
+from ls_jax.losses import TokenStats, linear_smoothed_cross_entropy
+
+
+def next_token_targets(labels: jax.Array, attention_mask: Optional[jax.Array] = None,
+                       segment_ids: Optional[jax.Array] = None, ignore_index: int = -100) -> jax.Array:
+    """Shift labels ``[B, T]`` so position t is scored on token t + 1 (Hugging Face convention).
+
+    The last position, positions whose next token is padding or belongs to another packed
+    segment, and padding positions themselves get ``ignore_index``. int32 ``[B, T]``.
+    """
+    labels = jnp.asarray(labels, jnp.int32)
+    b = labels.shape[0]
+    targets = jnp.concatenate([labels[:, 1:], jnp.full((b, 1), ignore_index, jnp.int32)], axis=1)
+    keep = jnp.ones(labels.shape, bool)
+    if attention_mask is not None:
+        real = attention_mask.astype(bool)
+        keep = keep & real & jnp.concatenate([real[:, 1:], jnp.zeros((b, 1), bool)], axis=1)
+    if segment_ids is not None:
+        same = segment_ids[:, 1:] == segment_ids[:, :-1]
+        keep = keep & jnp.concatenate([same, jnp.zeros((b, 1), bool)], axis=1)
+    return jnp.where(keep, targets, ignore_index)
+
+
+def token_metrics(stats: TokenStats, targets: jax.Array) -> dict:
+    """Sums and means over the valid tokens: ``tokens``, ``correct``, ``confidence_sum`` (sum of
+    top-class probabilities, for calibration), ``lse_sum``, and ``accuracy``, ``mean_confidence``,
+    ``mean_lse``. All float32 scalars except ``tokens`` (int32)."""
+    valid = stats.valid
+    tokens = valid.sum().astype(jnp.int32)
+    count = jnp.maximum(tokens, 1).astype(jnp.float32)
+    correct = ((stats.prediction == targets) & valid).sum().astype(jnp.float32)
+    confidence = jnp.where(valid, jnp.exp(stats.max_logit - stats.lse), 0.0).sum()
+    lse = jnp.where(valid, stats.lse, 0.0).sum()
+    return {"tokens": tokens, "correct": correct, "confidence_sum": confidence, "lse_sum": lse,
+            "accuracy": correct / count, "mean_confidence": confidence / count, "mean_lse": lse / count}
+
+
+def causal_lm_loss(model, batch: dict, *, label_smoothing: float = 0.0, z_loss: float = 0.0,
+                   ignore_index: int = -100, logit_softcap: Union[str, float, None] = "model",
+                   shift_labels: bool = True, reduction: str = "mean", impl: str = "auto",
+                   block_n: Optional[int] = None, block_v: Optional[int] = None,
+                   block_d: Optional[int] = None, filter_eps: Optional[float] = None):
+    """Label-smoothed next-token cross-entropy of ``model`` on ``batch``, and metrics.
+
+    batch: ``input_ids [B, T]`` int, ``labels [B, T]`` int (``ignore_index`` on prompt and
+    padding tokens; usually a copy of input_ids), optional ``attention_mask``, ``positions``,
+    ``segment_ids [B, T]``. With ``shift_labels`` (default, as Hugging Face) ``labels[t + 1]`` is
+    the target of position t (:func:`next_token_targets`); with False, labels are taken as
+    already shifted and used as they are (``ignore_index`` still masks).
+    logit_softcap: "model" uses ``model.final_logit_softcap``; a float or None overrides it.
+    reduction: "mean" over scored tokens or "sum" (e.g. for gradient accumulation).
+    impl / block_* / filter_eps: passed to :func:`linear_smoothed_cross_entropy`.
+    Returns ``(loss float32 scalar, metrics)``, metrics from :func:`token_metrics`.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    input_ids, labels = batch["input_ids"], batch["labels"]
+    attention_mask, segment_ids = batch.get("attention_mask"), batch.get("segment_ids")
+    hidden = model(input_ids, attention_mask, batch.get("positions"), segment_ids)
+    if shift_labels:
+        targets = next_token_targets(labels, attention_mask, segment_ids, ignore_index)
+    else:
+        targets = jnp.asarray(labels, jnp.int32)
+    if isinstance(logit_softcap, str):
+        if logit_softcap != "model":
+            raise ValueError(f"logit_softcap must be 'model', a float or None, got {logit_softcap!r}")
+        logit_softcap = model.final_logit_softcap
+    loss, stats = linear_smoothed_cross_entropy(
+        hidden, model.unembedding(), targets, label_smoothing=label_smoothing, ignore_index=ignore_index,
+        z_loss=z_loss, logit_softcap=logit_softcap, reduction=reduction, impl=impl, block_n=block_n,
+        block_v=block_v, block_d=block_d, filter_eps=filter_eps, return_stats=True,
+    )
+    return loss, token_metrics(stats, targets)
