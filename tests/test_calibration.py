@@ -197,6 +197,28 @@ def test_no_valid_sample_gives_zero_not_nan():
     assert all(float(v) == 0.0 for v in values)
 
 
+def test_empty_input_gives_zero():
+    p, y = np.zeros((0, 3), np.float32), np.zeros((0,), np.int32)
+    report = C.calibration_report(p, y)
+    assert report.count == 0
+    assert [report.ece, report.ece_equal_mass, report.brier, report.nll, report.classwise_ece] == [0.0] * 5
+
+
+def test_metrics_work_inside_an_outer_jit():
+    _, p, y = random_problem(60, 4, seed=12)
+    p = p.astype(np.float32)
+
+    @jax.jit
+    def all_metrics(p, y):
+        return (C.calibration_error(p, y, norm="l2"), C.calibration_error(p, y, binning="mass"),
+                C.classwise_calibration_error(p, y), C.brier_score(p, y), C.fit_temperature(jnp.log(p), y))
+
+    eager = (C.calibration_error(p, y, norm="l2"), C.calibration_error(p, y, binning="mass"),
+             C.classwise_calibration_error(p, y), C.brier_score(p, y), C.fit_temperature(np.log(p), y))
+    for a, b in zip(all_metrics(p, y), eager):
+        assert_close(a, float(b), 1e-6)
+
+
 def test_where_equals_subsetting():
     z, p, y = random_problem(200, 5, seed=4)
     keep = np.random.default_rng(0).uniform(size=200) < 0.6

@@ -143,7 +143,7 @@ def test_letters_must_be_single_known_tokens():
         evaluate_multiple_choice(TinyLM(len(tok)), tok, five)
 
 
-def test_bad_data_is_a_clear_error(tmp_path):
+def test_bad_data_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         load_questions(str(tmp_path / "nope.jsonl"))
     bad = tmp_path / "bad.jsonl"
@@ -167,6 +167,9 @@ def test_bad_data_is_a_clear_error(tmp_path):
         load_questions(str(one))
     with pytest.raises(ValueError, match="no questions"):
         load_questions([])
+    with pytest.raises(SystemExit):
+        main(["--model", str(tmp_path), "--data", str(tmp_path / "nope.jsonl")])
+    assert "--data: file not found" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------- command line, end to end
