@@ -8,7 +8,9 @@ the argmax (lowest index on ties) equals the label. Equal-width bins follow torc
 convention: bin ``k`` holds ``edges[k] <= c < edges[k + 1]`` with float32 edges
 ``k / n_bins`` (so 0 is in bin 0 and an edge value opens the bin above it), and a confidence of
 exactly 1.0 gets a bin of its own, index ``n_bins``; hence every bin array has ``n_bins + 1``
-entries. Equal-mass bins sort the confidences and split them like ``np.array_split`` (the
+entries. (Our edges are ``k / n_bins`` correctly rounded; ``torch.linspace`` rounds a few of
+them one ulp apart, e.g. 12/15, so a confidence exactly on such an edge can land one bin away
+from torchmetrics; with 10 bins all edges agree.) Equal-mass bins sort the confidences and split them like ``np.array_split`` (the
 first ``N mod n_bins`` bins hold one sample more; ties may straddle two bins).
 
 Per-bin sums (:class:`CalibrationBins`) are the common currency: equal-width bins of separate
@@ -18,8 +20,7 @@ vocabulary via the fused loss) and gives exactly the one-shot result.
 """
 
 import dataclasses
-import functools
-from functools import partial
+from functools import partial, wraps
 from typing import NamedTuple, Optional
 
 import jax
@@ -78,7 +79,7 @@ def _metric(*static):
     def wrap(fn):
         jitted = jax.jit(fn, static_argnames=static)
 
-        @functools.wraps(fn)
+        @wraps(fn)
         def checked(scores, labels, **kwargs):
             _check(scores, labels, kwargs.get("where"))
             return jitted(scores, labels, **kwargs)
