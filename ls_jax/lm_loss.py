@@ -77,8 +77,9 @@ def causal_lm_loss(model, batch: dict, *, label_smoothing: float = 0.0, z_loss: 
         if logit_softcap != "model":
             raise ValueError(f"logit_softcap must be 'model', a float or None, got {logit_softcap!r}")
         logit_softcap = model.final_logit_softcap
+    weight = model.unembedding().astype(hidden.dtype)  # compute dtype, as the model's own matmuls
     loss, stats = linear_smoothed_cross_entropy(
-        hidden, model.unembedding(), targets, label_smoothing=label_smoothing, ignore_index=ignore_index,
+        hidden, weight, targets, label_smoothing=label_smoothing, ignore_index=ignore_index,
         z_loss=z_loss, logit_softcap=logit_softcap, reduction=reduction, impl=impl, block_n=block_n,
         block_v=block_v, block_d=block_d, filter_eps=filter_eps, return_stats=True,
     )

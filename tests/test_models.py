@@ -34,8 +34,9 @@ CONFIGS = {
     "llama": lambda: LlamaConfig(**TINY),
     "llama3_rope_bias_tied": lambda: LlamaConfig(
         **TINY, attention_bias=True, mlp_bias=True, tie_word_embeddings=True,
-        rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                         "high_freq_factor": 4.0, "original_max_position_embeddings": 256}),
+        rope_theta=10000.0,  # legacy config.json layout of Llama 3.1, as on the hub
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 128}),
     "mistral_sliding": lambda: MistralConfig(**TINY, sliding_window=3),
     "qwen2_bias_sliding": lambda: Qwen2Config(**TINY, use_sliding_window=True, sliding_window=3, max_window_layers=1),
     "gemma2": lambda: Gemma2Config(**TINY, head_dim=16, sliding_window=3, query_pre_attn_scalar=24,
