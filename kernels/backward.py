@@ -1,8 +1,9 @@
 """Backward kernels: ``dz = (g_lse * softmax(z) + g_sum) * softcap'(raw)`` pulled back through
 ``hidden @ weight.T``, recomputing the logit tiles instead of storing them.
 
-Two kernels, no atomics, deterministic; each program accumulates (fp32) only into the output
-block it owns, so no two programs ever write the same memory:
+``Plan.backward == "two_kernel"`` (default): two kernels, no atomics, deterministic; each
+program accumulates (fp32) only into the output block it owns, so no two programs ever write
+the same memory; the logits are recomputed twice (8 N D V backward FLOPs):
 
 * ``dh`` kernel, grid over token blocks: loop over vocabulary blocks; recompute the
   ``[bn, bv]`` logit tile (loop over D), form dz, and add ``dz @ W[blk]`` into the program's
@@ -16,6 +17,11 @@ D in the thousands and the Triton lowering has no scratch memory. Each kernel re
 writes its slab once per streamed block: ``8 * N * D * V / bv`` bytes for dh and
 ``8 * N * D * V / dw_bn`` for dW, which is why the streamed block is the large one. A barrier after each update
 orders the slab's writes before the next iteration's reads by other threads of the program.
+
+``Plan.backward == "atomic"``: one kernel, grid over (token block, vocabulary block); each
+program recomputes its tile once and atomically adds ``dz @ W[blk]`` into dh and
+``dz.T @ h[blk]`` into dW (and ``dz.sum(0)`` into dbias), fp32, zero-initialised
+(6 N D V FLOPs; the order of the fp32 additions, hence the last bits, is not deterministic).
 
 Gradient filtering (``Plan.filter_eps``): a tile whose softmax is below eps everywhere is
 skipped (its dz is at most eps * |g_lse|). Only valid without the logit-sum cotangent
@@ -116,11 +122,66 @@ def _dw_kernel(p: Plan, has_bias, h_ref, w_ref, *refs):
         refs[-1][...] = db
 
 
+def _atomic_kernel(p: Plan, has_bias, h_ref, w_ref, *refs):
+    b_ref = refs[0] if has_bias else None
+    lse_ref, g_lse_ref = refs[has_bias], refs[has_bias + 1]
+    g_sum = refs[has_bias + 2][...] if p.need_sum else None
+    dh_ref, dw_ref = refs[-2 - has_bias], refs[-1 - has_bias]  # aliased outputs, whole arrays
+    prec = dot_precision(h_ref.dtype)
+    i, j = pl.program_id(0), pl.program_id(1)
+    dz, keep = _dz_tile(h_ref, w_ref, b_ref, lse_ref[...], g_lse_ref[...], g_sum, 0, 0, j * p.bv, p)
+    dz_lo = dz.astype(h_ref.dtype)
+    rows, vrows = pl.ds(i * p.bn, p.bn), pl.ds(j * p.bv, p.bv)
+
+    def chunk(k, _):
+        cols = pl.ds(pl.multiple_of(k * p.bd, p.bd), p.bd)
+        plgpu.atomic_add(dh_ref, (rows, cols), jnp.dot(
+            dz_lo, w_ref[:, cols], precision=prec, preferred_element_type=jnp.float32))
+        plgpu.atomic_add(dw_ref, (vrows, cols), jax.lax.dot_general(
+            dz_lo, h_ref[:, cols], (((0,), (0,)), ((), ())), precision=prec,
+            preferred_element_type=jnp.float32))
+
+    add = lambda: jax.lax.fori_loop(0, p.d_pad // p.bd, chunk, None)
+    if keep is None:
+        add()
+    else:
+        pl.when(keep)(add)
+    if has_bias:
+        plgpu.atomic_add(refs[-1], (vrows,), dz.sum(axis=0))
+
+
+def _backward_atomic(h, w, b, vecs, p: Plan):
+    has_bias = b is not None
+    bias_args = [b] if has_bias else []
+    zeros = [jnp.zeros((p.n_pad, p.d_pad), jnp.float32), jnp.zeros((p.v_pad, p.d_pad), jnp.float32)]
+    zeros += [jnp.zeros((p.v_pad,), jnp.float32)] * has_bias
+    by_token = lambda shape: pl.BlockSpec(shape, lambda i, j: (i,) + (0,) * (len(shape) - 1))
+    by_vocab = lambda shape: pl.BlockSpec(shape, lambda i, j: (j,) + (0,) * (len(shape) - 1))
+    whole = lambda x: pl.BlockSpec(x.shape, lambda i, j: (0,) * x.ndim)
+    n_in = 2 + has_bias + len(vecs)
+    out = pl.pallas_call(
+        lambda *refs: _atomic_kernel(p, has_bias, *refs[:n_in], *refs[n_in + len(zeros):]),
+        out_shape=tuple(jax.ShapeDtypeStruct(z.shape, z.dtype) for z in zeros),
+        grid=(p.n_pad // p.bn, p.v_pad // p.bv),
+        in_specs=[by_token((p.bn, p.d_pad)), by_vocab((p.bv, p.d_pad))]
+        + [by_vocab((p.bv,))] * has_bias + [by_token((p.bn,))] * len(vecs)
+        + [whole(z) for z in zeros],
+        out_specs=tuple(whole(z) for z in zeros),
+        input_output_aliases={n_in + k: k for k in range(len(zeros))},
+        compiler_params=plgpu.CompilerParams(num_warps=p.num_warps),
+        interpret=p.interpret,
+        name="logit_stats_bwd_atomic",
+    )(h, w, *bias_args, *vecs, *zeros)
+    return out[0], out[1], out[2] if has_bias else None
+
+
 def backward(h, w, b, lse, g_lse, g_sum, p: Plan):
     """fp32 ``(dh [n_pad, d_pad], dW [v_pad, d_pad], db [v_pad] or None)`` for padded inputs:
     hidden, weight, bias as in ``forward_partials``; lse, g_lse, g_sum (None unless need_sum)
-    float32 ``[n_pad]`` (zero cotangents on padded rows)."""
+    float32 ``[n_pad]`` (zero cotangents on padded rows); by ``p.backward``'s kernels."""
     vecs = [lse, g_lse] + ([g_sum] if p.need_sum else [])
+    if p.backward == "atomic":
+        return _backward_atomic(h, w, b, vecs, p)
     has_bias = b is not None
     bias_args = [b] if has_bias else []
 

@@ -61,7 +61,7 @@ _stats.defvjp(_stats_fwd, _stats_bwd)
 def pallas_logit_stats(
     hidden, weight, bias=None, *, logit_softcap: Optional[float] = None, need_sum: bool = False,
     block_n: Optional[int] = None, block_v: Optional[int] = None, block_d: Optional[int] = None,
-    filter_eps: Optional[float] = None, interpret: Optional[bool] = None,
+    filter_eps: Optional[float] = None, interpret: Optional[bool] = None, backward: str = "two_kernel",
 ) -> LogitStats:
     """:class:`LogitStats` ``[N]`` of ``softcap(hidden [N, D] @ weight [V, D].T + bias [V])``,
     by the fused Pallas kernels; the ``[N, V]`` logits never reach device memory.
@@ -72,7 +72,8 @@ def pallas_logit_stats(
     tiles whose softmax is below eps everywhere (CCE-style gradient filtering; approximate,
     error <= eps * |g_lse| per element); ignored when ``need_sum`` (the logit-sum cotangent
     makes every tile's gradient dense), exact when None. ``interpret``: None means interpret
-    mode unless the default backend is a GPU.
+    mode unless the default backend is a GPU. ``backward``: "two_kernel" (deterministic) or
+    "atomic" (one kernel, fp32 atomic adds); see backward.py.
     """
     hidden, weight = jnp.asarray(hidden), jnp.asarray(weight)
     (n, d), (v, d_w) = hidden.shape, weight.shape
@@ -86,5 +87,5 @@ def pallas_logit_stats(
     p = plan(n, v, d, block_n=block_n, block_v=block_v, block_d=block_d,
              softcap=None if logit_softcap is None else float(logit_softcap),
              need_sum=bool(need_sum), filter_eps=None if need_sum or filter_eps is None else float(filter_eps),
-             interpret=bool(interpret))
+             interpret=bool(interpret), backward=backward)
     return _stats(hidden, weight, None if bias is None else jnp.asarray(bias), p)

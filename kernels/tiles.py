@@ -16,6 +16,7 @@ from ls_jax.logit_stats import apply_softcap
 # Defaults sized for an H100 (Triton lowering: power-of-two blocks, dot dims >= 16).
 BLOCK_N, BLOCK_V, BLOCK_D = 64, 256, 64
 MIN_BLOCK = 16
+BACKWARDS = ("two_kernel", "atomic")  # see backward.py
 # The forward splits the vocabulary until there are about this many programs (2 per SM on H100).
 TARGET_PROGRAMS = 264
 
@@ -39,6 +40,7 @@ class Plan(NamedTuple):
     need_sum: bool
     filter_eps: Optional[float]
     interpret: bool
+    backward: str  # one of BACKWARDS
 
     @property
     def num_warps(self) -> int:
@@ -58,7 +60,7 @@ def _block(requested, default, size, name):
 
 
 def plan(n, v, d, *, block_n=None, block_v=None, block_d=None, softcap=None, need_sum=False,
-         filter_eps=None, interpret=False) -> Plan:
+         filter_eps=None, interpret=False, backward="two_kernel") -> Plan:
     """Blocks and padded sizes for hidden ``[n, d]`` and weight ``[v, d]``.
 
     The forward and dh kernels use ``bn x bv`` tiles; the dW kernel swaps the roles (its own
@@ -72,7 +74,10 @@ def plan(n, v, d, *, block_n=None, block_v=None, block_d=None, softcap=None, nee
     d_pad = pl.cdiv(d, bd) * bd
     v_blocks, want = v_pad // bv, pl.cdiv(TARGET_PROGRAMS, n_pad // bn)
     splits = max(s for s in range(1, min(want, v_blocks) + 1) if v_blocks % s == 0)
-    return Plan(n, v, d, bn, bv, bd, dw_bn, dw_bv, n_pad, v_pad, d_pad, splits, softcap, need_sum, filter_eps, interpret)
+    if backward not in BACKWARDS:
+        raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
+    return Plan(n, v, d, bn, bv, bd, dw_bn, dw_bv, n_pad, v_pad, d_pad, splits, softcap, need_sum,
+                filter_eps, interpret, backward)
 
 
 def dot_precision(dtype):
