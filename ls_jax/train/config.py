@@ -43,7 +43,6 @@ class TrainConfig:
     compute_dtype: str = "float32"
     param_dtype: str = "float32"
     lora_rank: int = 0
-    lora_alpha: float = 16.0
     # loss
     label_smoothing: float = 0.0
     compare_smoothing: List[float] = field(default_factory=list)
@@ -97,8 +96,7 @@ _HELP = {
     "clip_norm": "clip gradients to this global norm (0: off)",
     "compute_dtype": "activation dtype: float32 or bfloat16",
     "param_dtype": "parameter dtype: float32 or bfloat16",
-    "lora_rank": "train only LoRA adapters of this rank on the linear layers (0: full fine-tuning)",
-    "lora_alpha": "LoRA scale numerator (scale = alpha / rank)",
+    "lora_rank": "train only nnx.LoRA adapters of this rank on the attention/MLP projections (0: full fine-tuning)",
     "label_smoothing": "label smoothing a in [0, 1): target (1 - a) * onehot + a / V",
     "compare_smoothing": "comma-separated smoothing values, one run each, compared in the final table "
                          "(default for the embedded data: 0,0.1)",

@@ -72,34 +72,35 @@ def check_config(c: TrainConfig) -> None:
             raise ConfigError(message)
 
 
-def _tokenizer_and_rows(c: TrainConfig, saved_tokenizer: Optional[str]):
-    """(tokenizer, train rows, held-out rows) for the config."""
+def _rows(c: TrainConfig):
+    """(train rows, held-out rows) for the config."""
     if c.data is None:
-        train_rows, held_rows = synthetic.generate(c.num_train, c.num_eval, seed=c.seed)
-    else:
-        rows = data.load_rows(c.data, c.split)
-        if c.eval_data is not None:
-            train_rows, held_rows = list(rows), list(data.load_rows(c.eval_data, c.split))
-        else:
-            rows = list(rows)
-            order = list(range(len(rows)))
-            random.Random(c.seed).shuffle(order)
-            n_eval = max(1, int(round(c.eval_fraction * len(rows))))
-            if n_eval >= len(rows):
-                raise data.DataError(f"{c.data}: {len(rows)} rows are too few to hold out --eval-fraction {c.eval_fraction}")
-            held_rows = [rows[i] for i in order[:n_eval]]
-            train_rows = [rows[i] for i in order[n_eval:]]
-    if saved_tokenizer is not None:
-        tokenizer = _auto_tokenizer(saved_tokenizer)
-    elif os.path.isdir(c.model):
-        tokenizer = _auto_tokenizer(c.model)
-    else:
-        from ls_jax.tokenizer import train_bpe_tokenizer
+        return synthetic.generate(c.num_train, c.num_eval, seed=c.seed)
+    rows = data.load_rows(c.data, c.split)
+    if c.eval_data is not None:
+        return list(rows), list(data.load_rows(c.eval_data, c.split))
+    rows = list(rows)
+    order = list(range(len(rows)))
+    random.Random(c.seed).shuffle(order)
+    n_eval = max(1, int(round(c.eval_fraction * len(rows))))
+    if n_eval >= len(rows):
+        raise data.DataError(f"{c.data}: {len(rows)} rows are too few to hold out --eval-fraction {c.eval_fraction}")
+    return [rows[i] for i in order[n_eval:]], [rows[i] for i in order[:n_eval]]
 
-        texts = [str(r.get("prompt", "")) + str(r.get("response", "")) + " ".join(
-            str(m.get("content", "")) for m in (r.get("messages") or []) if isinstance(m, dict)) for r in train_rows]
-        tokenizer = train_bpe_tokenizer(texts)
-    return tokenizer, train_rows, held_rows
+
+def _tokenizer(c: TrainConfig, train_rows, saved_tokenizer: Optional[str]):
+    """The run's tokenizer: a resumed run's, the checkpoint's, or a BPE trained on the train rows."""
+    if saved_tokenizer is not None:
+        return _auto_tokenizer(saved_tokenizer)
+    if os.path.isdir(c.model):
+        return _auto_tokenizer(c.model)
+    from ls_jax.tokenizer import train_bpe_tokenizer
+
+    def text(r):
+        turns = " ".join(str(m.get("content", "")) for m in (r.get("messages") or []) if isinstance(m, dict))
+        return str(r.get("prompt", "")) + str(r.get("response", "")) + turns
+
+    return train_bpe_tokenizer([text(r) for r in train_rows])
 
 
 def _auto_tokenizer(path: str):
@@ -114,36 +115,40 @@ def _auto_tokenizer(path: str):
     return tok
 
 
-def _model_builder(c: TrainConfig, vocab: int) -> Callable:
-    """A zero-argument model builder, after checking the model can be built (config only)."""
+def _model_config(c: TrainConfig):
+    """The transformers config of ``--model`` (checked to be a supported architecture), or None
+    for a built-in tiny model (its config needs the tokenizer's vocabulary)."""
     from transformers import AutoConfig
 
-    from ls_jax.models import decoder_spec, from_config, from_pretrained, tiny_llama_config
+    from ls_jax.models import decoder_spec
 
-    dtypes = dict(dtype=DTYPES[c.compute_dtype], param_dtype=DTYPES[c.param_dtype])
-    if os.path.isdir(c.model):
-        try:
-            config = AutoConfig.from_pretrained(c.model, local_files_only=True)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"--model {c.model}: cannot read config.json: {str(e).splitlines()[0]}") from None
-
-        def build():
-            return from_pretrained(c.model, **dtypes)
-    elif c.model in TINY_MODELS:
-        config = tiny_llama_config(vocab_size=vocab, **TINY_MODELS[c.model])
-
-        def build():
-            return from_config(config, seed=c.seed, **dtypes)
-    else:
-        raise ConfigError(f"--model {c.model!r} is neither a local checkpoint directory nor a built-in "
-                          f"model ({', '.join(TINY_MODELS)})")
+    if not os.path.isdir(c.model):
+        if c.model not in TINY_MODELS:
+            raise ConfigError(f"--model {c.model!r} is neither a local checkpoint directory nor a built-in "
+                              f"model ({', '.join(TINY_MODELS)})")
+        return None
+    try:
+        config = AutoConfig.from_pretrained(c.model, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--model {c.model}: cannot read config.json: {str(e).splitlines()[0]}") from None
     try:
         decoder_spec(config)
     except ValueError as e:
         raise ConfigError(f"--model {c.model}: {e}") from None
+    return config
+
+
+def _model_builder(c: TrainConfig, config, vocab: int) -> Callable:
+    """A zero-argument builder of the model (random init from the seed, or the checkpoint)."""
+    from ls_jax.models import from_config, from_pretrained, tiny_llama_config
+
+    dtypes = dict(dtype=DTYPES[c.compute_dtype], param_dtype=DTYPES[c.param_dtype])
+    if config is None:
+        tiny = tiny_llama_config(vocab_size=vocab, **TINY_MODELS[c.model])
+        return lambda: from_config(tiny, seed=c.seed, **dtypes)
     if config.vocab_size < vocab:
         raise ConfigError(f"--model {c.model}: vocabulary of {config.vocab_size} is smaller than the tokenizer's {vocab}")
-    return build
+    return lambda: from_pretrained(c.model, **dtypes)
 
 
 def prepare(c: TrainConfig, saved_tokenizer: Optional[str] = None) -> Prepared:
@@ -155,8 +160,10 @@ def prepare(c: TrainConfig, saved_tokenizer: Optional[str] = None) -> Prepared:
     mesh = sharding.make_mesh(c.mesh)
     sharding.check_batch(c.batch_size, mesh)
     sharding.check_batch(c.eval_batch_size, mesh)
-    tokenizer, train_rows, held_rows = _tokenizer_and_rows(c, saved_tokenizer)
-    build = _model_builder(c, len(tokenizer))
+    model_config = _model_config(c)
+    train_rows, held_rows = _rows(c)
+    tokenizer = _tokenizer(c, train_rows, saved_tokenizer)
+    build = _model_builder(c, model_config, len(tokenizer))
     name = "generated" if c.data is None else c.data
     train, train_stats = data.prepare(train_rows, tokenizer, c.max_length, name=f"{name} (train)")
     held, held_stats = data.prepare(held_rows, tokenizer, c.max_length, name=f"{c.eval_data or name} (held out)")

@@ -94,7 +94,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, opts: LossOption
         grads, losses = jax.lax.scan(micro, zeros, batch)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        metrics = {"loss": losses.sum(), "grad_norm": optax.global_norm(grads),
+        metrics = {"loss": losses.sum(), "grad_norm": optax.tree.norm(grads),
                    "tokens": response_tokens(batch["labels"])}
         return params, opt_state, metrics
 

@@ -1,0 +1,198 @@
+"""The trainer end to end on tiny shapes: learning, exact resume, 1 vs 8 devices, LoRA,
+gradient accumulation, sharding rules, and each bad-input case of the command line."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
+
+from ls_jax.models import from_config, tiny_llama_config
+from ls_jax.train import TrainConfig, main, run
+from ls_jax.train.lora import add_lora
+from ls_jax.train.sharding import AXES, MeshError, array_spec, parse_mesh
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# tiny, fast settings shared by every run here (generated data, built-in tiny model)
+TINY = dict(num_train=192, num_eval=32, max_length=40, batch_size=16, eval_batch_size=32, lr=3e-3,
+            warmup_steps=2, eval_every=1000, save_every=1000, log_every=1, progress=False, compare_smoothing=[])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """Runs here recompile identical train/eval steps (fresh jit objects): reuse them from a
+    persistent compilation cache private to this module; restored afterwards."""
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    old = {n: getattr(jax.config, n) for n in names}
+    jax.config.update(names[0], str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update(names[1], 0.2)
+    yield
+    for n, v in old.items():
+        jax.config.update(n, v)
+
+
+def _config(out, **kw) -> TrainConfig:
+    return TrainConfig(output_dir=str(out), **{**TINY, **kw})
+
+
+def _losses(out) -> list:
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [r["loss"] for r in map(json.loads, f) if r["kind"] == "train"]
+
+
+STEPS, K = 16, 8
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two runs over the same rows: one batch of 16 per step, and 2 accumulated batches of 8."""
+    base = tmp_path_factory.mktemp("runs")
+    kw = dict(steps=STEPS, label_smoothing=0.1, save_every=K, keep_checkpoints=2)
+    big = run(_config(base / "big", batch_size=16, **kw))[0]
+    acc = run(_config(base / "acc", batch_size=8, grad_accum=2, **kw))[0]
+    return {"base": base, "kw": kw, "big": big, "acc": acc}
+
+
+def test_tiny_run_learns_and_writes_outputs(runs):
+    out, final = runs["base"] / "big", runs["big"]
+    losses = _losses(out)
+    assert len(losses) == STEPS and np.isfinite(losses).all()
+    assert np.mean(losses[-3:]) < 0.75 * np.mean(losses[:3])
+    assert sorted(map(int, os.listdir(out / "checkpoints"))) == [K, STEPS]
+    for name in ("config.json", "final.json", "reliability.png", "tokenizer"):
+        assert (out / name).exists(), name
+    evals = [json.loads(line) for line in open(out / "metrics.jsonl") if '"eval"' in line]
+    assert [e["step"] for e in evals] == [STEPS]
+    for key in ("loss", "accuracy", "answer_accuracy", "nll", "ece"):
+        assert final[key] == pytest.approx(evals[-1][key]), key
+    assert 0 <= final["ece"] <= 1 and 0 <= final["accuracy"] <= 1 and final["nll"] > 0
+    # with smoothing the training loss exceeds the NLL (the target is not one-hot)
+    assert final["loss"] > final["nll"]
+
+
+def test_gradient_accumulation_matches_one_big_batch(runs):
+    np.testing.assert_allclose(_losses(runs["base"] / "acc"), _losses(runs["base"] / "big"), rtol=1e-4)
+
+
+def test_resume_continues_exactly(runs, capsys):
+    """Stop after K steps, leave a half-written save behind (as a killed job would), resume."""
+    out = runs["base"] / "parts"
+    cfg = dict(batch_size=8, grad_accum=2, **runs["kw"])
+    run(_config(out, **cfg), stop_at=K)
+    assert len(_losses(out)) == K
+    partial = out / "checkpoints" / f"{K + 1}.orbax-checkpoint-tmp-1234"
+    partial.mkdir()
+    (partial / "junk").write_text("half written")
+    run(_config(out, resume=True, **cfg))
+    np.testing.assert_array_equal(_losses(out), _losses(runs["base"] / "acc"))
+    assert sorted(map(int, os.listdir(out / "checkpoints"))) == [K, STEPS]
+    # resuming with a setting that changes the run is refused
+    changed = TrainConfig(**{**_config(out, resume=True, **cfg).to_json(), "lr": 1e-4})
+    with pytest.raises(ValueError, match="lr 0.003 -> 0.0001"):
+        run(changed)
+
+
+def test_packing_and_lora_train(tmp_path):
+    (final,) = run(_config(tmp_path / "run", steps=4, packing=True, lora_rank=4, lr=1e-2, batch_size=8))
+    losses = _losses(tmp_path / "run")
+    assert np.isfinite(losses).all() and losses[-1] < losses[0]
+    assert final["tokens"] > 0
+
+
+def test_lora_starts_as_the_base_model_and_trains_only_adapters():
+    model = from_config(tiny_llama_config(vocab_size=64, hidden_size=32, num_hidden_layers=1), seed=0)
+    ids = jnp.arange(12)[None] % 64
+    before = model(ids)
+    base_params = len(jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert add_lora(model, 2) == 7  # q, k, v, o, gate, up, down
+    np.testing.assert_allclose(model(ids), before, atol=1e-6)  # B = 0 at the start
+    _, lora, frozen = nnx.split(model, nnx.LoRAParam, ...)
+    assert len(jax.tree.leaves(lora)) == 2 * 7 and len(jax.tree.leaves(frozen)) == base_params
+    assert all(2 in np.shape(x) for x in jax.tree.leaves(lora))  # only the rank-2 factors train
+
+
+def test_sharding_rules():
+    mesh = AbstractMesh((2, 4, 2), AXES, axis_types=(AxisType.Auto,) * 3)
+    assert array_spec((8, 6), mesh) == P("fsdp", "tensor")
+    assert array_spec((6, 8), mesh) == P("tensor", "fsdp")
+    assert array_spec((10, 6), mesh) == P("tensor", None)  # 4 divides neither dim: no fsdp
+    assert array_spec((64,), mesh) == P(None)
+    assert array_spec((), mesh) == P()
+    assert parse_mesh("data=2,fsdp=-1", 8) == {"data": 2, "fsdp": 4, "tensor": 1}
+    for bad in ("data=3", "data=2,fsdp=2", "model=2", "data=-1,fsdp=-1", "data=0"):
+        with pytest.raises(MeshError):
+            parse_mesh(bad, 8)
+
+
+EIGHT_DEVICES = textwrap.dedent("""
+    import json, sys
+    import jax
+    jax.config.update("jax_default_matmul_precision", "highest")
+    assert jax.device_count() == 8, jax.devices()
+    from ls_jax.train import TrainConfig, run
+    from ls_jax.train.sharding import make_mesh
+    cfg = TrainConfig(**json.loads(sys.argv[1]))
+    assert dict(make_mesh(cfg.mesh).shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    (final,) = run(cfg)
+    print(json.dumps(final))
+""")
+
+
+def test_eight_devices_match_one(runs):
+    """The same run on a 2 x 4 (data x fsdp) mesh of 8 simulated CPU devices, in a subprocess."""
+    out = runs["base"] / "eight"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    cfg = _config(out, batch_size=16, mesh="data=2,fsdp=4,tensor=1", **runs["kw"]).to_json()
+    proc = subprocess.run([sys.executable, "-c", EIGHT_DEVICES, json.dumps(cfg)], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    eight, one = json.loads(proc.stdout.strip().splitlines()[-1]), runs["big"]
+    np.testing.assert_allclose(_losses(out), _losses(runs["base"] / "big"), rtol=1e-4)
+    for key in ("loss", "nll", "ece", "accuracy", "answer_accuracy"):
+        assert eight[key] == pytest.approx(one[key], rel=1e-3, abs=1e-5), key
+
+
+def _bad(tmp_path, capsys, *args):
+    out = tmp_path / "out"
+    code = main(["--output-dir", str(out), "--no-progress", *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert not out.exists()  # nothing half-written
+    return err
+
+
+def test_bad_inputs(tmp_path, capsys):
+    assert "data not found" in _bad(tmp_path, capsys, "--data", str(tmp_path / "missing.jsonl"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a" "response": "b"}\n')
+    assert "line 2: malformed JSON" in _bad(tmp_path, capsys, "--data", str(bad))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert "empty" in _bad(tmp_path, capsys, "--data", str(empty))
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": "What is 1 + 2? " * 4, "response": "3"}) + "\n" for _ in range(20)))
+    assert "no example has a response token after truncation to 8 tokens" in _bad(tmp_path, capsys, "--data", str(rows), "--max-length", "8")
+    assert "needs 3 devices" in _bad(tmp_path, capsys, "--mesh", "data=3")
+    model_dir = tmp_path / "bert"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
+    assert "unsupported architecture" in _bad(tmp_path, capsys, "--model", str(model_dir))
+    assert "neither a local checkpoint" in _bad(tmp_path, capsys, "--model", "huge")
+    assert "--steps must be >= 1" in _bad(tmp_path, capsys, "--steps", "0")
+
+
+def test_command_line_exit_status(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "train.py", "--data", str(tmp_path / "nope.jsonl"), "--output-dir", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: data not found: {tmp_path / 'nope.jsonl'}"
+    assert not out.exists()
