@@ -16,7 +16,7 @@ against tens of milliseconds) and the median is reported.
     python benchmarks/bench_gpu.py --out benchmarks/RESULTS.md     # on the GPU
     python benchmarks/bench_gpu.py --small                          # smoke test (CPU: interpreted kernel)
     python benchmarks/bench_gpu.py --impls pallas --blocks 64,256,64    # tune the kernel's blocks
-    python benchmarks/bench_gpu.py --impls pallas,pallas_atomic         # two-kernel vs atomic backward
+    python benchmarks/bench_gpu.py --impls pallas,pallas_atomic,pallas_xla   # the three backwards
 """
 
 import argparse
@@ -28,7 +28,9 @@ import sys
 
 SHAPES = {"gemma2-2b": (8192, 2304, 256000), "llama3-8b": (8192, 4096, 128256)}
 SMALL_SHAPES = {"small-a": (64, 64, 500), "small-b": (48, 32, 1000)}
-IMPLS = ("pallas", "xla", "reference")  # also "pallas_atomic": the one-kernel atomic backward
+IMPLS = ("pallas", "xla", "reference")
+# also "pallas_atomic" / "pallas_xla": the pallas forward with the one-kernel atomic backward /
+# with the blocked XLA backward (kernels/backward.py, kernels/fused.py)
 MARK_START, MARK_END = "<!-- bench_gpu:start -->", "<!-- bench_gpu:end -->"
 
 
@@ -73,8 +75,9 @@ def _loss_fn(impl, a, y, blocks):
     import ls_jax.kernels
     from ls_jax.losses import linear_smoothed_cross_entropy
 
-    if impl == "pallas_atomic":  # the loss API has no backward= knob: rebind what it imports
-        ls_jax.kernels.pallas_logit_stats = functools.partial(ls_jax.kernels.pallas_logit_stats, backward="atomic")
+    if impl.startswith("pallas_"):  # the loss API has no backward= knob: rebind what it imports
+        ls_jax.kernels.pallas_logit_stats = functools.partial(
+            ls_jax.kernels.pallas_logit_stats, backward=impl[len("pallas_"):])
         impl = "pallas"
     kw = {} if impl != "pallas" or blocks is None else dict(zip(("block_n", "block_v", "block_d"), blocks))
     return lambda h, w: linear_smoothed_cross_entropy(h, w, y, label_smoothing=a, impl=impl, **kw)

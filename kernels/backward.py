@@ -50,31 +50,30 @@ def _dz_tile(h_ref, w_ref, b_ref, lse, g_lse, g_sum, h_row, w_row, w_col0, p: Pl
     return dz, keep
 
 
-def _add_chunks(out_ref, product, keep, p: Plan):
-    """``out_ref[:, cols] += product(cols)`` for every ``bd`` chunk of D (only if ``keep``, a
-    traced bool, or always when None), then a barrier."""
+def _over_chunks(out_ref, new_chunk, p: Plan):
+    """``out_ref[:, cols] = new_chunk(cols)`` for every ``bd`` chunk of D, then (on the GPU)
+    a barrier, so that the next reads of the slab by other threads see these writes."""
 
     def chunk(k, _):
         cols = pl.ds(pl.multiple_of(k * p.bd, p.bd), p.bd)
-        out_ref[:, cols] = out_ref[:, cols] + product(cols)
+        out_ref[:, cols] = new_chunk(cols)
 
-    def add():
-        jax.lax.fori_loop(0, p.d_pad // p.bd, chunk, None)
-        if not p.interpret:
-            plgpu.debug_barrier()
+    jax.lax.fori_loop(0, p.d_pad // p.bd, chunk, None)
+    if not p.interpret:
+        plgpu.debug_barrier()
 
+
+def _zero(out_ref, p: Plan):
+    _over_chunks(out_ref, lambda cols: jnp.zeros((out_ref.shape[0], p.bd), out_ref.dtype), p)
+
+
+def _add_chunks(out_ref, product, keep, p: Plan):
+    """``out_ref[:, cols] += product(cols)`` over D, only if ``keep`` (a traced bool; None: always)."""
+    add = lambda: _over_chunks(out_ref, lambda cols: out_ref[:, cols] + product(cols), p)
     if keep is None:
         add()
     else:
         pl.when(keep)(add)
-
-
-def _zero(out_ref, p: Plan):
-    def chunk(k, _):
-        cols = pl.ds(pl.multiple_of(k * p.bd, p.bd), p.bd)
-        out_ref[:, cols] = jnp.zeros((out_ref.shape[0], p.bd), out_ref.dtype)
-
-    jax.lax.fori_loop(0, p.d_pad // p.bd, chunk, None)
 
 
 def _dh_kernel(p: Plan, has_bias, h_ref, w_ref, *refs):

@@ -11,6 +11,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from ls_jax.blocked import DEFAULT_BLOCK_V as BLOCKED_V
+from ls_jax.blocked import _stats_bwd as blocked_vjp
 from ls_jax.logit_stats import LogitStats
 from .backward import backward
 from .forward import forward_partials, merge_splits
@@ -47,6 +49,9 @@ def _stats_fwd(hidden, weight, bias, p: Plan):
 
 def _stats_bwd(p: Plan, residuals, cotangents):
     hidden, weight, bias, lse_pad = residuals
+    if p.backward == "xla":  # the blocked XLA implementation's VJP (ls_jax/blocked.py)
+        return blocked_vjp(p.softcap, p.need_sum, min(BLOCKED_V, p.v),
+                           (hidden, weight, bias, lse_pad[: p.n]), cotangents)
     g_lse = _pad(cotangents.lse.astype(jnp.float32), (p.n_pad,))
     g_sum = _pad(cotangents.logit_sum.astype(jnp.float32), (p.n_pad,)) if p.need_sum else None
     dh, dw, db = backward(*_padded(hidden, weight, bias, p), lse_pad, g_lse, g_sum, p)
@@ -73,7 +78,9 @@ def pallas_logit_stats(
     error <= eps * |g_lse| per element); ignored when ``need_sum`` (the logit-sum cotangent
     makes every tile's gradient dense), exact when None. ``interpret``: None means interpret
     mode unless the default backend is a GPU. ``backward``: "two_kernel" (deterministic) or
-    "atomic" (one kernel, fp32 atomic adds); see backward.py.
+    "atomic" (one kernel, fp32 atomic adds), see backward.py; or "xla": this forward with the
+    blocked XLA backward of ``impl="xla"`` (vocabulary blocks of 4096, matmuls by XLA; no
+    filtering).
     """
     hidden, weight = jnp.asarray(hidden), jnp.asarray(weight)
     (n, d), (v, d_w) = hidden.shape, weight.shape

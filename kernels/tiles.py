@@ -16,7 +16,7 @@ from ls_jax.logit_stats import apply_softcap
 # Defaults sized for an H100 (Triton lowering: power-of-two blocks, dot dims >= 16).
 BLOCK_N, BLOCK_V, BLOCK_D = 64, 256, 64
 MIN_BLOCK = 16
-BACKWARDS = ("two_kernel", "atomic")  # see backward.py
+BACKWARDS = ("two_kernel", "atomic", "xla")  # see backward.py and fused.py
 # The forward splits the vocabulary until there are about this many programs (2 per SM on H100).
 TARGET_PROGRAMS = 264
 

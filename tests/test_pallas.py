@@ -52,7 +52,7 @@ def test_interpret_mode_poisons_outputs():
     assert np.isnan(out[0]).all() and (out[1] == np.iinfo(np.int32).min).all()
 
 
-TWO, ATOMIC = dict(backward="two_kernel"), dict(backward="atomic")
+ATOMIC, XLA_BWD = dict(backward="atomic"), dict(backward="xla")
 CASES = [
     # n, d, v, dtype, bias, softcap, need_sum, options
     (77, 96, 1000, jnp.float32, True, None, False, dict(block_n=16, block_v=128, block_d=32)),
@@ -65,6 +65,7 @@ CASES = [
     (29, 24, 200, jnp.bfloat16, True, None, True, SMALL_BLOCKS),
     (29, 24, 200, jnp.bfloat16, False, 4.0, True, SMALL_BLOCKS),
     (29, 24, 200, jnp.bfloat16, True, None, False, dict(SMALL_BLOCKS, **ATOMIC)),
+    (29, 24, 200, jnp.bfloat16, True, 4.0, True, dict(SMALL_BLOCKS, **XLA_BWD)),
 ]
 
 
@@ -141,7 +142,7 @@ def _lowered_triton_calls(n, d, v, dtype, bias, softcap, need_sum, filter_eps, b
     return lowered.lower(lowering_platforms=("cuda",)).as_text().count("xla.gpu.triton")
 
 
-@pytest.mark.parametrize("backward,kernels", [("two_kernel", 3), ("atomic", 2)])
+@pytest.mark.parametrize("backward,kernels", [("two_kernel", 3), ("atomic", 2), ("xla", 1)])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("softcap,need_sum,filter_eps",
@@ -149,7 +150,8 @@ def _lowered_triton_calls(n, d, v, dtype, bias, softcap, need_sum, filter_eps, b
                           (30.0, False, 1e-5)])
 def test_lowers_to_triton_for_cuda(dtype, bias, softcap, need_sum, filter_eps, backward, kernels):
     """Every shipped configuration (default H100 blocks) lowers to Triton for the GPU from this
-    CPU machine: the forward kernel plus dh and dW kernels (two_kernel) or one (atomic)."""
+    CPU machine: the forward kernel plus dh and dW kernels (two_kernel), one (atomic) or none
+    (xla: the blocked XLA backward)."""
     assert _lowered_triton_calls(77, 96, 1000, dtype, bias, softcap, need_sum, filter_eps, backward) == kernels
 
 
