@@ -90,6 +90,8 @@ def test_resume_continues_exactly(runs, capsys):
     partial = out / "checkpoints" / f"{K + 1}.orbax-checkpoint-tmp-1234"
     partial.mkdir()
     (partial / "junk").write_text("half written")
+    with open(out / "metrics.jsonl", "a") as f:  # a step logged after the last checkpoint
+        f.write(json.dumps({"kind": "train", "step": K + 1, "loss": -1.0}) + "\n")
     run(_config(out, resume=True, **cfg))
     np.testing.assert_array_equal(_losses(out), _losses(runs["base"] / "acc"))
     assert sorted(map(int, os.listdir(out / "checkpoints"))) == [K, STEPS]
@@ -104,6 +106,37 @@ def test_packing_and_lora_train(tmp_path):
     losses = _losses(tmp_path / "run")
     assert np.isfinite(losses).all() and losses[-1] < losses[0]
     assert final["tokens"] > 0
+
+
+def test_local_checkpoint_with_chat_messages(tmp_path):
+    """--model DIR: a transformers Llama checkpoint and tokenizer (with a chat template) saved
+    locally, trained on chat ``messages`` rows; the run starts from the checkpoint's weights."""
+    torch = pytest.importorskip("torch", reason="torch writes the Hugging Face checkpoint")
+    from transformers import LlamaForCausalLM
+
+    from ls_jax.tokenizer import train_bpe_tokenizer
+    from ls_jax.train import synthetic
+
+    rows, _ = synthetic.generate(40, 0, seed=2)
+    tok = train_bpe_tokenizer([r["prompt"] + r["response"] for r in rows] + ["user assistant"])
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    model_dir = tmp_path / "ckpt"
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(tiny_llama_config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1))
+    with torch.no_grad():
+        hf.lm_head.weight.mul_(100.0)  # a head no random init gives: huge logits, loss far above log V
+    hf.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": r["prompt"]},
+                                                     {"role": "assistant", "content": r["response"]}]}) + "\n"
+                            for r in rows))
+    (final,) = run(_config(tmp_path / "run", model=str(model_dir), data=str(data), steps=3, batch_size=8,
+                           eval_batch_size=8, eval_fraction=0.2))
+    assert len(_losses(tmp_path / "run")) == 3 and final["tokens"] > 0
+    # a fresh random init starts near log V; the loaded checkpoint's scaled head far above it
+    assert _losses(tmp_path / "run")[0] > np.log(len(tok)) + 5
 
 
 def test_lora_starts_as_the_base_model_and_trains_only_adapters():

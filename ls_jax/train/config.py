@@ -23,12 +23,12 @@ class TrainConfig:
     eval_data: Optional[str] = None
     split: str = "train"
     eval_fraction: float = 0.1
-    num_train: int = 4000
+    num_train: int = 2000
     num_eval: int = 400
     max_length: int = 48
     packing: bool = False
     # optimisation
-    steps: int = 300
+    steps: int = 800
     batch_size: int = 32
     grad_accum: int = 1
     lr: float = 3e-3
@@ -56,9 +56,9 @@ class TrainConfig:
     # sharding, logging, checkpoints
     mesh: str = "data=-1,fsdp=1,tensor=1"
     output_dir: Optional[str] = None
-    save_every: int = 100
+    save_every: int = 200
     keep_checkpoints: int = 3
-    eval_every: int = 100
+    eval_every: int = 200
     eval_batch_size: int = 64
     log_every: int = 10
     resume: bool = False

@@ -98,6 +98,7 @@ def train(config: TrainConfig, prep: Prepared, out_dir: str, *, stop_at: Optiona
         (params, opt_state), meta = store.restore(latest, (params, opt_state))
         check_resumable(meta["config"], config)
         step, position = meta["step"], meta["data_position"]
+        log.truncate_after(step)
 
     def save():
         store.save(step, (params, opt_state), {"step": step, "data_position": position, "config": config.to_json()})
@@ -138,7 +139,7 @@ def train(config: TrainConfig, prep: Prepared, out_dir: str, *, stop_at: Optiona
     final = {"step": step, "label_smoothing": config.label_smoothing, **result["metrics"], "tokens_per_s": throughput}
     if step == config.steps:
         reliability_diagram(result["bins"], os.path.join(out_dir, "reliability.png"),
-                            title=f"held out, label smoothing {config.label_smoothing:g}")
+                            title=f"smoothing {config.label_smoothing:g}")
         with open(os.path.join(out_dir, "final.json"), "w") as f:
             json.dump(final, f, indent=2)
     return {"metrics": final, "losses": losses, "step": step}

@@ -33,12 +33,17 @@ def _check_output(runs, resume: bool) -> None:
             raise ConfigError(f"{d} already holds checkpoints: pass --resume to continue, or another --output-dir")
 
 
+def default_output_dir() -> str:
+    """``runs/<UTC timestamp>`` (the directory is created only once the input is valid)."""
+    return os.path.join("runs", time.strftime("%Y%m%d-%H%M%S", time.gmtime()))
+
+
 def run(config: TrainConfig, *, stop_at: Optional[int] = None) -> List[dict]:
     """Validate, then train every run of ``config``; returns each run's final metrics.
 
     Raises the :data:`BAD_INPUT` errors before anything is written.
     """
-    out_dir = config.output_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    out_dir = config.output_dir or default_output_dir()
     config = dataclasses.replace(config, output_dir=out_dir)
     runs = _run_dirs(config, out_dir)
     _check_output(runs, config.resume)
@@ -65,14 +70,14 @@ def run(config: TrainConfig, *, stop_at: Optional[int] = None) -> List[dict]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``python train.py [flags]``; returns the exit status."""
     config = parse_args(argv)
+    config = dataclasses.replace(config, output_dir=config.output_dir or default_output_dir())
     start = time.perf_counter()
     try:
         results = run(config)
     except BAD_INPUT as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = config.output_dir or "runs/"
     print(f"\nheld-out results after {results[0]['step']} steps ({time.perf_counter() - start:.0f} s):")
     print(summary_table(results))
-    print(f"checkpoints, metrics.jsonl and reliability.png under {out}")
+    print(f"checkpoints, metrics.jsonl and reliability.png under {config.output_dir}")
     return 0

@@ -1,6 +1,7 @@
 """What a run tells its user: JSON-lines metrics, a progress bar, and the final table."""
 
 import json
+import os
 import sys
 import time
 from typing import Dict, List, Sequence
@@ -13,6 +14,15 @@ class MetricsLog:
 
     def __init__(self, path: str):
         self.path = path
+
+    def truncate_after(self, step: int) -> None:
+        """Drop lines of steps after ``step`` (logged by a run killed before its next checkpoint)."""
+        if not os.path.exists(self.path):
+            return
+        with open(self.path, encoding="utf-8") as f:
+            keep = [line for line in f if json.loads(line)["step"] <= step]
+        with open(self.path, "w", encoding="utf-8") as f:
+            f.writelines(keep)
 
     def write(self, kind: str, step: int, values: Dict[str, float]) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
