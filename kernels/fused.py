@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from ls_jax.blocked import DEFAULT_BLOCK_V as BLOCKED_V
 from ls_jax.blocked import _stats_bwd as blocked_vjp
-from ls_jax.logit_stats import LogitStats
+from ls_jax.logit_stats import LogitStats, reference_logit_stats
 from .backward import backward
 from .forward import forward_partials, merge_splits
 from .tiles import Plan, plan
@@ -71,7 +71,8 @@ def pallas_logit_stats(
     """:class:`LogitStats` ``[N]`` of ``softcap(hidden [N, D] @ weight [V, D].T + bias [V])``,
     by the fused Pallas kernels; the ``[N, V]`` logits never reach device memory.
 
-    Any N, V, D and float dtype (bf16/fp16/fp32; fp32 accumulation, fp32 statistics);
+    Any N, V, D and float dtype (bf16/fp16/fp32; fp32 accumulation, fp32 statistics; hidden
+    and weight of different dtypes are both promoted to their common type; N=0 is fine);
     differentiable in hidden, weight and bias (gradients in their dtypes). Blocks: powers of two
     (defaults ``tiles.BLOCK_N/V/D``, capped to the padded size). ``filter_eps``: skip backward
     tiles whose softmax is below eps everywhere (CCE-style gradient filtering; approximate,
@@ -89,8 +90,12 @@ def pallas_logit_stats(
                          f"{weight.shape}, {None if bias is None else jnp.shape(bias)}")
     if filter_eps is not None and not filter_eps >= 0:
         raise ValueError(f"filter_eps must be >= 0, got {filter_eps}")
+    if n == 0:
+        return reference_logit_stats(hidden, weight, bias, logit_softcap=logit_softcap, need_sum=need_sum)
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
+    dtype = jnp.promote_types(hidden.dtype, weight.dtype)  # Triton's dot wants one operand type
+    hidden, weight = hidden.astype(dtype), weight.astype(dtype)
     p = plan(n, v, d, block_n=block_n, block_v=block_v, block_d=block_d,
              softcap=None if logit_softcap is None else float(logit_softcap),
              need_sum=bool(need_sum), filter_eps=None if need_sum or filter_eps is None else float(filter_eps),

@@ -96,6 +96,22 @@ def test_matches_dense_reference(n, d, v, dtype, bias, softcap, need_sum, option
         check_finite_and_close(g, wg, rel)
 
 
+def test_mixed_dtypes_and_empty_batch():
+    """bf16 hidden with fp32 weight (mixed precision): computed in fp32, gradients in the
+    inputs' dtypes; and N=0 gives empty statistics and gradients."""
+    h, w, b, g_lse, g_sum = make_problem(29, 24, 200, jnp.float32, seed=11)
+    h = h.astype(jnp.bfloat16)
+    got, grads = stats_and_vjp(pallas_jit, h, w, b, g_lse, g_sum, need_sum=True, **SMALL_BLOCKS)
+    want, want_grads = stats_and_vjp(reference_logit_stats, h, w, b, g_lse, g_sum, need_sum=True)
+    check_finite_and_close(got.lse, want.lse, 1e-5)
+    for g, wg in zip(grads, want_grads):
+        assert g.dtype == wg.dtype
+        check_finite_and_close(g, wg, 1e-2 if g.dtype == jnp.bfloat16 else 1e-5)
+    empty = jax.grad(lambda h: pallas_logit_stats(h, w).lse.sum())(jnp.ones((0, 24)))
+    assert empty.shape == (0, 24)
+    assert _lowered_triton_calls(77, 96, 1000, (jnp.bfloat16, jnp.float32), True, None, True, None) == 3
+
+
 @pytest.mark.parametrize("target_programs", [1, 10**6])
 def test_argmax_ties_pick_lowest_index_across_blocks_and_splits(target_programs, monkeypatch):
     """Tied rows in one split (several blocks per program: target 1 gives one split) and in
@@ -131,13 +147,15 @@ def test_filter_eps():
 
 
 def _lowered_triton_calls(n, d, v, dtype, bias, softcap, need_sum, filter_eps, backward="two_kernel"):
+    """Triton kernel calls in value_and_grad's cuda lowering; dtype, or (hidden, weight) dtypes."""
     def loss(h, w, b):
         s = pallas_logit_stats(h, w, b, logit_softcap=softcap, need_sum=need_sum,
                                filter_eps=filter_eps, interpret=False, backward=backward)
         return (s.lse + s.logit_sum).sum()
 
-    args = (jax.ShapeDtypeStruct((n, d), dtype), jax.ShapeDtypeStruct((v, d), dtype),
-            jax.ShapeDtypeStruct((v,), dtype) if bias else None)
+    h_dtype, w_dtype = dtype if isinstance(dtype, tuple) else (dtype, dtype)
+    args = (jax.ShapeDtypeStruct((n, d), h_dtype), jax.ShapeDtypeStruct((v, d), w_dtype),
+            jax.ShapeDtypeStruct((v,), w_dtype) if bias else None)
     lowered = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2) if bias else (0, 1))).trace(*args)
     return lowered.lower(lowering_platforms=("cuda",)).as_text().count("xla.gpu.triton")
 
