@@ -68,10 +68,10 @@ def load_rows(path: str, split: str = "train"):
     A saved ``DatasetDict`` is indexed by ``split``. Raises :class:`DataError` when the path
     does not exist, cannot be parsed or holds no rows.
     """
-    import datasets
-
     if not os.path.exists(path):
         raise DataError(f"data not found: {path}")
+    import datasets
+
     if os.path.isdir(path):
         try:
             ds = datasets.load_from_disk(path)

@@ -229,3 +229,15 @@ def test_command_line_exit_status(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: data not found: {tmp_path / 'nope.jsonl'}"
     assert not out.exists()
+
+
+def test_flags():
+    from ls_jax.train import parse_args
+
+    default = parse_args([])
+    assert (default.model, default.data, default.compare_smoothing) == ("tiny", None, [0.0, 0.1])
+    assert parse_args(["--label-smoothing", "0.2"]).compare_smoothing == []  # one run, as asked
+    assert parse_args(["--data", "x.jsonl"]).compare_smoothing == []
+    c = parse_args(["--compare-smoothing", "0,0.05", "--no-progress", "--lora-rank", "8", "--mesh", "fsdp=-1"])
+    assert (c.compare_smoothing, c.progress, c.lora_rank, c.mesh) == ([0.0, 0.05], False, 8, "fsdp=-1")
+    assert TrainConfig.from_json(c.to_json()) == c

@@ -14,7 +14,9 @@ class TrainConfig:
     arithmetic / multiple-choice data (``num_train`` / ``num_eval`` rows). ``mesh`` names the
     sizes of the (data, fsdp, tensor) axes, ``-1`` meaning "all remaining devices".
     ``compare_smoothing`` trains one run per value (same seed, same data) into
-    ``output_dir/ls<value>`` and compares them; empty means one run with ``label_smoothing``.
+    ``output_dir/ls<value>`` and compares them; empty means one run with ``label_smoothing``
+    (on the command line it defaults to 0,0.1 for the generated data when ``--label-smoothing``
+    is not given).
     """
 
     # model, tokenizer and data
@@ -99,7 +101,7 @@ _HELP = {
     "lora_rank": "train only nnx.LoRA adapters of this rank on the attention/MLP projections (0: full fine-tuning)",
     "label_smoothing": "label smoothing a in [0, 1): target (1 - a) * onehot + a / V",
     "compare_smoothing": "comma-separated smoothing values, one run each, compared in the final table "
-                         "(default for the embedded data: 0,0.1)",
+                         "(default 0,0.1 for the generated data unless --label-smoothing is given; '' for one run)",
     "z_loss": "z-loss coefficient (adds z_loss * lse^2)",
     "logit_softcap": "override the model's final-logit softcap",
     "no_softcap": "disable the model's final-logit softcap",
@@ -132,8 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         helptext = _HELP.get(f.name)
-        if f.type is bool or f.type == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=helptext)
+        if f.type is bool and f.default:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=True, help=helptext)
+        elif f.type is bool:
+            p.add_argument(flag, action="store_true", help=helptext)
+        elif f.name == "label_smoothing":
+            p.add_argument(flag, type=float, default=None, help=helptext)
         elif f.name == "compare_smoothing":
             p.add_argument(flag, type=_floats, default=None, help=helptext)
         else:
@@ -147,5 +153,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     """A :class:`TrainConfig` from command-line flags (``argv=None``: ``sys.argv[1:]``)."""
     ns = vars(build_parser().parse_args(argv))
     if ns["compare_smoothing"] is None:
-        ns["compare_smoothing"] = list(EMBEDDED_COMPARE) if ns["data"] is None else []
+        embedded = ns["data"] is None and ns["label_smoothing"] is None
+        ns["compare_smoothing"] = list(EMBEDDED_COMPARE) if embedded else []
+    if ns["label_smoothing"] is None:
+        ns["label_smoothing"] = TrainConfig.label_smoothing
     return TrainConfig(**ns)

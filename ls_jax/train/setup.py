@@ -157,11 +157,11 @@ def prepare(c: TrainConfig, saved_tokenizer: Optional[str] = None) -> Prepared:
     ``saved_tokenizer``: a directory holding the tokenizer of the run being resumed.
     """
     check_config(c)
+    train_rows, held_rows = _rows(c)
     mesh = sharding.make_mesh(c.mesh)
     sharding.check_batch(c.batch_size, mesh)
     sharding.check_batch(c.eval_batch_size, mesh)
     model_config = _model_config(c)
-    train_rows, held_rows = _rows(c)
     tokenizer = _tokenizer(c, train_rows, saved_tokenizer)
     build = _model_builder(c, model_config, len(tokenizer))
     name = "generated" if c.data is None else c.data
