@@ -14,6 +14,8 @@ timing, then called repeatedly with ``block_until_ready`` (one sync per call: mi
 against tens of milliseconds) and the median is reported.
 
     python benchmarks/bench_gpu.py --out benchmarks/RESULTS.md     # on the GPU
+    python benchmarks/bench_gpu.py --shapes gemma2-2b --out benchmarks/RESULTS.md   # in parts: rows
+        # of earlier runs on the same device are kept (benchmarks/RESULTS.md.gpu.json)
     python benchmarks/bench_gpu.py --small                          # smoke test (CPU: interpreted kernel)
     python benchmarks/bench_gpu.py --impls pallas --blocks 64,256,64    # tune the kernel's blocks
     python benchmarks/bench_gpu.py --impls pallas,pallas_atomic,pallas_xla   # the three backwards
@@ -231,10 +233,23 @@ def main():
                               args.timeout)
                 rows.append({"shape": name, "nd v": (n, d, v), "a": a, "impl": impl, **r})
                 print(json.dumps(rows[-1]), flush=True)
-    text = table(device, rate, check, rows)
-    print(text)
+    print(table(device, rate, check, rows))
     if args.out:
-        write_results(args.out, text)
+        rows = merged_rows(args.out, device, rows)
+        write_results(args.out, table(device, rate, check, rows))
+
+
+def merged_rows(out, device, rows):
+    """This run's rows plus earlier runs' rows on the same device (kept in ``<out>.gpu.json``),
+    so the table can be filled by several shorter runs; a new row replaces an old one."""
+    path = out + ".gpu.json"
+    old = json.load(open(path)) if os.path.exists(path) else {}
+    keep = [r for r in old.get("rows", []) if old.get("device") == device]
+    keys = {(r["shape"], r["a"], r["impl"]) for r in rows}
+    rows = [r for r in keep if (r["shape"], r["a"], r["impl"]) not in keys] + rows
+    with open(path, "w") as f:
+        json.dump({"device": device, "rows": rows}, f, indent=1)
+    return rows
 
 
 if __name__ == "__main__":
