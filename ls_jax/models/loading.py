@@ -6,6 +6,7 @@ Parameter ``("model", "layers", 0, "self_attn", "q_proj", "kernel")`` is checkpo
 ``model.layers.0.self_attn.q_proj.weight`` (transposed: nnx kernels are ``[in, out]``).
 """
 
+import contextlib
 import json
 import os
 from typing import Callable, Dict, Optional
@@ -106,11 +107,19 @@ class _Checkpoint:
         else:
             raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {directory}")
         self.directory, self.weight_map, self._files = directory, weight_map, {}
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._stack.close()
 
     def get(self, name: str):
         fname = self.weight_map[name]
         if fname not in self._files:
-            self._files[fname] = safe_open(os.path.join(self.directory, fname), framework="flax")
+            path = os.path.join(self.directory, fname)
+            self._files[fname] = self._stack.enter_context(safe_open(path, framework="flax"))
         return self._files[fname].get_tensor(name)
 
 
@@ -129,25 +138,25 @@ def from_pretrained(path: str, *, task: Optional[str] = None, num_labels: Option
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     model = nnx.eval_shape(lambda: _build(config, task, num_labels, dtype, param_dtype, remat, nnx.Rngs(seed)))
     graphdef, state = nnx.split(model)
-    ckpt = _Checkpoint(path)
-    used, missing, loaded = set(), [], []
-    init = nnx.initializers.normal(config.initializer_range)
-    for key, var in nnx.to_flat_state(state):
-        name, transpose = _checkpoint_name(key)
-        shape = var.get_value().shape
-        if name in ckpt.weight_map:
-            value = ckpt.get(name)
-            value = value.T if transpose else value
-            if value.shape != shape:
-                raise ValueError(f"{name}: checkpoint shape {value.shape}, model expects {shape}")
-            used.add(name)
-        elif key[0] == "score" and isinstance(model, SequenceClassifier):
-            value = init(nnx.Rngs(seed).params(), shape, param_dtype)
-        else:
-            missing.append(name)
-            continue
-        loaded.append((key, var.replace(jnp.asarray(value, param_dtype))))
-    unexpected = [k for k in ckpt.weight_map if k not in used and not _may_be_unused(k, model)]
+    with _Checkpoint(path) as ckpt:
+        used, missing, loaded = set(), [], []
+        init = nnx.initializers.normal(config.initializer_range)
+        for key, var in nnx.to_flat_state(state):
+            name, transpose = _checkpoint_name(key)
+            shape = var.get_value().shape
+            if name in ckpt.weight_map:
+                value = ckpt.get(name)
+                value = value.T if transpose else value
+                if value.shape != shape:
+                    raise ValueError(f"{name}: checkpoint shape {value.shape}, model expects {shape}")
+                used.add(name)
+            elif key[0] == "score" and isinstance(model, SequenceClassifier):
+                value = init(nnx.Rngs(seed).params(), shape, param_dtype)
+            else:
+                missing.append(name)
+                continue
+            loaded.append((key, var.replace(jnp.asarray(value, param_dtype))))
+        unexpected = [k for k in ckpt.weight_map if k not in used and not _may_be_unused(k, model)]
     if missing or unexpected:
         raise ValueError(f"checkpoint {path} does not match the {type(model).__name__} built from its config: "
                          f"missing {missing[:10]}, unexpected {unexpected[:10]}")
