@@ -62,7 +62,8 @@ def train(config: TrainConfig, prep: Prepared, out_dir: str, *, stop_at: Optiona
 
     ``stop_at``: save a checkpoint and return after this step, as if the job were stopped
     (``--resume`` then continues exactly). Returns ``{"metrics": {...}, "losses": [...],
-    "tokens_per_s": float, "step": int}``.
+    "step": int}``: the held-out metrics at the last step (plus ``tokens_per_s``, the median
+    training throughput in real tokens), and this session's training losses.
     """
     mesh = prep.mesh
     model = prep.build_model()
@@ -107,33 +108,35 @@ def train(config: TrainConfig, prep: Prepared, out_dir: str, *, stop_at: Optiona
     if latest is not None:
         progress.note(f"resumed from step {step} (data position {position})")
     batch_sh = sharding.batch_sharding(mesh, leading=1)
-    losses, rates, result = [], [], None
+    losses, rates, result, evaluated = [], [], None, None
     last = config.steps if stop_at is None else min(stop_at, config.steps)
     while step < last:
         micro = [batches.batch(position + i) for i in range(config.grad_accum)]
         batch = {k: np.stack([m[k] for m in micro]) for k in micro[0]}
         t0 = time.perf_counter()
         params, opt_state, metrics = train_step(params, frozen, opt_state, jax.device_put(batch, batch_sh))
-        loss, tokens = float(metrics["loss"]), int(metrics["tokens"])
+        loss = float(metrics["loss"])
+        seconds = time.perf_counter() - t0
+        rate = int((batch["segment_ids"] > 0).sum()) / seconds  # real (non-padding) tokens per second
+        if losses:  # this session's first step includes compilation
+            rates.append(rate)
         step, position = step + 1, position + config.grad_accum
         losses.append(loss)
-        rate = progress.update(step, loss, int(batch["segment_ids"].astype(bool).sum()))
-        if step > 1 or latest is not None:  # the first step includes compilation
-            rates.append(rate)
+        progress.update(loss, rate)
         if step % config.log_every == 0 or step == last:
             log.write("train", step, {"loss": loss, "grad_norm": float(metrics["grad_norm"]),
-                                      "lr": float(schedule(step - 1)), "response_tokens": tokens,
-                                      "tokens_per_s": rate, "step_time_s": time.perf_counter() - t0})
+                                      "lr": float(schedule(step - 1)), "response_tokens": int(metrics["tokens"]),
+                                      "tokens_per_s": rate, "step_time_s": seconds})
         if step % config.save_every == 0 or step == last:
             save()
         if step % config.eval_every == 0 or step == config.steps:
-            result = _evaluate(evaluate, params, frozen, held, mesh)
+            result, evaluated = _evaluate(evaluate, params, frozen, held, mesh), step
             log.write("eval", step, result["metrics"])
             progress.note(f"step {step}: held-out " + ", ".join(
                 f"{k} {result['metrics'][k]:.4f}" for k in ("loss", "accuracy", "nll", "ece")))
     progress.close()
     store.close()
-    if result is None:  # stopped early, or resumed at the end
+    if evaluated != step:  # stopped between evaluations, or resumed at the end
         result = _evaluate(evaluate, params, frozen, held, mesh)
     throughput = float(np.median(rates)) if rates else float("nan")
     final = {"step": step, "label_smoothing": config.label_smoothing, **result["metrics"], "tokens_per_s": throughput}

@@ -3,7 +3,6 @@
 import json
 import os
 import sys
-import time
 from typing import Dict, List, Sequence
 
 from tqdm import tqdm
@@ -36,16 +35,11 @@ class Progress:
         self.enabled = enabled
         self.bar = tqdm(total=total, initial=start, desc=desc, file=sys.stderr, dynamic_ncols=True,
                         disable=not enabled, leave=True)
-        self.last_time, self.tokens = time.perf_counter(), 0
 
-    def update(self, step: int, loss: float, tokens: int) -> float:
-        """Advance one step; returns the tokens/s since the previous update."""
-        now = time.perf_counter()
-        rate = tokens / max(now - self.last_time, 1e-9)
-        self.last_time = now
-        self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}", refresh=False)
+    def update(self, loss: float, tokens_per_s: float) -> None:
+        """Advance one step, showing its loss and throughput."""
+        self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
         self.bar.update(1)
-        return rate
 
     def note(self, text: str) -> None:
         """A line printed above the bar (or to stderr when the bar is off)."""
