@@ -6,8 +6,6 @@ biases all four projections, Mistral slides a window over every layer, Qwen2 ove
 layers its ``layer_types`` name.
 """
 
-from transformers import LlamaConfig
-
 from ls_jax.models.layers import RopeConfig
 from ls_jax.models.transformer import DecoderSpec
 
@@ -51,12 +49,14 @@ def llama_spec(config) -> DecoderSpec:
 
 
 def tiny_llama_config(vocab_size: int = 256, hidden_size: int = 64, num_hidden_layers: int = 2,
-                      **overrides) -> LlamaConfig:
+                      **overrides):
     """A small random-init ``LlamaConfig`` for demos and tests (4 heads, 2 KV heads, MLP 2 x D).
 
     ``ls_jax.models.from_config(tiny_llama_config(vocab_size=tok.vocab_size))`` builds the model;
     any LlamaConfig field can be overridden.
     """
+    from transformers import LlamaConfig  # deferred: importing transformers takes seconds
+
     fields = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
                   intermediate_size=2 * hidden_size, num_attention_heads=4, num_key_value_heads=2,
                   max_position_embeddings=2048, pad_token_id=0, bos_token_id=1, eos_token_id=2)

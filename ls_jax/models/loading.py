@@ -14,7 +14,6 @@ from typing import Callable, Dict, Optional
 import jax.numpy as jnp
 from flax import nnx
 from safetensors import safe_open
-from transformers import AutoConfig
 
 from ls_jax.models.classification import SequenceClassifier
 from ls_jax.models.gemma2 import gemma2_spec
@@ -133,6 +132,8 @@ def from_pretrained(path: str, *, task: Optional[str] = None, num_labels: Option
     ``param_dtype``; ``dtype`` is the compute dtype. Raises ValueError for an unsupported
     architecture or for missing / unexpected / mis-shaped tensors.
     """
+    from transformers import AutoConfig  # deferred: importing transformers takes seconds
+
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path!r} is not a local checkpoint directory")
     config = AutoConfig.from_pretrained(path, local_files_only=True)
