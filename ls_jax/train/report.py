@@ -54,17 +54,15 @@ class Progress:
 
 TABLE_COLUMNS = (("label_smoothing", "smoothing", "{:.2f}"), ("loss", "eval loss", "{:.4f}"),
                  ("accuracy", "token acc", "{:.3f}"), ("answer_accuracy", "answer acc", "{:.3f}"),
-                 ("nll", "NLL", "{:.4f}"), ("ece", "ECE", "{:.4f}"), ("brier", "Brier", "{:.4f}"),
-                 ("tokens_per_s", "train tok/s", "{:,.0f}"))
+                 ("nll", "NLL", "{:.4f}"), ("ece", "ECE", "{:.4f}"), ("tokens_per_s", "train tok/s", "{:,.0f}"))
 
 
 def summary_table(rows: Sequence[Dict[str, float]], columns=TABLE_COLUMNS) -> str:
     """A fixed-width text table of the final held-out metrics, one row per run."""
-    cols = [(key, title, fmt) for key, title, fmt in columns if any(key in r for r in rows)]
-    cells: List[List[str]] = [[title for _, title, _ in cols]]
+    cells: List[List[str]] = [[title for _, title, _ in columns]]
     for r in rows:
-        cells.append([fmt.format(r[key]) if r.get(key) is not None else "-" for key, _, fmt in cols])
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+        cells.append([fmt.format(r[key]) for key, _, fmt in columns])
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
