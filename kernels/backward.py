@@ -167,7 +167,7 @@ def _backward_atomic(h, w, b, vecs, p: Plan):
         + [whole(z) for z in zeros],
         out_specs=tuple(whole(z) for z in zeros),
         input_output_aliases={n_in + k: k for k in range(len(zeros))},
-        compiler_params=plgpu.CompilerParams(num_warps=p.num_warps),
+        compiler_params=p.compiler_params,
         interpret=p.interpret,
         name="logit_stats_bwd_atomic",
     )(h, w, *bias_args, *vecs, *zeros)
@@ -193,7 +193,7 @@ def backward(h, w, b, lse, g_lse, g_sum, p: Plan):
         in_specs=[blocked((p.bn, p.d_pad)), whole((p.v_pad, p.d_pad))]
         + [whole((p.v_pad,))] * has_bias + [blocked((p.bn,))] * len(vecs),
         out_specs=blocked((p.bn, p.d_pad)),
-        compiler_params=plgpu.CompilerParams(num_warps=p.num_warps),
+        compiler_params=p.compiler_params,
         interpret=p.interpret,
         name="logit_stats_bwd_dh",
     )(h, w, *bias_args, *vecs)
@@ -211,7 +211,7 @@ def backward(h, w, b, lse, g_lse, g_sum, p: Plan):
         in_specs=[whole((q.n_pad, q.d_pad)), blocked((q.bv, q.d_pad))]
         + [blocked((q.bv,))] * has_bias + [whole((q.n_pad,))] * len(vecs),
         out_specs=tuple(dw_specs),
-        compiler_params=plgpu.CompilerParams(num_warps=q.num_warps),
+        compiler_params=q.compiler_params,
         interpret=q.interpret,
         name="logit_stats_bwd_dw",
     )(h, w, *bias_args, *vecs)

@@ -11,7 +11,6 @@ partials ``[splits, n_pad]``; ``merge_splits`` combines them (flash-decoding sty
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from ls_jax.logit_stats import LogitStats
 from .tiles import Plan, logit_tile
@@ -64,7 +63,7 @@ def forward_partials(h, w, b, p: Plan):
         grid=(p.n_pad // p.bn, p.splits),
         in_specs=in_specs,
         out_specs=(part, part, part, part),
-        compiler_params=plgpu.CompilerParams(num_warps=p.num_warps),
+        compiler_params=p.compiler_params,
         interpret=p.interpret,
         name="logit_stats_fwd",
     )(*args)

@@ -99,5 +99,5 @@ def pallas_logit_stats(
     p = plan(n, v, d, block_n=block_n, block_v=block_v, block_d=block_d,
              softcap=None if logit_softcap is None else float(logit_softcap),
              need_sum=bool(need_sum), filter_eps=None if need_sum or filter_eps is None else float(filter_eps),
-             interpret=bool(interpret), backward=backward)
+             interpret=bool(interpret), backward=backward, itemsize=jnp.dtype(dtype).itemsize)
     return _stats(hidden, weight, None if bias is None else jnp.asarray(bias), p)

@@ -10,11 +10,17 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from ls_jax.logit_stats import apply_softcap
 
-# Defaults sized for an H100 (Triton lowering: power-of-two blocks, dot dims >= 16).
+# Defaults sized for an H100 (Triton lowering: power-of-two blocks, dot dims >= 16). Checked by
+# compiling the kernels' Triton IR for sm_90 (kernels/NOTES.md): bf16 at 64 x 256 x 64 and fp32
+# (IEEE dots, no tensor cores) at 64 x 128 x 32 use no spills with 8 warps, and their shared
+# memory fits 227 KB with 3 pipeline stages (bf16; 2 for fp32 and the atomic kernel).
 BLOCK_N, BLOCK_V, BLOCK_D = 64, 256, 64
+BLOCK_V_F32, BLOCK_D_F32 = 128, 32
+NUM_WARPS = 8
 MIN_BLOCK = 16
 BACKWARDS = ("two_kernel", "atomic", "xla")  # see backward.py and fused.py
 # The forward splits the vocabulary until there are about this many programs (2 per SM on H100).
@@ -41,10 +47,11 @@ class Plan(NamedTuple):
     filter_eps: Optional[float]
     interpret: bool
     backward: str  # one of BACKWARDS
+    num_stages: int  # Triton software-pipelining depth
 
     @property
-    def num_warps(self) -> int:
-        return 4 if self.bn * self.bv <= 64 * 128 else 8
+    def compiler_params(self):
+        return plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=self.num_stages)
 
     def for_dw(self) -> "Plan":
         """The plan as the dW kernel sees it (its tile is dw_bn x dw_bv)."""
@@ -60,13 +67,16 @@ def _block(requested, default, size, name):
 
 
 def plan(n, v, d, *, block_n=None, block_v=None, block_d=None, softcap=None, need_sum=False,
-         filter_eps=None, interpret=False, backward="two_kernel") -> Plan:
-    """Blocks and padded sizes for hidden ``[n, d]`` and weight ``[v, d]``.
+         filter_eps=None, interpret=False, backward="two_kernel", itemsize=2) -> Plan:
+    """Blocks and padded sizes for hidden ``[n, d]`` and weight ``[v, d]`` of ``itemsize`` bytes.
 
     The forward and dh kernels use ``bn x bv`` tiles; the dW kernel swaps the roles (its own
     vocabulary block is the small one, ``block_n`` rows, and it streams ``block_v`` tokens per
     step), so both backward kernels re-read their fp32 accumulator slab equally rarely.
     """
+    wide = itemsize >= 4
+    block_v = block_v or (BLOCK_V_F32 if wide else BLOCK_V)
+    block_d = block_d or (BLOCK_D_F32 if wide else BLOCK_D)
     bn, bv, bd = (_block(block_n, BLOCK_N, n, "block_n"), _block(block_v, BLOCK_V, v, "block_v"),
                   _block(block_d, BLOCK_D, d, "block_d"))
     dw_bn, dw_bv = _block(block_v, BLOCK_V, n, "block_v"), _block(block_n, BLOCK_N, v, "block_n")
@@ -76,8 +86,9 @@ def plan(n, v, d, *, block_n=None, block_v=None, block_d=None, softcap=None, nee
     splits = max(s for s in range(1, min(want, v_blocks) + 1) if v_blocks % s == 0)
     if backward not in BACKWARDS:
         raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
+    stages = 2 if wide or backward == "atomic" else 3
     return Plan(n, v, d, bn, bv, bd, dw_bn, dw_bv, n_pad, v_pad, d_pad, splits, softcap, need_sum,
-                filter_eps, interpret, backward)
+                filter_eps, interpret, backward, stages)
 
 
 def dot_precision(dtype):
