@@ -167,7 +167,7 @@ def _backward_atomic(h, w, b, vecs, p: Plan):
         + [whole(z) for z in zeros],
         out_specs=tuple(whole(z) for z in zeros),
         input_output_aliases={n_in + k: k for k in range(len(zeros))},
-        compiler_params=p.compiler_params,
+        compiler_params=p._replace(num_stages=2).compiler_params,  # 3 stages overflow 227 KB
         interpret=p.interpret,
         name="logit_stats_bwd_atomic",
     )(h, w, *bias_args, *vecs, *zeros)

@@ -47,7 +47,7 @@ class Plan(NamedTuple):
     filter_eps: Optional[float]
     interpret: bool
     backward: str  # one of BACKWARDS
-    num_stages: int  # Triton software-pipelining depth
+    num_stages: int  # Triton software-pipelining depth (the atomic kernel uses 2)
 
     @property
     def compiler_params(self):
@@ -86,7 +86,7 @@ def plan(n, v, d, *, block_n=None, block_v=None, block_d=None, softcap=None, nee
     splits = max(s for s in range(1, min(want, v_blocks) + 1) if v_blocks % s == 0)
     if backward not in BACKWARDS:
         raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
-    stages = 2 if wide or backward == "atomic" else 3
+    stages = 2 if wide else 3
     return Plan(n, v, d, bn, bv, bd, dw_bn, dw_bv, n_pad, v_pad, d_pad, splits, softcap, need_sum,
                 filter_eps, interpret, backward, stages)
 
