@@ -100,4 +100,7 @@ def pallas_logit_stats(
              softcap=None if logit_softcap is None else float(logit_softcap),
              need_sum=bool(need_sum), filter_eps=None if need_sum or filter_eps is None else float(filter_eps),
              interpret=bool(interpret), backward=backward, itemsize=jnp.dtype(dtype).itemsize)
+    if not p.interpret and max(p.n_pad, p.v_pad) * p.d_pad >= 2**31:
+        raise ValueError(f"the Triton kernels index with int32: need N * D and V * D < 2**31, got "
+                         f"N={n}, V={v}, D={d}; use impl='xla'")
     return _stats(hidden, weight, None if bias is None else jnp.asarray(bias), p)

@@ -176,3 +176,8 @@ def test_lowers_to_triton_for_cuda(dtype, bias, softcap, need_sum, filter_eps, b
 @pytest.mark.parametrize("backward,kernels", [("two_kernel", 3), ("atomic", 2)])
 def test_lowers_at_gemma_head_shape(backward, kernels):
     assert _lowered_triton_calls(8192, 2304, 256000, jnp.bfloat16, False, None, False, None, backward) == kernels
+
+
+def test_refuses_int32_overflowing_shapes_on_gpu():
+    with pytest.raises(ValueError, match="int32"):
+        _lowered_triton_calls(64, 8192, 262144, jnp.bfloat16, False, None, False, None)
