@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from ls_jax.blocked import DEFAULT_BLOCK_V as BLOCKED_V
-from ls_jax.blocked import _stats_bwd as blocked_vjp
+from ls_jax.blocked import logit_stats_vjp as blocked_vjp
 from ls_jax.logit_stats import LogitStats, reference_logit_stats
 from .backward import backward
 from .forward import forward_partials, merge_splits
@@ -50,8 +50,8 @@ def _stats_fwd(hidden, weight, bias, p: Plan):
 def _stats_bwd(p: Plan, residuals, cotangents):
     hidden, weight, bias, lse_pad = residuals
     if p.backward == "xla":  # the blocked XLA implementation's VJP (ls_jax/blocked.py)
-        return blocked_vjp(p.softcap, p.need_sum, min(BLOCKED_V, p.v),
-                           (hidden, weight, bias, lse_pad[: p.n]), cotangents)
+        return blocked_vjp(hidden, weight, bias, lse_pad[: p.n], cotangents, logit_softcap=p.softcap,
+                           need_sum=p.need_sum, block_v=min(BLOCKED_V, p.v))
     g_lse = _pad(cotangents.lse.astype(jnp.float32), (p.n_pad,))
     g_sum = _pad(cotangents.logit_sum.astype(jnp.float32), (p.n_pad,)) if p.need_sum else None
     dh, dw, db = backward(*_padded(hidden, weight, bias, p), lse_pad, g_lse, g_sum, p)

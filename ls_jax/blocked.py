@@ -75,8 +75,11 @@ def _stats_fwd(hidden, weight, bias, logit_softcap, need_sum, block_v):
     return stats, (hidden, weight, bias, stats.lse)
 
 
-def _stats_bwd(logit_softcap, need_sum, block_v, residuals, cotangents):
-    hidden, weight, bias, lse = residuals
+def logit_stats_vjp(hidden, weight, bias, lse, cotangents: LogitStats, *,
+                    logit_softcap: Optional[float], need_sum: bool, block_v: int):
+    """Pull the cotangents of LogitStats ``[N]`` back to (dhidden, dweight, dbias or None),
+    given the forward's ``lse [N]``; recomputes each ``[N, block_v]`` logit tile once.
+    Gradients come out in the dtypes of hidden, weight and bias."""
     g_lse = cotangents.lse.astype(jnp.float32)[:, None]
     g_sum = cotangents.logit_sum.astype(jnp.float32)[:, None] if need_sum else 0.0
     v = weight.shape[0]
@@ -84,8 +87,7 @@ def _stats_bwd(logit_softcap, need_sum, block_v, residuals, cotangents):
     def body(i, carry):
         dh, dw, db = carry
         start, w_blk, b_blk, own = _block(weight, bias, i, block_v)
-        raw = _raw_logits(hidden, w_blk, b_blk)
-        z = apply_softcap(raw, logit_softcap)
+        z = apply_softcap(_raw_logits(hidden, w_blk, b_blk), logit_softcap)
         dz = g_lse * jnp.exp(z - lse[:, None]) + g_sum
         if logit_softcap is not None:
             dz = dz * (1.0 - jnp.square(z / logit_softcap))
@@ -109,6 +111,12 @@ def _stats_bwd(logit_softcap, need_sum, block_v, residuals, cotangents):
     )
     dh, dw, db = jax.lax.fori_loop(0, -(-v // block_v), body, init)
     return dh.astype(hidden.dtype), dw, None if bias is None else db.astype(bias.dtype)
+
+
+def _stats_bwd(logit_softcap, need_sum, block_v, residuals, cotangents):
+    hidden, weight, bias, lse = residuals
+    return logit_stats_vjp(hidden, weight, bias, lse, cotangents, logit_softcap=logit_softcap,
+                           need_sum=need_sum, block_v=block_v)
 
 
 _stats.defvjp(_stats_fwd, _stats_bwd)
