@@ -35,22 +35,30 @@ class DataError(ValueError):
 # --------------------------------------------------------------------------- loading
 
 
+def read_jsonl(path: str) -> List[Tuple[str, dict]]:
+    """``(where, object)`` for each non-blank line of a ``.jsonl`` file, ``where`` being
+    ``"PATH: line K"``; a malformed line or a non-object raises :class:`DataError` naming it."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}: line {lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            rows.append((where, row))
+    return rows
+
+
 def _read_json_rows(path: str) -> List[dict]:
     """Rows of a ``.jsonl`` file (one object per line) or a ``.json`` list / {"data": [...]}."""
+    if path.endswith(".jsonl"):
+        return [row for _, row in read_jsonl(path)]
     with open(path, encoding="utf-8") as f:
-        if path.endswith(".jsonl"):
-            rows = []
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}: line {lineno}: malformed JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{path}: line {lineno}: expected a JSON object, got {type(row).__name__}")
-                rows.append(row)
-            return rows
         try:
             data = json.load(f)
         except json.JSONDecodeError as e:

@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from ls_jax.calibration import CalibrationReport, calibration_report, reliability_diagram
+from ls_jax.data import read_jsonl
 from ls_jax.logit_stats import dense_logits
 from ls_jax.models.classification import last_token_index
 
@@ -80,16 +81,7 @@ def load_questions(path_or_records: Union[str, os.PathLike, Sequence[dict]]) -> 
         path = os.fspath(path_or_records)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"multiple-choice data file not found: {path}")
-        questions = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-                questions.append(parse_record(record, f"{path}:{lineno}"))
+        questions = [parse_record(record, where) for where, record in read_jsonl(path)]
         source = path
     else:
         questions = [parse_record(r, f"record {i}") for i, r in enumerate(path_or_records)]

@@ -148,7 +148,7 @@ def test_bad_data_is_a_clear_error(tmp_path, capsys):
         load_questions(str(tmp_path / "nope.jsonl"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(RECORDS[0]) + "\n\n" + '{"question": "q", "choices": [\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:3: malformed JSON"):
+    with pytest.raises(ValueError, match=r"bad.jsonl: line 3: malformed JSON"):
         load_questions(str(bad))
     cases = [
         ({"question": "q", "choices": ["a", "b", "c"], "answer": 3}, "out of range for 3 choices"),
@@ -163,7 +163,7 @@ def test_bad_data_is_a_clear_error(tmp_path, capsys):
             load_questions([RECORDS[0], record])
     one = tmp_path / "one.jsonl"
     one.write_text(json.dumps(RECORDS[0]) + "\n" + json.dumps(cases[0][0]) + "\n")
-    with pytest.raises(ValueError, match="one.jsonl:2: answer 3 is out of range"):
+    with pytest.raises(ValueError, match="one.jsonl: line 2: answer 3 is out of range"):
         load_questions(str(one))
     with pytest.raises(ValueError, match="no questions"):
         load_questions([])
