@@ -32,7 +32,6 @@ for path, warps, stages in zip(sys.argv[1::3], sys.argv[2::3], sys.argv[3::3]):
 def dump_triton_ir(n, d, v, dtype, backward, bias, softcap, need_sum, out_dir):
     """Write each kernel's Triton IR to ``out_dir``; [(path, num_warps, num_stages)]."""
     import jax
-    import jax.numpy as jnp
     from jax._src.pallas.triton import pallas_call_registration as registration
 
     from ls_jax.kernels import pallas_logit_stats

@@ -9,7 +9,7 @@ concrete; under ``jit`` the values cannot be inspected, and the affected tokens 
 loss (never a silently wrong finite one). Their gradient contribution is zero.
 """
 
-from typing import NamedTuple, Optional, Tuple, Union
+from typing import NamedTuple, Tuple, Union
 
 import jax
 import jax.numpy as jnp

@@ -19,7 +19,6 @@ from transformers import (
     MistralConfig, Qwen2Config,
 )
 
-from ls_jax.losses import smoothed_cross_entropy
 from ls_jax.models import (
     CausalLM, CausalLMProtocol, SequenceClassifier, from_config, from_pretrained, sequence_classification_loss,
     tiny_llama_config,

@@ -7,7 +7,31 @@ from typing import List, Optional, Sequence
 
 
 @dataclass
-class TrainConfig:
+class LossOptions:
+    """Keyword arguments of the fused loss (``ls_jax.lm_loss.causal_lm_loss``).
+
+    logit_softcap: None keeps the model's own final-logit softcap; a float overrides it;
+    ``no_softcap`` turns it off.
+    """
+
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    logit_softcap: Optional[float] = None
+    no_softcap: bool = False
+    impl: str = "auto"
+    block_n: Optional[int] = None
+    block_v: Optional[int] = None
+    block_d: Optional[int] = None
+
+    def softcap(self, model) -> Optional[float]:
+        """The final-logit softcap in effect for ``model``."""
+        if self.no_softcap:
+            return None
+        return self.logit_softcap if self.logit_softcap is not None else getattr(model, "final_logit_softcap", None)
+
+
+@dataclass
+class TrainConfig(LossOptions):
     """Every setting of a training run (flag ``--foo-bar`` sets field ``foo_bar``).
 
     ``data=None`` selects the embedded default: a tokenizer trained locally on generated
@@ -45,16 +69,8 @@ class TrainConfig:
     compute_dtype: str = "float32"
     param_dtype: str = "float32"
     lora_rank: int = 0
-    # loss
-    label_smoothing: float = 0.0
+    # loss (the fields of LossOptions, plus)
     compare_smoothing: List[float] = field(default_factory=list)
-    z_loss: float = 0.0
-    logit_softcap: Optional[float] = None
-    no_softcap: bool = False
-    impl: str = "auto"
-    block_n: Optional[int] = None
-    block_v: Optional[int] = None
-    block_d: Optional[int] = None
     # sharding, logging, checkpoints
     mesh: str = "data=-1,fsdp=1,tensor=1"
     output_dir: Optional[str] = None

@@ -23,7 +23,7 @@ from ls_jax.train.lora import add_lora
 from ls_jax.train.optim import adamw, learning_rate
 from ls_jax.train.report import MetricsLog, Progress
 from ls_jax.train.setup import ConfigError, Prepared
-from ls_jax.train.step import LossOptions, accumulate, make_eval_step, make_train_step
+from ls_jax.train.step import accumulate, make_eval_step, make_train_step
 
 # config fields that must match between a checkpoint and the run resuming it
 RESUME_FIELDS = ("model", "data", "eval_data", "split", "eval_fraction", "num_train", "num_eval", "max_length",
@@ -80,12 +80,9 @@ def train(config: TrainConfig, prep: Prepared, out_dir: str, *, stop_at: Optiona
     opt_sh = sharding.tree_shardings(jax.eval_shape(tx.init, params), mesh)
     opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
 
-    opts = LossOptions(label_smoothing=config.label_smoothing, z_loss=config.z_loss,
-                       logit_softcap=config.logit_softcap, no_softcap=config.no_softcap, impl=config.impl,
-                       block_n=config.block_n, block_v=config.block_v, block_d=config.block_d)
-    train_step = make_train_step(graphdef, tx, opts, param_shardings=param_sh, frozen_shardings=frozen_sh,
+    train_step = make_train_step(graphdef, tx, config, param_shardings=param_sh, frozen_shardings=frozen_sh,
                                  opt_shardings=opt_sh, mesh=mesh)
-    evaluate = make_eval_step(graphdef, opts, param_shardings=param_sh, frozen_shardings=frozen_sh, mesh=mesh)
+    evaluate = make_eval_step(graphdef, config, param_shardings=param_sh, frozen_shardings=frozen_sh, mesh=mesh)
 
     pad = prep.tokenizer.pad_token_id
     batches = Batches(prep.train, config.batch_size, config.max_length, pad, seed=config.seed, packing=config.packing)

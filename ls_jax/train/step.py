@@ -11,7 +11,6 @@ weighted by its share of the step's response tokens, so the update equals that o
 of ``grad_accum * B`` rows (up to float rounding).
 """
 
-from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
 import jax
@@ -24,30 +23,7 @@ from ls_jax.data import IGNORE_INDEX
 from ls_jax.lm_loss import causal_lm_loss, next_token_targets
 from ls_jax.losses import linear_smoothed_cross_entropy
 from ls_jax.train import sharding
-
-
-@dataclass(frozen=True)
-class LossOptions:
-    """Keyword arguments of the fused loss (``ls_jax.lm_loss.causal_lm_loss``).
-
-    logit_softcap: None keeps the model's own final-logit softcap; a float overrides it;
-    ``no_softcap`` turns it off.
-    """
-
-    label_smoothing: float = 0.0
-    z_loss: float = 0.0
-    logit_softcap: Optional[float] = None
-    no_softcap: bool = False
-    impl: str = "auto"
-    block_n: Optional[int] = None
-    block_v: Optional[int] = None
-    block_d: Optional[int] = None
-
-    def softcap(self, model) -> Optional[float]:
-        """The final-logit softcap in effect for ``model``."""
-        if self.no_softcap:
-            return None
-        return self.logit_softcap if self.logit_softcap is not None else getattr(model, "final_logit_softcap", None)
+from ls_jax.train.config import LossOptions
 
 
 def model_inputs(batch: Dict[str, jax.Array]) -> Dict[str, jax.Array]:
