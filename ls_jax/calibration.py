@@ -38,7 +38,8 @@ class CalibrationBins(NamedTuple):
     """Per-bin sums over samples, each ``[n_bins + 1]`` (last: confidence exactly 1.0).
 
     count: int32 samples; confidence_sum: float32 sum of confidences; correct_sum: int32
-    correct samples; nll_sum: float32 scalar, the summed NLL of the samples (0 when not given).
+    correct samples; nll_sum: float32 scalar, the summed NLL of the samples (0 when not given);
+    brier_sum: float32 scalar, the summed multi-class Brier score (NaN when not given).
     Equal-width bins from different batches merge with :meth:`merge`.
     """
 
@@ -46,6 +47,7 @@ class CalibrationBins(NamedTuple):
     confidence_sum: jax.Array
     correct_sum: jax.Array
     nll_sum: jax.Array
+    brier_sum: jax.Array
 
     def merge(self, other: "CalibrationBins") -> "CalibrationBins":
         """Elementwise sum: the bins of the union of both sample sets."""
@@ -109,11 +111,12 @@ def top_label(scores, labels, *, from_logits: bool = False):
 
 @partial(jax.jit, static_argnames=("n_bins", "binning"))
 def bin_statistics(confidence, correct, *, n_bins: int = 15, binning: str = "width", where=None,
-                   nll=None) -> CalibrationBins:
+                   nll=None, brier=None) -> CalibrationBins:
     """:class:`CalibrationBins` of confidences [N] in [0, 1] and correct flags [N] (bool).
 
     binning: "width" (mergeable across batches) or "mass" (equal counts, over the valid
-    samples of this call only). where: bool [N], samples to count. nll: optional float [N].
+    samples of this call only). where: bool [N], samples to count. nll, brier: optional
+    per-sample float [N], summed over the valid samples.
     """
     if binning not in BINNINGS:
         raise ValueError(f"binning must be one of {BINNINGS}, got {binning!r}")
@@ -133,18 +136,22 @@ def bin_statistics(confidence, correct, *, n_bins: int = 15, binning: str = "wid
         index = jnp.where(rank < big, rank // (q + 1), r + (rank - big) // jnp.maximum(q, 1))
         index = jnp.minimum(index, n_bins - 1)
     seg = partial(jax.ops.segment_sum, segment_ids=index, num_segments=n_bins + 1)
-    nll_sum = jnp.float32(0.0) if nll is None else jnp.where(valid, jnp.asarray(nll, jnp.float32).ravel(), 0.0).sum()
+    def total(x, missing):
+        return jnp.float32(missing) if x is None else jnp.where(valid, jnp.asarray(x, jnp.float32).ravel(), 0.0).sum()
+
     return CalibrationBins(
         count=seg(valid.astype(jnp.int32)),
         confidence_sum=seg(jnp.where(valid, confidence, 0.0)),
         correct_sum=seg((valid & correct).astype(jnp.int32)),
-        nll_sum=nll_sum,
+        nll_sum=total(nll, 0.0),
+        brier_sum=total(brier, jnp.nan),
     )
 
 
 def errors_from_bins(bins: CalibrationBins) -> dict:
     """float32 scalars from bins: ``ece`` (l1), ``rms`` (l2), ``mce`` (max over non-empty bins),
-    ``accuracy``, ``confidence`` (mean), ``nll`` (mean of the given NLL); all 0 with no samples."""
+    ``accuracy``, ``confidence`` (mean), ``nll`` (mean of the given NLL), ``brier`` (mean of
+    the given Brier scores, NaN when not given); all 0 with no samples."""
     count = bins.count.astype(jnp.float32)
     total = jnp.maximum(count.sum(), 1.0)
     diff = bins.confidence_sum - bins.correct_sum.astype(jnp.float32)
@@ -156,6 +163,7 @@ def errors_from_bins(bins: CalibrationBins) -> dict:
         "accuracy": bins.correct_sum.sum() / total,
         "confidence": bins.confidence_sum.sum() / total,
         "nll": bins.nll_sum / total,
+        "brier": bins.brier_sum / total,
     }
 
 
@@ -222,7 +230,7 @@ def accuracy(scores, labels, *, from_logits: bool = False, where=None):
 @dataclasses.dataclass(frozen=True)
 class CalibrationReport:
     """Calibration summary (Python floats). Fields that the source cannot give are None
-    (streamed token bins carry no Brier score, equal-mass or classwise ECE)."""
+    (streamed token bins carry no equal-mass or classwise ECE)."""
 
     count: int
     accuracy: float
@@ -242,6 +250,8 @@ class CalibrationReport:
         """Report of equal-width bins (e.g. accumulated over a data set); extra fields by name."""
         bins = CalibrationBins(*(np.asarray(x) for x in bins))
         e = {k: float(v) for k, v in errors_from_bins(bins).items()}
+        if not np.isnan(e["brier"]):
+            extra.setdefault("brier", e["brier"])
         return cls(count=int(bins.count.sum()), accuracy=e["accuracy"], mean_confidence=e["confidence"],
                    nll=e["nll"], ece=e["ece"], rms_calibration_error=e["rms"],
                    max_calibration_error=e["mce"], n_bins=len(bins.count) - 1, bins=bins, **extra)
@@ -309,26 +319,35 @@ def apply_temperature(logits, temperature):
     return jnp.asarray(logits, jnp.float32) / temperature
 
 
-@partial(jax.jit, static_argnames=("n_bins", "ignore_index", "logit_softcap", "impl", "block_v"))
+@partial(jax.jit, static_argnames=("n_bins", "ignore_index", "logit_softcap", "impl", "block_v", "with_brier"))
 def token_calibration(hidden, weight, labels, *, n_bins: int = 15, bias=None, ignore_index: int = -100,
                       where=None, logit_softcap: Optional[float] = None, impl: str = "auto",
-                      block_v: Optional[int] = None) -> CalibrationBins:
+                      block_v: Optional[int] = None, with_brier: bool = True) -> CalibrationBins:
     """Equal-width :class:`CalibrationBins` of next-token predictions, without ``[N, V]`` logits.
 
     hidden [..., D], weight [V, D], labels [...] aligned with hidden (the token each position
     predicts; ``ignore_index`` or ``where=False`` for prompt / padding tokens). Confidence is
     ``exp(max_logit - lse)``, correct is ``argmax == label``, nll_sum the summed token NLL;
     all from one pass of :func:`ls_jax.losses.linear_smoothed_cross_entropy` (``impl``,
-    ``block_v`` as there). Merge the bins of successive batches, then
+    ``block_v`` as there). ``with_brier`` adds the exact multi-class Brier score
+    ``sum_v p_v^2 - 2 p_label + 1`` from a second pass: ``sum_v p_v^2 = exp(lse(2z) - 2 lse(z))``,
+    and ``2z`` is the same fused problem with hidden and bias doubled and the softcap doubled
+    (``2c tanh(x / c) = 2c tanh(2x / 2c)``). Merge the bins of successive batches, then
     :meth:`CalibrationReport.from_bins`.
     """
-    nll, stats = linear_smoothed_cross_entropy(
-        hidden, weight, labels, bias=bias, ignore_index=ignore_index, where=where,
-        logit_softcap=logit_softcap, reduction="none", impl=impl, block_v=block_v, return_stats=True,
-    )
+    common = dict(ignore_index=ignore_index, where=where, reduction="none", impl=impl, block_v=block_v,
+                  return_stats=True)
+    nll, stats = linear_smoothed_cross_entropy(hidden, weight, labels, bias=bias, logit_softcap=logit_softcap,
+                                               **common)
     confidence = jnp.exp(stats.max_logit - stats.lse)
     correct = stats.prediction == jnp.asarray(labels)
-    return bin_statistics(confidence, correct, n_bins=n_bins, where=stats.valid, nll=nll)
+    brier = None
+    if with_brier:
+        _, doubled = linear_smoothed_cross_entropy(
+            2 * jnp.asarray(hidden), weight, labels, bias=None if bias is None else 2 * jnp.asarray(bias),
+            logit_softcap=None if logit_softcap is None else 2 * logit_softcap, **common)
+        brier = jnp.exp(doubled.lse - 2 * stats.lse) - 2 * jnp.exp(-nll) + 1
+    return bin_statistics(confidence, correct, n_bins=n_bins, where=stats.valid, nll=nll, brier=brier)
 
 
 def reliability_diagram(bins: CalibrationBins, path, *, title: Optional[str] = None) -> str:

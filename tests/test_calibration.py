@@ -276,6 +276,7 @@ def test_token_calibration_matches_dense_logits(impl, softcap):
     pv = softmax64(z)[valid]
     conf, hit = pv.max(1), pv.argmax(1) == y_np[valid]
     nll = -np.log(pv[np.arange(len(pv)), y_np[valid]]).mean()
+    brier = ((pv - np.eye(70)[y_np[valid]]) ** 2).sum(1).mean()
 
     opts = dict(impl=impl, block_v=16, logit_softcap=softcap)
     whole = C.token_calibration(h, w, y, **opts)
@@ -292,6 +293,8 @@ def test_token_calibration_matches_dense_logits(impl, softcap):
         assert_close(report.max_calibration_error, mce, 1e-5)
         assert_close(report.accuracy, hit.mean())
         assert_close(report.nll, nll, 1e-5)
+        assert_close(report.brier, brier, 1e-5)
+    assert C.CalibrationReport.from_bins(C.token_calibration(h, w, y, with_brier=False, **opts)).brier is None
 
 
 # -------------------------------------------------------------------- temperature scaling

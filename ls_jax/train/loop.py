@@ -42,7 +42,7 @@ def check_resumable(saved: dict, config: TrainConfig) -> None:
 
 
 def _evaluate(evaluate, params, frozen, batches, mesh) -> Dict:
-    """Held-out metrics: loss, token accuracy, answer accuracy, NLL, ECE, ...; plus the bins."""
+    """Held-out metrics: loss, token accuracy, answer accuracy, NLL, Brier, ECE, ...; plus the bins."""
     total = None
     for b in batches:
         total = accumulate(total, evaluate(params, frozen, jax.device_put(b, sharding.batch_sharding(mesh))))
@@ -50,7 +50,7 @@ def _evaluate(evaluate, params, frozen, batches, mesh) -> Dict:
     report = CalibrationReport.from_bins(total["bins"])
     tokens = max(int(total["tokens"]), 1)
     metrics = {"loss": float(total["loss_sum"]) / tokens, "accuracy": report.accuracy, "nll": report.nll,
-               "ece": report.ece, "rms_calibration_error": report.rms_calibration_error,
+               "brier": report.brier, "ece": report.ece, "rms_calibration_error": report.rms_calibration_error,
                "max_calibration_error": report.max_calibration_error, "mean_confidence": report.mean_confidence,
                "answer_accuracy": int(total["answers_correct"]) / max(int(total["answers"]), 1),
                "tokens": int(total["tokens"])}
@@ -130,7 +130,7 @@ def train(config: TrainConfig, prep: Prepared, out_dir: str, *, stop_at: Optiona
             result, evaluated = _evaluate(evaluate, params, frozen, held, mesh), step
             log.write("eval", step, result["metrics"])
             progress.note(f"step {step}: held-out " + ", ".join(
-                f"{k} {result['metrics'][k]:.4f}" for k in ("loss", "accuracy", "nll", "ece")))
+                f"{k} {result['metrics'][k]:.4f}" for k in ("loss", "accuracy", "nll", "brier", "ece")))
     progress.close()
     store.close()
     if evaluated != step:  # stopped between evaluations, or resumed at the end

@@ -54,7 +54,8 @@ class Progress:
 
 TABLE_COLUMNS = (("label_smoothing", "smoothing", "{:.2f}"), ("loss", "eval loss", "{:.4f}"),
                  ("accuracy", "token acc", "{:.3f}"), ("answer_accuracy", "answer acc", "{:.3f}"),
-                 ("nll", "NLL", "{:.4f}"), ("ece", "ECE", "{:.4f}"), ("tokens_per_s", "train tok/s", "{:,.0f}"))
+                 ("nll", "NLL", "{:.4f}"), ("brier", "Brier", "{:.4f}"),
+                 ("ece", "ECE", "{:.4f}"), ("tokens_per_s", "train tok/s", "{:,.0f}"))
 
 
 def summary_table(rows: Sequence[Dict[str, float]], columns=TABLE_COLUMNS) -> str:
