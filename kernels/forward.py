@@ -28,8 +28,10 @@ def _kernel(p: Plan, has_bias, h_ref, w_ref, *refs):
         z, valid = logit_tile(h_ref, w_ref, b_ref, 0, w_row, first_col + w_row, p)
         z = jnp.where(valid, z, -jnp.inf)
         tile_max = z.max(axis=1)
-        new_m = jnp.maximum(m, tile_max)  # finite: every split's first block has a real column
-        l = l * jnp.exp(m - new_m) + jnp.exp(z - new_m[:, None]).sum(axis=1)
+        new_m = jnp.maximum(m, tile_max)
+        # -inf when every logit so far is -inf (-inf bias, or a split of padded columns only)
+        shift = jnp.where(jnp.isfinite(new_m), new_m, 0.0)
+        l = l * jnp.exp(m - shift) + jnp.exp(z - shift[:, None]).sum(axis=1)
         if p.need_sum:
             total = total + jnp.where(valid, z, 0.0).sum(axis=1)
         tile_arg = first_col + w_row + jnp.argmax(z, axis=1).astype(jnp.int32)

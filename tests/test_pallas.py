@@ -62,6 +62,9 @@ CASES = [
     (29, 24, 200, jnp.float32, True, 3.0, True, SMALL_BLOCKS),
     (29, 24, 200, jnp.float32, False, None, False, dict(SMALL_BLOCKS, **ATOMIC)),
     (21, 24, 50, jnp.float32, True, None, True, {}),  # default blocks, one vocabulary block
+    # block_v < the dW kernel's vocabulary block (block_n): v_pad = 16, so the last of the four
+    # forward splits holds padded columns only
+    (10, 8, 10, jnp.float32, True, None, True, dict(block_v=4)),
     (29, 24, 200, jnp.bfloat16, True, None, True, SMALL_BLOCKS),
     (29, 24, 200, jnp.bfloat16, False, 4.0, True, SMALL_BLOCKS),
     (29, 24, 200, jnp.bfloat16, True, None, False, dict(SMALL_BLOCKS, **ATOMIC)),
@@ -110,6 +113,21 @@ def test_mixed_dtypes_and_empty_batch():
     empty = jax.grad(lambda h: pallas_logit_stats(h, w).lse.sum())(jnp.ones((0, 24)))
     assert empty.shape == (0, 24)
     assert _lowered_triton_calls(77, 96, 1000, (jnp.bfloat16, jnp.float32), True, None, True, None) == 3
+
+
+@pytest.mark.parametrize("backward", ["two_kernel", "atomic"])
+def test_minus_inf_bias_on_whole_blocks(backward):
+    """Classes masked with a -inf bias (never predicted) filling whole vocabulary blocks and
+    splits: finite statistics and gradients equal to the oracle's."""
+    h, w, b, g_lse, g_sum = make_problem(29, 24, 200, jnp.float32, seed=5)
+    b = b.at[:80].set(-jnp.inf)
+    got, grads = stats_and_vjp(pallas_jit, h, w, b, g_lse, g_sum, backward=backward, **SMALL_BLOCKS)
+    want, want_grads = stats_and_vjp(reference_logit_stats, h, w, b, g_lse, g_sum)
+    check_finite_and_close(got.lse, want.lse, 1e-5)
+    check_finite_and_close(got.max_logit, want.max_logit, 1e-5)
+    assert (np.asarray(got.argmax) >= 80).all()
+    for g, wg in zip(grads, want_grads):
+        check_finite_and_close(g, wg, 1e-5)
 
 
 @pytest.mark.parametrize("target_programs", [1, 10**6])
