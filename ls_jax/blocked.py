@@ -48,7 +48,8 @@ def _forward(hidden, weight, bias, logit_softcap, need_sum, block_v):
         z = jnp.where(own, z, -jnp.inf)
         blk_max = z.max(-1)
         new_m = jnp.maximum(m, blk_max)
-        s = s * jnp.exp(m - new_m) + jnp.exp(z - new_m[:, None]).sum(-1)
+        shift = jnp.where(jnp.isfinite(new_m), new_m, 0.0)  # a block of -inf logits: no NaN
+        s = s * jnp.exp(m - shift) + jnp.exp(z - shift[:, None]).sum(-1)
         if need_sum:
             total = total + jnp.where(own, z, 0.0).sum(-1)
         blk_arg = start + jnp.argmax(z, -1).astype(jnp.int32)
