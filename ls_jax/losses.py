@@ -36,6 +36,12 @@ class TokenStats(NamedTuple):
     valid: jax.Array
 
 
+def _weighted_sum(weights, z):
+    """``sum_k weights[n, k] * z[n, k]`` over the last axis, a zero weight counting 0 even on a
+    -inf logit (a padding entry, or a class masked out by a -inf bias; not NaN)."""
+    return jnp.where(weights != 0, weights * z, 0.0).sum(-1)
+
+
 def _combine(stats: LogitStats, logit_sum, target_dot, target_mass, valid, out_of_range,
              batch_shape, num_classes, label_smoothing, z_loss, reduction, return_stats):
     """Per-token loss [N] from its parts, masked, reduced; optionally with TokenStats."""
@@ -89,10 +95,10 @@ def smoothed_cross_entropy(
             raise ValueError(f"a dense target distribution must be floating point, got {q.dtype}")
         valid = where_mask(where, batch_shape)
         q = jnp.where(valid[:, None], q.reshape(n, v).astype(jnp.float32), 0.0)
-        target_dot, target_mass, out_of_range = (q * z).sum(-1), q.sum(-1), jnp.zeros((n,), bool)
+        target_dot, target_mass, out_of_range = _weighted_sum(q, z), q.sum(-1), jnp.zeros((n,), bool)
     else:
         t = sparse_targets(labels, batch_shape, v, ignore_index, where)
-        target_dot = (t.weights * jnp.take_along_axis(z, t.ids, axis=-1)).sum(-1)
+        target_dot = _weighted_sum(t.weights, jnp.take_along_axis(z, t.ids, axis=-1))
         target_mass, valid, out_of_range = t.weights.sum(-1), t.valid, t.out_of_range
     stats = stats_from_logits(z, need_sum=label_smoothing > 0)
     return _combine(stats, stats.logit_sum, target_dot, target_mass, valid, out_of_range,
@@ -158,7 +164,7 @@ def linear_smoothed_cross_entropy(
     z_target = jnp.einsum("nd,nkd->nk", h, weight[t.ids], preferred_element_type=jnp.float32)
     if bias is not None:
         z_target = z_target + bias[t.ids].astype(jnp.float32)
-    target_dot = (t.weights * apply_softcap(z_target, cap)).sum(-1)
+    target_dot = _weighted_sum(t.weights, apply_softcap(z_target, cap))
     logit_sum = stats.logit_sum
     if a > 0 and not sum_in_pass:
         logit_sum = h.astype(jnp.float32) @ weight.astype(jnp.float32).sum(0)

@@ -73,6 +73,29 @@ def test_dense_sparse_soft_labels_equal_dense_targets():
     assert_close(sparse, smoothed_cross_entropy(logits, dense, label_smoothing=0.1), 1e-6, 1e-6)
 
 
+def test_zero_target_weight_on_a_minus_inf_logit_counts_zero():
+    """A class masked by a -inf logit with target weight 0 (dense zeros, sparse padding, a
+    weight-0 entry) adds 0 (0 log 0 = 0), as with hard labels; float64 oracle."""
+    z = jax.random.normal(jax.random.key(0), (3, 5)).at[:, 0].set(-jnp.inf)
+    q = jnp.zeros((3, 5)).at[:, 1].set(0.7).at[:, 2].set(0.3)
+    z64 = np.asarray(z, np.float64)
+    log_p = z64 - np.log(np.exp(z64).sum(-1, keepdims=True))
+    expected = -(np.asarray(q, np.float64)[:, 1:] * log_p[:, 1:]).sum(-1)
+    sparse = (jnp.array([[1, 2, IGNORE]] * 3), jnp.array([[0.7, 0.3, 0.5]] * 3))
+    with_zero = (jnp.array([[1, 2, 0]] * 3), jnp.array([[0.7, 0.3, 0.0]] * 3))
+    for labels in (q, sparse, with_zero):
+        loss, grad = jax.value_and_grad(lambda z: smoothed_cross_entropy(z, labels).sum())(z)
+        assert_close(smoothed_cross_entropy(z, labels), expected, 1e-6, 1e-6)
+        assert bool(jnp.all(grad[:, 0] == 0)) and bool(jnp.all(jnp.isfinite(grad)))
+    h, w, b, _ = make_problem(3, 4, 5)
+    b = b.at[0].set(-jnp.inf)
+    expected = smoothed_cross_entropy(h @ w.T + b, q).sum()
+    for impl in ("reference", "xla"):
+        loss, grads = linear_loss_and_grads(impl, h, w, b, sparse, reduction="sum")
+        assert_close(loss, expected, 1e-5, 1e-5)
+        assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_dense_matches_torch_with_ignore_index(reduction):
     k = jax.random.split(jax.random.key(4), 2)
