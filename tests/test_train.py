@@ -97,8 +97,10 @@ def test_resume_continues_exactly(runs, capsys):
     assert sorted(map(int, os.listdir(out / "checkpoints"))) == [K, STEPS]
     # resuming with a setting that changes the run is refused
     changed = TrainConfig(**{**_config(out, resume=True, **cfg).to_json(), "lr": 1e-4})
+    saved_config = (out / "config.json").read_text()
     with pytest.raises(ValueError, match="lr 0.003 -> 0.0001"):
         run(changed)
+    assert (out / "config.json").read_text() == saved_config  # refused before anything is written
 
 
 def test_packing_and_lora_train(tmp_path):

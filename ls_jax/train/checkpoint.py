@@ -39,6 +39,11 @@ class CheckpointStore:
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
         return jax.tree.unflatten(treedef, list(out["state"])), dict(out["meta"])
 
+    def meta(self, step: int) -> dict:
+        """The JSON metadata of ``step`` alone (no arrays are read)."""
+        out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(out["meta"])
+
     def close(self) -> None:
         """Wait for pending saves and release the manager."""
         self.manager.wait_until_finished()

@@ -28,9 +28,24 @@ def _run_dirs(config: TrainConfig, out_dir: str) -> List[tuple]:
 
 
 def _check_output(runs, resume: bool) -> None:
-    for _, d in runs:
-        if not resume and os.path.isdir(os.path.join(d, "checkpoints")):
+    """Refuse to overwrite checkpoints without --resume, and a --resume that changes the run
+    (checked against each run's latest checkpoint before anything is written)."""
+    for run_config, d in runs:
+        path = os.path.join(d, "checkpoints")
+        if not os.path.isdir(path):
+            continue
+        if not resume:
             raise ConfigError(f"{d} already holds checkpoints: pass --resume to continue, or another --output-dir")
+        from ls_jax.train.checkpoint import CheckpointStore
+        from ls_jax.train.loop import check_resumable
+
+        store = CheckpointStore(path)
+        try:
+            latest = store.latest_step()
+            if latest is not None:
+                check_resumable(store.meta(latest)["config"], run_config)
+        finally:
+            store.close()
 
 
 def default_output_dir() -> str:
