@@ -120,9 +120,10 @@ def _segments(row: dict, tokenizer, index: int) -> List[Tuple[str, bool]]:
             else:
                 out.append((SIMPLE_TEMPLATE.format(role=m["role"], content=m["content"]), False))
         return out
-    if "prompt" in row and "response" in row:
+    if row.get("prompt") is not None and row.get("response") is not None:
         return [(str(row["prompt"]), False), (str(row["response"]) + (tokenizer.eos_token or ""), True)]
-    raise DataError(f"row {index}: needs 'messages' or 'prompt' and 'response' fields, has {sorted(row)}")
+    fields = sorted(k for k, v in row.items() if v is not None)  # datasets fills a row's missing columns with None
+    raise DataError(f"row {index}: needs 'messages' or 'prompt' and 'response' fields, has {fields}")
 
 
 def _chat_template_segments(msgs: List[dict], tokenizer, index: int) -> List[Tuple[str, bool]]:

@@ -79,6 +79,10 @@ def test_bad_rows(tok):
         tokenize_example({"text": "x"}, tok)
     with pytest.raises(DataError, match="messages"):
         tokenize_example({"messages": [{"role": "user"}]}, tok)
+    # a row missing a column of the file: datasets fills it with None, which is not a response "None"
+    (missing,) = [r for r in datasets.Dataset.from_list([{"prompt": "a", "response": "b"}, {"prompt": "x"}])][1:]
+    with pytest.raises(DataError, match=re.escape("has ['prompt']")):
+        tokenize_example(missing, tok)
 
 
 def test_truncation_counts_and_drops(tok):
