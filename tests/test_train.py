@@ -222,6 +222,8 @@ def test_bad_inputs(tmp_path, capsys):
     assert "unsupported architecture" in _bad(tmp_path, capsys, "--model", str(model_dir))
     assert "neither a local checkpoint" in _bad(tmp_path, capsys, "--model", "huge")
     assert "--steps must be >= 1" in _bad(tmp_path, capsys, "--steps", "0")
+    assert "--block-n/-v/-d must be >= 1" in _bad(tmp_path, capsys, "--block-v", "0")
+    assert "--eval-data needs --data" in _bad(tmp_path, capsys, "--eval-data", str(rows))
 
 
 def test_command_line_exit_status(tmp_path):

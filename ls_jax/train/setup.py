@@ -66,6 +66,8 @@ def check_config(c: TrainConfig) -> None:
         (c.lora_rank >= 0, "--lora-rank must be >= 0"),
         (0 < c.eval_fraction < 1, "--eval-fraction must be in (0, 1)"),
         (c.max_length >= 2, "--max-length must be >= 2"),
+        (all(b is None or b >= 1 for b in (c.block_n, c.block_v, c.block_d)), "--block-n/-v/-d must be >= 1"),
+        (c.data is not None or c.eval_data is None, "--eval-data needs --data (the generated data has its own held-out set)"),
     ]
     for ok, message in checks:
         if not ok:
