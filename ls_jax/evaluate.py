@@ -217,10 +217,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if not os.path.isfile(args.data):
         parser.error(f"--data: file not found: {args.data}")
     dtype = jnp.dtype(args.dtype)
-    model = from_pretrained(args.model, dtype=dtype, param_dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
-    result = evaluate_multiple_choice(model, tokenizer, args.data, batch_size=args.batch_size, n_bins=args.n_bins,
-                                      padding_side=args.padding_side, letter_prefix=args.letter_prefix)
+    try:  # bad input (checkpoint, tokenizer, records, options): one "error:" line, exit status 2
+        model = from_pretrained(args.model, dtype=dtype, param_dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+        result = evaluate_multiple_choice(model, tokenizer, args.data, batch_size=args.batch_size, n_bins=args.n_bins,
+                                          padding_side=args.padding_side, letter_prefix=args.letter_prefix)
+    except (OSError, ValueError) as e:
+        parser.error(str(e).splitlines()[0])
     metrics = {k: v for k, v in result.report.to_dict().items() if k != "bins"}
     if args.out:
         metrics["files"] = result.save(args.out, title=os.path.basename(os.path.abspath(args.data)))

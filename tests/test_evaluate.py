@@ -170,6 +170,13 @@ def test_bad_data_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--model", str(tmp_path), "--data", str(tmp_path / "nope.jsonl")])
     assert "--data: file not found" in capsys.readouterr().err
+    # a bad record or checkpoint: one "error:" line and exit status 2, not a traceback
+    for model, message in [(tmp_path / "nope", "is not a local checkpoint directory"), (tmp_path, "config.json")]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--model", str(model), "--data", str(one)])
+        assert exit_info.value.code == 2
+        last = capsys.readouterr().err.splitlines()[-1]
+        assert last.startswith("python -m ls_jax.evaluate: error: ") and message in last, last
 
 
 # ------------------------------------------------------------------- command line, end to end
