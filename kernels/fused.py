@@ -31,9 +31,28 @@ def _padded(hidden, weight, bias, p: Plan):
             _pad(bias, (p.v_pad,)))
 
 
+def _first_order_only(kernels, plan_argnum):
+    """``kernels`` with a JVP rule that raises a clear error: pallas_call has no derivative of its
+    own, so ``impl="pallas"`` is differentiable once (the custom_vjp below), not in forward mode
+    nor twice (jax.jvp, jax.hessian, grad of grad)."""
+    f = jax.custom_jvp(kernels, nondiff_argnums=(plan_argnum,))
+
+    @f.defjvp
+    def no_jvp(p, primals, tangents):
+        raise NotImplementedError(
+            "impl='pallas' is differentiable once (jax.grad, jax.vjp); for jax.jvp or second-order "
+            "derivatives (jax.hessian, grad of grad) use impl='xla' or impl='reference'")
+
+    return f
+
+
+_forward_partials = _first_order_only(forward_partials, 3)
+_backward = _first_order_only(backward, 6)
+
+
 def _forward(hidden, weight, bias, p: Plan):
     """(LogitStats [N], lse over the padded rows [n_pad])."""
-    parts = merge_splits(*forward_partials(*_padded(hidden, weight, bias, p), p))
+    parts = merge_splits(*_forward_partials(*_padded(hidden, weight, bias, p), p))
     return LogitStats(*(x[: p.n] for x in parts)), parts.lse
 
 
@@ -54,7 +73,7 @@ def _stats_bwd(p: Plan, residuals, cotangents):
                            need_sum=p.need_sum, block_v=min(BLOCKED_V, p.v))
     g_lse = _pad(cotangents.lse.astype(jnp.float32), (p.n_pad,))
     g_sum = _pad(cotangents.logit_sum.astype(jnp.float32), (p.n_pad,)) if p.need_sum else None
-    dh, dw, db = backward(*_padded(hidden, weight, bias, p), lse_pad, g_lse, g_sum, p)
+    dh, dw, db = _backward(*_padded(hidden, weight, bias, p), lse_pad, g_lse, g_sum, p)
     dh = dh[: p.n, : p.d].astype(hidden.dtype)
     dw = dw[: p.v, : p.d].astype(weight.dtype)
     return dh, dw, None if bias is None else db[: p.v].astype(bias.dtype)
@@ -73,7 +92,8 @@ def pallas_logit_stats(
 
     Any N, V, D and float dtype (bf16/fp16/fp32; fp32 accumulation, fp32 statistics; hidden
     and weight of different dtypes are both promoted to their common type; N=0 is fine);
-    differentiable in hidden, weight and bias (gradients in their dtypes). Blocks: powers of two
+    differentiable once in hidden, weight and bias (gradients in their dtypes; second-order and
+    forward-mode derivatives raise NotImplementedError). Blocks: powers of two
     (defaults ``tiles.BLOCK_N/V/D``, capped to the padded size). ``filter_eps``: skip backward
     tiles whose softmax is below eps everywhere (CCE-style gradient filtering; approximate,
     error <= eps * |g_lse| per element); ignored when ``need_sum`` (the logit-sum cotangent

@@ -140,7 +140,8 @@ def linear_smoothed_cross_entropy(
     vocabulary, O(N x block_v) extra memory), "pallas" (the fused GPU kernel; interpret
     mode elsewhere), "auto" (pallas on GPU, xla otherwise). block_v is used by xla and
     pallas, block_n / block_d / filter_eps by pallas only (None: the implementation's
-    default). Differentiable in hidden, weight and bias. Default reduction: "mean" over
+    default). Differentiable in hidden, weight and bias (reverse mode; "reference" and "xla"
+    also twice, e.g. jax.hessian; "pallas" once). Default reduction: "mean" over
     valid tokens. With ``return_stats`` returns ``(loss, TokenStats)``.
     """
     check_options(label_smoothing, z_loss, logit_softcap, reduction)

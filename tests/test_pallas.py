@@ -130,6 +130,17 @@ def test_minus_inf_bias_on_whole_blocks(backward):
         check_finite_and_close(g, wg, 1e-5)
 
 
+def test_second_order_derivatives_raise_a_clear_error():
+    """The kernels are differentiable once (custom_vjp); jax.hessian (forward over reverse) and
+    grad of grad (reverse over reverse) name the limitation instead of failing inside Pallas."""
+    h, w, _, _, _ = make_problem(5, 8, 20, jnp.float32, seed=2)
+    loss = lambda h, w: pallas_logit_stats(h, w, need_sum=True).lse.sum()
+    with pytest.raises(NotImplementedError, match="differentiable once"):
+        jax.hessian(loss)(h, w)
+    with pytest.raises(NotImplementedError, match="differentiable once"):
+        jax.grad(lambda w: jax.grad(loss)(h, w).sum())(w)
+
+
 @pytest.mark.parametrize("target_programs", [1, 10**6])
 def test_argmax_ties_pick_lowest_index_across_blocks_and_splits(target_programs, monkeypatch):
     """Tied rows in one split (several blocks per program: target 1 gives one split) and in
