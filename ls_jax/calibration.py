@@ -306,7 +306,7 @@ def fit_temperature(logits, labels, *, where=None, bounds=(1e-2, 1e2), iters: in
     def step(_, lo_hi):
         lo, hi = lo_hi
         mid = 0.5 * (lo + hi)
-        rising = jax.grad(nll_sum)(mid) > 0
+        rising = jax.grad(nll_sum)(mid) >= 0  # 0: the NLL is flat (rounded to 0 in float32) below mid
         return jnp.where(rising, lo, mid), jnp.where(rising, mid, hi)
 
     lo, hi = jnp.log(jnp.asarray(bounds, jnp.float32))

@@ -331,6 +331,8 @@ def test_temperature_respects_where_and_bounds():
     # a perfectly separated set wants T -> 0: the fit stops at the lower bound
     sep = np.eye(5)[y]
     assert_close(C.fit_temperature(sep, y, bounds=(0.1, 10.0)), 0.1, 1e-4)
+    # also with the default bounds, where the float32 NLL is flat (exactly 0) well above T = 0.01
+    assert_close(C.fit_temperature(sep, y), 0.01, 1e-4)
 
 
 # --------------------------------------------------------------------- reliability diagram
