@@ -60,7 +60,7 @@ class Plan(NamedTuple):
 
 def _block(requested, default, size, name):
     """Power-of-two block for an axis of length ``size``: requested (or default), at most needed."""
-    b = int(requested or default)
+    b = int(default if requested is None else requested)
     if b < 1 or b & (b - 1):
         raise ValueError(f"{name} must be a power of two, got {b}")
     return min(b, max(MIN_BLOCK, pl.next_power_of_2(size)))
@@ -75,8 +75,8 @@ def plan(n, v, d, *, block_n=None, block_v=None, block_d=None, softcap=None, nee
     step), so both backward kernels re-read their fp32 accumulator slab equally rarely.
     """
     wide = itemsize >= 4
-    block_v = block_v or (BLOCK_V_F32 if wide else BLOCK_V)
-    block_d = block_d or (BLOCK_D_F32 if wide else BLOCK_D)
+    block_v = (BLOCK_V_F32 if wide else BLOCK_V) if block_v is None else block_v
+    block_d = (BLOCK_D_F32 if wide else BLOCK_D) if block_d is None else block_d
     bn, bv, bd = (_block(block_n, BLOCK_N, n, "block_n"), _block(block_v, BLOCK_V, v, "block_v"),
                   _block(block_d, BLOCK_D, d, "block_d"))
     dw_bn, dw_bv = _block(block_v, BLOCK_V, n, "block_v"), _block(block_n, BLOCK_N, v, "block_n")

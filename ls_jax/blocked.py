@@ -132,7 +132,7 @@ def xla_logit_stats(
     Blocked over the vocabulary in ``block_v`` rows (default 4096, capped at V); any float
     dtype in, float32 statistics out; differentiable in hidden, weight and bias.
     """
-    block_v = min(int(block_v or DEFAULT_BLOCK_V), weight.shape[0])
+    block_v = min(int(DEFAULT_BLOCK_V if block_v is None else block_v), weight.shape[0])
     if block_v < 1:
         raise ValueError(f"block_v must be >= 1, got {block_v}")
     softcap = None if logit_softcap is None else float(logit_softcap)

@@ -300,6 +300,9 @@ def test_mean_counts_valid_tokens_only():
         (dict(impl="cuda"), "impl"),
         (dict(bias=jnp.zeros(3)), "bias"),
         (dict(where=jnp.ones(3, bool)), "where"),
+        (dict(impl="xla", block_v=0), "block_v"),  # 0 is not None: no silent default
+        (dict(impl="pallas", block_n=0), "block_n"),
+        (dict(impl="pallas", block_d=0), "block_d"),
     ],
 )
 def test_bad_options_raise(kw, match):
