@@ -224,6 +224,9 @@ def test_bad_inputs(tmp_path, capsys):
     assert "--steps must be >= 1" in _bad(tmp_path, capsys, "--steps", "0")
     assert "--block-n/-v/-d must be >= 1" in _bad(tmp_path, capsys, "--block-v", "0")
     assert "--eval-data needs --data" in _bad(tmp_path, capsys, "--eval-data", str(rows))
+    assert "--compare-smoothing repeats a value" in _bad(tmp_path, capsys, "--compare-smoothing", "0.1,0,0.10")
+    assert main(["--resume", "--no-progress"]) == 2  # without --output-dir it would start afresh in runs/<now>
+    assert capsys.readouterr().err.strip() == "error: --resume needs the --output-dir of the run to continue"
 
 
 def test_command_line_exit_status(tmp_path):

@@ -30,6 +30,9 @@ def _run_dirs(config: TrainConfig, out_dir: str) -> List[tuple]:
 def _check_output(runs, resume: bool) -> None:
     """Refuse to overwrite checkpoints without --resume, and a --resume that changes the run
     (checked against each run's latest checkpoint before anything is written)."""
+    dirs = [d for _, d in runs]
+    if len(set(dirs)) < len(dirs):
+        raise ConfigError(f"--compare-smoothing repeats a value (runs into {', '.join(dirs)})")
     for run_config, d in runs:
         path = os.path.join(d, "checkpoints")
         if not os.path.isdir(path):
@@ -85,9 +88,12 @@ def run(config: TrainConfig, *, stop_at: Optional[int] = None) -> List[dict]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``python train.py [flags]``; returns the exit status."""
     config = parse_args(argv)
+    resume_nowhere = config.resume and not config.output_dir
     config = dataclasses.replace(config, output_dir=config.output_dir or default_output_dir())
     start = time.perf_counter()
     try:
+        if resume_nowhere:
+            raise ConfigError("--resume needs the --output-dir of the run to continue")
         results = run(config)
     except BAD_INPUT as e:
         print(f"error: {e}", file=sys.stderr)
