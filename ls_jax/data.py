@@ -20,7 +20,7 @@ resume exactly.
 import json
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -179,15 +179,21 @@ class PrepareStats:
                 f"{self.dropped} dropped with no response token left")
 
 
-def prepare(rows, tokenizer, max_length: int, name: str = "data") -> Tuple[List[Tuple[np.ndarray, np.ndarray]], PrepareStats]:
+def prepare(rows, tokenizer, max_length: int, name: str = "data",
+            row_ids: Optional[Sequence[int]] = None) -> Tuple[List[Tuple[np.ndarray, np.ndarray]], PrepareStats]:
     """Tokenise, truncate to ``max_length`` and drop examples without response tokens.
 
-    Raises :class:`DataError` if nothing is left. A response token at position 0 cannot be
-    predicted (nothing precedes it), so only positions >= 1 count as response tokens.
+    Raises :class:`DataError` if nothing is left, or naming ``name`` and the row for a bad
+    row; ``row_ids``: the rows' 0-based numbers in their source (default 0, 1, ...). A
+    response token at position 0 cannot be predicted (nothing precedes it), so only
+    positions >= 1 count as response tokens.
     """
     examples, truncated, dropped = [], 0, 0
     for i, row in enumerate(rows):
-        ids, labels = tokenize_example(row, tokenizer, i)
+        try:
+            ids, labels = tokenize_example(row, tokenizer, i if row_ids is None else row_ids[i])
+        except DataError as e:
+            raise DataError(f"{name}: {e}") from None
         if len(ids) > max_length:
             truncated += 1
             ids, labels = ids[:max_length], labels[:max_length]

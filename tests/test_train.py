@@ -224,6 +224,11 @@ def test_bad_inputs(tmp_path, capsys):
     assert "--steps must be >= 1" in _bad(tmp_path, capsys, "--steps", "0")
     assert "--block-n/-v/-d must be >= 1" in _bad(tmp_path, capsys, "--block-v", "0")
     assert "--eval-data needs --data" in _bad(tmp_path, capsys, "--eval-data", str(rows))
+    bad_row = tmp_path / "bad_row.jsonl"  # row 13 lacks its response: named by its place in the file
+    bad_row.write_text("".join(json.dumps({"prompt": "1 + 2 = ", **({} if i == 13 else {"response": "3"})}) + "\n"
+                               for i in range(20)))
+    assert f"{bad_row} (train): row 13: needs 'messages' or 'prompt' and 'response'" in _bad(
+        tmp_path, capsys, "--data", str(bad_row), "--batch-size", "2")
     assert "--compare-smoothing repeats a value" in _bad(tmp_path, capsys, "--compare-smoothing", "0.1,0,0.10")
     assert main(["--resume", "--no-progress"]) == 2  # without --output-dir it would start afresh in runs/<now>
     assert capsys.readouterr().err.strip() == "error: --resume needs the --output-dir of the run to continue"

@@ -75,19 +75,21 @@ def check_config(c: TrainConfig) -> None:
 
 
 def _rows(c: TrainConfig):
-    """(train rows, held-out rows) for the config."""
+    """(train rows, held-out rows, train row numbers, held-out row numbers) for the config; the
+    numbers (0-based, in the rows' file, for error messages) are None when they are 0, 1, ..."""
     if c.data is None:
-        return synthetic.generate(c.num_train, c.num_eval, seed=c.seed)
+        return (*synthetic.generate(c.num_train, c.num_eval, seed=c.seed), None, None)
     rows = data.load_rows(c.data, c.split)
     if c.eval_data is not None:
-        return list(rows), list(data.load_rows(c.eval_data, c.split))
+        return list(rows), list(data.load_rows(c.eval_data, c.split)), None, None
     rows = list(rows)
     order = list(range(len(rows)))
     random.Random(c.seed).shuffle(order)
     n_eval = max(1, int(round(c.eval_fraction * len(rows))))
     if n_eval >= len(rows):
         raise data.DataError(f"{c.data}: {len(rows)} rows are too few to hold out --eval-fraction {c.eval_fraction}")
-    return [rows[i] for i in order[n_eval:]], [rows[i] for i in order[:n_eval]]
+    train, held = order[n_eval:], order[:n_eval]
+    return [rows[i] for i in train], [rows[i] for i in held], train, held
 
 
 def _tokenizer(c: TrainConfig, train_rows, saved_tokenizer: Optional[str]):
@@ -159,7 +161,7 @@ def prepare(c: TrainConfig, saved_tokenizer: Optional[str] = None) -> Prepared:
     ``saved_tokenizer``: a directory holding the tokenizer of the run being resumed.
     """
     check_config(c)
-    train_rows, held_rows = _rows(c)
+    train_rows, held_rows, train_ids, held_ids = _rows(c)
     mesh = sharding.make_mesh(c.mesh)
     sharding.check_batch(c.batch_size, mesh)
     sharding.check_batch(c.eval_batch_size, mesh)
@@ -167,8 +169,9 @@ def prepare(c: TrainConfig, saved_tokenizer: Optional[str] = None) -> Prepared:
     tokenizer = _tokenizer(c, train_rows, saved_tokenizer)
     build = _model_builder(c, model_config, len(tokenizer))
     name = "generated" if c.data is None else c.data
-    train, train_stats = data.prepare(train_rows, tokenizer, c.max_length, name=f"{name} (train)")
-    held, held_stats = data.prepare(held_rows, tokenizer, c.max_length, name=f"{c.eval_data or name} (held out)")
+    train, train_stats = data.prepare(train_rows, tokenizer, c.max_length, name=f"{name} (train)", row_ids=train_ids)
+    held, held_stats = data.prepare(held_rows, tokenizer, c.max_length, name=f"{c.eval_data or name} (held out)",
+                                    row_ids=held_ids)
     rows = len(data.pack(train, c.max_length)) if c.packing else len(train)
     if rows < c.batch_size:
         raise data.DataError(f"{len(train)} training examples ({rows} rows) are fewer than --batch-size {c.batch_size}")
