@@ -17,7 +17,7 @@ from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
 from ls_jax.models import from_config, tiny_llama_config
 from ls_jax.train import TrainConfig, main, run
 from ls_jax.train.lora import add_lora
-from ls_jax.train.sharding import AXES, MeshError, array_spec, parse_mesh
+from ls_jax.train.sharding import AXES, MeshError, array_spec, check_batch, parse_mesh
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # tiny, fast settings shared by every run here (generated data, built-in tiny model)
@@ -164,6 +164,9 @@ def test_sharding_rules():
     for bad in ("data=3", "data=2,fsdp=2", "model=2", "data=-1,fsdp=-1", "data=0"):
         with pytest.raises(MeshError):
             parse_mesh(bad, 8)
+    check_batch(16, mesh)
+    with pytest.raises(MeshError, match="^--eval-batch-size 12 is not divisible by data x fsdp = 8$"):
+        check_batch(12, mesh, "--eval-batch-size")
 
 
 EIGHT_DEVICES = textwrap.dedent("""

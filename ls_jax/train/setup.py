@@ -164,7 +164,7 @@ def prepare(c: TrainConfig, saved_tokenizer: Optional[str] = None) -> Prepared:
     train_rows, held_rows, train_ids, held_ids = _rows(c)
     mesh = sharding.make_mesh(c.mesh)
     sharding.check_batch(c.batch_size, mesh)
-    sharding.check_batch(c.eval_batch_size, mesh)
+    sharding.check_batch(c.eval_batch_size, mesh, "--eval-batch-size")
     model_config = _model_config(c)
     tokenizer = _tokenizer(c, train_rows, saved_tokenizer)
     build = _model_builder(c, model_config, len(tokenizer))

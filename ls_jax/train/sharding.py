@@ -79,8 +79,8 @@ def batch_sharding(mesh: Mesh, leading: int = 0) -> NamedSharding:
     return NamedSharding(mesh, P(*([None] * leading), BATCH_AXES))
 
 
-def check_batch(batch_size: int, mesh: Mesh) -> None:
-    """Raise :class:`MeshError` unless ``batch_size`` splits evenly over the batch axes."""
+def check_batch(batch_size: int, mesh: Mesh, flag: str = "--batch-size") -> None:
+    """Raise :class:`MeshError` (naming ``flag``) unless ``batch_size`` splits evenly over the batch axes."""
     n = mesh.shape["data"] * mesh.shape["fsdp"]
     if batch_size % n:
-        raise MeshError(f"--batch-size {batch_size} is not divisible by data x fsdp = {n}")
+        raise MeshError(f"{flag} {batch_size} is not divisible by data x fsdp = {n}")
