@@ -256,3 +256,6 @@ def test_flags():
     c = parse_args(["--compare-smoothing", "0,0.05", "--no-progress", "--lora-rank", "8", "--mesh", "fsdp=-1"])
     assert (c.compare_smoothing, c.progress, c.lora_rank, c.mesh) == ([0.0, 0.05], False, 8, "fsdp=-1")
     assert TrainConfig.from_json(c.to_json()) == c
+    from ls_jax.train.config import build_parser
+
+    assert [a.dest for a in build_parser()._actions if not a.help] == []  # --help documents every flag
