@@ -146,6 +146,7 @@ def linear_smoothed_cross_entropy(
     """
     check_options(label_smoothing, z_loss, logit_softcap, reduction)
     hidden, weight = jnp.asarray(hidden), jnp.asarray(weight)
+    bias = None if bias is None else jnp.asarray(bias)
     if weight.ndim != 2 or hidden.ndim < 1 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"need hidden [..., D] and weight [V, D]; got {hidden.shape} and {weight.shape}")
     v, d = weight.shape

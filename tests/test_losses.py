@@ -268,6 +268,16 @@ def test_batch_dims_vmap_and_stats():
     assert_close(batched, loss, 1e-5, 1e-5)
 
 
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+def test_numpy_bias_under_jit(impl):
+    """A NumPy (or list) bias closed over by a jitted loss: same loss as a jax.Array bias."""
+    h, w, b, y = make_problem(6, 4, 9)
+    want = linear_smoothed_cross_entropy(h, w, y, bias=b, impl=impl)
+    for bias in (np.asarray(b), np.asarray(b).tolist()):
+        got = jax.jit(lambda h: linear_smoothed_cross_entropy(h, w, y, bias=bias, impl=impl))(h)
+        assert_close(got, want, 1e-6, 1e-6)
+
+
 def test_xla_is_twice_differentiable():
     """Its custom_vjp backward is plain JAX, so jax.hessian works and equals the reference's."""
     h, w, b, y = make_problem(5, 3, 11, masked=1)
