@@ -20,7 +20,8 @@ from transformers import (
 )
 
 from ls_jax.models import (
-    CausalLM, CausalLMProtocol, SequenceClassifier, from_config, from_pretrained, sequence_classification_loss,
+    CausalLM, CausalLMProtocol, SequenceClassifier, check_pretrained, from_config, from_pretrained,
+    sequence_classification_loss,
     tiny_llama_config,
 )
 
@@ -127,8 +128,23 @@ def test_checkpoint_mismatch_is_an_error(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     config["intermediate_size"] = 96
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"mlp\.\w+_proj\.weight: checkpoint shape"):
-        from_pretrained(str(tmp_path))
+    for load in (from_pretrained, check_pretrained):  # check_pretrained: from the headers, no weights read
+        with pytest.raises(ValueError, match=r"mlp\.\w+_proj\.weight: checkpoint shape \(\d+, \d+\), model expects"):
+            load(str(tmp_path))
+
+
+def test_check_pretrained_finds_missing_files(tmp_path):
+    save_hf(CONFIGS["gemma2"](), tmp_path, max_shard_size="40KB")
+    check_pretrained(str(tmp_path))  # a complete checkpoint passes
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[-1]
+    (tmp_path / shard).unlink()
+    for load in (from_pretrained, check_pretrained):
+        with pytest.raises(FileNotFoundError, match=f"missing checkpoint file {shard}"):
+            load(str(tmp_path))
+    (tmp_path / "model.safetensors.index.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        check_pretrained(str(tmp_path))
 
 
 @pytest.mark.parametrize("name", ["gemma2", "qwen2_bias_sliding"])

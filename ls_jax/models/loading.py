@@ -114,12 +114,64 @@ class _Checkpoint:
     def __exit__(self, *exc):
         self._stack.close()
 
-    def get(self, name: str):
+    def _file(self, name: str):
         fname = self.weight_map[name]
         if fname not in self._files:
             path = os.path.join(self.directory, fname)
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"{self.directory}: missing checkpoint file {fname} (holds {name})")
             self._files[fname] = self._stack.enter_context(safe_open(path, framework="flax"))
-        return self._files[fname].get_tensor(name)
+        return self._files[fname]
+
+    def shape(self, name: str) -> tuple:
+        """Shape of tensor ``name`` from the file header (no data read)."""
+        return tuple(self._file(name).get_slice(name).get_shape())
+
+    def get(self, name: str):
+        return self._file(name).get_tensor(name)
+
+
+def _match(path: str, model, state, ckpt: _Checkpoint) -> list:
+    """``(key, var, name, transpose)`` per model parameter (``name`` None: a fresh ``score``
+    head); ValueError for missing, unexpected or mis-shaped tensors (shapes from the headers)."""
+    plan, used, missing = [], set(), []
+    for key, var in nnx.to_flat_state(state):
+        name, transpose = _checkpoint_name(key)
+        shape = var.get_value().shape
+        if name in ckpt.weight_map:
+            found = ckpt.shape(name)
+            if (found[::-1] if transpose else found) != shape:
+                raise ValueError(f"{name}: checkpoint shape {found[::-1] if transpose else found}, model expects {shape}")
+            used.add(name)
+            plan.append((key, var, name, transpose))
+        elif key[0] == "score" and isinstance(model, SequenceClassifier):
+            plan.append((key, var, None, False))
+        else:
+            missing.append(name)
+    unexpected = [k for k in ckpt.weight_map if k not in used and not _may_be_unused(k, model)]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not match the {type(model).__name__} built from its config: "
+                         f"missing {missing[:10]}, unexpected {unexpected[:10]}")
+    return plan
+
+
+def _abstract(path: str, task, num_labels, dtype, param_dtype, remat, seed):
+    """(config, abstract model, graphdef, state) of a local checkpoint directory."""
+    from transformers import AutoConfig  # deferred: importing transformers takes seconds
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path!r} is not a local checkpoint directory")
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    model = nnx.eval_shape(lambda: _build(config, task, num_labels, dtype, param_dtype, remat, nnx.Rngs(seed)))
+    return (config, model, *nnx.split(model))
+
+
+def check_pretrained(path: str, *, task: Optional[str] = None, num_labels: Optional[int] = None) -> None:
+    """Raise what :func:`from_pretrained` would (unsupported architecture, missing files,
+    missing / unexpected / mis-shaped tensors) without reading any weights."""
+    _, model, _, state = _abstract(path, task, num_labels, jnp.float32, jnp.float32, False, 0)
+    with _Checkpoint(path) as ckpt:
+        _match(path, model, state, ckpt)
 
 
 def from_pretrained(path: str, *, task: Optional[str] = None, num_labels: Optional[int] = None,
@@ -132,33 +184,15 @@ def from_pretrained(path: str, *, task: Optional[str] = None, num_labels: Option
     ``param_dtype``; ``dtype`` is the compute dtype. Raises ValueError for an unsupported
     architecture or for missing / unexpected / mis-shaped tensors.
     """
-    from transformers import AutoConfig  # deferred: importing transformers takes seconds
-
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path!r} is not a local checkpoint directory")
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    model = nnx.eval_shape(lambda: _build(config, task, num_labels, dtype, param_dtype, remat, nnx.Rngs(seed)))
-    graphdef, state = nnx.split(model)
+    config, model, graphdef, state = _abstract(path, task, num_labels, dtype, param_dtype, remat, seed)
+    init = nnx.initializers.normal(config.initializer_range)
+    loaded = []
     with _Checkpoint(path) as ckpt:
-        used, missing, loaded = set(), [], []
-        init = nnx.initializers.normal(config.initializer_range)
-        for key, var in nnx.to_flat_state(state):
-            name, transpose = _checkpoint_name(key)
-            shape = var.get_value().shape
-            if name in ckpt.weight_map:
+        for key, var, name, transpose in _match(path, model, state, ckpt):
+            if name is None:
+                value = init(nnx.Rngs(seed).params(), var.get_value().shape, param_dtype)
+            else:
                 value = ckpt.get(name)
                 value = value.T if transpose else value
-                if value.shape != shape:
-                    raise ValueError(f"{name}: checkpoint shape {value.shape}, model expects {shape}")
-                used.add(name)
-            elif key[0] == "score" and isinstance(model, SequenceClassifier):
-                value = init(nnx.Rngs(seed).params(), shape, param_dtype)
-            else:
-                missing.append(name)
-                continue
             loaded.append((key, var.replace(jnp.asarray(value, param_dtype))))
-        unexpected = [k for k in ckpt.weight_map if k not in used and not _may_be_unused(k, model)]
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not match the {type(model).__name__} built from its config: "
-                         f"missing {missing[:10]}, unexpected {unexpected[:10]}")
     return nnx.merge(graphdef, nnx.from_flat_state(loaded))
