@@ -224,6 +224,13 @@ def test_bad_inputs(tmp_path, capsys):
     (model_dir / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
     assert "unsupported architecture" in _bad(tmp_path, capsys, "--model", str(model_dir))
     assert "neither a local checkpoint" in _bad(tmp_path, capsys, "--model", "huge")
+    from ls_jax.tokenizer import train_bpe_tokenizer
+
+    no_weights = tmp_path / "no_weights"  # config and tokenizer, but the safetensors are missing
+    tok = train_bpe_tokenizer(["1 + 2 = 3"])
+    tiny_llama_config(vocab_size=len(tok)).save_pretrained(no_weights)
+    tok.save_pretrained(no_weights)
+    assert "no model.safetensors" in _bad(tmp_path, capsys, "--model", str(no_weights), "--data", str(rows))
     assert "--steps must be >= 1" in _bad(tmp_path, capsys, "--steps", "0")
     assert "--block-n/-v/-d must be >= 1" in _bad(tmp_path, capsys, "--block-v", "0")
     assert "--eval-data needs --data" in _bad(tmp_path, capsys, "--eval-data", str(rows))

@@ -144,7 +144,7 @@ def _model_config(c: TrainConfig):
 
 def _model_builder(c: TrainConfig, config, vocab: int) -> Callable:
     """A zero-argument builder of the model (random init from the seed, or the checkpoint)."""
-    from ls_jax.models import from_config, from_pretrained, tiny_llama_config
+    from ls_jax.models import check_pretrained, from_config, from_pretrained, tiny_llama_config
 
     dtypes = dict(dtype=DTYPES[c.compute_dtype], param_dtype=DTYPES[c.param_dtype])
     if config is None:
@@ -152,6 +152,10 @@ def _model_builder(c: TrainConfig, config, vocab: int) -> Callable:
         return lambda: from_config(tiny, seed=c.seed, **dtypes)
     if config.vocab_size < vocab:
         raise ConfigError(f"--model {c.model}: vocabulary of {config.vocab_size} is smaller than the tokenizer's {vocab}")
+    try:  # the weights' files, names and shapes (headers only), before the run writes anything
+        check_pretrained(c.model)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--model {c.model}: {str(e).splitlines()[0]}") from None
     return lambda: from_pretrained(c.model, **dtypes)
 
 
