@@ -3,6 +3,7 @@ gradient accumulation, sharding rules, and each bad-input case of the command li
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -101,6 +102,18 @@ def test_resume_continues_exactly(runs, capsys):
     with pytest.raises(ValueError, match="lr 0.003 -> 0.0001"):
         run(changed)
     assert (out / "config.json").read_text() == saved_config  # refused before anything is written
+
+
+def test_resume_before_the_first_checkpoint_starts_over(tmp_path):
+    """A job killed before its first save left metrics but no checkpoint: --resume starts
+    afresh, and metrics.jsonl holds this run's lines only."""
+    out = tmp_path / "run"
+    run(_config(out, steps=2, batch_size=8))
+    for step in os.listdir(out / "checkpoints"):
+        shutil.rmtree(out / "checkpoints" / step)
+    first = _losses(out)
+    run(_config(out, steps=2, batch_size=8, resume=True))
+    assert _losses(out) == first
 
 
 def test_packing_and_lora_train(tmp_path):

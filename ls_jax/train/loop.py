@@ -96,6 +96,7 @@ def train(config: TrainConfig, prep: Prepared, out_dir: str, *, stop_at: Optiona
         (params, opt_state), meta = store.restore(latest, (params, opt_state))
         check_resumable(meta["config"], config)
         step, position = meta["step"], meta["data_position"]
+    if config.resume:  # drop lines logged after the last checkpoint (all of them when there is none)
         log.truncate_after(step)
 
     def save():
