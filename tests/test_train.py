@@ -91,8 +91,8 @@ def test_resume_continues_exactly(runs, capsys):
     partial = out / "checkpoints" / f"{K + 1}.orbax-checkpoint-tmp-1234"
     partial.mkdir()
     (partial / "junk").write_text("half written")
-    with open(out / "metrics.jsonl", "a") as f:  # a step logged after the last checkpoint
-        f.write(json.dumps({"kind": "train", "step": K + 1, "loss": -1.0}) + "\n")
+    with open(out / "metrics.jsonl", "a") as f:  # a step logged after the last checkpoint, then a cut line
+        f.write(json.dumps({"kind": "train", "step": K + 1, "loss": -1.0}) + "\n" + '{"kind": "tr')
     run(_config(out, resume=True, **cfg))
     np.testing.assert_array_equal(_losses(out), _losses(runs["base"] / "acc"))
     assert sorted(map(int, os.listdir(out / "checkpoints"))) == [K, STEPS]

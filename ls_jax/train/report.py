@@ -15,11 +15,19 @@ class MetricsLog:
         self.path = path
 
     def truncate_after(self, step: int) -> None:
-        """Drop lines of steps after ``step`` (logged by a run killed before its next checkpoint)."""
+        """Drop lines of steps after ``step`` (logged by a run killed before its next checkpoint),
+        and a last line cut short by the kill."""
         if not os.path.exists(self.path):
             return
+
+        def kept(line: str) -> bool:
+            try:
+                return line.endswith("\n") and json.loads(line)["step"] <= step
+            except json.JSONDecodeError:
+                return False
+
         with open(self.path, encoding="utf-8") as f:
-            keep = [line for line in f if json.loads(line)["step"] <= step]
+            keep = [line for line in f if kept(line)]
         with open(self.path, "w", encoding="utf-8") as f:
             f.writelines(keep)
 
