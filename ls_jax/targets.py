@@ -37,10 +37,10 @@ def check_options(label_smoothing, z_loss, logit_softcap, reduction) -> None:
     """Raise ValueError for option values outside their domain (at trace time)."""
     if not 0.0 <= float(label_smoothing) <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if float(z_loss) < 0.0:
-        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
-    if logit_softcap is not None and not float(logit_softcap) > 0.0:
-        raise ValueError(f"logit_softcap must be a positive number or None, got {logit_softcap}")
+    if not 0.0 <= float(z_loss) < float("inf"):  # NaN fails too
+        raise ValueError(f"z_loss must be finite and >= 0, got {z_loss}")
+    if logit_softcap is not None and not 0.0 < float(logit_softcap) < float("inf"):
+        raise ValueError(f"logit_softcap must be a positive finite number or None, got {logit_softcap}")
     if reduction not in ("none", "sum", "mean"):
         raise ValueError(f"reduction must be 'none', 'sum' or 'mean', got {reduction!r}")
 

@@ -304,6 +304,8 @@ def test_mean_counts_valid_tokens_only():
         (dict(label_smoothing=1.5), "label_smoothing"),
         (dict(z_loss=-1.0), "z_loss"),
         (dict(logit_softcap=0.0), "logit_softcap"),
+        (dict(logit_softcap=float("inf")), "logit_softcap"),  # would give NaN losses
+        (dict(z_loss=float("nan")), "z_loss"),  # would be silently skipped
         (dict(reduction="avg"), "reduction"),
         (dict(impl="cuda"), "impl"),
         (dict(bias=jnp.zeros(3)), "bias"),
