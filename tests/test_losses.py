@@ -73,6 +73,23 @@ def test_dense_sparse_soft_labels_equal_dense_targets():
     assert_close(sparse, smoothed_cross_entropy(logits, dense, label_smoothing=0.1), 1e-6, 1e-6)
 
 
+def test_unnormalised_soft_labels_with_duplicate_ids_match_optax():
+    """Weights not summing to 1 and repeated ids: -sum q log p against the target as given
+    (duplicates add up), q = optax.smooth_labels(t, a); dense, sparse and the fused path."""
+    k = jax.random.split(jax.random.key(4), 3)
+    h, w, b, _ = make_problem(6, 5, 9, seed=4)
+    ids = jax.random.randint(k[0], (6, 4), 0, 9).at[:, 1].set(2).at[:, 3].set(2)
+    weights = jax.random.uniform(k[1], (6, 4), minval=0.1, maxval=1.5)
+    t = jnp.zeros((6, 9)).at[jnp.arange(6)[:, None], ids].add(weights)
+    logits = h @ w.T + b
+    expected = optax.softmax_cross_entropy(logits, optax.smooth_labels(t, 0.3))
+    assert_close(smoothed_cross_entropy(logits, t, label_smoothing=0.3), expected, 1e-5, 1e-5)
+    assert_close(smoothed_cross_entropy(logits, (ids, weights), label_smoothing=0.3), expected, 1e-5, 1e-5)
+    fused = linear_smoothed_cross_entropy(h, w, (ids, weights), bias=b, label_smoothing=0.3, impl="xla",
+                                          block_v=4, reduction="none")
+    assert_close(fused, expected, 1e-5, 1e-5)
+
+
 def test_zero_target_weight_on_a_minus_inf_logit_counts_zero():
     """A class masked by a -inf logit with target weight 0 (dense zeros, sparse padding, a
     weight-0 entry) adds 0 (0 log 0 = 0), as with hard labels; float64 oracle."""
