@@ -39,7 +39,7 @@ class TokenStats(NamedTuple):
 def _weighted_sum(weights, z):
     """``sum_k weights[n, k] * z[n, k]`` over the last axis, a zero weight counting 0 even on a
     -inf logit (a padding entry, or a class masked out by a -inf bias; not NaN)."""
-    return jnp.where(weights != 0, weights * z, 0.0).sum(-1)
+    return (weights * jnp.where((weights == 0) & jnp.isinf(z), 0.0, z)).sum(-1)
 
 
 def _combine(stats: LogitStats, logit_sum, target_dot, target_mass, valid, out_of_range,

@@ -90,6 +90,16 @@ def test_unnormalised_soft_labels_with_duplicate_ids_match_optax():
     assert_close(fused, expected, 1e-5, 1e-5)
 
 
+def test_gradient_in_dense_targets_matches_optax():
+    """Differentiable in the target distribution too (distillation), zero entries included."""
+    k = jax.random.split(jax.random.key(5), 2)
+    logits = jax.random.normal(k[0], (4, 7)) * 3
+    q = jax.nn.softmax(jax.random.normal(k[1], (4, 7))).at[:, 2].set(0.0)
+    ours = jax.grad(lambda q: smoothed_cross_entropy(logits, q, label_smoothing=0.2).sum())(q)
+    expected = jax.grad(lambda q: optax.softmax_cross_entropy(logits, optax.smooth_labels(q, 0.2)).sum())(q)
+    assert_close(ours, expected, 1e-5, 1e-6)
+
+
 def test_zero_target_weight_on_a_minus_inf_logit_counts_zero():
     """A class masked by a -inf logit with target weight 0 (dense zeros, sparse padding, a
     weight-0 entry) adds 0 (0 log 0 = 0), as with hard labels; float64 oracle."""
