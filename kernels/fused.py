@@ -93,15 +93,15 @@ def pallas_logit_stats(
     Any N, V, D and float dtype (bf16/fp16/fp32; fp32 accumulation, fp32 statistics; hidden
     and weight of different dtypes are both promoted to their common type; N=0 is fine);
     differentiable once in hidden, weight and bias (gradients in their dtypes; second-order and
-    forward-mode derivatives raise NotImplementedError). Blocks: powers of two
-    (defaults ``tiles.BLOCK_N/V/D``, capped to the padded size). ``filter_eps``: skip backward
-    tiles whose softmax is below eps everywhere (CCE-style gradient filtering; approximate,
-    error <= eps * |g_lse| per element); ignored when ``need_sum`` (the logit-sum cotangent
-    makes every tile's gradient dense), exact when None. ``interpret``: None means interpret
-    mode unless the default backend is a GPU. ``backward``: "two_kernel" (deterministic) or
-    "atomic" (one kernel, fp32 atomic adds), see backward.py; or "xla": this forward with the
-    blocked XLA backward of ``impl="xla"`` (vocabulary blocks of 4096, matmuls by XLA; no
-    filtering).
+    forward-mode derivatives raise NotImplementedError). Blocks: powers of two (defaults
+    ``tiles.BLOCK_N/V/D``, ``BLOCK_V_F32/BLOCK_D_F32`` for fp32; capped to the padded size).
+    ``filter_eps``: skip backward tiles whose softmax is below eps everywhere (CCE-style
+    gradient filtering; approximate, error <= eps * |g_lse| per element); ignored when
+    ``need_sum`` (the logit-sum cotangent makes every tile's gradient dense), exact when None.
+    ``interpret``: None means interpret mode unless the default backend is a GPU.
+    ``backward``: "two_kernel" (deterministic) or "atomic" (one kernel, fp32 atomic adds), see
+    backward.py; or "xla": this forward with the blocked XLA backward of ``impl="xla"``
+    (vocabulary blocks of 4096, matmuls by XLA; no filtering).
     """
     hidden, weight = jnp.asarray(hidden), jnp.asarray(weight)
     (n, d), (v, d_w) = hidden.shape, weight.shape
