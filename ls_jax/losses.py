@@ -88,7 +88,7 @@ def smoothed_cross_entropy(
     batch_shape, v = logits.shape[:-1], logits.shape[-1]
     n = logits.size // v
     z = apply_softcap(logits.reshape(n, v).astype(jnp.float32), logit_softcap)
-    dense = not isinstance(labels, (tuple, list)) and jnp.shape(labels) == logits.shape
+    dense = not isinstance(labels, tuple) and jnp.shape(labels) == logits.shape
     if dense:
         q = jnp.asarray(labels)
         if not jnp.issubdtype(q.dtype, jnp.floating):
@@ -152,7 +152,7 @@ def linear_smoothed_cross_entropy(
     v, d = weight.shape
     if bias is not None and jnp.shape(bias) != (v,):
         raise ValueError(f"bias must have shape ({v},), got {jnp.shape(bias)}")
-    if not isinstance(labels, (tuple, list)) and jnp.issubdtype(jnp.asarray(labels).dtype, jnp.floating):
+    if not isinstance(labels, tuple) and jnp.issubdtype(jnp.asarray(labels).dtype, jnp.floating):
         raise ValueError("linear_smoothed_cross_entropy takes int labels or sparse (ids, weights) soft labels")
     batch_shape = hidden.shape[:-1]
     h = hidden.reshape(-1, d)

@@ -70,9 +70,9 @@ def sparse_targets(labels: Labels, batch_shape, num_classes: int, ignore_index: 
     """
     batch_shape = tuple(batch_shape)
     n = int(np.prod(batch_shape, dtype=np.int64))
-    if isinstance(labels, (tuple, list)):
+    if isinstance(labels, tuple):
         if len(labels) != 2:
-            raise ValueError("soft labels must be a pair (ids [..., K], weights [..., K])")
+            raise ValueError("soft labels must be a tuple (ids [..., K], weights [..., K])")
         ids, weights = jnp.asarray(labels[0]), jnp.asarray(labels[1])
         if ids.shape != weights.shape or ids.shape[:-1] != batch_shape:
             raise ValueError(

@@ -394,3 +394,12 @@ def test_property_xla_matches_reference(n, d, v, block_v, a, cap, seed):
     assert_close(got[0], ref[0], 1e-5, 1e-5)
     for g, r in zip(got[1], ref[1]):
         assert_close(g, r, 1e-4, 1e-5)
+
+
+def test_python_list_labels_are_class_ids_and_a_tuple_is_a_soft_label_pair():
+    h, w, _, y = make_problem(2, 4, 10)
+    as_list = linear_smoothed_cross_entropy(h, w, [int(y[0]), int(y[1])], impl="xla", reduction="none")
+    assert_close(as_list, linear_smoothed_cross_entropy(h, w, y, impl="xla", reduction="none"), 1e-6, 1e-6)
+    pair = (y[:, None], jnp.ones((2, 1)))
+    assert_close(linear_smoothed_cross_entropy(h, w, pair, impl="xla"), linear_smoothed_cross_entropy(h, w, y, impl="xla"), 1e-6, 1e-6)
+    assert_close(smoothed_cross_entropy(h @ w.T, [int(y[0]), int(y[1])]), smoothed_cross_entropy(h @ w.T, y), 1e-6, 1e-6)

@@ -55,7 +55,7 @@ class SequenceClassifier(nnx.Module):
 
 def _hard_class(labels) -> jax.Array:
     """The class a label points at ``[B]``: the id, or the heaviest class of a soft label."""
-    if isinstance(labels, (tuple, list)):
+    if isinstance(labels, tuple):
         ids, weights = labels
         return jnp.take_along_axis(ids, jnp.argmax(weights, axis=-1)[:, None], axis=-1)[:, 0]
     labels = jnp.asarray(labels)
