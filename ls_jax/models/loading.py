@@ -1,9 +1,12 @@
-"""Build models from a transformers config, or load them from a local Hugging Face checkpoint.
+"""Build models from a transformers config, load them from a local Hugging Face checkpoint,
+and save them as one.
 
 Nothing is fetched from a hub: ``from_pretrained`` takes a local directory holding
-``config.json`` and ``model.safetensors`` (or shards listed in ``model.safetensors.index.json``).
-Parameter ``("model", "layers", 0, "self_attn", "q_proj", "kernel")`` is checkpoint tensor
-``model.layers.0.self_attn.q_proj.weight`` (transposed: nnx kernels are ``[in, out]``).
+``config.json`` and ``model.safetensors`` (or shards listed in ``model.safetensors.index.json``);
+``save_pretrained`` writes such a directory. Both directions use one name mapping
+(:func:`_checkpoint_name`): parameter ``("model", "layers", 0, "self_attn", "q_proj", "kernel")``
+is checkpoint tensor ``model.layers.0.self_attn.q_proj.weight`` (transposed: nnx kernels are
+``[in, out]``, Hugging Face weights ``[out, in]``).
 """
 
 import contextlib
@@ -52,9 +55,12 @@ def _task(config, task: Optional[str]) -> str:
 def _build(config, task, num_labels, dtype, param_dtype, remat, rngs):
     spec = decoder_spec(config)
     if _task(config, task) == "sequence_classification":
-        return SequenceClassifier(spec, num_labels or config.num_labels, dtype=dtype,
-                                  param_dtype=param_dtype, remat=remat, rngs=rngs)
-    return CausalLM(spec, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
+        model = SequenceClassifier(spec, num_labels or config.num_labels, dtype=dtype,
+                                   param_dtype=param_dtype, remat=remat, rngs=rngs)
+    else:
+        model = CausalLM(spec, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
+    model.hf_config = config.to_json_string()  # static (a str), for save_pretrained's config.json
+    return model
 
 
 def from_config(config, *, task: Optional[str] = None, num_labels: Optional[int] = None, seed: int = 0,
@@ -67,7 +73,8 @@ def from_config(config, *, task: Optional[str] = None, num_labels: Optional[int]
     (:class:`SequenceClassifier` with ``num_labels`` or ``config.num_labels`` classes); None picks
     from ``config.architectures`` (causal LM unless it names ``*ForSequenceClassification``).
     dtype: compute dtype of activations; param_dtype: stored parameters. ``rngs`` defaults to
-    ``nnx.Rngs(seed)``. Example: ``from_config(tiny_llama_config(vocab_size=512))``.
+    ``nnx.Rngs(seed)``. The model keeps the config as JSON (``model.hf_config``) for
+    :func:`save_pretrained`. Example: ``from_config(tiny_llama_config(vocab_size=512))``.
     """
     return _build(config, task, num_labels, dtype, param_dtype, remat, rngs or nnx.Rngs(seed))
 
@@ -196,3 +203,33 @@ def from_pretrained(path: str, *, task: Optional[str] = None, num_labels: Option
                 value = value.T if transpose else value
             loaded.append((key, var.replace(jnp.asarray(value, param_dtype))))
     return nnx.merge(graphdef, nnx.from_flat_state(loaded))
+
+
+def save_pretrained(model, path: str, *, config=None) -> None:
+    """Write ``model`` as a local Hugging Face checkpoint directory: ``config.json`` and
+    ``model.safetensors`` (tensor names and ``[out, in]`` layouts as transformers expects;
+    parameters in their own dtype; tied embeddings stored once, as ``model.embed_tokens.weight``).
+
+    config: the transformers config to write; None uses the one the model was built from
+    (``model.hf_config``, set by :func:`from_config` / :func:`from_pretrained`).
+    ``from_pretrained(path)`` and transformers' ``AutoModelForCausalLM.from_pretrained(path)``
+    load it back. A LoRA-wrapped model must be merged first (see ``ls_jax.train.lora.merge_lora``).
+    """
+    from safetensors.flax import save_file
+    from transformers import AutoConfig  # deferred: importing transformers takes seconds
+
+    if config is None:
+        if not hasattr(model, "hf_config"):
+            raise ValueError("the model carries no transformers config (not built by from_config / from_pretrained): "
+                             "pass config=")
+        config = AutoConfig.for_model(**json.loads(model.hf_config))
+    tensors = {}
+    for key, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        if isinstance(var, nnx.LoRAParam):
+            raise ValueError(f"{'.'.join(map(str, key))} is a LoRA adapter: merge the adapters before saving")
+        name, transpose = _checkpoint_name(key)
+        value = var.get_value()
+        tensors[name] = jnp.asarray(value.T if transpose else value)
+    os.makedirs(path, exist_ok=True)
+    config.save_pretrained(path)
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
