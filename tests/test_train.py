@@ -11,13 +11,15 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
 
-from ls_jax.models import from_config, tiny_llama_config
+from ls_jax.models import from_config, from_pretrained, tiny_llama_config
 from ls_jax.train import TrainConfig, main, run
-from ls_jax.train.lora import add_lora
+from ls_jax.train.lora import add_lora, merge_lora
+from ls_jax.train.setup import TINY_MODELS
 from ls_jax.train.sharding import AXES, MeshError, array_spec, check_batch, parse_mesh
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,6 +53,31 @@ def _losses(out) -> list:
 STEPS, K = 16, 8
 
 
+def _checkpoint_model(out, step: int, lora_rank: int = 0):
+    """The run's model rebuilt from its orbax checkpoint at ``step`` (independently of the hf/
+    export): the built-in tiny model from the seed, LoRA-wrapped like the trainer does, with the
+    trained parameters (the checkpoint's first leaves) put in."""
+    from transformers import AutoTokenizer
+
+    seed = TrainConfig().seed
+    tok = AutoTokenizer.from_pretrained(str(out / "tokenizer"), local_files_only=True)
+    model = from_config(tiny_llama_config(vocab_size=len(tok), **TINY_MODELS["tiny"]), seed=seed)
+    if lora_rank:
+        add_lora(model, lora_rank, seed=seed)
+    graphdef, params, rest = nnx.split(model, nnx.LoRAParam if lora_rank else nnx.Param, ...)
+    leaves, treedef = jax.tree.flatten(params)
+    saved = ocp.StandardCheckpointer().restore(str((out / "checkpoints" / str(step) / "state").absolute()))
+    return nnx.merge(graphdef, jax.tree.unflatten(treedef, saved[:len(leaves)]), rest)
+
+
+def _check_hf_export(out, step: int, lora_rank: int = 0, atol: float = 0.0):
+    """``out/hf`` loads with from_pretrained and gives the checkpointed model's logits."""
+    trained = _checkpoint_model(out, step, lora_rank)
+    exported = from_pretrained(str(out / "hf"))
+    ids = jnp.asarray(np.random.RandomState(0).randint(0, trained.spec.vocab_size, (2, 12)))
+    np.testing.assert_allclose(exported.logits(ids), trained.logits(ids), rtol=0, atol=atol)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Two runs over the same rows: one batch of 16 per step, and 2 accumulated batches of 8."""
@@ -67,8 +94,9 @@ def test_tiny_run_learns_and_writes_outputs(runs):
     assert len(losses) == STEPS and np.isfinite(losses).all()
     assert np.mean(losses[-3:]) < 0.75 * np.mean(losses[:3])
     assert sorted(map(int, os.listdir(out / "checkpoints"))) == [K, STEPS]
-    for name in ("config.json", "final.json", "reliability.png", "tokenizer"):
+    for name in ("config.json", "final.json", "reliability.png", "tokenizer", "hf/tokenizer.json"):
         assert (out / name).exists(), name
+    _check_hf_export(out, STEPS)
     evals = [json.loads(line) for line in open(out / "metrics.jsonl") if '"eval"' in line]
     assert [e["step"] for e in evals] == [STEPS]
     for key in ("loss", "accuracy", "answer_accuracy", "nll", "ece"):
@@ -121,6 +149,7 @@ def test_packing_and_lora_train(tmp_path):
     losses = _losses(tmp_path / "run")
     assert np.isfinite(losses).all() and losses[-1] < losses[0]
     assert final["tokens"] > 0
+    _check_hf_export(tmp_path / "run", 4, lora_rank=4, atol=1e-5)  # adapters merged into the kernels
 
 
 def test_local_checkpoint_with_chat_messages(tmp_path):
@@ -164,6 +193,23 @@ def test_lora_starts_as_the_base_model_and_trains_only_adapters():
     _, lora, frozen = nnx.split(model, nnx.LoRAParam, ...)
     assert len(jax.tree.leaves(lora)) == 2 * 7 and len(jax.tree.leaves(frozen)) == base_params
     assert all(2 in np.shape(x) for x in jax.tree.leaves(lora))  # only the rank-2 factors train
+
+
+def test_merge_lora_reproduces_the_adapted_model():
+    """W + A @ B in place of each nnx.LoRA gives the LoRA model's logits (random nonzero A, B)."""
+    model = from_config(tiny_llama_config(vocab_size=64, hidden_size=32, num_hidden_layers=1), seed=0)
+    add_lora(model, 3)
+    adapters = nnx.state(model, nnx.LoRAParam)
+    leaves, treedef = jax.tree.flatten(adapters)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    nnx.update(model, jax.tree.unflatten(treedef, [0.2 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]))
+    ids = jnp.arange(12)[None] % 64
+    before = model.logits(ids)
+    assert merge_lora(model) == 7
+    assert not jax.tree.leaves(nnx.state(model, nnx.LoRAParam))
+    assert isinstance(model.model.layers[0].self_attn.q_proj, nnx.Linear)
+    np.testing.assert_allclose(model.logits(ids), before, rtol=0, atol=1e-5)
+    assert np.abs(np.asarray(before)).max() > 0.1
 
 
 def test_sharding_rules():

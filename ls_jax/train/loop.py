@@ -2,7 +2,8 @@
 
 Run directory layout (``out_dir``): ``config.json``, ``tokenizer/``, ``checkpoints/<step>/``
 (orbax), ``metrics.jsonl`` (train lines every ``log_every`` steps, eval lines every
-``eval_every`` steps and at the end), ``reliability.png`` and ``final.json`` (the last eval).
+``eval_every`` steps and at the end), ``reliability.png`` and ``final.json`` (the last eval),
+``hf/`` (the final model, LoRA merged, and tokenizer as a Hugging Face checkpoint directory).
 """
 
 import json
@@ -19,6 +20,7 @@ from ls_jax.data import Batches, eval_batches
 from ls_jax.train import sharding
 from ls_jax.train.checkpoint import CheckpointStore
 from ls_jax.train.config import TrainConfig
+from ls_jax.train.export import export_hf
 from ls_jax.train.lora import add_lora
 from ls_jax.train.optim import adamw, learning_rate
 from ls_jax.train.report import MetricsLog, Progress
@@ -143,4 +145,5 @@ def train(config: TrainConfig, prep: Prepared, out_dir: str, *, stop_at: Optiona
                             title=f"smoothing {config.label_smoothing:g}")
         with open(os.path.join(out_dir, "final.json"), "w") as f:
             json.dump(final, f, indent=2)
+        export_hf(graphdef, params, frozen, prep.tokenizer, os.path.join(out_dir, "hf"))
     return {"metrics": final, "losses": losses, "step": step}

@@ -100,5 +100,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     print(f"\nheld-out results after {results[0]['step']} steps ({time.perf_counter() - start:.0f} s):")
     print(summary_table(results))
-    print(f"checkpoints, metrics.jsonl and reliability.png under {config.output_dir}")
+    print(f"checkpoints, metrics.jsonl, reliability.png and hf/ (the final model as a Hugging Face "
+          f"checkpoint: python -m ls_jax.evaluate --model RUN_DIR/hf) under {config.output_dir}")
     return 0

@@ -1,0 +1,19 @@
+"""Export a trained run as a Hugging Face checkpoint directory (``<run dir>/hf``).
+
+``python -m ls_jax.evaluate --model <run dir>/hf`` and transformers'
+``AutoModelForCausalLM.from_pretrained`` read it; LoRA adapters are merged into the weights.
+"""
+
+from flax import nnx
+
+from ls_jax.models import save_pretrained
+from ls_jax.train.lora import merge_lora
+
+
+def export_hf(graphdef, params, frozen, tokenizer, path: str) -> None:
+    """Write the model ``nnx.merge(graphdef, params, frozen)`` (LoRA merged) and its tokenizer
+    to ``path`` (config.json, model.safetensors, tokenizer files)."""
+    model = nnx.merge(graphdef, params, frozen)
+    merge_lora(model)
+    save_pretrained(model, path)
+    tokenizer.save_pretrained(path)
