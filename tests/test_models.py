@@ -255,3 +255,21 @@ def test_save_pretrained_keeps_bf16_and_takes_an_explicit_config(tmp_path):
     ids, mask = padded_batch()
     np.testing.assert_array_equal(np.asarray(loaded.logits(jnp.asarray(ids), jnp.asarray(mask)), np.float32),
                                   np.asarray(model.logits(jnp.asarray(ids), jnp.asarray(mask)), np.float32))
+
+
+def test_save_pretrained_classifier_from_a_causal_config(tmp_path):
+    """A classifier built from a causal-LM config is written as *ForSequenceClassification:
+    from_pretrained and transformers give its logits."""
+    config = CONFIGS["qwen2_bias_sliding"]()
+    model = perturbed_nnx(from_config(config, task="sequence_classification", num_labels=3, seed=2))
+    save_pretrained(model, str(tmp_path))
+    assert config.architectures is None  # the caller's config is not modified
+    ids, mask = padded_batch(3)
+    ours = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+    loaded = from_pretrained(str(tmp_path))
+    assert isinstance(loaded, SequenceClassifier)
+    np.testing.assert_array_equal(np.asarray(loaded(jnp.asarray(ids), jnp.asarray(mask))), ours)
+    hf = AutoModelForSequenceClassification.from_pretrained(str(tmp_path), local_files_only=True,
+                                                            attn_implementation="eager").eval()
+    ref = hf_logits(hf, ids, mask)
+    assert ours.shape == (3, 3) and np.abs(ref).max() > 0.1 and np.abs(ours - ref).max() < TOL

@@ -211,9 +211,10 @@ def save_pretrained(model, path: str, *, config=None) -> None:
     parameters in their own dtype; tied embeddings stored once, as ``model.embed_tokens.weight``).
 
     config: the transformers config to write; None uses the one the model was built from
-    (``model.hf_config``, set by :func:`from_config` / :func:`from_pretrained`).
-    ``from_pretrained(path)`` and transformers' ``AutoModelForCausalLM.from_pretrained(path)``
-    load it back. A LoRA-wrapped model must be merged first (see ``ls_jax.train.lora.merge_lora``).
+    (``model.hf_config``, set by :func:`from_config` / :func:`from_pretrained`). A
+    :class:`SequenceClassifier` is written as ``*ForSequenceClassification`` with its ``num_labels``.
+    ``from_pretrained(path)`` and transformers' ``AutoModelForCausalLM`` (or
+    ``AutoModelForSequenceClassification``) ``.from_pretrained(path)`` load it back. A LoRA-wrapped model must be merged first (see ``ls_jax.train.lora.merge_lora``).
     """
     from safetensors.flax import save_file
     from transformers import AutoConfig  # deferred: importing transformers takes seconds
@@ -223,6 +224,12 @@ def save_pretrained(model, path: str, *, config=None) -> None:
             raise ValueError("the model carries no transformers config (not built by from_config / from_pretrained): "
                              "pass config=")
         config = AutoConfig.for_model(**json.loads(model.hf_config))
+    if isinstance(model, SequenceClassifier):  # e.g. built from a causal-LM config with task=
+        from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES as names
+
+        config = AutoConfig.for_model(**config.to_dict())  # a copy: the caller's config is left as it is
+        config.architectures = [names[config.model_type]]
+        config.num_labels = model.num_labels
     tensors = {}
     for key, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         if isinstance(var, nnx.LoRAParam):
