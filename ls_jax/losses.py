@@ -15,6 +15,7 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ls_jax.logit_stats import LogitStats, apply_softcap, reference_logit_stats, stats_from_logits
 from ls_jax.targets import Labels, check_options, sparse_targets, where_mask
@@ -88,7 +89,7 @@ def smoothed_cross_entropy(
     batch_shape, v = logits.shape[:-1], logits.shape[-1]
     n = logits.size // v
     z = apply_softcap(logits.reshape(n, v).astype(jnp.float32), logit_softcap)
-    dense = not isinstance(labels, tuple) and jnp.shape(labels) == logits.shape
+    dense = not isinstance(labels, tuple) and np.shape(labels) == logits.shape
     if dense:
         q = jnp.asarray(labels)
         if not jnp.issubdtype(q.dtype, jnp.floating):
