@@ -339,7 +339,7 @@ def token_calibration(hidden, weight, labels, *, n_bins: int = 15, bias=None, ig
                   return_stats=True)
     nll, stats = linear_smoothed_cross_entropy(hidden, weight, labels, bias=bias, logit_softcap=logit_softcap,
                                                **common)
-    confidence = jnp.exp(stats.max_logit - stats.lse)
+    confidence = stats.confidence
     correct = stats.prediction == jnp.asarray(labels)
     brier = None
     if with_brier:

@@ -41,7 +41,7 @@ def token_metrics(stats: TokenStats, targets: jax.Array) -> dict:
     tokens = valid.sum().astype(jnp.int32)
     count = jnp.maximum(tokens, 1).astype(jnp.float32)
     correct = ((stats.prediction == targets) & valid).sum().astype(jnp.float32)
-    confidence = jnp.where(valid, jnp.exp(stats.max_logit - stats.lse), 0.0).sum()
+    confidence = jnp.where(valid, stats.confidence, 0.0).sum()
     lse = jnp.where(valid, stats.lse, 0.0).sum()
     return {"tokens": tokens, "correct": correct, "confidence_sum": confidence, "lse_sum": lse,
             "accuracy": correct / count, "mean_confidence": confidence / count, "mean_lse": lse / count}

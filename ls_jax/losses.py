@@ -28,13 +28,18 @@ class TokenStats(NamedTuple):
 
     lse: float32 log-sum-exp of the (capped) logits. max_logit: float32, no gradient.
     prediction: int32 argmax class. valid: bool, the tokens that count in the loss.
-    The top-class probability is ``exp(max_logit - lse)``.
+    The top-class probability is :attr:`confidence`.
     """
 
     lse: jax.Array
     max_logit: jax.Array
     prediction: jax.Array
     valid: jax.Array
+
+    @property
+    def confidence(self) -> jax.Array:
+        """float32 top-class probability ``exp(max_logit - lse)`` per token."""
+        return jnp.exp(self.max_logit - self.lse)
 
 
 def _weighted_sum(weights, z):

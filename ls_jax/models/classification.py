@@ -78,7 +78,7 @@ def sequence_classification_loss(model: SequenceClassifier, batch: dict, *, labe
                                          ignore_index=ignore_index, reduction="mean", return_stats=True)
     count = jnp.maximum(stats.valid.sum(), 1).astype(jnp.float32)
     correct = (stats.prediction == _hard_class(labels)) & stats.valid
-    confidence = jnp.where(stats.valid, jnp.exp(stats.max_logit - stats.lse), 0.0)
+    confidence = jnp.where(stats.valid, stats.confidence, 0.0)
     metrics = {"examples": stats.valid.sum(), "accuracy": correct.sum() / count,
                "mean_confidence": confidence.sum() / count}
     return loss, metrics
