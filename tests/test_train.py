@@ -20,7 +20,7 @@ from ls_jax.models import from_config, from_pretrained, tiny_llama_config
 from ls_jax.train import TrainConfig, main, run
 from ls_jax.train.lora import add_lora, merge_lora
 from ls_jax.train.setup import TINY_MODELS
-from ls_jax.train.sharding import AXES, MeshError, array_spec, check_batch, parse_mesh
+from ls_jax.train.sharding import AXES, MeshError, check_batch, param_spec, parse_mesh
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # tiny, fast settings shared by every run here (generated data, built-in tiny model)
@@ -213,12 +213,29 @@ def test_merge_lora_reproduces_the_adapted_model():
 
 
 def test_sharding_rules():
+    """Layouts declared per parameter kind (Megatron-style tensor parallelism, FSDP), on a LoRA
+    model's frozen and trained parameters and Adam's moments alike."""
+    from jax.tree_util import DictKey, GetAttrKey
+
     mesh = AbstractMesh((2, 4, 2), AXES, axis_types=(AxisType.Auto,) * 3)
-    assert array_spec((8, 6), mesh) == P("fsdp", "tensor")
-    assert array_spec((6, 8), mesh) == P("tensor", "fsdp")
-    assert array_spec((10, 6), mesh) == P("tensor", None)  # 4 divides neither dim: no fsdp
-    assert array_spec((64,), mesh) == P(None)
-    assert array_spec((), mesh) == P()
+
+    def spec(*names, shape):
+        return param_spec((*map(DictKey, names), GetAttrKey("value")), shape, mesh)
+
+    attn = ("model", "layers", 0, "self_attn")
+    assert spec(*attn, "q_proj", "kernel", shape=(8, 6)) == P("fsdp", "tensor")  # column-parallel
+    assert spec(*attn, "q_proj", "base_module", "kernel", shape=(8, 6)) == P("fsdp", "tensor")  # under LoRA
+    assert spec(*attn, "q_proj", "bias", shape=(6,)) == P("tensor")
+    assert spec(*attn, "q_proj", "lora_b", shape=(2, 6)) == P(None, "tensor")
+    assert spec("mu", *attn, "o_proj", "kernel", shape=(6, 8)) == P("tensor", "fsdp")  # row-parallel
+    assert spec(*attn, "o_proj", "lora_a", shape=(6, 2)) == P("tensor", None)
+    assert spec("model", "layers", 0, "mlp", "down_proj", "kernel", shape=(10, 8)) == P("tensor", "fsdp")
+    assert spec("model", "embed_tokens", "embedding", shape=(12, 8)) == P("tensor", "fsdp")  # vocabulary
+    assert spec("lm_head", shape=(12, 8)) == P("tensor", "fsdp")
+    assert spec("nu", "lm_head", shape=(11, 6)) == P(None, None)  # neither axis divides: replicated
+    assert spec("model", "norm", "weight", shape=(8,)) == P(None)
+    assert spec("score", "kernel", shape=(8, 3)) == P("fsdp", None)  # undeclared: fsdp over the largest dim
+    assert spec("count", shape=()) == P()
     assert parse_mesh("data=2,fsdp=-1", 8) == {"data": 2, "fsdp": 4, "tensor": 1}
     for bad in ("data=3", "data=2,fsdp=2", "model=2", "data=-1,fsdp=-1", "data=0"):
         with pytest.raises(MeshError):

@@ -1,13 +1,25 @@
-"""Device mesh and placements: a (data, fsdp, tensor) mesh from a flag, NamedShardings by shape.
+"""Device mesh and placements: a (data, fsdp, tensor) mesh from a flag, NamedShardings declared
+per parameter kind (Megatron-style tensor parallelism, FSDP), batches over the batch axes.
 
-Rules (the same for parameters, gradients and optimizer state, so they line up):
-arrays with fewer than 2 dimensions are replicated; otherwise the ``fsdp`` axis shards the
-largest dimension divisible by its size and the ``tensor`` axis the largest other dimension
-divisible by its size (an axis that divides nothing is left out: that array is replicated
-along it). Batches are split along their row dimension over ``("data", "fsdp")``.
+Parameter layouts (:data:`LAYOUTS`; nnx ``Linear`` kernels are ``[in, out]``, LoRA factors
+``A [in, r]``, ``B [r, out]``), looked up by the parameter's module and name:
+
+* column-parallel (``q_proj``, ``k_proj``, ``v_proj``, ``gate_proj``, ``up_proj``): kernel
+  ``(fsdp, tensor)``, bias ``(tensor,)``: each tensor device owns whole output features
+  (heads, MLP columns) and needs no communication;
+* row-parallel (``o_proj``, ``down_proj``): kernel ``(tensor, fsdp)``, bias replicated: each
+  device's partial output is summed by one all-reduce over ``tensor``;
+* vocabulary-parallel (``embed_tokens.embedding``, ``lm_head``) ``[V, D]``: ``(tensor, fsdp)``
+  (the loss merges per-shard statistics: :mod:`ls_jax.sharded`);
+* norms, scalars and 1-d arrays not named above: replicated; any other parameter (e.g. a
+  classifier ``score``): ``fsdp`` over its largest dimension, replicated over ``tensor``.
+
+A mesh axis that does not divide its dimension is left out (that array is replicated along
+it). Optimizer state (Adam's moments) mirrors the parameters' paths, so it gets the same
+layout. Batches are split along their row dimension over ``("data", "fsdp")``.
 """
 
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
@@ -15,6 +27,17 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
+
+_COLUMN = {"kernel": ("fsdp", "tensor"), "bias": ("tensor",), "lora_a": ("fsdp", None), "lora_b": (None, "tensor")}
+_ROW = {"kernel": ("tensor", "fsdp"), "bias": (None,), "lora_a": ("tensor", None), "lora_b": (None, "fsdp")}
+_VOCAB = ("tensor", "fsdp")
+# (module name, parameter name) -> axis per dimension; module "" matches a bare parameter
+LAYOUTS = {
+    **{(m, k): spec for m in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj") for k, spec in _COLUMN.items()},
+    **{(m, k): spec for m in ("o_proj", "down_proj") for k, spec in _ROW.items()},
+    ("embed_tokens", "embedding"): _VOCAB,
+    ("", "lm_head"): _VOCAB,
+}
 
 
 class MeshError(ValueError):
@@ -54,24 +77,37 @@ def make_mesh(spec: str, devices: Optional[Sequence[jax.Device]] = None) -> Mesh
                          devices=devices)
 
 
-def array_spec(shape: Sequence[int], mesh: Mesh) -> P:
-    """PartitionSpec of one parameter-like array by the module's shape rules."""
-    spec = [None] * len(shape)
-    if len(shape) < 2:
-        return P(*spec)
-    for axis in ("fsdp", "tensor"):
-        n = mesh.shape[axis]
-        if n == 1:
-            continue
-        free = [d for d in range(len(shape)) if spec[d] is None and shape[d] % n == 0]
-        if free:
-            spec[max(free, key=lambda d: (shape[d], -d))] = axis
+def _names(path) -> Tuple[str, ...]:
+    """The string names along a pytree path (dict keys and attributes; ``value`` and the LoRA
+    ``base_module`` wrapper dropped), e.g. ``("model", "layers", "self_attn", "q_proj", "kernel")``."""
+    names = []
+    for key in path:
+        name = getattr(key, "key", getattr(key, "name", None))
+        if isinstance(name, str) and name not in ("value", "base_module"):
+            names.append(name)
+    return tuple(names)
+
+
+def param_spec(path, shape: Sequence[int], mesh: Mesh) -> P:
+    """PartitionSpec of a parameter-like array at pytree ``path`` (its module and name select a
+    layout of :data:`LAYOUTS`); axes of size 1 or that do not divide their dimension are left out."""
+    names = _names(path)
+    declared = None
+    if names:
+        declared = LAYOUTS.get((names[-2] if len(names) > 1 else "", names[-1])) or LAYOUTS.get(("", names[-1]))
+    if declared is None or len(declared) != len(shape):
+        declared = [None] * len(shape)
+        if len(shape) >= 2:  # undeclared: fsdp over the largest dimension
+            declared[max(range(len(shape)), key=lambda d: (shape[d], -d))] = "fsdp"
+    spec = [a if a is not None and mesh.shape[a] > 1 and shape[d] % mesh.shape[a] == 0 else None
+            for d, a in enumerate(declared)]
     return P(*spec)
 
 
 def tree_shardings(tree, mesh: Mesh):
     """NamedSharding per leaf of ``tree`` (arrays or ShapeDtypeStructs), same structure."""
-    return jax.tree.map(lambda x: NamedSharding(mesh, array_spec(np.shape(x), mesh)), tree)
+    return jax.tree_util.tree_map_with_path(lambda path, x: NamedSharding(mesh, param_spec(path, np.shape(x), mesh)),
+                                            tree)
 
 
 def batch_sharding(mesh: Mesh, leading: int = 0) -> NamedSharding:
