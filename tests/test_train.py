@@ -18,7 +18,7 @@ from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
 
 from ls_jax.models import from_config, from_pretrained, tiny_llama_config
 from ls_jax.train import TrainConfig, main, run
-from ls_jax.train.lora import add_lora, merge_lora
+from ls_jax.train.lora import add_lora, lora_layers, merge_lora
 from ls_jax.train.setup import TINY_MODELS
 from ls_jax.train.sharding import AXES, MeshError, check_batch, param_spec, parse_mesh
 
@@ -63,7 +63,7 @@ def _checkpoint_model(out, step: int, lora_rank: int = 0):
     tok = AutoTokenizer.from_pretrained(str(out / "tokenizer"), local_files_only=True)
     model = from_config(tiny_llama_config(vocab_size=len(tok), **TINY_MODELS["tiny"]), seed=seed)
     if lora_rank:
-        add_lora(model, lora_rank, seed=seed)
+        model = add_lora(model, lora_rank, seed=seed)
     graphdef, params, rest = nnx.split(model, nnx.LoRAParam if lora_rank else nnx.Param, ...)
     leaves, treedef = jax.tree.flatten(params)
     saved = ocp.StandardCheckpointer().restore(str((out / "checkpoints" / str(step) / "state").absolute()))
@@ -188,26 +188,33 @@ def test_lora_starts_as_the_base_model_and_trains_only_adapters():
     ids = jnp.arange(12)[None] % 64
     before = model(ids)
     base_params = len(jax.tree.leaves(nnx.state(model, nnx.Param)))
-    assert add_lora(model, 2) == 7  # q, k, v, o, gate, up, down
+    model = add_lora(model, 2, alpha=8.0)
+    assert len(lora_layers(model)) == 7  # q, k, v, o, gate, up, down
     np.testing.assert_allclose(model(ids), before, atol=1e-6)  # B = 0 at the start
     _, lora, frozen = nnx.split(model, nnx.LoRAParam, ...)
     assert len(jax.tree.leaves(lora)) == 2 * 7 and len(jax.tree.leaves(frozen)) == base_params
     assert all(2 in np.shape(x) for x in jax.tree.leaves(lora))  # only the rank-2 factors train
+    only_q = add_lora(from_config(tiny_llama_config(vocab_size=64, hidden_size=32, num_hidden_layers=2)), 2,
+                      targets=r".*/q_proj")
+    assert [type(m).__name__ for m in lora_layers(only_q)] == ["Linear"] * 2  # one q_proj per layer
+    with pytest.raises(ValueError, match="no nnx.Linear layer has a module path matching"):
+        add_lora(model, 2, targets="nothing")
 
 
-def test_merge_lora_reproduces_the_adapted_model():
-    """W + A @ B in place of each nnx.LoRA gives the LoRA model's logits (random nonzero A, B)."""
-    model = from_config(tiny_llama_config(vocab_size=64, hidden_size=32, num_hidden_layers=1), seed=0)
-    add_lora(model, 3)
+@pytest.mark.parametrize("alpha", [None, 12.0])
+def test_merge_lora_reproduces_the_adapted_model(alpha):
+    """W + (alpha / rank) A @ B in each kernel gives the logits of qwix's LoRA model (random nonzero A, B)."""
+    model = add_lora(from_config(tiny_llama_config(vocab_size=64, hidden_size=32, num_hidden_layers=1), seed=0), 3,
+                     alpha=alpha)
     adapters = nnx.state(model, nnx.LoRAParam)
     leaves, treedef = jax.tree.flatten(adapters)
     keys = jax.random.split(jax.random.key(1), len(leaves))
     nnx.update(model, jax.tree.unflatten(treedef, [0.2 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]))
     ids = jnp.arange(12)[None] % 64
     before = model.logits(ids)
-    assert merge_lora(model) == 7
-    assert not jax.tree.leaves(nnx.state(model, nnx.LoRAParam))
-    assert isinstance(model.model.layers[0].self_attn.q_proj, nnx.Linear)
+    assert merge_lora(model, alpha) == 7
+    assert not jax.tree.leaves(nnx.state(model, nnx.LoRAParam)) and not lora_layers(model)
+    assert type(model).__name__ == "CausalLM" and not hasattr(type(model), "_unquantized_type")
     np.testing.assert_allclose(model.logits(ids), before, rtol=0, atol=1e-5)
     assert np.abs(np.asarray(before)).max() > 0.1
 
@@ -309,6 +316,10 @@ def test_bad_inputs(tmp_path, capsys):
     assert "no model.safetensors" in _bad(tmp_path, capsys, "--model", str(no_weights), "--data", str(rows))
     assert "--steps must be >= 1" in _bad(tmp_path, capsys, "--steps", "0")
     assert "--block-n/-v/-d must be >= 1" in _bad(tmp_path, capsys, "--block-v", "0")
+    assert "--lora-targets: no nnx.Linear layer has a module path matching 'qproj'" in _bad(
+        tmp_path, capsys, "--lora-rank", "2", "--lora-targets", "qproj")
+    assert "is not a regular expression" in _bad(tmp_path, capsys, "--lora-targets", "(q")
+    assert "--lora-alpha must be > 0" in _bad(tmp_path, capsys, "--lora-alpha", "0")
     assert "--eval-data needs --data" in _bad(tmp_path, capsys, "--eval-data", str(rows))
     bad_row = tmp_path / "bad_row.jsonl"  # row 13 lacks its response: named by its place in the file
     bad_row.write_text("".join(json.dumps({"prompt": "1 + 2 = ", **({} if i == 13 else {"response": "3"})}) + "\n"
@@ -336,8 +347,10 @@ def test_flags():
     assert (default.model, default.data, default.compare_smoothing) == ("tiny", None, [0.0, 0.1])
     assert parse_args(["--label-smoothing", "0.2"]).compare_smoothing == []  # one run, as asked
     assert parse_args(["--data", "x.jsonl"]).compare_smoothing == []
-    c = parse_args(["--compare-smoothing", "0,0.05", "--no-progress", "--lora-rank", "8", "--mesh", "fsdp=-1"])
+    c = parse_args(["--compare-smoothing", "0,0.05", "--no-progress", "--lora-rank", "8", "--mesh", "fsdp=-1",
+                    "--lora-alpha", "16", "--lora-targets", ".*/q_proj"])
     assert (c.compare_smoothing, c.progress, c.lora_rank, c.mesh) == ([0.0, 0.05], False, 8, "fsdp=-1")
+    assert (c.lora_alpha, c.lora_targets, default.lora_alpha) == (16.0, ".*/q_proj", None)
     assert TrainConfig.from_json(c.to_json()) == c
     from ls_jax.train.config import build_parser
 

@@ -6,6 +6,10 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
 
+# module paths (regular expression, matched in full) that --lora-rank adapts: attention and MLP projections
+LORA_TARGETS = r".*/(q|k|v|o|gate|up|down)_proj"
+
+
 @dataclass
 class LossOptions:
     """Keyword arguments of the fused loss (``ls_jax.lm_loss.causal_lm_loss``).
@@ -69,6 +73,8 @@ class TrainConfig(LossOptions):
     compute_dtype: str = "float32"
     param_dtype: str = "float32"
     lora_rank: int = 0
+    lora_alpha: Optional[float] = None
+    lora_targets: str = LORA_TARGETS
     # loss (the fields of LossOptions, plus)
     compare_smoothing: List[float] = field(default_factory=list)
     # sharding, logging, checkpoints
@@ -114,7 +120,10 @@ _HELP = {
     "clip_norm": "clip gradients to this global norm (0: off)",
     "compute_dtype": "activation dtype: float32 or bfloat16",
     "param_dtype": "parameter dtype: float32 or bfloat16",
-    "lora_rank": "train only nnx.LoRA adapters of this rank on the attention/MLP projections (0: full fine-tuning)",
+    "lora_rank": "train only LoRA adapters (qwix) of this rank on the --lora-targets layers (0: full fine-tuning)",
+    "lora_alpha": "LoRA scale numerator: adapters add (alpha / rank) * x @ A @ B (default: the rank, scale 1)",
+    "lora_targets": "regular expression matched in full against module paths such as model/layers/0/self_attn/q_proj "
+                    "(default: the attention and MLP projections)",
     "label_smoothing": "label smoothing a in [0, 1): target (1 - a) * onehot + a / V",
     "compare_smoothing": "comma-separated smoothing values, one run each, compared in the final table "
                          "(default 0,0.1 for the generated data unless --label-smoothing is given; '' for one run)",

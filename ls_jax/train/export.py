@@ -4,16 +4,19 @@
 ``AutoModelForCausalLM.from_pretrained`` read it; LoRA adapters are merged into the weights.
 """
 
+from typing import Optional
+
 from flax import nnx
 
 from ls_jax.models import save_pretrained
 from ls_jax.train.lora import merge_lora
 
 
-def export_hf(graphdef, params, frozen, tokenizer, path: str) -> None:
-    """Write the model ``nnx.merge(graphdef, params, frozen)`` (LoRA merged) and its tokenizer
-    to ``path`` (config.json, model.safetensors, tokenizer files)."""
+def export_hf(graphdef, params, frozen, tokenizer, path: str, lora_alpha: Optional[float] = None) -> None:
+    """Write the model ``nnx.merge(graphdef, params, frozen)`` (LoRA merged with ``lora_alpha``,
+    see :func:`ls_jax.train.lora.merge_lora`) and its tokenizer to ``path`` (config.json,
+    model.safetensors, tokenizer files)."""
     model = nnx.merge(graphdef, params, frozen)
-    merge_lora(model)
+    merge_lora(model, lora_alpha)
     save_pretrained(model, path)
     tokenizer.save_pretrained(path)

@@ -31,6 +31,7 @@ from ls_jax.train.step import accumulate, make_eval_step, make_train_step
 RESUME_FIELDS = ("model", "data", "eval_data", "split", "eval_fraction", "num_train", "num_eval", "max_length",
                  "packing", "steps", "batch_size", "grad_accum", "lr", "warmup_steps", "decay", "min_lr_ratio",
                  "weight_decay", "b1", "b2", "clip_norm", "seed", "compute_dtype", "param_dtype", "lora_rank",
+                 "lora_alpha", "lora_targets",
                  "label_smoothing", "z_loss", "logit_softcap", "no_softcap")
 
 
@@ -70,7 +71,8 @@ def train(config: TrainConfig, prep: Prepared, out_dir: str, *, stop_at: Optiona
     mesh = prep.mesh
     model = prep.build_model()
     if config.lora_rank:
-        add_lora(model, config.lora_rank, seed=config.seed)
+        model = add_lora(model, config.lora_rank, alpha=config.lora_alpha, targets=config.lora_targets,
+                         seed=config.seed)
     trainable = nnx.LoRAParam if config.lora_rank else nnx.Param
     graphdef, params, frozen = nnx.split(model, trainable, ...)
     del model
@@ -145,5 +147,5 @@ def train(config: TrainConfig, prep: Prepared, out_dir: str, *, stop_at: Optiona
                             title=f"smoothing {config.label_smoothing:g}")
         with open(os.path.join(out_dir, "final.json"), "w") as f:
             json.dump(final, f, indent=2)
-        export_hf(graphdef, params, frozen, prep.tokenizer, os.path.join(out_dir, "hf"))
+        export_hf(graphdef, params, frozen, prep.tokenizer, os.path.join(out_dir, "hf"), lora_alpha=config.lora_alpha)
     return {"metrics": final, "losses": losses, "step": step}

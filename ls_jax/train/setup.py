@@ -7,6 +7,7 @@ returns does the trainer create its output directory.
 
 import os
 import random
+import re
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
 
@@ -64,6 +65,7 @@ def check_config(c: TrainConfig) -> None:
         (c.z_loss >= 0, "--z-loss must be >= 0"),
         (c.logit_softcap is None or c.logit_softcap > 0, "--logit-softcap must be > 0"),
         (c.lora_rank >= 0, "--lora-rank must be >= 0"),
+        (c.lora_alpha is None or c.lora_alpha > 0, "--lora-alpha must be > 0"),
         (0 < c.eval_fraction < 1, "--eval-fraction must be in (0, 1)"),
         (c.max_length >= 2, "--max-length must be >= 2"),
         (all(b is None or b >= 1 for b in (c.block_n, c.block_v, c.block_d)), "--block-n/-v/-d must be >= 1"),
@@ -72,6 +74,10 @@ def check_config(c: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    try:
+        re.compile(c.lora_targets)
+    except re.error as e:
+        raise ConfigError(f"--lora-targets {c.lora_targets!r} is not a regular expression: {e}") from None
 
 
 def _rows(c: TrainConfig):
@@ -149,6 +155,7 @@ def _model_builder(c: TrainConfig, config, vocab: int) -> Callable:
     dtypes = dict(dtype=DTYPES[c.compute_dtype], param_dtype=DTYPES[c.param_dtype])
     if config is None:
         tiny = tiny_llama_config(vocab_size=vocab, **TINY_MODELS[c.model])
+        _check_lora_targets(c, tiny)
         return lambda: from_config(tiny, seed=c.seed, **dtypes)
     if config.vocab_size < vocab:
         raise ConfigError(f"--model {c.model}: vocabulary of {config.vocab_size} is smaller than the tokenizer's {vocab}")
@@ -156,7 +163,23 @@ def _model_builder(c: TrainConfig, config, vocab: int) -> Callable:
         check_pretrained(c.model)
     except (OSError, ValueError) as e:
         raise ConfigError(f"--model {c.model}: {str(e).splitlines()[0]}") from None
+    _check_lora_targets(c, config)
     return lambda: from_pretrained(c.model, **dtypes)
+
+
+def _check_lora_targets(c: TrainConfig, config) -> None:
+    """With --lora-rank, --lora-targets must name a layer of the model (checked on its shapes only)."""
+    if not c.lora_rank:
+        return
+    from flax import nnx
+
+    from ls_jax.models import from_config
+    from ls_jax.train.lora import lora_targets
+
+    try:
+        lora_targets(nnx.eval_shape(lambda: from_config(config)), c.lora_targets)
+    except ValueError as e:
+        raise ConfigError(f"--lora-targets: {e}") from None
 
 
 def prepare(c: TrainConfig, saved_tokenizer: Optional[str] = None) -> Prepared:
