@@ -231,11 +231,14 @@ def test_sharding_rules():
 
     attn = ("model", "layers", 0, "self_attn")
     assert spec(*attn, "q_proj", "kernel", shape=(8, 6)) == P("fsdp", "tensor")  # column-parallel
-    assert spec(*attn, "q_proj", "base_module", "kernel", shape=(8, 6)) == P("fsdp", "tensor")  # under LoRA
     assert spec(*attn, "q_proj", "bias", shape=(6,)) == P("tensor")
-    assert spec(*attn, "q_proj", "lora_b", shape=(2, 6)) == P(None, "tensor")
+    assert spec(*attn, "q_proj", "kernel_lora_b", shape=(2, 6)) == P(None, "tensor")  # LoRA (qwix's names)
     assert spec("mu", *attn, "o_proj", "kernel", shape=(6, 8)) == P("tensor", "fsdp")  # row-parallel
-    assert spec(*attn, "o_proj", "lora_a", shape=(6, 2)) == P("tensor", None)
+    assert spec(*attn, "o_proj", "kernel_lora_a", shape=(6, 2)) == P("tensor", None)
+    lora = nnx.state(add_lora(from_config(tiny_llama_config(vocab_size=16, hidden_size=8, num_hidden_layers=1)), 2),
+                     nnx.LoRAParam)  # the factors' real paths reach their declared layouts
+    assert {p[-2:]: param_spec(tuple(map(DictKey, p)), np.shape(x), mesh) for p, x in nnx.to_flat_state(lora)}[
+        ("o_proj", "kernel_lora_a")] == P("tensor", None)
     assert spec("model", "layers", 0, "mlp", "down_proj", "kernel", shape=(10, 8)) == P("tensor", "fsdp")
     assert spec("model", "embed_tokens", "embedding", shape=(12, 8)) == P("tensor", "fsdp")  # vocabulary
     assert spec("lm_head", shape=(12, 8)) == P("tensor", "fsdp")

@@ -1,8 +1,8 @@
 """Device mesh and placements: a (data, fsdp, tensor) mesh from a flag, NamedShardings declared
 per parameter kind (Megatron-style tensor parallelism, FSDP), batches over the batch axes.
 
-Parameter layouts (:data:`LAYOUTS`; nnx ``Linear`` kernels are ``[in, out]``, LoRA factors
-``A [in, r]``, ``B [r, out]``), looked up by the parameter's module and name:
+Parameter layouts (:data:`LAYOUTS`; nnx ``Linear`` kernels are ``[in, out]``, qwix's LoRA
+factors ``kernel_lora_a [in, r]``, ``kernel_lora_b [r, out]``), looked up by the parameter's module and name:
 
 * column-parallel (``q_proj``, ``k_proj``, ``v_proj``, ``gate_proj``, ``up_proj``): kernel
   ``(fsdp, tensor)``, bias ``(tensor,)``: each tensor device owns whole output features
@@ -28,8 +28,9 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
-_COLUMN = {"kernel": ("fsdp", "tensor"), "bias": ("tensor",), "lora_a": ("fsdp", None), "lora_b": (None, "tensor")}
-_ROW = {"kernel": ("tensor", "fsdp"), "bias": (None,), "lora_a": ("tensor", None), "lora_b": (None, "fsdp")}
+_COLUMN = {"kernel": ("fsdp", "tensor"), "bias": ("tensor",), "kernel_lora_a": ("fsdp", None),
+           "kernel_lora_b": (None, "tensor")}
+_ROW = {"kernel": ("tensor", "fsdp"), "bias": (None,), "kernel_lora_a": ("tensor", None), "kernel_lora_b": (None, "fsdp")}
 _VOCAB = ("tensor", "fsdp")
 # (module name, parameter name) -> axis per dimension; module "" matches a bare parameter
 LAYOUTS = {
@@ -78,12 +79,12 @@ def make_mesh(spec: str, devices: Optional[Sequence[jax.Device]] = None) -> Mesh
 
 
 def _names(path) -> Tuple[str, ...]:
-    """The string names along a pytree path (dict keys and attributes; ``value`` and the LoRA
-    ``base_module`` wrapper dropped), e.g. ``("model", "layers", "self_attn", "q_proj", "kernel")``."""
+    """The string names along a pytree path (dict keys and attributes; ``value`` dropped), e.g.
+    ``("model", "layers", "self_attn", "q_proj", "kernel")``."""
     names = []
     for key in path:
         name = getattr(key, "key", getattr(key, "name", None))
-        if isinstance(name, str) and name not in ("value", "base_module"):
+        if isinstance(name, str) and name != "value":
             names.append(name)
     return tuple(names)
 
