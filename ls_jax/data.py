@@ -145,15 +145,10 @@ def _chat_template_segments(msgs: List[dict], tokenizer, index: int) -> List[Tup
     return out
 
 
-def tokenize_example(row: dict, tokenizer, index: int = 0) -> Tuple[np.ndarray, np.ndarray]:
-    """``(input_ids [T] int32, labels [T] int32)`` with ``IGNORE_INDEX`` on prompt tokens.
-
-    With no chat template a bos token (if the tokenizer has one) starts the sequence.
-    """
+def _encode(segs: List[Tuple[str, bool]], tokenizer, templated: bool) -> Tuple[np.ndarray, np.ndarray]:
+    """``(input_ids, labels)`` of the pieces ``segs``, a bos first unless ``templated``."""
     ids: List[int] = []
     labels: List[int] = []
-    segs = _segments(row, tokenizer, index)
-    templated = "messages" in row and bool(getattr(tokenizer, "chat_template", None))
     if tokenizer.bos_token_id is not None and not templated:
         ids.append(tokenizer.bos_token_id)
         labels.append(IGNORE_INDEX)
@@ -164,6 +159,30 @@ def tokenize_example(row: dict, tokenizer, index: int = 0) -> Tuple[np.ndarray, 
         ids += piece
         labels += piece if is_response else [IGNORE_INDEX] * len(piece)
     return np.asarray(ids, np.int32), np.asarray(labels, np.int32)
+
+
+def _templated(row: dict, tokenizer) -> bool:
+    return "messages" in row and bool(getattr(tokenizer, "chat_template", None))
+
+
+def tokenize_example(row: dict, tokenizer, index: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+    """``(input_ids [T] int32, labels [T] int32)`` with ``IGNORE_INDEX`` on prompt tokens.
+
+    With no chat template a bos token (if the tokenizer has one) starts the sequence.
+    """
+    return _encode(_segments(row, tokenizer, index), tokenizer, _templated(row, tokenizer))
+
+
+def prompt_ids(row: dict, tokenizer, index: int = 0) -> np.ndarray:
+    """int32 ids of what precedes the row's last response, exactly as training renders it: the
+    context a model generates that response from (``[bos] + tok(prompt)`` for a
+    ``prompt``/``response`` row; the conversation up to the last assistant reply, with the
+    template's generation prompt, for ``messages``). The response text itself may be empty."""
+    segs = _segments(row, tokenizer, index)
+    last = max((i for i, (_, is_response) in enumerate(segs) if is_response), default=None)
+    if last is None:
+        raise DataError(f"row {index}: no assistant reply to take the prompt before")
+    return _encode(segs[:last], tokenizer, _templated(row, tokenizer))[0]
 
 
 @dataclass

@@ -7,10 +7,10 @@ from ls_jax.models.classification import SequenceClassifier, last_token_index, s
 from ls_jax.models.llama import tiny_llama_config
 from ls_jax.models.loading import ARCHITECTURES, check_pretrained, decoder_spec, from_config, from_pretrained, save_pretrained
 from ls_jax.models.protocol import CausalLMProtocol
-from ls_jax.models.transformer import CausalLM, Decoder, DecoderSpec
+from ls_jax.models.transformer import CausalLM, Decoder, DecoderSpec, KVCache
 
 __all__ = [
-    "ARCHITECTURES", "CausalLM", "CausalLMProtocol", "Decoder", "DecoderSpec", "SequenceClassifier",
+    "ARCHITECTURES", "CausalLM", "CausalLMProtocol", "Decoder", "DecoderSpec", "KVCache", "SequenceClassifier",
     "check_pretrained", "decoder_spec", "from_config", "from_pretrained", "last_token_index", "save_pretrained",
     "sequence_classification_loss",
     "tiny_llama_config",

@@ -127,11 +127,18 @@ def default_positions(attention_mask: Optional[jax.Array], segment_ids: Optional
     return jnp.maximum(count - base - 1, 0)
 
 
-def token_mask(attention_mask: Optional[jax.Array], segment_ids: Optional[jax.Array], shape) -> jax.Array:
-    """bool ``[B, T(query), T(key)]``: causal, key is a real token, same packed segment."""
+def token_mask(attention_mask: Optional[jax.Array], segment_ids: Optional[jax.Array], shape,
+               offset=0) -> jax.Array:
+    """bool ``[B, T(query), S(key)]``: causal, key is a real token, same packed segment.
+
+    ``shape`` is the queries' ``(B, T)``; query ``i`` sits at slot ``offset + i`` (an int or a
+    traced int32 scalar: a KV cache's write index) and key ``j`` at slot ``j``. ``attention_mask``
+    ``[B, S]`` marks real keys (S = T without a cache). ``segment_ids`` needs ``S == T``.
+    """
     b, t = shape
-    idx = jnp.arange(t)
-    mask = jnp.broadcast_to(idx[None, :, None] >= idx[None, None, :], (b, t, t))
+    s = t if attention_mask is None else attention_mask.shape[-1]
+    query = offset + jnp.arange(t)
+    mask = jnp.broadcast_to(query[None, :, None] >= jnp.arange(s)[None, None, :], (b, t, s))
     if attention_mask is not None:
         mask = mask & attention_mask.astype(bool)[:, None, :]
     if segment_ids is not None:
@@ -139,12 +146,13 @@ def token_mask(attention_mask: Optional[jax.Array], segment_ids: Optional[jax.Ar
     return mask
 
 
-def sliding_window_mask(mask: jax.Array, window: Optional[int]) -> jax.Array:
-    """``mask [B, T, T]`` restricted to keys less than ``window`` tokens back (None: unchanged)."""
+def sliding_window_mask(mask: jax.Array, window: Optional[int], offset=0) -> jax.Array:
+    """``mask [B, T, S]`` restricted to keys less than ``window`` slots back (None: unchanged);
+    query ``i`` sits at slot ``offset + i`` as in :func:`token_mask`."""
     if window is None:
         return mask
-    idx = jnp.arange(mask.shape[-1])
-    return mask & ((idx[:, None] - idx[None, :]) < window)
+    query = offset + jnp.arange(mask.shape[1])
+    return mask & ((query[:, None] - jnp.arange(mask.shape[-1])[None, :]) < window)
 
 
 class Attention(nnx.Module):
@@ -169,20 +177,31 @@ class Attention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale, self.softcap = scale, softcap
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-        """x ``[B, T, D]``, rope tables ``[B, T, Dh]``, bool mask ``[B, T, T]`` -> ``[B, T, D]``."""
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+                 cache: Optional[tuple] = None, index=0) -> tuple:
+        """x ``[B, T, D]``, rope tables ``[B, T, Dh]``, bool mask ``[B, T, S]`` -> ``(out [B, T, D], cache)``.
+
+        Without a cache (``None``, returned as is) the keys are this call's tokens (S = T). With
+        ``cache = (k, v)``, each ``[B, S, K, Dh]``, this call's keys and values are written at
+        slots ``index .. index + T - 1`` and the queries attend over all S slots (as ``mask``
+        allows); the updated ``(k, v)`` is returned.
+        """
         b, t, _ = x.shape
         k_heads, groups = self.num_kv_heads, self.num_heads // self.num_kv_heads
         q = apply_rope(self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim), cos, sin)
         k = apply_rope(self.k_proj(x).reshape(b, t, k_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).reshape(b, t, k_heads, self.head_dim)
+        if cache is not None:
+            k, v = (jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (0, index, 0, 0))
+                    for c, new in zip(cache, (k, v)))
+            cache = (k, v)
         q = q.reshape(b, t, k_heads, groups, self.head_dim)
         scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * self.scale
         scores = apply_softcap(scores, self.softcap)
         scores = jnp.where(mask[:, None, None], scores, _MASKED)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), cache
 
 
 class GatedMLP(nnx.Module):

@@ -8,7 +8,7 @@ not separate code paths. Module attribute names mirror Hugging Face checkpoints:
 """
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -89,17 +89,41 @@ class DecoderBlock(nnx.Module):
             self.post_feedforward_layernorm = norm()
         self.sliding_window = sliding_window
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-        """x ``[B, T, D]``, rope tables ``[B, T, Dh]``, bool mask ``[B, T, T]`` -> ``[B, T, D]``."""
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+                 cache: Optional[tuple] = None, index=0) -> tuple:
+        """x ``[B, T, D]``, rope tables ``[B, T, Dh]``, bool mask ``[B, T, S]`` ->
+        ``(x [B, T, D], cache)``; ``cache``/``index``: this layer's ``(k, v)`` (see :class:`Attention`)."""
+        attn, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, index)
         if self.sandwich_norms:
-            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask))
-            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+            x = x + self.post_attention_layernorm(attn)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))), cache
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
 
 
 def _run_block(block: DecoderBlock, x, cos, sin, mask):
-    return block(x, cos, sin, mask)
+    return block(x, cos, sin, mask)[0]
+
+
+class KVCache(NamedTuple):
+    """Keys and values of the tokens seen so far, for incremental decoding (a pytree).
+
+    layers: per layer ``(k, v)``, each ``[B, S, K, Dh]`` in the compute dtype; mask: int32
+    ``[B, S]``, 1 at slots holding a real token; index: int32 scalar, the slot the next call
+    writes its first token to. S is fixed when the cache is made (:meth:`empty`), so shapes
+    never change while decoding.
+    """
+
+    layers: Tuple[Tuple[jax.Array, jax.Array], ...]
+    mask: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def empty(cls, spec: "DecoderSpec", batch: int, length: int, dtype=jnp.float32) -> "KVCache":
+        """A cache of ``length`` slots for ``batch`` sequences, nothing written yet."""
+        shape = (batch, length, spec.num_kv_heads, spec.head_dim)
+        layers = tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(spec.num_layers))
+        return cls(layers, jnp.zeros((batch, length), jnp.int32), jnp.zeros((), jnp.int32))
 
 
 class Decoder(nnx.Module):
@@ -125,24 +149,45 @@ class Decoder(nnx.Module):
                             param_dtype=param_dtype)
 
     def __call__(self, input_ids: jax.Array, attention_mask: Optional[jax.Array] = None,
-                 positions: Optional[jax.Array] = None, segment_ids: Optional[jax.Array] = None) -> jax.Array:
+                 positions: Optional[jax.Array] = None, segment_ids: Optional[jax.Array] = None,
+                 cache: Optional[KVCache] = None):
         """input_ids int ``[B, T]``; attention_mask ``[B, T]`` (1 token, 0 padding) or None;
         positions int ``[B, T]`` or None (then :func:`default_positions`); segment_ids ``[B, T]``
         or None (packed sequences: attention stays inside a segment). Returns ``[B, T, D]`` in
-        the compute dtype, final norm applied."""
+        the compute dtype, final norm applied.
+
+        With a :class:`KVCache` the tokens continue the cached ones: they are written at slots
+        ``cache.index ..`` and attend to every real cached token; default positions continue
+        from the number of real cached tokens. Returns ``(hidden, updated cache)`` then.
+        """
         shape = input_ids.shape
-        if positions is None:
+        offset, key_mask = 0, attention_mask
+        if cache is not None:
+            if segment_ids is not None:
+                raise ValueError("segment_ids (packed sequences) cannot be used with a KV cache")
+            new = jnp.ones(shape, jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
+            offset = cache.index
+            key_mask = jax.lax.dynamic_update_slice(cache.mask, new, (0, offset))
+            if positions is None:
+                positions = cache.mask.sum(-1, keepdims=True) + default_positions(new, None, shape)
+        elif positions is None:
             positions = default_positions(attention_mask, segment_ids, shape)
         x = self.embed_tokens(input_ids)
         if self.spec.embed_scale:
             x = x * jnp.asarray(self.spec.hidden_size ** 0.5, x.dtype)
         cos, sin = rope_tables(positions, self.spec.rope, x.dtype)
-        base = token_mask(attention_mask, segment_ids, shape)
-        masks = {w: sliding_window_mask(base, w) for w in set(self.spec.sliding_windows)}
-        run = nnx.remat(_run_block) if self.remat else _run_block
-        for layer in self.layers:
-            x = run(layer, x, cos, sin, masks[layer.sliding_window])
-        return self.norm(x)
+        base = token_mask(key_mask, segment_ids, shape, offset)
+        masks = {w: sliding_window_mask(base, w, offset) for w in set(self.spec.sliding_windows)}
+        if cache is None:
+            run = nnx.remat(_run_block) if self.remat else _run_block
+            for layer in self.layers:
+                x = run(layer, x, cos, sin, masks[layer.sliding_window])
+            return self.norm(x)
+        layers = []
+        for layer, kv in zip(self.layers, cache.layers):
+            x, kv = layer(x, cos, sin, masks[layer.sliding_window], kv, offset)
+            layers.append(kv)
+        return self.norm(x), KVCache(tuple(layers), key_mask, offset + shape[1])
 
 
 class CausalLM(nnx.Module):
@@ -164,9 +209,10 @@ class CausalLM(nnx.Module):
     def spec(self) -> DecoderSpec:
         return self.model.spec
 
-    def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None) -> jax.Array:
-        """Final hidden states ``[B, T, D]`` (see :meth:`Decoder.__call__`)."""
-        return self.model(input_ids, attention_mask, positions, segment_ids)
+    def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None, cache=None):
+        """Final hidden states ``[B, T, D]``, and the updated cache when given a
+        :class:`KVCache` (see :meth:`Decoder.__call__`)."""
+        return self.model(input_ids, attention_mask, positions, segment_ids, cache)
 
     def unembedding(self) -> jax.Array:
         """Output embedding ``W [V, D]`` (lm_head, or the tied token-embedding table)."""
@@ -174,10 +220,13 @@ class CausalLM(nnx.Module):
             return self.model.embed_tokens.embedding[...]
         return self.lm_head[...]
 
-    def logits(self, input_ids, attention_mask=None, positions=None, segment_ids=None) -> jax.Array:
-        """float32 logits ``[B, T, V]`` with the final softcap applied (materialised: inference, tests)."""
-        hidden = self(input_ids, attention_mask, positions, segment_ids)
+    def project(self, hidden: jax.Array) -> jax.Array:
+        """float32 logits ``[..., V]`` of hidden states ``[..., D]``, final softcap applied."""
         w = self.unembedding()
         flat = dense_logits(hidden.reshape(-1, hidden.shape[-1]), w.astype(hidden.dtype), None,
                             self.final_logit_softcap)
         return flat.reshape(*hidden.shape[:-1], w.shape[0])
+
+    def logits(self, input_ids, attention_mask=None, positions=None, segment_ids=None) -> jax.Array:
+        """float32 logits ``[B, T, V]`` with the final softcap applied (materialised: inference, tests)."""
+        return self.project(self(input_ids, attention_mask, positions, segment_ids))
