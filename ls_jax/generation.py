@@ -157,7 +157,7 @@ def generate(model, tokenizer, prompts: Sequence[Union[str, Sequence[int]]], *, 
              progress=None) -> List[Generation]:
     """Continue each prompt; returns one :class:`Generation` per prompt, in order.
 
-    model: a :class:`~ls_jax.models.CausalLM` (LoRA-wrapped too). prompts: strings (encoded as
+    model: a :class:`~ls_jax.models.CausalLM`. prompts: strings (encoded as
     training encodes a prompt, :func:`ls_jax.data.prompt_ids`: bos + tokens) or token-id lists.
     temperature 0 is greedy; > 0 samples from ``softmax(logits / temperature)`` restricted to
     the ``top_p`` nucleus, reproducibly for a ``seed`` (and the same batching). A sequence ends
