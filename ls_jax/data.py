@@ -35,34 +35,39 @@ class DataError(ValueError):
 # --------------------------------------------------------------------------- loading
 
 
-def read_jsonl(path: str) -> List[Tuple[str, dict]]:
-    """``(where, object)`` for each non-blank line of a ``.jsonl`` file, ``where`` being
-    ``"PATH: line K"``; a malformed line or a non-object raises :class:`DataError` naming it."""
+def read_jsonl(path: str) -> List[Tuple[int, dict]]:
+    """``(line number, object)`` for each non-blank line of a ``.jsonl`` file (lines counted
+    from 1); a line that is not UTF-8, malformed or not an object raises :class:`DataError`
+    naming it (``"PATH: line K: ..."``)."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}: line {lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
             if not line.strip():
                 continue
-            where = f"{path}: line {lineno}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            rows.append((where, row))
+            rows.append((lineno, row))
     return rows
 
 
-def _read_json_rows(path: str) -> List[dict]:
-    """Rows of a ``.jsonl`` file (one object per line) or a ``.json`` list / {"data": [...]}."""
-    if path.endswith(".jsonl"):
-        return [row for _, row in read_jsonl(path)]
-    with open(path, encoding="utf-8") as f:
-        try:
+def _read_json(path: str) -> List[dict]:
+    """Rows of a ``.json`` list / {"data": [...]}."""
+    try:
+        with open(path, encoding="utf-8") as f:
             data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: malformed JSON at line {e.lineno} ({e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: malformed JSON at line {e.lineno} ({e.msg})") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
@@ -70,63 +75,95 @@ def _read_json_rows(path: str) -> List[dict]:
     return data
 
 
-def load_rows(path: str, split: str = "train"):
-    """A ``datasets.Dataset`` from a local .jsonl/.json/.parquet file or a save_to_disk dir.
+def _read_table(path: str, split: str) -> List[dict]:
+    """Rows of a ``.parquet`` file or a ``datasets`` save_to_disk directory."""
+    import pyarrow as pa
+
+    if os.path.isdir(path):
+        import datasets
+
+        try:
+            ds = datasets.load_from_disk(path)
+        except (FileNotFoundError, ValueError, pa.ArrowException) as e:
+            raise DataError(f"{path}: not a datasets save_to_disk directory ({str(e).splitlines()[0]})") from None
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise DataError(f"{path}: no split {split!r} (have {sorted(ds)})")
+            ds = ds[split]
+        return ds.to_list()
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
+
+
+def load_rows(path: str, split: str = "train") -> Tuple[List[dict], List[str]]:
+    """``(rows, where)`` from a local .jsonl/.json/.parquet file or a save_to_disk dir:
+    the rows as dicts (each with its own keys), and each row's place for messages (``"line K"``
+    in a .jsonl file, ``"row K"`` otherwise, counted from 1).
 
     A saved ``DatasetDict`` is indexed by ``split``. Raises :class:`DataError` when the path
     does not exist, cannot be parsed or holds no rows.
     """
     if not os.path.exists(path):
         raise DataError(f"data not found: {path}")
-    import datasets
-
-    if os.path.isdir(path):
-        try:
-            ds = datasets.load_from_disk(path)
-        except (FileNotFoundError, ValueError) as e:
-            raise DataError(f"{path}: not a datasets save_to_disk directory ({e})") from None
-        if isinstance(ds, datasets.DatasetDict):
-            if split not in ds:
-                raise DataError(f"{path}: no split {split!r} (have {sorted(ds)})")
-            ds = ds[split]
-    elif path.endswith((".jsonl", ".json")):
-        ds = datasets.Dataset.from_list(_read_json_rows(path))
-    elif path.endswith(".parquet"):
-        ds = datasets.Dataset.from_parquet(path)
+    if path.endswith(".jsonl") and not os.path.isdir(path):
+        lines = read_jsonl(path)
+        rows, where = [row for _, row in lines], [f"line {n}" for n, _ in lines]
     else:
-        raise DataError(f"{path}: unsupported data format (use .jsonl, .json, .parquet or a save_to_disk directory)")
-    if len(ds) == 0:
+        if os.path.isdir(path) or path.endswith(".parquet"):
+            rows = _read_table(path, split)
+        elif path.endswith(".json"):
+            rows = _read_json(path)
+        else:
+            raise DataError(f"{path}: unsupported data format (use .jsonl, .json, .parquet or a save_to_disk directory)")
+        where = [f"row {i}" for i in range(1, len(rows) + 1)]
+    if not rows:
         raise DataError(f"{path}: the data set is empty")
-    return ds
+    return rows, where
 
 
 # --------------------------------------------------------------------------- tokenisation
 
 
-def _segments(row: dict, tokenizer, index: int) -> List[Tuple[str, bool]]:
-    """The example as ``(text, is_response)`` pieces, in order."""
+def _segments(row: dict, tokenizer, where: str) -> List[Tuple[str, bool]]:
+    """The example as ``(text, is_response)`` pieces, in order; ``where`` names the row in errors."""
     if "messages" in row and row["messages"] is not None:
         msgs = row["messages"]
-        if not isinstance(msgs, (list, tuple)) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
-            raise DataError(f"row {index}: 'messages' must be a list of {{'role', 'content'}} objects")
+        if not isinstance(msgs, (list, tuple)) or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in msgs):
+            raise DataError(f"{where}: 'messages' must be a list of {{'role': str, 'content': str}} objects")
         if getattr(tokenizer, "chat_template", None):
-            return _chat_template_segments(list(msgs), tokenizer, index)
+            return _chat_template_segments(list(msgs), tokenizer, where)
         out = []
         for m in msgs:
             if m["role"] == "assistant":
                 out.append(("<|assistant|>\n", False))
-                out.append((str(m["content"]) + (tokenizer.eos_token or ""), True))
+                out.append((m["content"] + (tokenizer.eos_token or ""), True))
                 out.append(("\n", False))
             else:
                 out.append((SIMPLE_TEMPLATE.format(role=m["role"], content=m["content"]), False))
         return out
     if row.get("prompt") is not None and row.get("response") is not None:
-        return [(str(row["prompt"]), False), (str(row["response"]) + (tokenizer.eos_token or ""), True)]
-    fields = sorted(k for k, v in row.items() if v is not None)  # datasets fills a row's missing columns with None
-    raise DataError(f"row {index}: needs 'messages' or 'prompt' and 'response' fields, has {fields}")
+        for key in ("prompt", "response"):
+            if not isinstance(row[key], str):
+                raise DataError(f"{where}: {key!r} must be a string, got {type(row[key]).__name__} {row[key]!r}")
+        return [(row["prompt"], False), (row["response"] + (tokenizer.eos_token or ""), True)]
+    fields = sorted(k for k, v in row.items() if v is not None)  # tables fill a row's missing columns with None
+    raise DataError(f"{where}: needs 'messages' or 'prompt' and 'response' fields, has {fields}")
 
 
-def _chat_template_segments(msgs: List[dict], tokenizer, index: int) -> List[Tuple[str, bool]]:
+def _responses(row: dict) -> List[str]:
+    """The response texts of a row that :func:`_segments` accepted."""
+    if row.get("messages") is not None:
+        return [m["content"] for m in row["messages"] if m["role"] == "assistant"]
+    return [row["response"]]
+
+
+def _chat_template_segments(msgs: List[dict], tokenizer, where: str) -> List[Tuple[str, bool]]:
     """Split a chat-template rendering at each assistant message by rendering prefixes."""
     out, done = [], ""
     for i, m in enumerate(msgs):
@@ -135,12 +172,12 @@ def _chat_template_segments(msgs: List[dict], tokenizer, index: int) -> List[Tup
         before = tokenizer.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True) if i else ""
         upto = tokenizer.apply_chat_template(msgs[: i + 1], tokenize=False)
         if not before.startswith(done) or not upto.startswith(before):
-            raise DataError(f"row {index}: the chat template does not render conversations prefix by prefix")
+            raise DataError(f"{where}: the chat template does not render conversations prefix by prefix")
         out += [(before[len(done):], False), (upto[len(before):], True)]
         done = upto
     full = tokenizer.apply_chat_template(msgs, tokenize=False)
     if not full.startswith(done):
-        raise DataError(f"row {index}: the chat template does not render conversations prefix by prefix")
+        raise DataError(f"{where}: the chat template does not render conversations prefix by prefix")
     out.append((full[len(done):], False))
     return out
 
@@ -165,52 +202,56 @@ def _templated(row: dict, tokenizer) -> bool:
     return "messages" in row and bool(getattr(tokenizer, "chat_template", None))
 
 
-def tokenize_example(row: dict, tokenizer, index: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+def tokenize_example(row: dict, tokenizer, where: str = "row 1") -> Tuple[np.ndarray, np.ndarray]:
     """``(input_ids [T] int32, labels [T] int32)`` with ``IGNORE_INDEX`` on prompt tokens.
 
     With no chat template a bos token (if the tokenizer has one) starts the sequence.
+    ``where`` names the row in a :class:`DataError`.
     """
-    return _encode(_segments(row, tokenizer, index), tokenizer, _templated(row, tokenizer))
+    return _encode(_segments(row, tokenizer, where), tokenizer, _templated(row, tokenizer))
 
 
-def prompt_ids(row: dict, tokenizer, index: int = 0) -> np.ndarray:
+def prompt_ids(row: dict, tokenizer, where: str = "row 1") -> np.ndarray:
     """int32 ids of what precedes the row's last response, exactly as training renders it: the
     context a model generates that response from (``[bos] + tok(prompt)`` for a
     ``prompt``/``response`` row; the conversation up to the last assistant reply, with the
     template's generation prompt, for ``messages``). The response text itself may be empty."""
-    segs = _segments(row, tokenizer, index)
+    segs = _segments(row, tokenizer, where)
     last = max((i for i, (_, is_response) in enumerate(segs) if is_response), default=None)
     if last is None:
-        raise DataError(f"row {index}: no assistant reply to take the prompt before")
+        raise DataError(f"{where}: no assistant reply to take the prompt before")
     return _encode(segs[:last], tokenizer, _templated(row, tokenizer))[0]
 
 
 @dataclass
 class PrepareStats:
-    """Counts from :func:`prepare`: rows in, rows cut at max_length, rows dropped (no response left)."""
+    """Counts from :func:`prepare`: rows in, rows cut at max_length, rows dropped (no response
+    left), rows kept whose responses are all empty text (only an end token is learned)."""
 
     rows: int
     truncated: int
     dropped: int
+    empty: int = 0
 
     def log_line(self, name: str, max_length: int) -> str:
-        return (f"{name}: {self.rows} examples, {self.truncated} truncated to {max_length} tokens, "
+        line = (f"{name}: {self.rows} examples, {self.truncated} truncated to {max_length} tokens, "
                 f"{self.dropped} dropped with no response token left")
+        return line + (f", {self.empty} with an empty response" if self.empty else "")
 
 
 def prepare(rows, tokenizer, max_length: int, name: str = "data",
-            row_ids: Optional[Sequence[int]] = None) -> Tuple[List[Tuple[np.ndarray, np.ndarray]], PrepareStats]:
+            where: Optional[Sequence[str]] = None) -> Tuple[List[Tuple[np.ndarray, np.ndarray]], PrepareStats]:
     """Tokenise, truncate to ``max_length`` and drop examples without response tokens.
 
-    Raises :class:`DataError` if nothing is left, or naming ``name`` and the row for a bad
-    row; ``row_ids``: the rows' 0-based numbers in their source (default 0, 1, ...). A
-    response token at position 0 cannot be predicted (nothing precedes it), so only
-    positions >= 1 count as response tokens.
+    Raises :class:`DataError` naming ``name`` and the row for a bad row (``where``: the rows'
+    places in their source, default ``"row 1"``, ``"row 2"``, ...), and when nothing is left
+    to learn: no response token, or only empty responses. A response token at position 0
+    cannot be predicted (nothing precedes it), so only positions >= 1 count as response tokens.
     """
-    examples, truncated, dropped = [], 0, 0
+    examples, truncated, dropped, empty = [], 0, 0, 0
     for i, row in enumerate(rows):
         try:
-            ids, labels = tokenize_example(row, tokenizer, i if row_ids is None else row_ids[i])
+            ids, labels = tokenize_example(row, tokenizer, f"row {i + 1}" if where is None else where[i])
         except DataError as e:
             raise DataError(f"{name}: {e}") from None
         if len(ids) > max_length:
@@ -219,11 +260,14 @@ def prepare(rows, tokenizer, max_length: int, name: str = "data",
         if not (labels[1:] != IGNORE_INDEX).any():
             dropped += 1
             continue
+        empty += not any(text.strip() for text in _responses(row))
         examples.append((ids, labels))
-    stats = PrepareStats(len(rows), truncated, dropped)
+    stats = PrepareStats(len(rows), truncated, dropped, empty)
     if not examples:
         raise DataError(f"{name}: no example has a response token after truncation to {max_length} tokens "
                         f"({stats.rows} rows, {stats.truncated} truncated)")
+    if empty == len(examples):
+        raise DataError(f"{name}: every response is empty ({empty} examples): there is nothing to learn but the end token")
     return examples, stats
 
 

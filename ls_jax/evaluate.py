@@ -51,7 +51,7 @@ def format_prompt(question: str, choices: Sequence[str]) -> str:
 
 
 def parse_record(record, where: str) -> Question:
-    """Validate one record; ``where`` (e.g. "file.jsonl:3") prefixes every error message."""
+    """Validate one record; ``where`` (e.g. "file.jsonl: line 3") prefixes every error message."""
     if not isinstance(record, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
     missing = [k for k in ("question", "choices", "answer") if k not in record]
@@ -81,7 +81,7 @@ def load_questions(path_or_records: Union[str, os.PathLike, Sequence[dict]]) -> 
         path = os.fspath(path_or_records)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"multiple-choice data file not found: {path}")
-        questions = [parse_record(record, where) for where, record in read_jsonl(path)]
+        questions = [parse_record(record, f"{path}: line {n}") for n, record in read_jsonl(path)]
         source = path
     else:
         questions = [parse_record(r, f"record {i}") for i, r in enumerate(path_or_records)]

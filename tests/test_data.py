@@ -75,8 +75,12 @@ def test_messages_chat_template_multi_turn(tok, tmp_path):
 
 
 def test_bad_rows(tok):
-    with pytest.raises(DataError, match="row 0"):
+    with pytest.raises(DataError, match="row 1"):
         tokenize_example({"text": "x"}, tok)
+    with pytest.raises(DataError, match="'response' must be a string, got int 3"):
+        tokenize_example({"prompt": "1 + 2 = ", "response": 3}, tok)
+    with pytest.raises(DataError, match="'messages' must be a list"):
+        tokenize_example({"messages": [{"role": "user", "content": ["x"]}]}, tok)
     with pytest.raises(DataError, match="messages"):
         tokenize_example({"messages": [{"role": "user"}]}, tok)
     # a row missing a column of the file: datasets fills it with None, which is not a response "None"
@@ -155,7 +159,9 @@ def test_load_formats(tmp_path):
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
     datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "saved_dict"))
     for name in ("d.jsonl", "d.json", "d.parquet", "saved", "saved_dict"):
-        assert list(load_rows(str(tmp_path / name))) == rows, name
+        assert load_rows(str(tmp_path / name))[0] == rows, name
+    assert load_rows(str(tmp_path / "d.jsonl"))[1] == ["line 1", "line 2"]
+    assert load_rows(str(tmp_path / "d.parquet"))[1] == ["row 1", "row 2"]
 
 
 def test_load_errors(tmp_path):
@@ -174,6 +180,49 @@ def test_load_errors(tmp_path):
     datasets.DatasetDict({"test": datasets.Dataset.from_list(ROWS[:1])}).save_to_disk(str(tmp_path / "sd"))
     with pytest.raises(DataError, match="no split 'train'"):
         load_rows(str(tmp_path / "sd"))
+
+
+def test_unreadable_files_are_data_errors(tmp_path):
+    """Non-UTF-8 text, cut or garbage parquet: a DataError naming the file (and line)."""
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(json.dumps(ROWS[0]).encode() + b"\n" + '{"prompt": "caf\u00e9", "response": "x"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=re.escape(f"{bad}: line 2: not UTF-8 text (byte 0xe9 at column 16)")):
+        load_rows(str(bad))
+    (tmp_path / "latin1.json").write_bytes('[{"prompt": "caf\u00e9"}]'.encode("latin-1"))
+    with pytest.raises(DataError, match="not UTF-8"):
+        load_rows(str(tmp_path / "latin1.json"))
+    datasets.Dataset.from_list(ROWS).to_parquet(str(tmp_path / "d.parquet"))
+    whole = (tmp_path / "d.parquet").read_bytes()
+    (tmp_path / "cut.parquet").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "garbage.parquet").write_bytes(b"not parquet at all")
+    for name in ("cut.parquet", "garbage.parquet"):
+        with pytest.raises(DataError, match="not a readable parquet file"):
+            load_rows(str(tmp_path / name))
+
+
+def test_rows_keep_their_own_columns_and_types_are_checked(tmp_path, tok):
+    """Columns are not taken from the first row: a later row's 'messages' is read; a column of
+    mixed types is no pyarrow error but a DataError naming the line (counted from 1)."""
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "there"}]}
+    path = tmp_path / "mixed.jsonl"
+    path.write_text(json.dumps(ROWS[0]) + "\n\n" + json.dumps(chat) + "\n")
+    rows, where = load_rows(str(path))
+    assert rows == [ROWS[0], chat] and where == ["line 1", "line 3"]
+    examples, _ = prepare(rows, tok, max_length=64, where=where)
+    np.testing.assert_array_equal(examples[1][0], tokenize_example(chat, tok)[0])
+    path.write_text(json.dumps(ROWS[0]) + "\n" + json.dumps({"prompt": "2 + 2 = ", "response": 4}) + "\n")
+    with pytest.raises(DataError, match=re.escape("d (train): line 2: 'response' must be a string, got int 4")):
+        rows, where = load_rows(str(path))
+        prepare(rows, tok, 64, name="d (train)", where=where)
+
+
+def test_empty_responses_are_counted_and_all_empty_is_an_error(tok):
+    empty = {"prompt": "What is 1 + 1? ", "response": " "}
+    _, stats = prepare([ROWS[0], empty], tok, max_length=64)
+    assert stats.empty == 1 and stats.log_line("train", 64).endswith(", 1 with an empty response")
+    with pytest.raises(DataError, match=re.escape("every response is empty (2 examples)")):
+        prepare([empty, {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": ""}]}],
+                tok, max_length=64)
 
 
 def test_synthetic_answers_check_out_and_split_is_disjoint():

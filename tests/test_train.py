@@ -324,10 +324,10 @@ def test_bad_inputs(tmp_path, capsys):
     assert "is not a regular expression" in _bad(tmp_path, capsys, "--lora-targets", "(q")
     assert "--lora-alpha must be > 0" in _bad(tmp_path, capsys, "--lora-alpha", "0")
     assert "--eval-data needs --data" in _bad(tmp_path, capsys, "--eval-data", str(rows))
-    bad_row = tmp_path / "bad_row.jsonl"  # row 13 lacks its response: named by its place in the file
+    bad_row = tmp_path / "bad_row.jsonl"  # line 14 lacks its response: named by its line in the file
     bad_row.write_text("".join(json.dumps({"prompt": "1 + 2 = ", **({} if i == 13 else {"response": "3"})}) + "\n"
                                for i in range(20)))
-    assert f"{bad_row} (train): row 13: needs 'messages' or 'prompt' and 'response'" in _bad(
+    assert f"{bad_row} (train): line 14: needs 'messages' or 'prompt' and 'response'" in _bad(
         tmp_path, capsys, "--data", str(bad_row), "--batch-size", "2")
     assert "--compare-smoothing repeats a value" in _bad(tmp_path, capsys, "--compare-smoothing", "0.1,0,0.10")
     assert main(["--resume", "--no-progress"]) == 2  # without --output-dir it would start afresh in runs/<now>
@@ -358,3 +358,69 @@ def test_flags():
     from ls_jax.train.config import build_parser
 
     assert [a.dest for a in build_parser()._actions if not a.help] == []  # --help documents every flag
+
+
+# A train.py subprocess that SIGKILLs itself at a chosen moment: "commit:K" right after the
+# checkpoint of step K is on disk, "export" in the middle of the final export (weights
+# written, tokenizer not), "none": runs to the end.
+KILLED_RUN = """
+import os, signal, sys
+from ls_jax.train import checkpoint, export, main
+
+kind, _, at = sys.argv[1].partition(":")
+die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+save, save_pretrained = checkpoint.CheckpointStore.save, export.save_pretrained
+
+def killing_save(self, step, state, meta):
+    save(self, step, state, meta)
+    if kind == "commit" and step == int(at):
+        self.manager.wait_until_finished()
+        die()
+
+def killing_export(model, path):
+    save_pretrained(model, path)
+    die()
+
+checkpoint.CheckpointStore.save = killing_save
+if kind == "export":
+    export.save_pretrained = killing_export
+sys.exit(main(sys.argv[2:]))
+"""
+KILL_FLAGS = ["--steps", "6", "--save-every", "2", "--eval-every", "2", "--log-every", "1", "--num-train", "64",
+              "--num-eval", "16", "--batch-size", "16", "--eval-batch-size", "16", "--max-length", "40",
+              "--warmup-steps", "1", "--label-smoothing", "0.1", "--no-progress"]
+TIMINGS = ("tokens_per_s", "step_time_s")
+
+
+def _killed_run(out, plan, *flags, cache):
+    env = {**os.environ, "PYTHONPATH": REPO, "JAX_COMPILATION_CACHE_DIR": str(cache),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.2"}
+    proc = subprocess.run([sys.executable, "-c", KILLED_RUN, plan, *KILL_FLAGS, "--output-dir", str(out), *flags],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == (0 if plan == "none" else -9), proc.stderr[-2000:]
+
+
+def _metrics_lines(out):
+    """metrics.jsonl's lines without their timings."""
+    with open(out / "metrics.jsonl") as f:
+        return [{k: v for k, v in json.loads(line).items() if k not in TIMINGS} for line in f]
+
+
+def test_killed_and_resumed_run_logs_what_an_uninterrupted_run_logs(tmp_path):
+    """SIGKILL a train.py process right after a checkpoint commits, resume it and SIGKILL it
+    during the final export, resume again: metrics.jsonl (line by line), final.json and the
+    exported weights equal those of an uninterrupted run (here, in this process)."""
+    cache = tmp_path / "jax_cache"
+    ref, out = tmp_path / "ref", tmp_path / "killed"
+    assert main([*KILL_FLAGS, "--output-dir", str(ref)]) == 0
+    _killed_run(out, "commit:2", cache=cache)
+    assert [(r["kind"], r["step"]) for r in _metrics_lines(out)] == [("train", 1), ("train", 2), ("eval", 2)]
+    _killed_run(out, "export", "--resume", cache=cache)
+    assert not (out / "hf").exists() and not (out / "final.json").exists()  # nothing half-written under its name
+    _killed_run(out, "none", "--resume", cache=cache)
+    assert _metrics_lines(out) == _metrics_lines(ref)
+    assert [(r["kind"], r["step"]) for r in _metrics_lines(ref) if r["kind"] == "eval"] == [("eval", 2), ("eval", 4), ("eval", 6)]
+    final, final_ref = (json.loads((d / "final.json").read_text()) for d in (out, ref))
+    assert {k: v for k, v in final.items() if k not in TIMINGS} == {k: v for k, v in final_ref.items() if k not in TIMINGS}
+    assert (out / "hf" / "model.safetensors").read_bytes() == (ref / "hf" / "model.safetensors").read_bytes()
+    assert sorted(os.listdir(out / "hf")) == sorted(os.listdir(ref / "hf"))

@@ -16,7 +16,7 @@ from typing import Callable, Dict, Optional
 
 import jax.numpy as jnp
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from ls_jax.models.classification import SequenceClassifier
 from ls_jax.models.gemma2 import gemma2_spec
@@ -98,6 +98,14 @@ def _may_be_unused(name: str, model) -> bool:
     return name == "lm_head.weight" and (not isinstance(model, CausalLM) or model.spec.tie_word_embeddings)
 
 
+def _safe_open(path: str):
+    """``safe_open(path)``; a truncated or malformed file raises ValueError naming it."""
+    try:
+        return safe_open(path, framework="flax")
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a complete safetensors file ({e})") from None
+
+
 class _Checkpoint:
     """Lazy reader of the safetensors files of a local checkpoint directory."""
 
@@ -108,7 +116,7 @@ class _Checkpoint:
             with open(index) as f:
                 weight_map = json.load(f)["weight_map"]
         elif os.path.exists(single):
-            with safe_open(single, framework="flax") as f:
+            with _safe_open(single) as f:
                 weight_map = {k: "model.safetensors" for k in f.keys()}
         else:
             raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {directory}")
@@ -127,7 +135,7 @@ class _Checkpoint:
             path = os.path.join(self.directory, fname)
             if not os.path.exists(path):
                 raise FileNotFoundError(f"{self.directory}: missing checkpoint file {fname} (holds {name})")
-            self._files[fname] = self._stack.enter_context(safe_open(path, framework="flax"))
+            self._files[fname] = self._stack.enter_context(_safe_open(path))
         return self._files[fname]
 
     def shape(self, name: str) -> tuple:

@@ -4,9 +4,16 @@ Run directory layout (``out_dir``): ``config.json``, ``tokenizer/``, ``checkpoin
 (orbax), ``metrics.jsonl`` (train lines every ``log_every`` steps, eval lines every
 ``eval_every`` steps and at the end), ``reliability.png`` and ``final.json`` (the last eval),
 ``hf/`` (the final model, LoRA merged, and tokenizer as a Hugging Face checkpoint directory).
+
+Crash safety: a step's train and eval lines are logged before its checkpoint is saved, and
+``--resume`` drops the lines after the restored checkpoint, so a run killed at any moment and
+resumed writes the same ``metrics.jsonl`` as an uninterrupted one (timings aside). The final
+outputs are written under temporary names and renamed (``final.json`` last). A non-finite loss,
+gradient norm or parameter stops the run (:class:`Diverged`) before that step is saved.
 """
 
 import json
+import math
 import os
 import time
 from typing import Dict, Optional
@@ -15,6 +22,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from ls_jax.atomic import atomic_path, write_text
 from ls_jax.calibration import CalibrationReport, reliability_diagram
 from ls_jax.data import Batches, eval_batches
 from ls_jax.train import sharding
@@ -23,7 +31,7 @@ from ls_jax.train.config import TrainConfig
 from ls_jax.train.export import export_hf
 from ls_jax.train.lora import add_lora
 from ls_jax.train.optim import adamw, learning_rate
-from ls_jax.train.report import MetricsLog, Progress
+from ls_jax.train.report import Diverged, MetricsLog, Progress
 from ls_jax.train.setup import ConfigError, Prepared
 from ls_jax.train.step import accumulate, make_eval_step, make_train_step
 
@@ -112,40 +120,47 @@ def train(config: TrainConfig, prep: Prepared, out_dir: str, *, stop_at: Optiona
     batch_sh = sharding.batch_sharding(mesh, leading=1)
     losses, rates, result, evaluated = [], [], None, None
     last = config.steps if stop_at is None else min(stop_at, config.steps)
-    while step < last:
-        micro = [batches.batch(position + i) for i in range(config.grad_accum)]
-        batch = {k: np.stack([m[k] for m in micro]) for k in micro[0]}
-        t0 = time.perf_counter()
-        params, opt_state, metrics = train_step(params, frozen, opt_state, jax.device_put(batch, batch_sh))
-        loss = float(metrics["loss"])
-        seconds = time.perf_counter() - t0
-        rate = int((batch["segment_ids"] > 0).sum()) / seconds  # real (non-padding) tokens per second
-        if losses:  # this session's first step includes compilation
-            rates.append(rate)
-        step, position = step + 1, position + config.grad_accum
-        losses.append(loss)
-        progress.update(loss, rate)
-        if step % config.log_every == 0 or step == last:
-            log.write("train", step, {"loss": loss, "grad_norm": float(metrics["grad_norm"]),
-                                      "lr": float(schedule(step - 1)), "response_tokens": int(metrics["tokens"]),
-                                      "tokens_per_s": rate, "step_time_s": seconds})
-        if step % config.save_every == 0 or step == last:
-            save()
-        if step % config.eval_every == 0 or step == config.steps:
-            result, evaluated = _evaluate(evaluate, params, frozen, held, mesh), step
-            log.write("eval", step, result["metrics"])
-            progress.note(f"step {step}: held-out " + ", ".join(
-                f"{k} {result['metrics'][k]:.4f}" for k in ("loss", "accuracy", "nll", "brier", "ece")))
-    progress.close()
-    store.close()
-    if evaluated != step:  # stopped between evaluations, or resumed at the end
+    try:
+        while step < last:
+            micro = [batches.batch(position + i) for i in range(config.grad_accum)]
+            batch = {k: np.stack([m[k] for m in micro]) for k in micro[0]}
+            t0 = time.perf_counter()
+            params, opt_state, metrics = train_step(params, frozen, opt_state, jax.device_put(batch, batch_sh))
+            loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+            seconds = time.perf_counter() - t0
+            if not (math.isfinite(loss) and math.isfinite(grad_norm) and bool(metrics["finite"])):
+                raise Diverged(f"training diverged at step {step + 1} (loss {loss:g}, gradient norm {grad_norm:g}"
+                               f"{'' if bool(metrics['finite']) else ', non-finite parameters'}): stopped before "
+                               f"saving it; the earlier checkpoints are kept (try a lower --lr)")
+            rate = int((batch["segment_ids"] > 0).sum()) / seconds  # real (non-padding) tokens per second
+            if losses:  # this session's first step includes compilation
+                rates.append(rate)
+            step, position = step + 1, position + config.grad_accum
+            losses.append(loss)
+            progress.update(loss, rate)
+            if step % config.log_every == 0 or step == last:
+                log.write("train", step, {"loss": loss, "grad_norm": grad_norm, "lr": float(schedule(step - 1)),
+                                          "response_tokens": int(metrics["tokens"]), "tokens_per_s": rate,
+                                          "step_time_s": seconds})
+            # evaluate before saving: a run killed after the save never has to redo this step's lines
+            if step % config.eval_every == 0 or step == config.steps:
+                result, evaluated = _evaluate(evaluate, params, frozen, held, mesh), step
+                log.write("eval", step, result["metrics"])
+                progress.note(f"step {step}: held-out " + ", ".join(
+                    f"{k} {result['metrics'][k]:.4f}" for k in ("loss", "accuracy", "nll", "brier", "ece")))
+            if step % config.save_every == 0 or step == last:
+                save()
+    finally:
+        progress.close()
+        store.close()  # waits for the last save
+    if evaluated != step:  # stopped between evaluations, or resumed at the end (its eval line is logged)
         result = _evaluate(evaluate, params, frozen, held, mesh)
     throughput = float(np.median(rates)) if rates else float("nan")
     final = {"step": step, "label_smoothing": config.label_smoothing, **result["metrics"], "tokens_per_s": throughput}
-    if step == config.steps:
-        reliability_diagram(result["bins"], os.path.join(out_dir, "reliability.png"),
-                            title=f"smoothing {config.label_smoothing:g}")
-        with open(os.path.join(out_dir, "final.json"), "w") as f:
-            json.dump(final, f, indent=2)
-        export_hf(graphdef, params, frozen, prep.tokenizer, os.path.join(out_dir, "hf"), lora_alpha=config.lora_alpha)
+    if step == config.steps:  # each output appears complete or not at all; final.json, last, marks the end
+        with atomic_path(os.path.join(out_dir, "hf")) as tmp:
+            export_hf(graphdef, params, frozen, prep.tokenizer, tmp, lora_alpha=config.lora_alpha)
+        with atomic_path(os.path.join(out_dir, "reliability.png")) as tmp:
+            reliability_diagram(result["bins"], tmp, title=f"smoothing {config.label_smoothing:g}")
+        write_text(os.path.join(out_dir, "final.json"), json.dumps(final, indent=2))
     return {"metrics": final, "losses": losses, "step": step}

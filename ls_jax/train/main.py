@@ -1,6 +1,7 @@
 """The ``train.py`` command: validate, then train one run per label-smoothing value, then report.
 
-Exit status 0 on success, 2 on bad input (one ``error: ...`` line on stderr; nothing written).
+Exit status 0 on success, 2 on bad input (one ``error: ...`` line on stderr; nothing written),
+1 when training diverges (one ``error: ...`` line; the checkpoints before it are kept).
 """
 
 import dataclasses
@@ -10,11 +11,12 @@ import sys
 import time
 from typing import List, Optional, Sequence
 
+from ls_jax.atomic import atomic_path, write_text
 from ls_jax.data import DataError
 from ls_jax.train.config import TrainConfig, parse_args
 from ls_jax.train.setup import ConfigError, prepare
 from ls_jax.train.sharding import MeshError
-from ls_jax.train.report import summary_table
+from ls_jax.train.report import Diverged, summary_table
 
 BAD_INPUT = (ConfigError, DataError, MeshError)
 
@@ -27,12 +29,27 @@ def _run_dirs(config: TrainConfig, out_dir: str) -> List[tuple]:
             for a in config.compare_smoothing]
 
 
+def _check_writable(out_dir: str) -> None:
+    """Raise :class:`ConfigError` unless ``out_dir`` is, or can be created as, a writable directory."""
+    path = os.path.abspath(out_dir)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise ConfigError(f"--output-dir {out_dir}: {path} is a file, not a directory")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"--output-dir {out_dir}: {path} is not writable")
+
+
 def _check_output(runs, resume: bool) -> None:
-    """Refuse to overwrite checkpoints without --resume, and a --resume that changes the run
-    (checked against each run's latest checkpoint before anything is written)."""
+    """Refuse to overwrite checkpoints without --resume, a --resume with no run to continue,
+    and a --resume that changes the run (checked against each run's latest checkpoint before
+    anything is written)."""
     dirs = [d for _, d in runs]
     if len(set(dirs)) < len(dirs):
         raise ConfigError(f"--compare-smoothing repeats a value (runs into {', '.join(dirs)})")
+    _check_writable(runs[0][1])
+    if resume and not os.path.isfile(os.path.join(dirs[0], "config.json")):  # runs start in order
+        raise ConfigError(f"--resume: no run to continue in {dirs[0]} (no config.json); leave out --resume to start one")
     for run_config, d in runs:
         path = os.path.join(d, "checkpoints")
         if not os.path.isdir(path):
@@ -75,13 +92,12 @@ def run(config: TrainConfig, *, stop_at: Optional[int] = None) -> List[dict]:
     results = []
     for run_config, d in runs:
         os.makedirs(d, exist_ok=True)
-        with open(os.path.join(d, "config.json"), "w") as f:
-            json.dump(run_config.to_json(), f, indent=2)
-        prep.tokenizer.save_pretrained(os.path.join(d, "tokenizer"))
+        with atomic_path(os.path.join(d, "tokenizer")) as tmp:
+            prep.tokenizer.save_pretrained(tmp)
+        write_text(os.path.join(d, "config.json"), json.dumps(run_config.to_json(), indent=2))
         results.append(train(run_config, prep, d, stop_at=stop_at)["metrics"])
     if len(runs) > 1:
-        with open(os.path.join(out_dir, "summary.json"), "w") as f:
-            json.dump(results, f, indent=2)
+        write_text(os.path.join(out_dir, "summary.json"), json.dumps(results, indent=2))
     return results
 
 
@@ -98,6 +114,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except BAD_INPUT as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Diverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"\nheld-out results after {results[0]['step']} steps ({time.perf_counter() - start:.0f} s):")
     print(summary_table(results))
     print(f"checkpoints, metrics.jsonl, reliability.png and hf/ (the final model as a Hugging Face "

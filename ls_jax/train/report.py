@@ -7,6 +7,12 @@ from typing import Dict, List, Sequence
 
 from tqdm import tqdm
 
+from ls_jax.atomic import write_text
+
+
+class Diverged(RuntimeError):
+    """Training produced a non-finite loss, gradient norm or parameter (one-line message)."""
+
 
 class MetricsLog:
     """Appends one JSON object per line to ``path`` (``{"kind": "train" | "eval", "step": ..., ...}``)."""
@@ -28,8 +34,7 @@ class MetricsLog:
 
         with open(self.path, encoding="utf-8") as f:
             keep = [line for line in f if kept(line)]
-        with open(self.path, "w", encoding="utf-8") as f:
-            f.writelines(keep)
+        write_text(self.path, "".join(keep))  # a kill now leaves the old file, not a cut one
 
     def write(self, kind: str, step: int, values: Dict[str, float]) -> None:
         with open(self.path, "a", encoding="utf-8") as f:

@@ -5,6 +5,7 @@
 returns does the trainer create its output directory.
 """
 
+import math
 import os
 import random
 import re
@@ -47,7 +48,7 @@ class Prepared:
 def check_config(c: TrainConfig) -> None:
     """Raise :class:`ConfigError` for out-of-range or unknown flag values."""
     positive = ("steps", "batch_size", "grad_accum", "max_length", "save_every", "eval_every", "log_every",
-                "eval_batch_size", "keep_checkpoints")
+                "eval_batch_size", "keep_checkpoints", "num_train", "num_eval")
     for name in positive:
         if getattr(c, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(c, name)}")
@@ -59,11 +60,15 @@ def check_config(c: TrainConfig) -> None:
         (c.impl in IMPLS, f"--impl must be one of {IMPLS}"),
         (c.compute_dtype in DTYPES, f"--compute-dtype must be one of {tuple(DTYPES)}"),
         (c.param_dtype in DTYPES, f"--param-dtype must be one of {tuple(DTYPES)}"),
-        (c.lr > 0, "--lr must be > 0"),
+        (0 < c.lr < math.inf, "--lr must be finite and > 0"),
+        (0 <= c.b1 < 1, "--b1 must be in [0, 1)"),
+        (0 <= c.b2 < 1, "--b2 must be in [0, 1)"),
+        (0 <= c.weight_decay < math.inf, "--weight-decay must be finite and >= 0"),
+        (0 <= c.clip_norm < math.inf, "--clip-norm must be finite and >= 0 (0: off)"),
         (c.warmup_steps >= 0, "--warmup-steps must be >= 0"),
         (0 <= c.min_lr_ratio <= 1, "--min-lr-ratio must be in [0, 1]"),
-        (c.z_loss >= 0, "--z-loss must be >= 0"),
-        (c.logit_softcap is None or c.logit_softcap > 0, "--logit-softcap must be > 0"),
+        (0 <= c.z_loss < math.inf, "--z-loss must be finite and >= 0"),
+        (c.logit_softcap is None or 0 < c.logit_softcap < math.inf, "--logit-softcap must be finite and > 0"),
         (c.lora_rank >= 0, "--lora-rank must be >= 0"),
         (c.lora_alpha is None or c.lora_alpha > 0, "--lora-alpha must be > 0"),
         (0 < c.eval_fraction < 1, "--eval-fraction must be in (0, 1)"),
@@ -81,21 +86,25 @@ def check_config(c: TrainConfig) -> None:
 
 
 def _rows(c: TrainConfig):
-    """(train rows, held-out rows, train row numbers, held-out row numbers) for the config; the
-    numbers (0-based, in the rows' file, for error messages) are None when they are 0, 1, ..."""
+    """(train rows, held-out rows, train rows' places, held-out rows' places) for the config;
+    the places (``"line K"`` of a .jsonl file, ``"row K"``, for error messages) are None for
+    the generated data."""
     if c.data is None:
-        return (*synthetic.generate(c.num_train, c.num_eval, seed=c.seed), None, None)
-    rows = data.load_rows(c.data, c.split)
+        try:
+            return (*synthetic.generate(c.num_train, c.num_eval, seed=c.seed), None, None)
+        except ValueError as e:
+            raise ConfigError(f"--num-train / --num-eval: {e}") from None
+    rows, where = data.load_rows(c.data, c.split)
     if c.eval_data is not None:
-        return list(rows), list(data.load_rows(c.eval_data, c.split)), None, None
-    rows = list(rows)
+        held, held_where = data.load_rows(c.eval_data, c.split)
+        return rows, held, where, held_where
     order = list(range(len(rows)))
     random.Random(c.seed).shuffle(order)
     n_eval = max(1, int(round(c.eval_fraction * len(rows))))
     if n_eval >= len(rows):
         raise data.DataError(f"{c.data}: {len(rows)} rows are too few to hold out --eval-fraction {c.eval_fraction}")
     train, held = order[n_eval:], order[:n_eval]
-    return [rows[i] for i in train], [rows[i] for i in held], train, held
+    return [rows[i] for i in train], [rows[i] for i in held], [where[i] for i in train], [where[i] for i in held]
 
 
 def _tokenizer(c: TrainConfig, train_rows, saved_tokenizer: Optional[str]):
@@ -188,7 +197,7 @@ def prepare(c: TrainConfig, saved_tokenizer: Optional[str] = None) -> Prepared:
     ``saved_tokenizer``: a directory holding the tokenizer of the run being resumed.
     """
     check_config(c)
-    train_rows, held_rows, train_ids, held_ids = _rows(c)
+    train_rows, held_rows, train_where, held_where = _rows(c)
     mesh = sharding.make_mesh(c.mesh)
     sharding.check_batch(c.batch_size, mesh)
     sharding.check_batch(c.eval_batch_size, mesh, "--eval-batch-size")
@@ -196,9 +205,9 @@ def prepare(c: TrainConfig, saved_tokenizer: Optional[str] = None) -> Prepared:
     tokenizer = _tokenizer(c, train_rows, saved_tokenizer)
     build = _model_builder(c, model_config, len(tokenizer))
     name = "generated" if c.data is None else c.data
-    train, train_stats = data.prepare(train_rows, tokenizer, c.max_length, name=f"{name} (train)", row_ids=train_ids)
+    train, train_stats = data.prepare(train_rows, tokenizer, c.max_length, name=f"{name} (train)", where=train_where)
     held, held_stats = data.prepare(held_rows, tokenizer, c.max_length, name=f"{c.eval_data or name} (held out)",
-                                    row_ids=held_ids)
+                                    where=held_where)
     rows = len(data.pack(train, c.max_length)) if c.packing else len(train)
     if rows < c.batch_size:
         raise data.DataError(f"{len(train)} training examples ({rows} rows) are fewer than --batch-size {c.batch_size}")

@@ -50,11 +50,14 @@ def parse_mesh(spec: str, num_devices: int) -> Dict[str, int]:
 
     Axes left out have size 1. Raises :class:`MeshError` if the product is not ``num_devices``.
     """
-    sizes = {a: 1 for a in AXES}
+    sizes, given = {a: 1 for a in AXES}, set()
     for part in filter(None, (s.strip() for s in spec.split(","))):
         name, _, value = part.partition("=")
         if name not in AXES or not value.lstrip("-").isdigit():
             raise MeshError(f"bad --mesh entry {part!r}: expected NAME=SIZE with NAME in {AXES}")
+        if name in given:
+            raise MeshError(f"bad --mesh {spec!r}: axis {name!r} is given twice")
+        given.add(name)
         sizes[name] = int(value)
     free = [a for a, n in sizes.items() if n == -1]
     if len(free) > 1 or any(n == 0 or n < -1 for n in sizes.values()):

@@ -52,7 +52,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, opts: LossOption
     """``step(params, frozen, opt_state, batch) -> (params, opt_state, metrics)``, jitted.
 
     metrics: float32 ``loss`` (the step's token-weighted mean), ``grad_norm`` (before
-    clipping), int32 ``tokens`` (response tokens in the step).
+    clipping), int32 ``tokens`` (response tokens in the step), bool ``finite`` (every updated
+    parameter is finite).
     """
 
     def step(params, frozen, opt_state, batch):
@@ -70,8 +71,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, opts: LossOption
         grads, losses = jax.lax.scan(micro, zeros, batch)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
+        finite = jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(params)]))
         metrics = {"loss": losses.sum(), "grad_norm": optax.tree.norm(grads),
-                   "tokens": response_tokens(batch["labels"])}
+                   "tokens": response_tokens(batch["labels"]), "finite": finite}
         return params, opt_state, metrics
 
     return jax.jit(

@@ -28,7 +28,15 @@ def _largest(rng: random.Random, max_operand: int) -> Dict[str, str]:
 
 
 def generate(num_train: int, num_eval: int, seed: int = 0, max_operand: int = 99) -> Tuple[List[dict], List[dict]]:
-    """Deterministic (train rows, held-out rows); no held-out prompt occurs in the train rows."""
+    """Deterministic (train rows, held-out rows); no held-out prompt occurs in the train rows.
+
+    Raises ValueError when more rows are asked for than there are distinct questions (half
+    are additions, of which there are ``(max_operand + 1) ** 2``).
+    """
+    most = 2 * (max_operand + 1) ** 2
+    if num_train + num_eval > most:
+        raise ValueError(f"{num_train} + {num_eval} rows asked for, but the generated data has at most "
+                         f"{most} distinct questions")
     rng = random.Random(seed)
     tasks = (_addition, _largest)
     seen, rows = set(), []
