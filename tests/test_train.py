@@ -283,13 +283,14 @@ def test_eight_devices_match_one(runs):
         assert eight[key] == pytest.approx(one[key], rel=1e-3, abs=1e-5), key
 
 
-def _bad(tmp_path, capsys, *args):
-    out = tmp_path / "out"
+def _bad(tmp_path, capsys, *args, out=None):
+    out = tmp_path / "out" if out is None else out
+    existed = out.exists()
     code = main(["--output-dir", str(out), "--no-progress", *args])
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    assert not out.exists()  # nothing half-written
+    assert existed or not out.exists()  # nothing half-written
     return err
 
 
@@ -332,6 +333,86 @@ def test_bad_inputs(tmp_path, capsys):
     assert "--compare-smoothing repeats a value" in _bad(tmp_path, capsys, "--compare-smoothing", "0.1,0,0.10")
     assert main(["--resume", "--no-progress"]) == 2  # without --output-dir it would start afresh in runs/<now>
     assert capsys.readouterr().err.strip() == "error: --resume needs the --output-dir of the run to continue"
+
+
+def test_bad_inputs_of_issue_15(tmp_path, capsys):
+    """Each is one error line, exit status 2, nothing written."""
+    for flags, message in [(("--lr", "inf"), "--lr must be finite and > 0"), (("--lr", "nan"), "--lr must be"),
+                           (("--b1", "1"), "--b1 must be in [0, 1)"), (("--b2", "-0.1"), "--b2 must be in [0, 1)"),
+                           (("--clip-norm", "-1"), "--clip-norm must be finite and >= 0"),
+                           (("--weight-decay", "inf"), "--weight-decay must be"),
+                           (("--mesh", "data=1,data=1"), "axis 'data' is given twice"),
+                           (("--num-train", "30000"), "the generated data has at most 20000 distinct questions"),
+                           (("--num-eval", "0"), "--num-eval must be >= 1")]:
+        assert message in _bad(tmp_path, capsys, *flags), flags
+    # --output-dir a file, or under a file
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert f"{afile} is a file" in _bad(tmp_path, capsys, out=afile)
+    assert f"{afile} is a file" in _bad(tmp_path, capsys, out=afile / "run")
+    assert afile.read_text() == "x"
+    # --resume with no run there, or with --compare-smoothing on a single run's directory
+    assert "--resume: no run to continue in" in _bad(tmp_path, capsys, "--resume")
+    single = tmp_path / "single"
+    single.mkdir()
+    (single / "config.json").write_text("{}")
+    assert f"no run to continue in {single / 'ls0'}" in _bad(tmp_path, capsys, "--resume", "--compare-smoothing",
+                                                              "0,0.1", out=single)
+    assert os.listdir(single) == ["config.json"]
+    # data: not UTF-8, mixed types, garbage parquet, only empty responses
+    rows = [{"prompt": f"What is {i} + 1? ", "response": str(i + 1)} for i in range(20)]
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in rows) + '{"prompt": "\u00e9"}\n'.encode("latin-1"))
+    assert f"{latin}: line 21: not UTF-8 text" in _bad(tmp_path, capsys, "--data", str(latin))
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("".join(json.dumps({**r, "response": i if i == 4 else r["response"]}) + "\n"
+                             for i, r in enumerate(rows)))
+    assert "line 5: 'response' must be a string, got int 4" in _bad(tmp_path, capsys, "--data", str(mixed))
+    garbage = tmp_path / "garbage.parquet"
+    garbage.write_bytes(b"PAR1 not really")
+    assert "not a readable parquet file" in _bad(tmp_path, capsys, "--data", str(garbage))
+    empty = tmp_path / "empty_responses.jsonl"
+    empty.write_text("".join(json.dumps({**r, "response": ""}) + "\n" for r in rows))
+    assert "every response is empty" in _bad(tmp_path, capsys, "--data", str(empty))
+    # a checkpoint whose model.safetensors was cut short
+    from ls_jax.models import save_pretrained
+    from ls_jax.tokenizer import train_bpe_tokenizer
+
+    cut = tmp_path / "cut"
+    tok = train_bpe_tokenizer([r["prompt"] + r["response"] for r in rows])
+    save_pretrained(from_config(tiny_llama_config(vocab_size=len(tok))), str(cut))
+    tok.save_pretrained(cut)
+    weights = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    good = tmp_path / "rows.jsonl"
+    good.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert "model.safetensors: not a complete safetensors file" in _bad(
+        tmp_path, capsys, "--model", str(cut), "--data", str(good), "--batch-size", "2")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into any directory, so none is unwritable")
+def test_unwritable_output_dir(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    assert f"{locked} is not writable" in _bad(tmp_path, capsys, out=locked / "run")
+
+
+def test_divergence_stops_before_saving(tmp_path, capsys):
+    """A learning rate so large the loss overflows: exit 1 with one error line; no non-finite
+    line in metrics.jsonl and only the checkpoints of the steps before it."""
+    out = tmp_path / "run"
+    code = main(["--output-dir", str(out), "--no-progress", "--lr", "1e30", "--warmup-steps", "0", "--steps", "5",
+                 "--save-every", "1", "--log-every", "1", "--num-train", "64", "--num-eval", "16", "--batch-size", "16",
+                 "--label-smoothing", "0"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 1 and err.startswith("error: training diverged at step "), err
+    step = int(err.split("step ")[1].split()[0])
+    assert 1 < step <= 5
+    assert sorted(map(int, os.listdir(out / "checkpoints"))) == list(range(max(1, step - 3), step))
+    logged = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in logged if r["kind"] == "train"] == list(range(1, step))
+    assert all(np.isfinite(r["loss"]) for r in logged)
+    assert not (out / "final.json").exists() and not (out / "hf").exists()
 
 
 def test_command_line_exit_status(tmp_path):
