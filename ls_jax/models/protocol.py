@@ -3,13 +3,16 @@
 Any Flax NNX module (ours or yours) that has these works with the fused smoothed loss:
 
 * ``model(input_ids, attention_mask=None, positions=None, segment_ids=None) -> hidden [B, T, D]``
-  input_ids int32 ``[B, T]``; attention_mask ``[B, T]`` (1 token, 0 padding) or None;
-  positions int ``[B, T]`` or None; segment_ids ``[B, T]`` or None (packed sequences).
-  ``hidden`` is the final hidden state (final norm applied), *not* logits.
+  input_ids int32 ``[B, T]``; attention_mask: the *token* mask ``[B, T]`` (1 token, 0 padding)
+  or None, not a ``[B, T, T]`` attention matrix; positions int ``[B, T]`` or None;
+  segment_ids ``[B, T]`` or None (packed sequences). ``hidden`` is the final hidden state
+  (final norm applied), *not* logits.
 * ``model.unembedding() -> W [V, D]``: the output embedding in Hugging Face layout
   (lm_head weight, or the tied token-embedding table); logits are ``hidden @ W.T``.
 * ``model.final_logit_softcap``: float c (logits become ``c * tanh(z / c)``) or None.
-* ``model.logits(input_ids, ...) -> [B, T, V]`` float32, materialised, for inference and checks.
+
+The loss never asks for logits. A model that returns logits (Tunix's, most NNX models) and
+sows its final hidden state works through :mod:`ls_jax.integrations` instead.
 """
 
 from typing import Optional, Protocol, runtime_checkable
@@ -26,7 +29,3 @@ class CausalLMProtocol(Protocol):
                  segment_ids: Optional[jax.Array] = None) -> jax.Array: ...
 
     def unembedding(self) -> jax.Array: ...
-
-    def logits(self, input_ids: jax.Array, attention_mask: Optional[jax.Array] = None,
-               positions: Optional[jax.Array] = None,
-               segment_ids: Optional[jax.Array] = None) -> jax.Array: ...

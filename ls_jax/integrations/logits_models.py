@@ -1,0 +1,77 @@
+"""The fused next-token loss for NNX models that return logits (Tunix's, most NNX models).
+
+Such a model computes ``logits = head(hidden)``; if it sows ``hidden`` (the final hidden state,
+final norm applied) as ``nnx.Intermediate`` (Tunix's models do with
+``output_hidden_states=True``; in your own add ``self.sow(nnx.Intermediate, name, hidden)``),
+:func:`sown_hidden_states` takes it back and :func:`next_token_loss` scores it against the head
+matrix. Under ``jit`` the returned logits are unused, so XLA drops the head's matmul: the
+``[B, T, V]`` logits are never held.
+"""
+
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ls_jax.lm_loss import next_token_targets, token_metrics
+from ls_jax.logit_stats import apply_softcap
+from ls_jax.losses import TokenStats, linear_smoothed_cross_entropy
+
+HEAD_LAYOUTS = ("vd", "dv")
+
+
+def sown_hidden_states(model: nnx.Module, forward: Callable[[], object], name: str = "all_hidden_states") -> jax.Array:
+    """Run ``forward()`` (a forward pass of ``model`` that sows its final hidden state as
+    ``nnx.Intermediate`` ``name``), pop the model's intermediates and return the last value
+    sown under ``name``: ``[B, T, D]``. ``forward``'s own result (the logits) is discarded."""
+    forward()
+    sown = nnx.pop(model, nnx.Intermediate)
+    found = [value for path, value in nnx.to_flat_state(sown) if path[-1] == name]
+    if not found:
+        raise ValueError(f"the forward pass sowed no nnx.Intermediate named {name!r} "
+                         f"(sowed: {[path for path, _ in nnx.to_flat_state(sown)] or 'nothing'})")
+    values = found[-1].get_value()
+    return values[-1] if isinstance(values, tuple) else values
+
+
+def head_vd(head: jax.Array, head_layout: str) -> jax.Array:
+    """The head as ``[V, D]`` (the layout the fused loss takes) from ``[V, D]`` ("vd") or
+    ``[D, V]`` ("dv": Tunix's lm_head, nnx.Linear, MaxText; transposed here)."""
+    if head_layout not in HEAD_LAYOUTS:
+        raise ValueError(f"head_layout must be one of {HEAD_LAYOUTS}, got {head_layout!r}")
+    return head if head_layout == "vd" else head.T
+
+
+def target_logprob(hidden: jax.Array, weight: jax.Array, targets: jax.Array, stats: TokenStats,
+                   logit_softcap: Optional[float] = None) -> jax.Array:
+    """float32 ``[...]``: the unsmoothed log-probability of each token's target,
+    ``softcap(hidden . weight[target]) - lse`` (0 where the token is not valid).
+    hidden ``[..., D]``, weight ``[V, D]``, targets int ``[...]`` (ignored ones anywhere)."""
+    ids = jnp.clip(targets, 0, weight.shape[0] - 1)
+    z = jnp.einsum("...d,...d->...", hidden, weight[ids], preferred_element_type=jnp.float32)
+    return jnp.where(stats.valid, apply_softcap(z, logit_softcap) - stats.lse, 0.0)
+
+
+def next_token_loss(hidden: jax.Array, head: jax.Array, input_ids: jax.Array, token_mask: jax.Array, *,
+                    head_layout: str = "vd", logit_softcap: Optional[float] = None, label_smoothing: float = 0.0,
+                    z_loss: float = 0.0, impl: str = "auto", block_v: Optional[int] = None):
+    """Mean smoothed next-token cross-entropy of ``hidden [B, T, D]`` under ``head`` (``[V, D]``
+    or ``[D, V]``, see :func:`head_vd`), and metrics.
+
+    Position t is scored on ``input_ids[t + 1]`` where ``token_mask[t + 1]`` (bool / 0-1
+    ``[B, T]``: the tokens that are targets, e.g. Tunix's ``input_mask``); the last position
+    never is. Returns ``(loss, metrics)``: float32 scalars ``nll`` (mean unsmoothed negative
+    log-likelihood, the true one when smoothing is on), ``perplexity`` (``exp(nll)``),
+    ``accuracy``, ``mean_lse``, ``mean_confidence``, int32 ``tokens``, and the sums of
+    :func:`ls_jax.lm_loss.token_metrics`.
+    """
+    weight = head_vd(head, head_layout).astype(hidden.dtype)
+    labels = jnp.where(jnp.asarray(token_mask, bool), input_ids, -100)
+    targets = next_token_targets(labels)
+    loss, stats = linear_smoothed_cross_entropy(
+        hidden, weight, targets, label_smoothing=label_smoothing, z_loss=z_loss, logit_softcap=logit_softcap,
+        reduction="mean", impl=impl, block_v=block_v, return_stats=True)
+    metrics = token_metrics(stats, targets)
+    nll = -target_logprob(hidden, weight, targets, stats, logit_softcap).sum() / jnp.maximum(metrics["tokens"], 1)
+    return loss, {**metrics, "nll": nll, "perplexity": jnp.exp(nll)}
