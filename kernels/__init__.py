@@ -1,10 +1,11 @@
 """Pallas kernels behind ``impl="pallas"`` (installed as ``ls_jax.kernels``).
 
-``pallas_logit_stats(hidden, weight, bias, ...)`` -> :class:`ls_jax.logit_stats.LogitStats`:
-forward kernel in ``forward.py``, backward (dh and dW kernels) in ``backward.py``, shared tile
-and block plan in ``tiles.py``, custom_vjp wiring and padding in ``fused.py``.
+``forward`` and ``backward_fn(kind)``: the backend of the logit-statistics seam
+(ls_jax/logit_stats.py), wired in ``ls_jax.dispatch``. Forward kernel in ``forward.py``,
+backward kernels (dh and dW, or one atomic kernel) in ``backward.py``, the shared tile and
+block plan in ``tiles.py``, padding in ``fused.py``.
 """
 
-from .fused import pallas_logit_stats
+from .fused import backward_fn, forward
 
-__all__ = ["pallas_logit_stats"]
+__all__ = ["backward_fn", "forward"]

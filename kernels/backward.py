@@ -1,4 +1,4 @@
-"""Backward kernels: ``dz = (g_lse * softmax(z) + g_sum) * softcap'(raw)`` pulled back through
+"""Backward kernels: ``dz = (g_lse * softmax(z) + g_sum + the target term) * softcap'(raw)`` pulled back through
 ``hidden @ weight.T``, recomputing the logit tiles instead of storing them.
 
 ``Plan.backward == "two_kernel"`` (default): two kernels, no atomics, deterministic; each
@@ -28,26 +28,46 @@ skipped (its dz is at most eps * |g_lse|). Only valid without the logit-sum cota
 (``need_sum=False``), which adds a dense term to every element; the wrapper enforces that.
 """
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .tiles import Plan, dot_precision, logit_tile
+from .tiles import Plan, dot_precision, logit_tile, present, with_absent
 
 
-def _dz_tile(h_ref, w_ref, b_ref, lse, g_lse, g_sum, h_row, w_row, w_col0, p: Plan):
-    """float32 dz ``[bn, bv]`` (zero on padded columns), and whether the tile counts: a traced
-    bool when filtering (some softmax value >= eps), else None."""
+def _dz_tile(h_ref, w_ref, b_ref, vec, h_row, w_row, w_col0, p: Plan):
+    """float32 dz ``[bn, bv]`` (zero on padded columns, all parts combined in float32, see
+    ``logit_stats.dz_tile``), and whether the tile counts: a traced bool when filtering (some
+    softmax value >= eps, or a target class in the tile), else None. ``vec``: the token rows'
+    lse, g_lse, g_sum (None unless need_sum) ``[bn]``, and K-lists of ids and coef ``[bn]``."""
+    lse, g_lse, g_sum, ids, coef = vec
     z, valid = logit_tile(h_ref, w_ref, b_ref, h_row, w_row, w_col0, p)
     prob = jnp.where(valid, jnp.exp(z - lse[:, None]), 0.0)
     dz = g_lse[:, None] * prob
     if p.need_sum:
         dz = dz + jnp.where(valid, g_sum[:, None], 0.0)
+    cols = w_col0 + jax.lax.broadcasted_iota(jnp.int32, (1, p.bv), 1)
+    hit = jnp.zeros(dz.shape, jnp.bool_)
+    for k in range(len(ids)):
+        on = cols == ids[k][:, None]
+        dz = dz + jnp.where(on, coef[k][:, None], 0.0)
+        hit = hit | (on & (coef[k][:, None] != 0))
     if p.softcap is not None:
         dz = dz * (1.0 - jnp.square(z / p.softcap))
-    keep = None if p.filter_eps is None else prob.max(axis=1).max(axis=0) >= p.filter_eps
+    if p.filter_eps is None:
+        return dz, None
+    keep = (prob.max(axis=1).max(axis=0) >= p.filter_eps) | (hit.astype(jnp.int32).max(axis=1).max(axis=0) > 0)
     return dz, keep
+
+
+def _vectors(lse_ref, g_lse_ref, g_sum_ref, ids_ref, coef_ref, rows):
+    """The per-token vectors of ``rows`` (a slice, or ``...`` for the whole block)."""
+    k = range(ids_ref.shape[0])
+    return (lse_ref[rows], g_lse_ref[rows], None if g_sum_ref is None else g_sum_ref[rows],
+            [ids_ref[i, rows] for i in k], [coef_ref[i, rows] for i in k])
 
 
 def _over_chunks(out_ref, new_chunk, p: Plan):
@@ -76,18 +96,14 @@ def _add_chunks(out_ref, product, keep, p: Plan):
         pl.when(keep)(add)
 
 
-def _dh_kernel(p: Plan, has_bias, h_ref, w_ref, *refs):
-    b_ref = refs[0] if has_bias else None
-    lse_ref, g_lse_ref = refs[has_bias], refs[has_bias + 1]
-    g_sum = refs[has_bias + 2][...] if p.need_sum else None
-    dh_ref = refs[-1]
-    lse, g_lse = lse_ref[...], g_lse_ref[...]
+def _dh_kernel(p: Plan, h_ref, w_ref, b_ref, lse_ref, g_lse_ref, g_sum_ref, ids_ref, coef_ref, dh_ref):
+    vec = _vectors(lse_ref, g_lse_ref, g_sum_ref, ids_ref, coef_ref, slice(None))
     prec = dot_precision(w_ref.dtype)
     _zero(dh_ref, p)
 
     def step(j, _):
         w_row = j * p.bv
-        dz, keep = _dz_tile(h_ref, w_ref, b_ref, lse, g_lse, g_sum, 0, w_row, w_row, p)
+        dz, keep = _dz_tile(h_ref, w_ref, b_ref, vec, 0, w_row, w_row, p)
         dz = dz.astype(w_ref.dtype)
         _add_chunks(dh_ref, lambda cols: jnp.dot(
             dz, w_ref[pl.ds(w_row, p.bv), cols], precision=prec,
@@ -96,39 +112,34 @@ def _dh_kernel(p: Plan, has_bias, h_ref, w_ref, *refs):
     jax.lax.fori_loop(0, p.v_pad // p.bv, step, None)
 
 
-def _dw_kernel(p: Plan, has_bias, h_ref, w_ref, *refs):
-    b_ref = refs[0] if has_bias else None
-    lse_ref, g_lse_ref = refs[has_bias], refs[has_bias + 1]
-    g_sum_ref = refs[has_bias + 2] if p.need_sum else None
-    dw_ref = refs[-2] if has_bias else refs[-1]
+def _dw_kernel(p: Plan, h_ref, w_ref, b_ref, lse_ref, g_lse_ref, g_sum_ref, ids_ref, coef_ref,
+               dw_ref, db_ref=None):
     prec = dot_precision(h_ref.dtype)
     w_col0 = pl.program_id(0) * p.bv
     _zero(dw_ref, p)
 
     def step(i, db):
         rows = pl.ds(pl.multiple_of(i * p.bn, p.bn), p.bn)
-        g_sum = g_sum_ref[rows] if p.need_sum else None
-        dz, keep = _dz_tile(h_ref, w_ref, b_ref, lse_ref[rows], g_lse_ref[rows], g_sum,
-                            i * p.bn, 0, w_col0, p)
+        vec = _vectors(lse_ref, g_lse_ref, g_sum_ref, ids_ref, coef_ref, rows)
+        dz, keep = _dz_tile(h_ref, w_ref, b_ref, vec, i * p.bn, 0, w_col0, p)
         dz_lo = dz.astype(h_ref.dtype)
         _add_chunks(dw_ref, lambda cols: jax.lax.dot_general(
             dz_lo, h_ref[rows, cols], (((0,), (0,)), ((), ())), precision=prec,
             preferred_element_type=jnp.float32), keep, p)
-        return db + dz.sum(axis=0) if has_bias else db
+        return db + dz.sum(axis=0) if db_ref is not None else db
 
     db = jax.lax.fori_loop(0, p.n_pad // p.bn, step, jnp.zeros((p.bv,), jnp.float32))
-    if has_bias:
-        refs[-1][...] = db
+    if db_ref is not None:
+        db_ref[...] = db
 
 
-def _atomic_kernel(p: Plan, has_bias, h_ref, w_ref, *refs):
-    b_ref = refs[0] if has_bias else None
-    lse_ref, g_lse_ref = refs[has_bias], refs[has_bias + 1]
-    g_sum = refs[has_bias + 2][...] if p.need_sum else None
-    dh_ref, dw_ref = refs[-2 - has_bias], refs[-1 - has_bias]  # aliased outputs, whole arrays
+def _atomic_kernel(p: Plan, h_ref, w_ref, b_ref, lse_ref, g_lse_ref, g_sum_ref, ids_ref, coef_ref,
+                   dh_in, dw_in, db_in, dh_ref, dw_ref, db_ref):
+    """dh_ref, dw_ref, db_ref: whole zero-initialised outputs aliased to dh_in, dw_in, db_in."""
     prec = dot_precision(h_ref.dtype)
     i, j = pl.program_id(0), pl.program_id(1)
-    dz, keep = _dz_tile(h_ref, w_ref, b_ref, lse_ref[...], g_lse_ref[...], g_sum, 0, 0, j * p.bv, p)
+    vec = _vectors(lse_ref, g_lse_ref, g_sum_ref, ids_ref, coef_ref, slice(None))
+    dz, keep = _dz_tile(h_ref, w_ref, b_ref, vec, 0, 0, j * p.bv, p)
     dz_lo = dz.astype(h_ref.dtype)
     rows, vrows = pl.ds(i * p.bn, p.bn), pl.ds(j * p.bv, p.bv)
 
@@ -145,74 +156,77 @@ def _atomic_kernel(p: Plan, has_bias, h_ref, w_ref, *refs):
         add()
     else:
         pl.when(keep)(add)
-    if has_bias:
-        plgpu.atomic_add(refs[-1], (vrows,), dz.sum(axis=0))
+    if db_ref is not None:
+        plgpu.atomic_add(db_ref, (vrows,), dz.sum(axis=0))
 
 
 def _backward_atomic(h, w, b, vecs, p: Plan):
-    has_bias = b is not None
-    bias_args = [b] if has_bias else []
-    zeros = [jnp.zeros((p.n_pad, p.d_pad), jnp.float32), jnp.zeros((p.v_pad, p.d_pad), jnp.float32)]
-    zeros += [jnp.zeros((p.v_pad,), jnp.float32)] * has_bias
+    zeros = [jnp.zeros((p.n_pad, p.d_pad), jnp.float32), jnp.zeros((p.v_pad, p.d_pad), jnp.float32),
+             None if b is None else jnp.zeros((p.v_pad,), jnp.float32)]
+    ids = vecs[3]
     by_token = lambda shape: pl.BlockSpec(shape, lambda i, j: (i,) + (0,) * (len(shape) - 1))
     by_vocab = lambda shape: pl.BlockSpec(shape, lambda i, j: (j,) + (0,) * (len(shape) - 1))
+    by_token_k = pl.BlockSpec((ids.shape[0], p.bn), lambda i, j: (0, i))
     whole = lambda x: pl.BlockSpec(x.shape, lambda i, j: (0,) * x.ndim)
-    n_in = 2 + has_bias + len(vecs)
+    inputs = [h, w, b, *vecs, *zeros]
+    specs = [by_token((p.bn, p.d_pad)), by_vocab((p.bv, p.d_pad)), by_vocab((p.bv,)),
+             by_token((p.bn,)), by_token((p.bn,)), by_token((p.bn,)), by_token_k, by_token_k,
+             *(None if z is None else whole(z) for z in zeros)]
+    outs = [z for z in zeros if z is not None]
+    n_in = sum(x is not None for x in inputs)
     out = pl.pallas_call(
-        lambda *refs: _atomic_kernel(p, has_bias, *refs[:n_in], *refs[n_in + len(zeros):]),
-        out_shape=tuple(jax.ShapeDtypeStruct(z.shape, z.dtype) for z in zeros),
+        with_absent(partial(_atomic_kernel, p), inputs + zeros),
+        out_shape=tuple(jax.ShapeDtypeStruct(z.shape, z.dtype) for z in outs),
         grid=(p.n_pad // p.bn, p.v_pad // p.bv),
-        in_specs=[by_token((p.bn, p.d_pad)), by_vocab((p.bv, p.d_pad))]
-        + [by_vocab((p.bv,))] * has_bias + [by_token((p.bn,))] * len(vecs)
-        + [whole(z) for z in zeros],
-        out_specs=tuple(whole(z) for z in zeros),
-        input_output_aliases={n_in + k: k for k in range(len(zeros))},
+        in_specs=present(specs, inputs),
+        out_specs=tuple(whole(z) for z in outs),
+        input_output_aliases={n_in - len(outs) + k: k for k in range(len(outs))},
         compiler_params=p._replace(num_stages=2).compiler_params,  # 3 stages overflow 227 KB
         interpret=p.interpret,
         name="logit_stats_bwd_atomic",
-    )(h, w, *bias_args, *vecs, *zeros)
-    return out[0], out[1], out[2] if has_bias else None
+    )(*present(inputs, inputs))
+    return out[0], out[1], out[2] if b is not None else None
 
 
-def backward(h, w, b, lse, g_lse, g_sum, p: Plan):
+def backward(h, w, b, lse, g_lse, g_sum, ids, coef, p: Plan):
     """fp32 ``(dh [n_pad, d_pad], dW [v_pad, d_pad], db [v_pad] or None)`` for padded inputs:
     hidden, weight, bias as in ``forward_partials``; lse, g_lse, g_sum (None unless need_sum)
-    float32 ``[n_pad]`` (zero cotangents on padded rows); by ``p.backward``'s kernels."""
-    vecs = [lse, g_lse] + ([g_sum] if p.need_sum else [])
+    float32 ``[n_pad]``; target ids int32 and coef float32 ``[K, n_pad]`` (zero cotangents and
+    coefficients on padded rows); by ``p.backward``'s kernels."""
+    vecs = [lse, g_lse, g_sum, ids, coef]
     if p.backward == "atomic":
         return _backward_atomic(h, w, b, vecs, p)
-    has_bias = b is not None
-    bias_args = [b] if has_bias else []
-
+    k = ids.shape[0]
+    inputs = [h, w, b, *vecs]
     whole = lambda shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))
     blocked = lambda shape: pl.BlockSpec(shape, lambda i: (i,) + (0,) * (len(shape) - 1))
     dh = pl.pallas_call(
-        lambda *refs: _dh_kernel(p, has_bias, *refs),
+        with_absent(partial(_dh_kernel, p), inputs),
         out_shape=jax.ShapeDtypeStruct((p.n_pad, p.d_pad), jnp.float32),
         grid=(p.n_pad // p.bn,),
-        in_specs=[blocked((p.bn, p.d_pad)), whole((p.v_pad, p.d_pad))]
-        + [whole((p.v_pad,))] * has_bias + [blocked((p.bn,))] * len(vecs),
+        in_specs=present([blocked((p.bn, p.d_pad)), whole((p.v_pad, p.d_pad)), whole((p.v_pad,))]
+                         + [blocked((p.bn,))] * 3 + [pl.BlockSpec((k, p.bn), lambda i: (0, i))] * 2, inputs),
         out_specs=blocked((p.bn, p.d_pad)),
         compiler_params=p.compiler_params,
         interpret=p.interpret,
         name="logit_stats_bwd_dh",
-    )(h, w, *bias_args, *vecs)
+    )(*present(inputs, inputs))
 
     q = p.for_dw()
     dw_out = [jax.ShapeDtypeStruct((q.v_pad, q.d_pad), jnp.float32)]
     dw_specs = [blocked((q.bv, q.d_pad))]
-    if has_bias:
+    if b is not None:
         dw_out.append(jax.ShapeDtypeStruct((q.v_pad,), jnp.float32))
         dw_specs.append(blocked((q.bv,)))
     dw = pl.pallas_call(
-        lambda *refs: _dw_kernel(q, has_bias, *refs),
+        with_absent(partial(_dw_kernel, q), inputs),
         out_shape=tuple(dw_out),
         grid=(q.v_pad // q.bv,),
-        in_specs=[whole((q.n_pad, q.d_pad)), blocked((q.bv, q.d_pad))]
-        + [blocked((q.bv,))] * has_bias + [whole((q.n_pad,))] * len(vecs),
+        in_specs=present([whole((q.n_pad, q.d_pad)), blocked((q.bv, q.d_pad)), blocked((q.bv,))]
+                         + [whole((q.n_pad,))] * 3 + [whole((k, q.n_pad))] * 2, inputs),
         out_specs=tuple(dw_specs),
         compiler_params=q.compiler_params,
         interpret=q.interpret,
         name="logit_stats_bwd_dw",
-    )(h, w, *bias_args, *vecs)
-    return dh, dw[0], dw[1] if has_bias else None
+    )(*present(inputs, inputs))
+    return dh, dw[0], dw[1] if b is not None else None

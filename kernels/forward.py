@@ -8,17 +8,16 @@ if asked, the logit sum. Each program writes only its own ``[bn]`` slice of the 
 partials ``[splits, n_pad]``; ``merge_splits`` combines them (flash-decoding style, deterministic).
 """
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from ls_jax.logit_stats import LogitStats
-from .tiles import Plan, logit_tile
+from .tiles import Plan, logit_tile, present, with_absent
 
 
-def _kernel(p: Plan, has_bias, h_ref, w_ref, *refs):
-    b_ref = refs[0] if has_bias else None
-    lse_ref, sum_ref, max_ref, arg_ref = refs[-4:]
+def _kernel(p: Plan, h_ref, w_ref, b_ref, lse_ref, sum_ref, max_ref, arg_ref):
     per_split = p.v_pad // (p.splits * p.bv)
     first_col = pl.program_id(1) * per_split * p.bv
 
@@ -51,28 +50,27 @@ def forward_partials(h, w, b, p: Plan):
     """Per-split partials, each ``[splits, n_pad]``: lse, logit sum, max (float32), argmax (int32),
     of padded hidden ``[n_pad, d_pad]``, weight ``[v_pad, d_pad]``, bias ``[v_pad]`` or None."""
     per_split_rows = p.v_pad // p.splits
+    inputs = [h, w, b]
     in_specs = [pl.BlockSpec((p.bn, p.d_pad), lambda i, s: (i, 0)),
-                pl.BlockSpec((per_split_rows, p.d_pad), lambda i, s: (s, 0))]
-    args = [h, w]
-    if b is not None:
-        in_specs.append(pl.BlockSpec((per_split_rows,), lambda i, s: (s,)))
-        args.append(b)
+                pl.BlockSpec((per_split_rows, p.d_pad), lambda i, s: (s, 0)),
+                pl.BlockSpec((per_split_rows,), lambda i, s: (s,))]
     part = pl.BlockSpec((None, p.bn), lambda i, s: (s, i))
     f32 = jax.ShapeDtypeStruct((p.splits, p.n_pad), jnp.float32)
     return pl.pallas_call(
-        lambda *refs: _kernel(p, b is not None, *refs),
+        with_absent(partial(_kernel, p), inputs),
         out_shape=(f32, f32, f32, jax.ShapeDtypeStruct((p.splits, p.n_pad), jnp.int32)),
         grid=(p.n_pad // p.bn, p.splits),
-        in_specs=in_specs,
+        in_specs=present(in_specs, inputs),
         out_specs=(part, part, part, part),
         compiler_params=p.compiler_params,
         interpret=p.interpret,
         name="logit_stats_fwd",
-    )(*args)
+    )(*present(inputs, inputs))
 
 
-def merge_splits(lse, total, mx, arg) -> LogitStats:
-    """Combine per-split partials ``[S, N]`` into LogitStats ``[N]`` (lowest argmax on ties)."""
+def merge_splits(lse, total, mx, arg):
+    """Combine per-split partials ``[S, N]`` into (lse, logit_sum, max_logit, prediction) ``[N]``
+    (lowest argmax on ties)."""
     best_split = jnp.argmax(mx, axis=0)
-    return LogitStats(jax.nn.logsumexp(lse, axis=0), total.sum(0), mx.max(0),
-                      jnp.take_along_axis(arg, best_split[None], axis=0)[0])
+    return (jax.nn.logsumexp(lse, axis=0), total.sum(0), mx.max(0),
+            jnp.take_along_axis(arg, best_split[None], axis=0)[0])

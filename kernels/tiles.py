@@ -22,7 +22,7 @@ BLOCK_N, BLOCK_V, BLOCK_D = 64, 256, 64
 BLOCK_V_F32, BLOCK_D_F32 = 128, 32
 NUM_WARPS = 8
 MIN_BLOCK = 16
-BACKWARDS = ("two_kernel", "atomic", "xla")  # see backward.py and fused.py
+BACKWARDS = ("two_kernel", "atomic")  # see backward.py
 # The forward splits the vocabulary until there are about this many programs (2 per SM on H100).
 TARGET_PROGRAMS = 264
 
@@ -89,6 +89,22 @@ def plan(n, v, d, *, block_n=None, block_v=None, block_d=None, softcap=None, nee
     stages = 2 if wide else 3
     return Plan(n, v, d, bn, bv, bd, dw_bn, dw_bv, n_pad, v_pad, d_pad, splits, softcap, need_sum,
                 filter_eps, interpret, backward, stages)
+
+
+def present(items, inputs):
+    """The entries of ``items`` whose input (same position in ``inputs``) is not None."""
+    return [x for x, i in zip(items, inputs) if i is not None]
+
+
+def with_absent(kernel, inputs):
+    """``kernel`` as pallas_call calls it (refs of the present inputs, then the outputs), with
+    None in its signature's place for each absent (None) entry of ``inputs``."""
+
+    def call(*refs):
+        it = iter(refs)
+        return kernel(*(None if x is None else next(it) for x in inputs), *it)
+
+    return call
 
 
 def dot_precision(dtype):

@@ -10,6 +10,7 @@ from typing import Optional, Union
 import jax
 import jax.numpy as jnp
 
+from ls_jax.logit_stats import BlockSizes
 from ls_jax.losses import TokenStats, linear_smoothed_cross_entropy
 
 
@@ -50,8 +51,7 @@ def token_metrics(stats: TokenStats, targets: jax.Array) -> dict:
 def causal_lm_loss(model, batch: dict, *, label_smoothing: float = 0.0, z_loss: float = 0.0,
                    ignore_index: int = -100, logit_softcap: Union[str, float, None] = "model",
                    shift_labels: bool = True, reduction: str = "mean", impl: str = "auto",
-                   block_n: Optional[int] = None, block_v: Optional[int] = None,
-                   block_d: Optional[int] = None, filter_eps: Optional[float] = None):
+                   blocks: Optional[BlockSizes] = None):
     """Label-smoothed next-token cross-entropy of ``model`` on ``batch``, and metrics.
 
     batch: ``input_ids [B, T]`` int, ``labels [B, T]`` int (``ignore_index`` on prompt and
@@ -61,7 +61,8 @@ def causal_lm_loss(model, batch: dict, *, label_smoothing: float = 0.0, z_loss: 
     already shifted and used as they are (``ignore_index`` still masks).
     logit_softcap: "model" uses ``model.final_logit_softcap``; a float or None overrides it.
     reduction: "mean" over scored tokens or "sum" (e.g. for gradient accumulation).
-    impl / block_* / filter_eps: passed to :func:`linear_smoothed_cross_entropy`.
+    impl / blocks: passed to :func:`linear_smoothed_cross_entropy`. The unembedding is cast to
+    the hidden states' (compute) dtype, as the model's own matmuls.
     Returns ``(loss float32 scalar, metrics)``, metrics from :func:`token_metrics`.
     """
     if reduction not in ("mean", "sum"):
@@ -80,7 +81,7 @@ def causal_lm_loss(model, batch: dict, *, label_smoothing: float = 0.0, z_loss: 
     weight = model.unembedding().astype(hidden.dtype)  # compute dtype, as the model's own matmuls
     loss, stats = linear_smoothed_cross_entropy(
         hidden, weight, targets, label_smoothing=label_smoothing, ignore_index=ignore_index,
-        z_loss=z_loss, logit_softcap=logit_softcap, reduction=reduction, impl=impl, block_n=block_n,
-        block_v=block_v, block_d=block_d, filter_eps=filter_eps, return_stats=True,
+        z_loss=z_loss, logit_softcap=logit_softcap, reduction=reduction, impl=impl, blocks=blocks,
+        return_stats=True,
     )
     return loss, token_metrics(stats, targets)

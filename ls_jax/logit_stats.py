@@ -1,36 +1,78 @@
 """The seam between the loss and its implementations: per-token statistics of the logits.
 
-Every implementation (``reference``, ``xla``, ``pallas``) computes, for
-``z = softcap(hidden @ weight.T + bias)``, without the loss ever seeing ``z``:
+Every implementation computes, for ``z = softcap(hidden @ weight.T + bias)`` and sparse
+targets ``(ids [N, K], weights [N, K])``, without the loss ever seeing ``z``:
 
-* ``lse[n]       = log sum_v exp(z[n, v])``                    (differentiable)
-* ``logit_sum[n] = sum_v z[n, v]``  (only when asked; else 0)    (differentiable)
-* ``max_logit[n] = max_v z[n, v]`` and ``argmax[n]``             (no gradient)
+* ``lse[n]       = log sum_v exp(z[n, v])``                      (differentiable)
+* ``logit_sum[n] = sum_v z[n, v]``  (only when asked; else 0)      (differentiable)
+* ``target[n]    = sum_k weights[n, k] * z[n, ids[n, k]]``          (differentiable)
+* ``max_logit[n] = max_v z[n, v]`` and ``prediction[n] = argmax_v z[n, v]``   (no gradient)
 
-Their vector-Jacobian product, for cotangents ``g_lse`` and ``g_sum`` (both ``[N]``), is
-``dz[n, v] = (g_lse[n] * softmax(z)[n, v] + g_sum[n]) * softcap'(raw[n, v])`` pulled back
-through the matmul: ``dhidden = dz @ weight``, ``dweight = dz.T @ hidden``,
-``dbias = dz.sum(0)``. Everything else in the loss (target logits, the rank-1 smoothing
-term without softcap, z-loss, masking) is plain jnp on top of these statistics.
+Their vector-Jacobian product, for cotangents ``g_lse``, ``g_sum``, ``g_target`` (all ``[N]``):
+``dz[n, v] = (g_lse softmax(z)[n, v] + g_sum + g_target sum_k weights[n, k] [v = ids[n, k]])
+* softcap'(raw[n, v])``, pulled back through the matmul. Every part of ``dz`` is combined in
+float32 *inside* the logit tile, before any rounding to a 16-bit dtype: the softmax and the
+target term cancel for confident tokens (p_target ~ 1), so adding them after rounding would
+lose most of the gradient's bits. Gradients accumulate in float32 and are rounded once.
+
+A token whose cotangents are all zero (an ignored token) contributes exactly 0 to every
+gradient, whatever its hidden state or logits hold (NaN, -inf): its row is zeroed before it
+can meet a matmul.
+
+:func:`two_pass` builds the differentiable statistics of a backend (``forward`` and a float32
+``backward`` that recomputes the logits): ``impl="xla"`` (ls_jax/xla.py) and ``impl="pallas"``
+(kernels/). ``impl="reference"`` (ls_jax/reference.py) is plain autodiff of dense logits.
 """
 
-from typing import NamedTuple, Optional
+import dataclasses
+from functools import partial
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class LogitStats(NamedTuple):
     """Per-token statistics of the logits; every field has shape ``[N]``.
 
-    lse, logit_sum, max_logit: float32. argmax: int32 (lowest index on ties).
-    max_logit and argmax carry no gradient (treat them as ``stop_gradient``).
+    lse, logit_sum, target, max_logit: float32. prediction: int32 argmax (lowest index on ties).
+    max_logit and prediction carry no gradient.
     """
 
     lse: jax.Array
     logit_sum: jax.Array
+    target: jax.Array
     max_logit: jax.Array
-    argmax: jax.Array
+    prediction: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """How an implementation tiles the work; None leaves a size to the implementation.
+
+    block_n: tokens per tile. block_v: vocabulary rows per tile. block_d: hidden-size chunk
+    (pallas). filter_eps: pallas only, skip backward tiles whose softmax is below eps
+    everywhere (CCE-style gradient filtering; approximate; None: exact).
+    """
+
+    block_n: Optional[int] = None
+    block_v: Optional[int] = None
+    block_d: Optional[int] = None
+    filter_eps: Optional[float] = None
+
+    def __post_init__(self):
+        for name in ("block_n", "block_v", "block_d"):
+            b = getattr(self, name)
+            if b is None:
+                continue
+            if isinstance(b, bool) or not isinstance(b, (int, np.integer)):
+                raise TypeError(f"{name} must be an int or None, got {b!r}")
+            if b < 1:
+                raise ValueError(f"{name} must be >= 1, got {b}")
+        eps = self.filter_eps
+        if eps is not None and not (isinstance(eps, (int, float, np.floating)) and 0 <= eps < float("inf")):
+            raise ValueError(f"filter_eps must be a finite number >= 0 or None, got {eps!r}")
 
 
 def apply_softcap(raw: jax.Array, softcap: Optional[float]) -> jax.Array:
@@ -48,15 +90,98 @@ def dense_logits(hidden, weight, bias, logit_softcap=None) -> jax.Array:
     return apply_softcap(z, logit_softcap)
 
 
-def stats_from_logits(z: jax.Array, need_sum: bool) -> LogitStats:
-    """LogitStats of materialised float32 logits ``z [N, V]`` (differentiable by autodiff)."""
-    lse = jax.nn.logsumexp(z, axis=-1)
-    logit_sum = z.sum(-1) if need_sum else jnp.zeros_like(lse)
-    max_logit = jax.lax.stop_gradient(z.max(-1))
-    argmax = jnp.argmax(jax.lax.stop_gradient(z), axis=-1).astype(jnp.int32)
-    return LogitStats(lse, logit_sum, max_logit, argmax)
+def weighted_sum(weights, z):
+    """``sum_k weights[n, k] * z[n, k]`` over the last axis, a zero weight counting 0 even on a
+    -inf logit (a padding entry, or a class masked out by a -inf bias; not NaN)."""
+    return (weights * jnp.where((weights == 0) & jnp.isinf(z), 0.0, z)).sum(-1)
 
 
-def reference_logit_stats(hidden, weight, bias=None, *, logit_softcap=None, need_sum=False) -> LogitStats:
-    """Dense oracle: materialises the ``[N, V]`` float32 logits; gradients by plain autodiff."""
-    return stats_from_logits(dense_logits(hidden, weight, bias, logit_softcap), need_sum)
+def target_logits(hidden, weight, bias, ids, softcap):
+    """float32 capped logits of the target classes ``[N, K]`` (a gather, no vocabulary pass)."""
+    z = jnp.einsum("nd,nkd->nk", hidden, weight[ids], preferred_element_type=jnp.float32)
+    if bias is not None:
+        z = z + bias[ids].astype(jnp.float32)
+    return apply_softcap(z, softcap)
+
+
+def dz_tile(z, cols, lse, g_lse, g_sum, ids, coef, softcap):
+    """float32 gradient of the logit tile ``z [bn, bv]`` (capped, float32), whose columns are the
+    classes ``cols [bv]``: ``(g_lse p + g_sum + sum_k coef[:, k] [cols = ids[:, k]]) softcap'``,
+    everything combined in float32. lse, g_lse, g_sum: ``[bn]`` (g_sum None: no sum term);
+    ids, coef: ``[bn, K]`` (coef = g_target * target weight)."""
+    dz = g_lse[:, None] * jnp.exp(z - lse[:, None])
+    if g_sum is not None:
+        dz = dz + g_sum[:, None]
+    for k in range(ids.shape[1]):
+        dz = dz + jnp.where(cols[None, :] == ids[:, k:k + 1], coef[:, k:k + 1], 0.0)
+    if softcap is not None:
+        dz = dz * (1.0 - jnp.square(z / softcap))
+    return dz
+
+
+def live_rows(hidden, lse, g_lse, g_sum, coef):
+    """Zero what an ignored token (all cotangents 0) could poison a gradient with: its hidden row
+    (-> 0) and its lse (-> +inf, so its softmax is exactly 0). Returns (hidden, lse, live [N])."""
+    live = (g_lse != 0) | (jnp.any(coef != 0, axis=-1))
+    if g_sum is not None:
+        live = live | (g_sum != 0)
+    hidden = jnp.where(live[:, None], hidden, jnp.zeros((), hidden.dtype))
+    return hidden, jnp.where(live, lse, jnp.inf), live
+
+
+class Backend(NamedTuple):
+    """A two-pass implementation of the seam (see :func:`two_pass`).
+
+    forward(hidden, weight, bias, *, softcap, need_sum, blocks) -> (lse, logit_sum, max_logit,
+    prediction) ``[N]``; backward(hidden, weight, bias, lse, g_lse, g_sum, ids, coef, *, softcap,
+    blocks) -> float32 ``(dhidden [N, D], dweight [V, D], dbias [V] or None)`` with dz as in
+    :func:`dz_tile` (g_sum None when no sum was asked for), the logits recomputed.
+    """
+
+    forward: Callable
+    backward: Callable
+
+
+def _two_pass_forward(backend, hidden, weight, bias, ids, tw, softcap, need_sum, blocks):
+    lse, total, mx, arg = backend.forward(hidden, weight, bias, softcap=softcap, need_sum=need_sum,
+                                          blocks=blocks)
+    z_t = target_logits(hidden, weight, bias, ids, softcap)
+    return LogitStats(lse, total, weighted_sum(tw, z_t), mx, arg), z_t
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 6, 7, 8))
+def _two_pass(backend, hidden, weight, bias, ids, tw, softcap, need_sum, blocks):
+    return _two_pass_forward(backend, hidden, weight, bias, ids, tw, softcap, need_sum, blocks)[0]
+
+
+def _two_pass_fwd(backend, hidden, weight, bias, ids, tw, softcap, need_sum, blocks):
+    stats, z_t = _two_pass_forward(backend, hidden, weight, bias, ids, tw, softcap, need_sum, blocks)
+    return stats, (hidden, weight, bias, ids, tw, stats.lse, z_t)
+
+
+def _two_pass_bwd(backend, softcap, need_sum, blocks, res, ct):
+    hidden, weight, bias, ids, tw, lse, z_t = res
+    g_lse = ct.lse.astype(jnp.float32)
+    g_sum = ct.logit_sum.astype(jnp.float32) if need_sum else None
+    g_t = ct.target.astype(jnp.float32)
+    coef = g_t[:, None] * tw
+    h, lse, _ = live_rows(hidden, lse, g_lse, g_sum, coef)
+    dh, dw, db = backend.backward(h, weight, bias, lse, g_lse, g_sum, ids, coef, softcap=softcap,
+                                  blocks=blocks)
+    d_tw = g_t[:, None] * jnp.where((tw == 0) & jnp.isinf(z_t), 0.0, z_t)
+    return (dh.astype(hidden.dtype), dw.astype(weight.dtype),
+            None if bias is None else db.astype(bias.dtype), None, d_tw.astype(tw.dtype))
+
+
+_two_pass.defvjp(_two_pass_fwd, _two_pass_bwd)
+
+
+def two_pass(backend: Backend):
+    """The seam's function for ``backend``: ``f(hidden [N, D], weight [V, D], bias [V] | None,
+    ids [N, K] int32, weights [N, K] float32, *, softcap, need_sum, blocks) -> LogitStats``,
+    differentiable once in reverse mode (hidden, weight, bias and the target weights)."""
+
+    def logit_stats(hidden, weight, bias, ids, tw, *, softcap, need_sum, blocks):
+        return _two_pass(backend, hidden, weight, bias, ids, tw, softcap, need_sum, blocks)
+
+    return logit_stats

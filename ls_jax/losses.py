@@ -6,9 +6,10 @@ q = (1 - a) t + a / V and
     loss = (sum_v q_v) lse - sum_v q_v z_v + z_loss lse^2
          = ((1 - a) |t| + a) lse - (1 - a) sum_k w_k z_{i_k} - (a / V) sum_v z_v + z_loss lse^2
 
-where |t| = sum_k w_k (1 for hard labels). Only lse (and, with a softcap, sum_v z_v) needs a
-pass over the vocabulary: that is the implementation's job (ls_jax/logit_stats.py). The
-target logits are a gather, and without a softcap sum_v z_v = h . sum_v W_v + sum_v b_v.
+where |t| = sum_k w_k (1 for hard labels). The loss is a function of three per-token
+statistics of the logits - lse, the target term sum_k w_k z_{i_k} and the logit sum - which
+the implementations compute (ls_jax/logit_stats.py, the dispatch table in ls_jax/dispatch.py);
+:func:`token_loss` is the one place that combines them.
 """
 
 from typing import NamedTuple, Optional
@@ -17,24 +18,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ls_jax.logit_stats import LogitStats, apply_softcap, reference_logit_stats, stats_from_logits
+from ls_jax.dispatch import ONE_PASS, logit_stats_fn, resolve
+from ls_jax.logit_stats import BlockSizes, LogitStats, apply_softcap, weighted_sum
+from ls_jax.reference import stats_from_logits
 from ls_jax.targets import Labels, check_options, sparse_targets, where_mask
-
-IMPLS = ("auto", "reference", "xla", "pallas")
 
 
 class TokenStats(NamedTuple):
-    """Per-token side outputs, each shaped like the labels' batch dims ``[...]``.
+    """Per-token side outputs, each shaped like the labels' batch dims ``[...]``; no gradient.
 
-    lse: float32 log-sum-exp of the (capped) logits. max_logit: float32, no gradient.
-    prediction: int32 argmax class. valid: bool, the tokens that count in the loss.
-    The top-class probability is :attr:`confidence`.
+    lse: float32 log-sum-exp of the (capped) logits. max_logit: float32. prediction: int32
+    argmax class (lowest index on ties). valid: bool, the tokens that count in the loss.
+    target_logprob: float32 unsmoothed log-probability of the target, ``sum_k w_k log p_{i_k}``
+    (``log p_y`` for a hard label; 0 on ignored tokens): ``-target_logprob`` is the true NLL
+    (perplexity) whatever the smoothing. The top-class probability is :attr:`confidence`.
     """
 
     lse: jax.Array
     max_logit: jax.Array
     prediction: jax.Array
     valid: jax.Array
+    target_logprob: jax.Array
 
     @property
     def confidence(self) -> jax.Array:
@@ -42,32 +46,47 @@ class TokenStats(NamedTuple):
         return jnp.exp(self.max_logit - self.lse)
 
 
-def _weighted_sum(weights, z):
-    """``sum_k weights[n, k] * z[n, k]`` over the last axis, a zero weight counting 0 even on a
-    -inf logit (a padding entry, or a class masked out by a -inf bias; not NaN)."""
-    return (weights * jnp.where((weights == 0) & jnp.isinf(z), 0.0, z)).sum(-1)
+class LossRows(NamedTuple):
+    """Per-token coefficients of the loss in the statistics; every field ``[N]`` float32
+    (``nan`` bool). ``weight``: the token's weight in the reduction (0: not counted)."""
+
+    lse: jax.Array  # (1 - a) |t| + a
+    target: jax.Array  # 1 - a
+    logit_sum: jax.Array  # a / V
+    z_loss: jax.Array
+    weight: jax.Array
+    nan: jax.Array  # an out-of-range label: NaN loss, no gradient
 
 
-def _combine(stats: LogitStats, logit_sum, target_dot, target_mass, valid, out_of_range,
-             batch_shape, num_classes, label_smoothing, z_loss, reduction, return_stats):
-    """Per-token loss [N] from its parts, masked, reduced; optionally with TokenStats."""
-    a = label_smoothing
-    loss = ((1.0 - a) * target_mass + a) * stats.lse - (1.0 - a) * target_dot
-    if a > 0:
-        loss = loss - (a / num_classes) * logit_sum
-    if z_loss > 0:
-        loss = loss + z_loss * jnp.square(stats.lse)
-    loss = jnp.where(valid, loss, 0.0)
-    loss = jnp.where(out_of_range, jnp.nan, loss)
+def token_loss(stats: LogitStats, rows: LossRows) -> jax.Array:
+    """float32 per-token loss ``[N]``, weighted by ``rows.weight`` (exactly 0 where it is 0)."""
+    loss = (rows.lse * stats.lse - rows.target * stats.target - rows.logit_sum * stats.logit_sum
+            + rows.z_loss * jnp.square(stats.lse))
+    loss = jnp.where(rows.weight != 0, rows.weight * loss, 0.0)
+    return jnp.where(rows.nan, jnp.nan, loss)
+
+
+def _loss_rows(mass, valid, out_of_range, num_classes, label_smoothing, z_loss, reduction) -> LossRows:
+    a = jnp.float32(label_smoothing)
+    weight = valid.astype(jnp.float32)
+    if reduction == "mean":
+        weight = weight / jnp.maximum(weight.sum(), 1.0)
+    full = lambda x: jnp.broadcast_to(jnp.asarray(x, jnp.float32), mass.shape)
+    return LossRows((1.0 - a) * mass + a, full(1.0 - a), full(a / num_classes), full(z_loss), weight,
+                    out_of_range)
+
+
+def _finish(per_token_or_sum, stats: LogitStats, mass, valid, batch_shape, reduction, return_stats):
+    """Reshape / reduce the loss; with ``return_stats`` also :class:`TokenStats` ``[...]``."""
     if reduction == "none":
-        loss = loss.reshape(batch_shape)
-    elif reduction == "sum":
-        loss = loss.sum()
+        loss = per_token_or_sum.reshape(batch_shape)
     else:
-        loss = loss.sum() / jnp.maximum(valid.sum(), 1).astype(jnp.float32)
+        loss = per_token_or_sum if per_token_or_sum.ndim == 0 else per_token_or_sum.sum()
     if not return_stats:
         return loss
-    side = TokenStats(stats.lse, stats.max_logit, stats.argmax, valid)
+    s = jax.tree.map(jax.lax.stop_gradient, stats)
+    logprob = jnp.where(valid, s.target - mass * s.lse, 0.0)
+    side = TokenStats(s.lse, s.max_logit, s.prediction, valid, logprob)
     return loss, TokenStats(*(x.reshape(batch_shape) for x in side))
 
 
@@ -94,63 +113,51 @@ def smoothed_cross_entropy(
     batch_shape, v = logits.shape[:-1], logits.shape[-1]
     n = logits.size // v
     z = apply_softcap(logits.reshape(n, v).astype(jnp.float32), logit_softcap)
-    dense = not isinstance(labels, tuple) and np.shape(labels) == logits.shape
-    if dense:
+    if not isinstance(labels, tuple) and np.shape(labels) == logits.shape:
         q = jnp.asarray(labels)
         if not jnp.issubdtype(q.dtype, jnp.floating):
             raise ValueError(f"a dense target distribution must be floating point, got {q.dtype}")
         valid = where_mask(where, batch_shape)
         q = jnp.where(valid[:, None], q.reshape(n, v).astype(jnp.float32), 0.0)
-        target_dot, target_mass, out_of_range = _weighted_sum(q, z), q.sum(-1), jnp.zeros((n,), bool)
+        target, mass, out_of_range = weighted_sum(q, z), q.sum(-1), jnp.zeros((n,), bool)
     else:
         t = sparse_targets(labels, batch_shape, v, ignore_index, where)
-        target_dot = _weighted_sum(t.weights, jnp.take_along_axis(z, t.ids, axis=-1))
-        target_mass, valid, out_of_range = t.weights.sum(-1), t.valid, t.out_of_range
-    stats = stats_from_logits(z, need_sum=label_smoothing > 0)
-    return _combine(stats, stats.logit_sum, target_dot, target_mass, valid, out_of_range,
-                    batch_shape, v, label_smoothing, z_loss, reduction, return_stats)
-
-
-def _logit_stats_fn(impl: str, block_n, block_v, block_d, filter_eps):
-    """The implementation behind ``impl`` as ``f(hidden, weight, bias, *, logit_softcap, need_sum)``."""
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
-        impl = "pallas" if jax.default_backend() == "gpu" else "xla"
-    if impl == "reference":
-        return reference_logit_stats
-    if impl == "xla":
-        from ls_jax.blocked import xla_logit_stats
-
-        return lambda *args, **kw: xla_logit_stats(*args, block_v=block_v, **kw)
-    from ls_jax.kernels import pallas_logit_stats
-
-    return lambda *args, **kw: pallas_logit_stats(
-        *args, block_n=block_n, block_v=block_v, block_d=block_d, filter_eps=filter_eps, **kw
-    )
+        target = weighted_sum(t.weights, jnp.take_along_axis(z, t.ids, axis=-1))
+        mass, valid, out_of_range = t.weights.sum(-1), t.valid, t.out_of_range
+    stats = stats_from_logits(z, target, need_sum=label_smoothing > 0)
+    rows = _loss_rows(mass, valid, out_of_range, v, label_smoothing, z_loss, reduction)
+    return _finish(token_loss(stats, rows), stats, mass, valid, batch_shape, reduction, return_stats)
 
 
 def linear_smoothed_cross_entropy(
     hidden, weight, labels: Labels, *, bias=None, label_smoothing: float = 0.0,
     ignore_index: int = -100, where=None, z_loss: float = 0.0,
     logit_softcap: Optional[float] = None, reduction: str = "mean", impl: str = "auto",
-    block_n: Optional[int] = None, block_v: Optional[int] = None, block_d: Optional[int] = None,
-    filter_eps: Optional[float] = None, return_stats: bool = False,
+    blocks: Optional[BlockSizes] = None, return_stats: bool = False,
 ):
     """``smoothed_cross_entropy(hidden @ weight.T + bias, labels, ...)`` without the logits.
 
     hidden: ``[..., D]``; weight: ``[V, D]`` (Hugging Face lm_head / tied-embedding layout);
     bias: ``[V]`` or None; labels: int ids ``[...]`` or sparse soft labels
-    ``(ids [..., K], weights [..., K])``. bf16 or fp32 in; fp32 accumulation and lse.
-    impl: "reference" (dense, materialises [N, V]: the oracle), "xla" (blocked over the
-    vocabulary, O(N x block_v) extra memory), "pallas" (the fused GPU kernel; interpret
-    mode elsewhere), "auto" (pallas on GPU, xla otherwise). block_v is used by xla and
-    pallas, block_n / block_d / filter_eps by pallas only (None: the implementation's
-    default). Differentiable in hidden, weight and bias (reverse mode; "reference" and "xla"
-    also twice, e.g. jax.hessian; "pallas" once). Default reduction: "mean" over
-    valid tokens. With ``return_stats`` returns ``(loss, TokenStats)``.
+    ``(ids [..., K], weights [..., K])``. bf16 or fp32 in; every gradient part is combined in
+    float32 and rounded once to the input's dtype.
+
+    impl (ls_jax/dispatch.py): "xla" (blocked over tokens and the vocabulary; a scalar
+    reduction, "mean" or "sum", makes its gradients in the forward sweep: 6NDV, holding the
+    gradients from forward to backward; reduction="none" recomputes the logits in the backward),
+    "reference" (dense, materialises [N, V]: the oracle), "pallas" (the fused GPU kernels;
+    interpret mode elsewhere; also "pallas_atomic", "pallas_xla"), "auto" ("xla" everywhere
+    until the kernel is measured on a GPU). blocks: :class:`BlockSizes` (None: defaults).
+    Differentiable in hidden, weight, bias (and soft-label weights) in reverse mode; "reference"
+    also in forward mode and to any order; "xla" twice with reduction="none"
+    (jax.hessian of its sum). Default reduction: "mean" over valid tokens.
+    With ``return_stats`` returns ``(loss, TokenStats)``.
     """
     check_options(label_smoothing, z_loss, logit_softcap, reduction)
+    impl = resolve(impl)
+    blocks = BlockSizes() if blocks is None else blocks
+    if not isinstance(blocks, BlockSizes):
+        raise TypeError(f"blocks must be a BlockSizes or None, got {type(blocks).__name__}")
     hidden, weight = jnp.asarray(hidden), jnp.asarray(weight)
     bias = None if bias is None else jnp.asarray(bias)
     if weight.ndim != 2 or hidden.ndim < 1 or hidden.shape[-1] != weight.shape[1]:
@@ -163,20 +170,14 @@ def linear_smoothed_cross_entropy(
     batch_shape = hidden.shape[:-1]
     h = hidden.reshape(-1, d)
     t = sparse_targets(labels, batch_shape, v, ignore_index, where)
-    a = float(label_smoothing)
     cap = None if logit_softcap is None else float(logit_softcap)
-    sum_in_pass = a > 0 and cap is not None
-    stats = _logit_stats_fn(impl, block_n, block_v, block_d, filter_eps)(
-        h, weight, bias, logit_softcap=cap, need_sum=sum_in_pass
-    )
-    z_target = jnp.einsum("nd,nkd->nk", h, weight[t.ids], preferred_element_type=jnp.float32)
-    if bias is not None:
-        z_target = z_target + bias[t.ids].astype(jnp.float32)
-    target_dot = _weighted_sum(t.weights, apply_softcap(z_target, cap))
-    logit_sum = stats.logit_sum
-    if a > 0 and not sum_in_pass:
-        logit_sum = h.astype(jnp.float32) @ weight.astype(jnp.float32).sum(0)
-        if bias is not None:
-            logit_sum = logit_sum + bias.astype(jnp.float32).sum()
-    return _combine(stats, logit_sum, target_dot, t.weights.sum(-1), t.valid, t.out_of_range,
-                    batch_shape, v, a, float(z_loss), reduction, return_stats)
+    need_sum = float(label_smoothing) > 0
+    mass = t.weights.sum(-1)
+    rows = _loss_rows(mass, t.valid, t.out_of_range, v, label_smoothing, z_loss, reduction)
+    opts = dict(softcap=cap, need_sum=need_sum, blocks=blocks)
+    if reduction != "none" and impl in ONE_PASS:
+        loss, stats = ONE_PASS[impl](token_loss, h, weight, bias, t.ids, t.weights, rows, **opts)
+    else:
+        stats = logit_stats_fn(impl)(h, weight, bias, t.ids, t.weights, **opts)
+        loss = token_loss(stats, rows)
+    return _finish(loss, stats, mass, t.valid, batch_shape, reduction, return_stats)

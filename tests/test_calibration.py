@@ -12,6 +12,7 @@ from scipy.optimize import minimize_scalar
 from torchmetrics.functional.classification import binary_calibration_error, multiclass_calibration_error
 
 from ls_jax import calibration as C
+from ls_jax.logit_stats import BlockSizes
 
 IGNORE = -100
 
@@ -278,7 +279,7 @@ def test_token_calibration_matches_dense_logits(impl, softcap):
     nll = -np.log(pv[np.arange(len(pv)), y_np[valid]]).mean()
     brier = ((pv - np.eye(70)[y_np[valid]]) ** 2).sum(1).mean()
 
-    opts = dict(impl=impl, block_v=16, logit_softcap=softcap)
+    opts = dict(impl=impl, blocks=BlockSizes(block_v=16), logit_softcap=softcap)
     whole = C.token_calibration(h, w, y, **opts)
     streamed = C.token_calibration(h[:1], w, y[:1], **opts)
     for r in (1, 2):

@@ -10,6 +10,7 @@ import torch
 from flax import nnx
 
 from ls_jax.lm_loss import causal_lm_loss, next_token_targets
+from ls_jax.logit_stats import BlockSizes
 from ls_jax.models import CausalLMProtocol, from_pretrained
 from test_models import CONFIGS, V, hf_logits, padded_batch, save_hf
 
@@ -40,7 +41,7 @@ def test_loss_and_metrics_match_torch_on_hf_logits(name, smoothing, tmp_path):
     model = from_pretrained(str(tmp_path))
     ids, mask, labels = lm_batch()
     batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask), "labels": jnp.asarray(labels)}
-    loss, metrics = causal_lm_loss(model, batch, label_smoothing=smoothing, impl="xla", block_v=48)
+    loss, metrics = causal_lm_loss(model, batch, label_smoothing=smoothing, impl="xla", blocks=BlockSizes(block_v=48))
     ref, z, y = torch_loss(hf_logits(hf, ids, mask), labels, smoothing)
     assert abs(float(loss) - ref) < 1e-4
     scored = y != IGNORE
@@ -77,7 +78,7 @@ def test_gradients_finite_and_match_reference_path(tmp_path):
     @nnx.jit(static_argnums=1)
     def grads(m, impl):
         return nnx.grad(lambda m: causal_lm_loss(m, batch, label_smoothing=0.1, z_loss=1e-3, impl=impl,
-                                                 block_v=48)[0])(m)
+                                                 blocks=BlockSizes(block_v=48))[0])(m)
 
     fused, dense = jax.tree.leaves(grads(model, "xla")), jax.tree.leaves(grads(model, "reference"))
     assert all(bool(jnp.isfinite(g).all()) for g in fused)

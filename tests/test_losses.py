@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ls_jax import linear_smoothed_cross_entropy, smoothed_cross_entropy
+from ls_jax.logit_stats import BlockSizes
 
 IGNORE = -100
 
@@ -86,7 +87,7 @@ def test_unnormalised_soft_labels_with_duplicate_ids_match_optax():
     assert_close(smoothed_cross_entropy(logits, t, label_smoothing=0.3), expected, 1e-5, 1e-5)
     assert_close(smoothed_cross_entropy(logits, (ids, weights), label_smoothing=0.3), expected, 1e-5, 1e-5)
     fused = linear_smoothed_cross_entropy(h, w, (ids, weights), bias=b, label_smoothing=0.3, impl="xla",
-                                          block_v=4, reduction="none")
+                                          blocks=BlockSizes(block_v=4), reduction="none")
     assert_close(fused, expected, 1e-5, 1e-5)
 
 
@@ -172,7 +173,7 @@ def test_linear_reference_is_dense_loss_of_the_logits():
 def test_linear_matches_torch_autograd(with_bias):
     h, w, b, y = make_problem(77, 96, 1000, masked=10)
     b = b if with_bias else None
-    (loss, grads) = linear_loss_and_grads("xla", h, w, b, y, label_smoothing=0.1, block_v=256)
+    (loss, grads) = linear_loss_and_grads("xla", h, w, b, y, label_smoothing=0.1, blocks=BlockSizes(block_v=256))
     ht, wt = to_torch(h), to_torch(w)
     logits = ht @ wt.T
     bt = None
@@ -208,12 +209,12 @@ def test_linear_xla_matches_reference_fp32(case, shape):
     if kw.get("reduction") == "none":
         # a vector loss: differentiate a random projection of it
         proj = jax.random.normal(jax.random.key(9), (n,))
-        f = lambda impl: (lambda h, w, b: proj @ linear_smoothed_cross_entropy(h, w, y, bias=b, impl=impl, block_v=block_v, **kw))
+        f = lambda impl: (lambda h, w, b: proj @ linear_smoothed_cross_entropy(h, w, y, bias=b, impl=impl, blocks=BlockSizes(block_n=13, block_v=block_v), **kw))
         ref = jax.value_and_grad(f("reference"), argnums=(0, 1, 2))(h, w, b)
         got = jax.jit(jax.value_and_grad(f("xla"), argnums=(0, 1, 2)))(h, w, b)
     else:
         ref = linear_loss_and_grads("reference", h, w, b, y, **kw)
-        got = linear_loss_and_grads("xla", h, w, b, y, block_v=block_v, **kw)
+        got = linear_loss_and_grads("xla", h, w, b, y, blocks=BlockSizes(block_n=13, block_v=block_v), **kw)
     assert_close(got[0], ref[0], 1e-5, 1e-5)
     for g, r in zip(got[1], ref[1]):
         assert_close(g, r, 1e-4, 1e-6)
@@ -223,7 +224,7 @@ def test_linear_xla_matches_reference_fp32(case, shape):
 def test_linear_xla_matches_reference_bf16(case):
     h, w, b, y = make_problem(77, 96, 1000, dtype=jnp.bfloat16, masked=9)
     ref = linear_loss_and_grads("reference", h, w, b, y, **CASES[case])
-    got = linear_loss_and_grads("xla", h, w, b, y, block_v=384, **CASES[case])
+    got = linear_loss_and_grads("xla", h, w, b, y, blocks=BlockSizes(block_v=384), **CASES[case])
     assert got[0].dtype == jnp.float32
     assert_close(got[0], ref[0], 1e-3, 1e-3)
     for g, r, x in zip(got[1], ref[1], (h, w, b)):
@@ -240,7 +241,7 @@ def test_linear_sparse_soft_labels_match_dense_targets():
     dense = jnp.zeros((20, 30)).at[jnp.arange(20)[:, None], jnp.clip(ids, 0)].add(jnp.where(ids == IGNORE, 0, wts))
     where = jnp.arange(20) != 3  # row 3 is all padding: ignored either way
     for impl in ("reference", "xla"):
-        ours = linear_smoothed_cross_entropy(h, w, (ids, wts), bias=b, label_smoothing=0.1, impl=impl, block_v=7, reduction="none")
+        ours = linear_smoothed_cross_entropy(h, w, (ids, wts), bias=b, label_smoothing=0.1, impl=impl, blocks=BlockSizes(block_v=7), reduction="none")
         expected = smoothed_cross_entropy(h @ w.T + b, dense, label_smoothing=0.1, where=where)
         assert_close(ours, expected, 1e-5, 1e-5)
 
@@ -266,7 +267,7 @@ def test_minus_inf_bias_on_whole_vocabulary_blocks():
     b = b.at[:16].set(-jnp.inf)
     y = jax.random.randint(jax.random.key(3), (12,), 16, 40)
     ref = linear_loss_and_grads("reference", h, w, b, y, z_loss=1e-3)
-    got = linear_loss_and_grads("xla", h, w, b, y, z_loss=1e-3, block_v=8)
+    got = linear_loss_and_grads("xla", h, w, b, y, z_loss=1e-3, blocks=BlockSizes(block_v=8))
     assert_close(got[0], ref[0], 1e-5, 1e-5)
     for g, r in zip(got[1], ref[1]):
         assert bool(jnp.all(jnp.isfinite(g)))
@@ -276,22 +277,22 @@ def test_minus_inf_bias_on_whole_vocabulary_blocks():
 def test_where_mask_equals_ignore_index():
     h, w, b, y = make_problem(30, 8, 40)
     keep = jnp.arange(30) % 3 != 0
-    by_where = linear_smoothed_cross_entropy(h, w, y, bias=b, where=keep, label_smoothing=0.1, impl="xla", block_v=16)
-    by_ignore = linear_smoothed_cross_entropy(h, w, jnp.where(keep, y, IGNORE), bias=b, label_smoothing=0.1, impl="xla", block_v=16)
+    by_where = linear_smoothed_cross_entropy(h, w, y, bias=b, where=keep, label_smoothing=0.1, impl="xla", blocks=BlockSizes(block_v=16))
+    by_ignore = linear_smoothed_cross_entropy(h, w, jnp.where(keep, y, IGNORE), bias=b, label_smoothing=0.1, impl="xla", blocks=BlockSizes(block_v=16))
     assert_close(by_where, by_ignore, 1e-6, 1e-6)
 
 
 def test_batch_dims_vmap_and_stats():
     h, w, b, y = make_problem(24, 8, 40, masked=3)
     h3, y3 = h.reshape(2, 3, 4, 8), y.reshape(2, 3, 4)
-    loss, stats = linear_smoothed_cross_entropy(h3, w, y3, bias=b, impl="xla", block_v=16, reduction="none", return_stats=True)
+    loss, stats = linear_smoothed_cross_entropy(h3, w, y3, bias=b, impl="xla", blocks=BlockSizes(block_v=16), reduction="none", return_stats=True)
     assert loss.shape == stats.lse.shape == stats.prediction.shape == (2, 3, 4)
     logits = (h @ w.T + b).reshape(2, 3, 4, 40)
     assert_close(stats.lse, jax.nn.logsumexp(logits, -1), 1e-5, 1e-5)
     assert_close(stats.max_logit, logits.max(-1), 1e-5, 1e-5)
     np.testing.assert_array_equal(stats.prediction, logits.argmax(-1))
     np.testing.assert_array_equal(stats.valid, y3 != IGNORE)
-    batched = jax.vmap(lambda h, y: linear_smoothed_cross_entropy(h, w, y, bias=b, impl="xla", block_v=16, reduction="none"))(h3, y3)
+    batched = jax.vmap(lambda h, y: linear_smoothed_cross_entropy(h, w, y, bias=b, impl="xla", blocks=BlockSizes(block_v=16), reduction="none"))(h3, y3)
     assert_close(batched, loss, 1e-5, 1e-5)
 
 
@@ -309,7 +310,7 @@ def test_xla_is_twice_differentiable():
     """Its custom_vjp backward is plain JAX, so jax.hessian works and equals the reference's."""
     h, w, b, y = make_problem(4, 3, 11, masked=1)
     f = lambda impl: lambda h: linear_smoothed_cross_entropy(
-        h, w, y, bias=b, label_smoothing=0.1, z_loss=1e-2, logit_softcap=2.0, impl=impl, block_v=4)
+        h, w, y, bias=b, label_smoothing=0.1, z_loss=1e-2, logit_softcap=2.0, impl=impl, blocks=BlockSizes(block_v=4))
     assert_close(jax.hessian(f("xla"))(h), jax.hessian(f("reference"))(h), 1e-4, 1e-6)
 
 
@@ -337,15 +338,30 @@ def test_mean_counts_valid_tokens_only():
         (dict(impl="cuda"), "impl"),
         (dict(bias=jnp.zeros(3)), "bias"),
         (dict(where=jnp.ones(3, bool)), "where"),
-        (dict(impl="xla", block_v=0), "block_v"),  # 0 is not None: no silent default
-        (dict(impl="pallas", block_n=0), "block_n"),
-        (dict(impl="pallas", block_d=0), "block_d"),
     ],
 )
 def test_bad_options_raise(kw, match):
     h, w, _, y = make_problem(6, 4, 10)
     with pytest.raises(ValueError, match=match):
         linear_smoothed_cross_entropy(h, w, y, **kw)
+
+
+@pytest.mark.parametrize("kw, error", [
+    (dict(block_v=0), ValueError),  # 0 is not None: no silent default
+    (dict(block_n=-1), ValueError),
+    (dict(block_d=2.5), TypeError),  # never silently truncated
+    (dict(block_n=True), TypeError),
+    (dict(filter_eps=-1.0), ValueError),
+])
+def test_bad_block_sizes_raise(kw, error):
+    with pytest.raises(error, match=next(iter(kw))):
+        BlockSizes(**kw)
+
+
+def test_blocks_must_be_block_sizes():
+    h, w, _, y = make_problem(6, 4, 10)
+    with pytest.raises(TypeError, match="blocks"):
+        linear_smoothed_cross_entropy(h, w, y, blocks=dict(block_v=4))
 
 
 def test_bad_shapes_raise():
@@ -390,7 +406,7 @@ def test_out_of_range_label_raises_when_concrete_and_is_nan_under_jit(bad):
 def test_property_xla_matches_reference(n, d, v, block_v, a, cap, seed):
     h, w, b, y = make_problem(n, d, v, seed=seed, masked=n // 3)
     ref = linear_loss_and_grads("reference", h, w, b, y, label_smoothing=a, logit_softcap=cap)
-    got = linear_loss_and_grads("xla", h, w, b, y, label_smoothing=a, logit_softcap=cap, block_v=block_v)
+    got = linear_loss_and_grads("xla", h, w, b, y, label_smoothing=a, logit_softcap=cap, blocks=BlockSizes(block_n=max(1, n // 3), block_v=block_v))
     assert_close(got[0], ref[0], 1e-5, 1e-5)
     for g, r in zip(got[1], ref[1]):
         assert_close(g, r, 1e-4, 1e-5)

@@ -3,7 +3,10 @@
 import argparse
 import dataclasses
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Union
+
+from ls_jax.dispatch import CHOICES
+from ls_jax.logit_stats import BlockSizes
 
 
 # module paths (regular expression, matched in full) that --lora-rank adapts: attention and MLP projections
@@ -12,26 +15,35 @@ LORA_TARGETS = r".*/(q|k|v|o|gate|up|down)_proj"
 
 @dataclass
 class LossOptions:
-    """Keyword arguments of the fused loss (``ls_jax.lm_loss.causal_lm_loss``).
+    """Keyword arguments of the fused loss (``ls_jax.lm_loss.causal_lm_loss``), one meaning each.
 
-    logit_softcap: None keeps the model's own final-logit softcap; a float overrides it;
-    ``no_softcap`` turns it off.
+    logit_softcap: "model" (the model's own final-logit softcap), a float (overrides it) or
+    None (off; ``--no-softcap``), as in ``causal_lm_loss``. block_n / block_v / block_d: the
+    loss' :class:`ls_jax.logit_stats.BlockSizes` (None: the implementation's defaults).
     """
 
     label_smoothing: float = 0.0
     z_loss: float = 0.0
-    logit_softcap: Optional[float] = None
-    no_softcap: bool = False
+    logit_softcap: Union[str, float, None] = "model"
     impl: str = "auto"
     block_n: Optional[int] = None
     block_v: Optional[int] = None
     block_d: Optional[int] = None
 
+    def blocks(self) -> BlockSizes:
+        return BlockSizes(self.block_n, self.block_v, self.block_d)
+
+    def loss_kwargs(self) -> dict:
+        """Keyword arguments for ``causal_lm_loss`` / ``linear_smoothed_cross_entropy``
+        (logit_softcap as given: resolve "model" with :meth:`softcap` for the latter)."""
+        return dict(label_smoothing=self.label_smoothing, z_loss=self.z_loss, logit_softcap=self.logit_softcap,
+                    impl=self.impl, blocks=self.blocks())
+
     def softcap(self, model) -> Optional[float]:
         """The final-logit softcap in effect for ``model``."""
-        if self.no_softcap:
-            return None
-        return self.logit_softcap if self.logit_softcap is not None else getattr(model, "final_logit_softcap", None)
+        if self.logit_softcap == "model":
+            return getattr(model, "final_logit_softcap", None)
+        return self.logit_softcap
 
 
 @dataclass
@@ -129,8 +141,7 @@ _HELP = {
                          "(default 0,0.1 for the generated data unless --label-smoothing is given; '' for one run)",
     "z_loss": "z-loss coefficient (adds z_loss * lse^2)",
     "logit_softcap": "override the model's final-logit softcap",
-    "no_softcap": "disable the model's final-logit softcap",
-    "impl": "loss implementation: auto, reference, xla, pallas",
+    "impl": "loss implementation: " + ", ".join(CHOICES),
     "block_n": "token block of the pallas kernel (default: its own)",
     "block_v": "vocabulary block of the xla and pallas implementations (default: their own)",
     "block_d": "hidden-size block of the pallas kernel (default: its own)",
@@ -173,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(flag, action="store_true", help=helptext)
         elif f.name == "label_smoothing":
             p.add_argument(flag, type=float, default=None, help=helptext)
+        elif f.name == "logit_softcap":
+            p.add_argument(flag, type=float, default=f.default, help=helptext)
+            p.add_argument("--no-softcap", dest="logit_softcap", action="store_const", const=None,
+                           help="disable the model's final-logit softcap")
         elif f.name == "compare_smoothing":
             p.add_argument(flag, type=_floats, default=None, help=helptext)
         else:

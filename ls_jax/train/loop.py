@@ -40,7 +40,7 @@ RESUME_FIELDS = ("model", "data", "eval_data", "split", "eval_fraction", "num_tr
                  "packing", "steps", "batch_size", "grad_accum", "lr", "warmup_steps", "decay", "min_lr_ratio",
                  "weight_decay", "b1", "b2", "clip_norm", "seed", "compute_dtype", "param_dtype", "lora_rank",
                  "lora_alpha", "lora_targets",
-                 "label_smoothing", "z_loss", "logit_softcap", "no_softcap")
+                 "label_smoothing", "z_loss", "logit_softcap")
 
 
 def check_resumable(saved: dict, config: TrainConfig) -> None:

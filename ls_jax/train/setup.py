@@ -15,6 +15,8 @@ from typing import Callable, List, Optional, Tuple
 import jax.numpy as jnp
 
 from ls_jax import data
+from ls_jax.dispatch import CHOICES
+from ls_jax.targets import check_options
 from ls_jax.train import sharding, synthetic
 from ls_jax.train.config import TrainConfig
 from ls_jax.train.optim import DECAYS
@@ -22,7 +24,6 @@ from ls_jax.train.optim import DECAYS
 # --model NAME -> overrides of ls_jax.models.tiny_llama_config (vocabulary from the tokenizer)
 TINY_MODELS = {"tiny": dict(hidden_size=64, num_hidden_layers=2)}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-IMPLS = ("auto", "reference", "xla", "pallas")
 
 
 class ConfigError(ValueError):
@@ -53,11 +54,13 @@ def check_config(c: TrainConfig) -> None:
         if getattr(c, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(c, name)}")
     for a in [c.label_smoothing, *c.compare_smoothing]:
-        if not 0.0 <= a < 1.0:
-            raise ConfigError(f"label smoothing must be in [0, 1), got {a}")
+        try:
+            check_options(a, c.z_loss, None if c.logit_softcap == "model" else c.logit_softcap, "mean")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     checks = [
         (c.decay in DECAYS, f"--decay must be one of {DECAYS}"),
-        (c.impl in IMPLS, f"--impl must be one of {IMPLS}"),
+        (c.impl in CHOICES, f"--impl must be one of {CHOICES}"),
         (c.compute_dtype in DTYPES, f"--compute-dtype must be one of {tuple(DTYPES)}"),
         (c.param_dtype in DTYPES, f"--param-dtype must be one of {tuple(DTYPES)}"),
         (0 < c.lr < math.inf, "--lr must be finite and > 0"),
@@ -67,13 +70,10 @@ def check_config(c: TrainConfig) -> None:
         (0 <= c.clip_norm < math.inf, "--clip-norm must be finite and >= 0 (0: off)"),
         (c.warmup_steps >= 0, "--warmup-steps must be >= 0"),
         (0 <= c.min_lr_ratio <= 1, "--min-lr-ratio must be in [0, 1]"),
-        (0 <= c.z_loss < math.inf, "--z-loss must be finite and >= 0"),
-        (c.logit_softcap is None or 0 < c.logit_softcap < math.inf, "--logit-softcap must be finite and > 0"),
         (c.lora_rank >= 0, "--lora-rank must be >= 0"),
         (c.lora_alpha is None or c.lora_alpha > 0, "--lora-alpha must be > 0"),
         (0 < c.eval_fraction < 1, "--eval-fraction must be in (0, 1)"),
         (c.max_length >= 2, "--max-length must be >= 2"),
-        (all(b is None or b >= 1 for b in (c.block_n, c.block_v, c.block_d)), "--block-n/-v/-d must be >= 1"),
         (c.data is not None or c.eval_data is None, "--eval-data needs --data (the generated data has its own held-out set)"),
     ]
     for ok, message in checks:
@@ -83,6 +83,10 @@ def check_config(c: TrainConfig) -> None:
         re.compile(c.lora_targets)
     except re.error as e:
         raise ConfigError(f"--lora-targets {c.lora_targets!r} is not a regular expression: {e}") from None
+    try:
+        c.blocks()
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"--block-n/-v/-d: {e}") from None
 
 
 def _rows(c: TrainConfig):

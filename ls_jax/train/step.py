@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from ls_jax.calibration import token_calibration
+from ls_jax.calibration import token_bins, token_brier
 from ls_jax.data import IGNORE_INDEX
 from ls_jax.lm_loss import causal_lm_loss, next_token_targets
 from ls_jax.losses import linear_smoothed_cross_entropy
@@ -36,9 +36,7 @@ def _loss_sum(model, batch, opts: LossOptions):
     """Summed smoothed loss over the batch's response tokens (the wrapper shifts the labels)."""
     loss, _ = causal_lm_loss(
         model, {"input_ids": batch["input_ids"], "labels": batch["labels"], **model_inputs(batch)},
-        label_smoothing=opts.label_smoothing, z_loss=opts.z_loss, logit_softcap=opts.softcap(model),
-        reduction="sum", impl=opts.impl, block_n=opts.block_n, block_v=opts.block_v, block_d=opts.block_d,
-    )
+        reduction="sum", **opts.loss_kwargs())
     return loss
 
 
@@ -88,7 +86,9 @@ def make_eval_step(graphdef, opts: LossOptions, *, param_shardings, frozen_shard
                    n_bins: int = 15) -> Callable:
     """``evaluate(params, frozen, batch) -> sums`` for a batch ``[B, T]``, jitted.
 
-    One forward pass, two passes over the vocabulary. Sums (add them over batches):
+    One forward pass; the training loss' own path (same implementation, blocks and compute
+    dtype) gives the loss and token statistics, one more vocabulary pass the Brier score. Sums
+    (add them over batches):
     ``loss_sum`` (the training loss, smoothing included), ``tokens``, ``answers`` /
     ``answers_correct`` (rows with a response / rows whose response tokens are all
     argmax-correct under teacher forcing, i.e. greedy decoding reproduces the answer), and
@@ -99,13 +99,13 @@ def make_eval_step(graphdef, opts: LossOptions, *, param_shardings, frozen_shard
         model = nnx.merge(graphdef, params, frozen)
         inputs = model_inputs(batch)
         hidden = model(batch["input_ids"], **inputs)
-        weight, cap = model.unembedding(), opts.softcap(model)
+        weight = model.unembedding().astype(hidden.dtype)  # the compute dtype, as causal_lm_loss
         targets = next_token_targets(batch["labels"], inputs["attention_mask"], inputs["segment_ids"])
-        bins = token_calibration(hidden, weight, targets, n_bins=n_bins, logit_softcap=cap, impl=opts.impl,
-                                 block_v=opts.block_v)
-        loss, stats = linear_smoothed_cross_entropy(
-            hidden, weight, targets, label_smoothing=opts.label_smoothing, z_loss=opts.z_loss, logit_softcap=cap,
-            reduction="none", impl=opts.impl, block_v=opts.block_v, return_stats=True)
+        kw = dict(opts.loss_kwargs(), logit_softcap=opts.softcap(model))
+        loss, stats = linear_smoothed_cross_entropy(hidden, weight, targets, reduction="none", return_stats=True, **kw)
+        brier = token_brier(hidden, weight, targets, stats, logit_softcap=kw["logit_softcap"], impl=opts.impl,
+                            blocks=kw["blocks"])
+        bins = token_bins(stats, targets, n_bins=n_bins, brier=brier)
         wrong = (stats.valid & (stats.prediction != targets)).any(-1)
         answered = stats.valid.any(-1)
         return {"loss_sum": loss.sum(), "tokens": stats.valid.sum(), "answers": answered.sum(),

@@ -1,0 +1,221 @@
+"""``impl="xla"``: the loss blocked over tokens and the vocabulary with lax loops; CPU, GPU, TPU.
+
+Two paths:
+
+* **One-pass** (:func:`one_pass_loss`, used for a scalar loss - reduction "mean" or "sum" -
+  differentiated in reverse mode, the training case): per chunk of ``block_n`` tokens, the
+  float32 ``[block_n, V]`` logit tile, its lse, ``dz`` (softmax minus the target and smoothing
+  terms, times the softcap factor, all in float32), ``dh_chunk = dz @ W`` and
+  ``dW += dz.T @ h_chunk`` (float32 accumulator), in the forward sweep: 6NDV matmul work, no
+  recompute, deterministic. The backward only scales the stored gradients by the cotangent.
+  Extra memory: the tile (``block_n x V`` float32, about 16 MiB by default) plus the float32
+  dW accumulator ``[V, D]``; the gradients are held from forward to backward in the dtypes of
+  hidden / weight / bias. A frozen weight or bias (not differentiated, or under
+  ``stop_gradient``) gets no dW / dbias work at all.
+* **Two-pass** (:data:`logit_stats`, for per-token losses, and for second-order derivatives):
+  the forward walks ``[block_n, block_v]`` tiles with an online log-sum-exp; the backward
+  (ls_jax/logit_stats.py's VJP) recomputes each tile once (8NDV). Extra memory: a few tiles
+  (``block_n x block_v`` float32, 8 MiB by default) plus float32 ``dW`` in the backward.
+
+The last block of each axis is slid back to end at the axis' end (nothing is padded or
+copied); rows it shares with the previous block are masked, so every row counts once.
+"""
+
+from functools import partial
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from ls_jax.logit_stats import (Backend, BlockSizes, LogitStats, apply_softcap, dz_tile, live_rows,
+                                target_logits, two_pass, weighted_sum)
+
+BLOCK_N, BLOCK_V = 1024, 2048  # two-pass tile
+ONE_PASS_TILE = 2**22  # one-pass tile elements (block_n x V float32 = 16 MiB)
+
+
+def _slide(i, block, size):
+    """Start of block i of an axis of ``size`` (the last one slid back to end at ``size``) and a
+    ``[block]`` bool mask of the rows that belong to block i (not already to block i - 1)."""
+    start = jnp.minimum(i * block, size - block)
+    return start, start + jnp.arange(block) >= i * block
+
+
+def _rows(x, start, size):
+    return jax.lax.dynamic_slice_in_dim(x, start, size, 0)
+
+
+def _raw_tile(h, weight, bias, start, bv):
+    """float32 ``h [bn, D] @ weight[start:start + bv].T + bias[start:start + bv]``."""
+    z = jnp.einsum("nd,vd->nv", h, _rows(weight, start, bv), preferred_element_type=jnp.float32)
+    return z if bias is None else z + _rows(bias, start, bv).astype(jnp.float32)
+
+
+def _two_pass_blocks(blocks: BlockSizes, n, v):
+    return min(blocks.block_n or BLOCK_N, n), min(blocks.block_v or BLOCK_V, v)
+
+
+def forward(hidden, weight, bias, *, softcap, need_sum, blocks: BlockSizes):
+    """(lse, logit_sum, max_logit, prediction) ``[N]`` of ``softcap(hidden @ weight.T + bias)``."""
+    n, v = hidden.shape[0], weight.shape[0]
+    out = (jnp.zeros((n,), jnp.float32),) * 3 + (jnp.zeros((n,), jnp.int32),)
+    if n == 0:
+        return out
+    bn, bv = _two_pass_blocks(blocks, n, v)
+
+    def token_block(i, out):
+        start_n, _ = _slide(i, bn, n)
+        h = _rows(hidden, start_n, bn)
+
+        def vocab_block(j, carry):
+            m, s, total, best = carry
+            start, own = _slide(j, bv, v)
+            z = jnp.where(own, apply_softcap(_raw_tile(h, weight, bias, start, bv), softcap), -jnp.inf)
+            blk_max = z.max(-1)
+            new_m = jnp.maximum(m, blk_max)
+            shift = jnp.where(jnp.isfinite(new_m), new_m, 0.0)  # a block of -inf logits: no NaN
+            s = s * jnp.exp(m - shift) + jnp.exp(z - shift[:, None]).sum(-1)
+            if need_sum:
+                total = total + jnp.where(own, z, 0.0).sum(-1)
+            best = jnp.where(blk_max > m, start + jnp.argmax(z, -1).astype(jnp.int32), best)
+            return new_m, s, total, best
+
+        init = (jnp.full((bn,), -jnp.inf, jnp.float32), jnp.zeros((bn,), jnp.float32),
+                jnp.zeros((bn,), jnp.float32), jnp.zeros((bn,), jnp.int32))
+        m, s, total, best = jax.lax.fori_loop(0, -(-v // bv), vocab_block, init)
+        new = (m + jnp.log(s), total, m, best)
+        return tuple(jax.lax.dynamic_update_slice_in_dim(o, x, start_n, 0) for o, x in zip(out, new))
+
+    return jax.lax.fori_loop(0, -(-n // bn), token_block, out)
+
+
+def backward(hidden, weight, bias, lse, g_lse, g_sum, ids, coef, *, softcap, blocks: BlockSizes):
+    """float32 (dhidden, dweight, dbias or None) for dz as in ``logit_stats.dz_tile``, each tile
+    recomputed once; dz is rounded once to hidden's dtype for the matmuls."""
+    n, v = hidden.shape[0], weight.shape[0]
+    dh = jnp.zeros(hidden.shape, jnp.float32)
+    dw = jnp.zeros(weight.shape, jnp.float32)
+    db = None if bias is None else jnp.zeros(bias.shape, jnp.float32)
+    if n == 0:
+        return dh, dw, db
+    bn, bv = _two_pass_blocks(blocks, n, v)
+
+    def token_block(i, carry):
+        dh, dw, db = carry
+        start_n, own_n = _slide(i, bn, n)
+        h, l, gl, ii, cc = (_rows(x, start_n, bn) for x in (hidden, lse, g_lse, ids, coef))
+        gs = None if g_sum is None else _rows(g_sum, start_n, bn)
+
+        def vocab_block(j, carry):
+            dh_blk, dw, db = carry
+            start, own = _slide(j, bv, v)
+            z = apply_softcap(_raw_tile(h, weight, bias, start, bv), softcap)
+            dz = dz_tile(z, start + jnp.arange(bv), l, gl, gs, ii, cc, softcap)
+            dz = jnp.where(own[None, :] & own_n[:, None], dz, 0.0)
+            dz_lo = dz.astype(hidden.dtype)
+            dh_blk = dh_blk + jnp.einsum("nv,vd->nd", dz_lo, _rows(weight, start, bv),
+                                         preferred_element_type=jnp.float32)
+            dw = jax.lax.dynamic_update_slice_in_dim(dw, _rows(dw, start, bv) + jnp.einsum(
+                "nv,nd->vd", dz_lo, h, preferred_element_type=jnp.float32), start, 0)
+            if db is not None:
+                db = jax.lax.dynamic_update_slice_in_dim(db, _rows(db, start, bv) + dz.sum(0), start, 0)
+            return dh_blk, dw, db
+
+        dh_blk, dw, db = jax.lax.fori_loop(0, -(-v // bv), vocab_block,
+                                           (jnp.zeros(h.shape, jnp.float32), dw, db))
+        dh_blk = jnp.where(own_n[:, None], dh_blk, _rows(dh, start_n, bn))
+        return jax.lax.dynamic_update_slice_in_dim(dh, dh_blk, start_n, 0), dw, db
+
+    return jax.lax.fori_loop(0, -(-n // bn), token_block, (dh, dw, db))
+
+
+logit_stats = two_pass(Backend(forward, backward))
+
+
+def _one_pass_block_n(blocks: BlockSizes, n, v):
+    return min(blocks.block_n or max(8, min(1024, ONE_PASS_TILE // v)), n)
+
+
+def _stats_and_loss(loss_of, hidden, weight, bias, ids, tw, rows, softcap, need_sum, blocks):
+    """Forward only: two-pass statistics and the scalar loss (no gradient work)."""
+    lse, total, mx, arg = forward(hidden, weight, bias, softcap=softcap, need_sum=need_sum, blocks=blocks)
+    target = weighted_sum(tw, target_logits(hidden, weight, bias, ids, softcap))
+    stats = LogitStats(lse, total, target, mx, arg)
+    return loss_of(stats, rows).sum(), stats
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 7, 8, 9))
+def _one_pass(loss_of, hidden, weight, bias, ids, tw, rows, softcap, need_sum, blocks):
+    return _stats_and_loss(loss_of, hidden, weight, bias, ids, tw, rows, softcap, need_sum, blocks)
+
+
+def _one_pass_fwd(loss_of, hidden, weight, bias, ids, tw, rows, softcap, need_sum, blocks):
+    """The loss, its statistics and all gradients in one sweep over token chunks."""
+    want_w, want_b = weight.perturbed, bias is not None and bias.perturbed
+    hidden, weight, bias = hidden.value, weight.value, None if bias is None else bias.value
+    ids, tw, rows = ids.value, tw.value, jax.tree.map(lambda x: x.value, rows)
+    n, v = hidden.shape[0], weight.shape[0]
+    stats = LogitStats(*(jnp.zeros((n,), jnp.float32),) * 4, jnp.zeros((n,), jnp.int32))
+    grads = (jnp.zeros(hidden.shape, hidden.dtype), jnp.zeros(weight.shape, jnp.float32) if want_w else None,
+             jnp.zeros((v,), jnp.float32) if want_b else None, jnp.zeros(tw.shape, jnp.float32))
+    bn = _one_pass_block_n(blocks, n, v)
+
+    def chunk(i, carry):
+        loss, stats, (dh, dw, db, dtw) = carry
+        start, own = _slide(i, bn, n)
+        h, ii, ww = (_rows(x, start, bn) for x in (hidden, ids, tw))
+        r = jax.tree.map(lambda x: _rows(x, start, bn), rows)
+        raw = jnp.einsum("nd,vd->nv", h, weight, preferred_element_type=jnp.float32)
+        z = apply_softcap(raw if bias is None else raw + bias.astype(jnp.float32), softcap)
+        lse = jax.nn.logsumexp(z, axis=-1)
+        z_t = jnp.take_along_axis(z, ii, axis=-1)
+        s = LogitStats(lse, z.sum(-1) if need_sum else jnp.zeros_like(lse), weighted_sum(ww, z_t),
+                       z.max(-1), jnp.argmax(z, -1).astype(jnp.int32))
+        per_token, vjp = jax.vjp(lambda l, t, u: loss_of(s._replace(lse=l, logit_sum=t, target=u), r),
+                                 s.lse, s.logit_sum, s.target)
+        g_lse, g_sum, g_t = vjp(own.astype(jnp.float32))
+        g_sum = g_sum if need_sum else None
+        coef = g_t[:, None] * ww
+        h_live, lse_live, live = live_rows(h, lse, g_lse, g_sum, coef)
+        dz = jnp.where(live[:, None], dz_tile(z, jnp.arange(v), lse_live, g_lse, g_sum, ii, coef, softcap), 0.0)
+        dz_lo = dz.astype(hidden.dtype)
+        dh_c = jnp.einsum("nv,vd->nd", dz_lo, weight, preferred_element_type=jnp.float32).astype(dh.dtype)
+        dh = jax.lax.dynamic_update_slice_in_dim(dh, jnp.where(own[:, None], dh_c, _rows(dh, start, bn)), start, 0)
+        if want_w:
+            dw = dw + jnp.einsum("nv,nd->vd", dz_lo, h_live, preferred_element_type=jnp.float32)
+        if want_b:
+            db = db + dz.sum(0)
+        d_tw = g_t[:, None] * jnp.where((ww == 0) & jnp.isinf(z_t), 0.0, z_t)
+        dtw = jax.lax.dynamic_update_slice_in_dim(dtw, jnp.where(own[:, None], d_tw, _rows(dtw, start, bn)), start, 0)
+        stats = LogitStats(*(jax.lax.dynamic_update_slice_in_dim(o, jnp.where(own, x, _rows(o, start, bn)), start, 0)
+                             for o, x in zip(stats, s)))
+        return loss + jnp.where(own, per_token, 0.0).sum(), stats, (dh, dw, db, dtw)
+
+    loss, stats, (dh, dw, db, dtw) = jax.lax.fori_loop(
+        0, -(-n // bn) if n else 0, chunk, (jnp.zeros((), jnp.float32), stats, grads))
+    grads = (dh, None if dw is None else dw.astype(weight.dtype), None if db is None else db.astype(bias.dtype),
+             dtw.astype(tw.dtype))
+    return (loss, stats), grads
+
+
+def _one_pass_bwd(loss_of, softcap, need_sum, blocks, grads, ct):
+    g = ct[0]
+    scale = lambda x: None if x is None else (g * x).astype(x.dtype)
+    dh, dw, db, dtw = grads
+    return scale(dh), scale(dw), scale(db), None, scale(dtw), None
+
+
+_one_pass.defvjp(_one_pass_fwd, _one_pass_bwd, symbolic_zeros=True)
+
+
+def one_pass_loss(loss_of: Callable, hidden, weight, bias, ids, tw, rows, *, softcap, need_sum,
+                  blocks: BlockSizes):
+    """Scalar ``sum_n loss_of(stats, rows)[n]`` and its :class:`LogitStats` ``[N]`` (no gradient),
+    with the gradients made in the forward sweep when differentiated (reverse mode, once).
+
+    loss_of(stats: LogitStats of a chunk, rows: the chunk's slice of ``rows``) -> float32
+    per-token losses ``[chunk]``, already masked and scaled by the reduction; rows: a pytree of
+    ``[N]``-leading arrays. hidden ``[N, D]``, weight ``[V, D]``, bias ``[V]`` or None,
+    ids ``[N, K]`` int32, tw ``[N, K]`` float32 target weights.
+    """
+    return _one_pass(loss_of, hidden, weight, bias, ids, tw, rows, softcap, need_sum, blocks)
