@@ -13,19 +13,7 @@ from hypothesis import strategies as st
 
 from ls_jax import linear_smoothed_cross_entropy, smoothed_cross_entropy
 from ls_jax.logit_stats import BlockSizes
-
-IGNORE = -100
-
-
-def make_problem(n, d, v, dtype=jnp.float32, seed=0, masked=0):
-    """hidden [n, d], weight [v, d], bias [v], labels [n] with the first `masked` ignored."""
-    k = jax.random.split(jax.random.key(seed), 4)
-    h = jax.random.normal(k[0], (n, d)).astype(dtype)
-    w = (jax.random.normal(k[1], (v, d)) / np.sqrt(d) * 3).astype(dtype)
-    b = jax.random.normal(k[2], (v,)).astype(dtype)
-    y = jax.random.randint(k[3], (n,), 0, v).at[:masked].set(IGNORE)
-    return h, w, b, y
-
+from problems import IGNORE, make_problem
 
 def to_torch(x):
     return torch.tensor(np.asarray(x, np.float64), requires_grad=True)

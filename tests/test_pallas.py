@@ -1,10 +1,12 @@
 """The Pallas kernels (interpret mode on CPU) against the dense oracle
-``ls_jax.logit_stats.reference_logit_stats``, and their lowering to Triton for CUDA.
+``ls_jax.reference.logit_stats``, and their lowering to Triton for CUDA.
 
 Unwritten outputs cannot pass: in interpret mode Pallas fills every output buffer with NaN
 (floats) / iinfo.min (ints) before the kernel runs (checked below), every output element is
 compared with the oracle, and all outputs must be finite.
 """
+
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -12,28 +14,49 @@ import numpy as np
 import pytest
 from jax.experimental import pallas as pl
 
-from ls_jax.kernels import pallas_logit_stats, tiles
-from ls_jax.logit_stats import dense_logits, reference_logit_stats
+from ls_jax import kernels, reference, xla
+from ls_jax.kernels import tiles
+from ls_jax.logit_stats import Backend, BlockSizes, dense_logits, two_pass
+from problems import make_problem as random_problem
 
 SMALL_BLOCKS = dict(block_n=16, block_v=64, block_d=16)
-pallas_jit = jax.jit(pallas_logit_stats, static_argnames=(
+
+
+def pallas_stats(h, w, b=None, ids=None, tw=None, *, logit_softcap=None, need_sum=False,
+                 backward="two_kernel", interpret=None, **blocks):
+    """The seam's LogitStats by the Pallas forward and ``backward``'s kernels ("xla": the blocked
+    XLA backward); no target unless ``ids`` / ``tw`` [N, K] are given."""
+    bwd = xla.backward if backward == "xla" else kernels.backward_fn(backward, interpret)
+    f = two_pass(Backend(partial(kernels.forward, interpret=interpret), bwd))
+    return f(h, w, b, *_targets(h, ids, tw), softcap=logit_softcap, need_sum=need_sum, blocks=BlockSizes(**blocks))
+
+
+def reference_stats(h, w, b=None, ids=None, tw=None, *, logit_softcap=None, need_sum=False):
+    return reference.logit_stats(h, w, b, *_targets(h, ids, tw), softcap=logit_softcap, need_sum=need_sum)
+
+
+def _targets(h, ids, tw):
+    n = h.shape[0]
+    return (jnp.zeros((n, 1), jnp.int32), jnp.zeros((n, 1))) if ids is None else (ids, tw)
+
+
+pallas_jit = jax.jit(pallas_stats, static_argnames=(
     "logit_softcap", "need_sum", "block_n", "block_v", "block_d", "filter_eps", "backward"))
 
 
 def make_problem(n, d, v, dtype, seed):
-    """hidden [n, d], weight [v, d], bias [v] and cotangents g_lse, g_sum [n] (float32)."""
-    k = jax.random.split(jax.random.key(seed), 5)
-    h = jax.random.normal(k[0], (n, d)).astype(dtype)
-    w = (jax.random.normal(k[1], (v, d)) * (3 / np.sqrt(d))).astype(dtype)
-    b = jax.random.normal(k[2], (v,)).astype(dtype)
-    return h, w, b, jax.random.normal(k[3], (n,)), jax.random.normal(k[4], (n,))
+    """hidden [n, d], weight [v, d], bias [v], soft targets ids / tw [n, 2] and cotangents
+    g_lse, g_sum, g_target [n] (float32)."""
+    h, w, b, (ids, tw) = random_problem(n, d, v, dtype, seed=seed, soft=2)
+    g = jax.random.normal(jax.random.key(seed + 1), (3, n))
+    return h, w, b, ids, tw, g
 
 
-def stats_and_vjp(fn, h, w, b, g_lse, g_sum, **kw):
-    """Statistics and (dh, dw, db) for cotangents g_lse on lse and g_sum on logit_sum."""
-    stats, vjp = jax.vjp(lambda h, w, b: fn(h, w, b, **kw), h, w, b)
-    ct = stats._replace(lse=g_lse, logit_sum=g_sum, max_logit=jnp.ones_like(g_lse),
-                        argmax=np.zeros(g_lse.shape, jax.dtypes.float0))
+def stats_and_vjp(fn, h, w, b, ids, tw, g, **kw):
+    """Statistics and (dh, dw, db) for cotangents g = (g_lse, g_sum, g_target) [3, n]."""
+    stats, vjp = jax.vjp(lambda h, w, b: fn(h, w, b, ids, tw, **kw), h, w, b)
+    ct = stats._replace(lse=g[0], logit_sum=g[1], target=g[2], max_logit=jnp.ones_like(g[0]),
+                        prediction=np.zeros(g[0].shape, jax.dtypes.float0))
     return stats, vjp(ct)
 
 
@@ -74,20 +97,21 @@ CASES = [
 
 @pytest.mark.parametrize("n,d,v,dtype,bias,softcap,need_sum,options", CASES)
 def test_matches_dense_reference(n, d, v, dtype, bias, softcap, need_sum, options):
-    h, w, b, g_lse, g_sum = make_problem(n, d, v, dtype, seed=n + v)
+    h, w, b, ids, tw, g = make_problem(n, d, v, dtype, seed=n + v)
     b = b if bias else None
     kw = dict(logit_softcap=softcap, need_sum=need_sum)
-    got, grads = stats_and_vjp(pallas_jit, h, w, b, g_lse, g_sum, **kw, **options)
-    want, want_grads = stats_and_vjp(reference_logit_stats, h, w, b, g_lse, g_sum, **kw)
+    got, grads = stats_and_vjp(pallas_jit, h, w, b, ids, tw, g, **kw, **options)
+    want, want_grads = stats_and_vjp(reference_stats, h, w, b, ids, tw, g, **kw)
 
     check_finite_and_close(got.lse, want.lse, 1e-5)
     check_finite_and_close(got.max_logit, want.max_logit, 1e-5)
     check_finite_and_close(got.logit_sum, want.logit_sum, 1e-5)
+    check_finite_and_close(got.target, want.target, 1e-5)
     assert not need_sum or np.abs(want.logit_sum).min() > 0  # the sum was really computed
     # argmax: an index in range whose oracle logit is the oracle max (robust to near-ties).
     z = np.asarray(dense_logits(h, w, b, softcap))
-    arg = np.asarray(got.argmax)
-    assert got.argmax.dtype == jnp.int32 and ((arg >= 0) & (arg < v)).all()
+    arg = np.asarray(got.prediction)
+    assert got.prediction.dtype == jnp.int32 and ((arg >= 0) & (arg < v)).all()
     np.testing.assert_allclose(z[np.arange(n), arg], z.max(-1), rtol=1e-5, atol=1e-5)
 
     rel = 1e-5 if dtype == jnp.float32 else 3e-2  # bf16: dz is rounded to bf16 before the matmuls
@@ -102,15 +126,15 @@ def test_matches_dense_reference(n, d, v, dtype, bias, softcap, need_sum, option
 def test_mixed_dtypes_and_empty_batch():
     """bf16 hidden with fp32 weight (mixed precision): computed in fp32, gradients in the
     inputs' dtypes; and N=0 gives empty statistics and gradients."""
-    h, w, b, g_lse, g_sum = make_problem(29, 24, 200, jnp.float32, seed=11)
+    h, w, b, ids, tw, g = make_problem(29, 24, 200, jnp.float32, seed=11)
     h = h.astype(jnp.bfloat16)
-    got, grads = stats_and_vjp(pallas_jit, h, w, b, g_lse, g_sum, need_sum=True, **SMALL_BLOCKS)
-    want, want_grads = stats_and_vjp(reference_logit_stats, h, w, b, g_lse, g_sum, need_sum=True)
+    got, grads = stats_and_vjp(pallas_jit, h, w, b, ids, tw, g, need_sum=True, **SMALL_BLOCKS)
+    want, want_grads = stats_and_vjp(reference_stats, h, w, b, ids, tw, g, need_sum=True)
     check_finite_and_close(got.lse, want.lse, 1e-5)
     for g, wg in zip(grads, want_grads):
         assert g.dtype == wg.dtype
         check_finite_and_close(g, wg, 1e-2 if g.dtype == jnp.bfloat16 else 1e-5)
-    empty = jax.grad(lambda h: pallas_logit_stats(h, w).lse.sum())(jnp.ones((0, 24)))
+    empty = jax.grad(lambda h: pallas_stats(h, w).lse.sum())(jnp.ones((0, 24)))
     assert empty.shape == (0, 24)
     assert _lowered_triton_calls(77, 96, 1000, (jnp.bfloat16, jnp.float32), True, None, True, None) == 3
 
@@ -119,13 +143,14 @@ def test_mixed_dtypes_and_empty_batch():
 def test_minus_inf_bias_on_whole_blocks(backward):
     """Classes masked with a -inf bias (never predicted) filling whole vocabulary blocks and
     splits: finite statistics and gradients equal to the oracle's."""
-    h, w, b, g_lse, g_sum = make_problem(29, 24, 200, jnp.float32, seed=5)
+    h, w, b, ids, tw, g = make_problem(29, 24, 200, jnp.float32, seed=5)
     b = b.at[:80].set(-jnp.inf)
-    got, grads = stats_and_vjp(pallas_jit, h, w, b, g_lse, g_sum, backward=backward, **SMALL_BLOCKS)
-    want, want_grads = stats_and_vjp(reference_logit_stats, h, w, b, g_lse, g_sum)
+    ids = 80 + ids % 120  # targets are never masked classes
+    got, grads = stats_and_vjp(pallas_jit, h, w, b, ids, tw, g, backward=backward, **SMALL_BLOCKS)
+    want, want_grads = stats_and_vjp(reference_stats, h, w, b, ids, tw, g)
     check_finite_and_close(got.lse, want.lse, 1e-5)
     check_finite_and_close(got.max_logit, want.max_logit, 1e-5)
-    assert (np.asarray(got.argmax) >= 80).all()
+    assert (np.asarray(got.prediction) >= 80).all()
     for g, wg in zip(grads, want_grads):
         check_finite_and_close(g, wg, 1e-5)
 
@@ -133,8 +158,8 @@ def test_minus_inf_bias_on_whole_blocks(backward):
 def test_second_order_derivatives_raise_a_clear_error():
     """The kernels are differentiable once (custom_vjp); jax.hessian (forward over reverse) and
     grad of grad (reverse over reverse) name the limitation instead of failing inside Pallas."""
-    h, w, _, _, _ = make_problem(5, 8, 20, jnp.float32, seed=2)
-    loss = lambda h, w: pallas_logit_stats(h, w, need_sum=True).lse.sum()
+    h, w, _, _ = random_problem(5, 8, 20, seed=2)
+    loss = lambda h, w: pallas_stats(h, w, need_sum=True).lse.sum()
     with pytest.raises(NotImplementedError, match="differentiable once"):
         jax.hessian(loss)(h, w)
     with pytest.raises(NotImplementedError, match="differentiable once"):
@@ -147,30 +172,30 @@ def test_argmax_ties_pick_lowest_index_across_blocks_and_splits(target_programs,
     different splits (a huge target gives one block per split)."""
     monkeypatch.setattr(tiles, "TARGET_PROGRAMS", target_programs)
     n, d, v = 19, 32, 700
-    h, w, _, _, _ = make_problem(n, d, v, jnp.float32, seed=3)
+    h, w, _, _ = random_problem(n, d, v, seed=3)
     u = jax.random.normal(jax.random.key(4), (d,))
     h = u + 0.1 * h  # logit u . h ~ d = 32 for every token, far above the others (std ~ 3)
     w = w.at[jnp.array([130, 5, 611])].set(u)  # identical rows in different blocks and splits
-    got = pallas_logit_stats(h, w, **SMALL_BLOCKS)
-    assert (np.asarray(got.argmax) == 5).all()
-    check_finite_and_close(got.max_logit, reference_logit_stats(h, w).max_logit, 1e-6)
+    got = pallas_stats(h, w, **SMALL_BLOCKS)
+    assert (np.asarray(got.prediction) == 5).all()
+    check_finite_and_close(got.max_logit, reference_stats(h, w).max_logit, 1e-6)
 
 
 def test_filter_eps():
     """eps=0 is exact (bitwise equal to no filtering); a small eps stays close to the oracle; a
     large eps really drops tiles (so the checks are not vacuous) unless need_sum, where
     filtering is off."""
-    h, w, b, g_lse, g_sum = make_problem(21, 24, 200, jnp.float32, seed=7)
+    h, w, b, ids, tw, g = make_problem(21, 24, 200, jnp.float32, seed=7)
     h = h * 3  # peaked softmax: most tiles are far below eps
-    run = lambda **kw: stats_and_vjp(pallas_jit, h, w, b, g_lse, g_sum, **SMALL_BLOCKS, **kw)[1]
+    run = lambda **kw: stats_and_vjp(pallas_jit, h, w, b, ids, tw, g, **SMALL_BLOCKS, **kw)[1]
     for x, y in zip(run(filter_eps=0.0), run()):
         np.testing.assert_array_equal(x, y)
-    want = stats_and_vjp(reference_logit_stats, h, w, b, g_lse, g_sum)[1]
+    want = stats_and_vjp(reference_stats, h, w, b, ids, tw, g)[1]
     for x, y in zip(run(filter_eps=1e-6, **ATOMIC), want):
         check_finite_and_close(x, y, 1e-4)
     coarse = run(filter_eps=0.5)
     assert not np.allclose(coarse[1], want[1], rtol=1e-2, atol=1e-2 * np.abs(want[1]).max())
-    want_sum = stats_and_vjp(reference_logit_stats, h, w, b, g_lse, g_sum, need_sum=True)[1]
+    want_sum = stats_and_vjp(reference_stats, h, w, b, ids, tw, g, need_sum=True)[1]
     for x, y in zip(run(filter_eps=0.5, need_sum=True), want_sum):
         check_finite_and_close(x, y, 1e-5)
 
@@ -178,9 +203,10 @@ def test_filter_eps():
 def _lowered_triton_calls(n, d, v, dtype, bias, softcap, need_sum, filter_eps, backward="two_kernel"):
     """Triton kernel calls in value_and_grad's cuda lowering; dtype, or (hidden, weight) dtypes."""
     def loss(h, w, b):
-        s = pallas_logit_stats(h, w, b, logit_softcap=softcap, need_sum=need_sum,
-                               filter_eps=filter_eps, interpret=False, backward=backward)
-        return (s.lse + s.logit_sum).sum()
+        s = pallas_stats(h, w, b, jnp.zeros((h.shape[0], 1), jnp.int32), jnp.ones((h.shape[0], 1)),
+                         logit_softcap=softcap, need_sum=need_sum, filter_eps=filter_eps, interpret=False,
+                         backward=backward)
+        return (s.lse + s.logit_sum - s.target).sum()
 
     h_dtype, w_dtype = dtype if isinstance(dtype, tuple) else (dtype, dtype)
     args = (jax.ShapeDtypeStruct((n, d), h_dtype), jax.ShapeDtypeStruct((v, d), w_dtype),

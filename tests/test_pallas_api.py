@@ -7,27 +7,20 @@ import numpy as np
 import pytest
 
 from ls_jax import linear_smoothed_cross_entropy
+from ls_jax.logit_stats import BlockSizes
+from problems import make_problem
 
-BLOCKS = dict(block_n=16, block_v=64, block_d=16)
+BLOCKS = dict(blocks=BlockSizes(block_n=16, block_v=64, block_d=16))
 OPTIONS = {
     "masked_smooth_zloss": dict(label_smoothing=0.1, z_loss=1e-3),
     "softcap_smooth": dict(label_smoothing=0.2, logit_softcap=3.0),
     "soft_labels_sum": dict(label_smoothing=0.1, reduction="sum", soft=True),
-    "filtered_exact_at_zero": dict(label_smoothing=0.1, filter_eps=0.0),
+    "filtered_exact_at_zero": dict(z_loss=1e-3, blocks=BlockSizes(block_n=16, block_v=64, block_d=16, filter_eps=0.0)),
 }
 
 
 def problem(dtype, soft):
-    n, d, v = 37, 24, 200
-    k = jax.random.split(jax.random.key(3), 5)
-    h = jax.random.normal(k[0], (n, d)).astype(dtype)
-    w = (jax.random.normal(k[1], (v, d)) / np.sqrt(d) * 3).astype(dtype)
-    b = jax.random.normal(k[2], (v,)).astype(dtype)
-    y = jax.random.randint(k[3], (n,), 0, v).at[:6].set(-100)
-    if soft:
-        ids = jnp.stack([y, jnp.where(y < 0, -100, (y + 7) % v)], -1)
-        y = (ids, jax.nn.softmax(jax.random.normal(k[4], (n, 2))))
-    return h, w, b, y
+    return make_problem(37, 24, 200, dtype, seed=3, masked=6, soft=2 if soft else 0)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -40,7 +33,7 @@ def test_pallas_matches_reference(case, dtype):
         f = lambda h, w, b: linear_smoothed_cross_entropy(h, w, y, bias=b, impl=impl, **kw, **extra)
         return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(h, w, b)
 
-    ref, got = run("reference"), run("pallas", **BLOCKS)
+    ref, got = run("reference"), run("pallas", **({} if "blocks" in kw else BLOCKS))
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
     np.testing.assert_allclose(float(got[0]), float(ref[0]), rtol=tol, atol=tol)
     for g, r in zip(got[1], ref[1]):
