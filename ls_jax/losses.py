@@ -90,6 +90,13 @@ def _finish(per_token_or_sum, stats: LogitStats, mass, valid, batch_shape, reduc
     return loss, TokenStats(*(x.reshape(batch_shape) for x in side))
 
 
+def _zero_ignored(x, valid):
+    """Rows ``x [N, ...]`` of ignored tokens set to 0, so that autodiff of dense logits gives them
+    exactly zero gradients whatever they hold (NaN, inf); the blocked implementations do this
+    inside their VJP (ls_jax/logit_stats.py)."""
+    return jnp.where(valid.reshape(valid.shape + (1,) * (x.ndim - 1)), x, jnp.zeros((), x.dtype))
+
+
 def smoothed_cross_entropy(
     logits, labels, *, label_smoothing: float = 0.0, ignore_index: int = -100, where=None,
     z_loss: float = 0.0, logit_softcap: Optional[float] = None, reduction: str = "none",
@@ -112,18 +119,23 @@ def smoothed_cross_entropy(
         raise ValueError("logits must have a class axis [..., V]")
     batch_shape, v = logits.shape[:-1], logits.shape[-1]
     n = logits.size // v
-    z = apply_softcap(logits.reshape(n, v).astype(jnp.float32), logit_softcap)
+    z = logits.reshape(n, v).astype(jnp.float32)
+    q = None
     if not isinstance(labels, tuple) and np.shape(labels) == logits.shape:
         q = jnp.asarray(labels)
         if not jnp.issubdtype(q.dtype, jnp.floating):
             raise ValueError(f"a dense target distribution must be floating point, got {q.dtype}")
         valid = where_mask(where, batch_shape)
         q = jnp.where(valid[:, None], q.reshape(n, v).astype(jnp.float32), 0.0)
-        target, mass, out_of_range = weighted_sum(q, z), q.sum(-1), jnp.zeros((n,), bool)
+        mass, out_of_range = q.sum(-1), jnp.zeros((n,), bool)
     else:
         t = sparse_targets(labels, batch_shape, v, ignore_index, where)
-        target = weighted_sum(t.weights, jnp.take_along_axis(z, t.ids, axis=-1))
         mass, valid, out_of_range = t.weights.sum(-1), t.valid, t.out_of_range
+    z = apply_softcap(_zero_ignored(z, valid), logit_softcap)
+    if q is None:
+        target = weighted_sum(t.weights, jnp.take_along_axis(z, t.ids, axis=-1))
+    else:
+        target = weighted_sum(q, z)
     stats = stats_from_logits(z, target, need_sum=label_smoothing > 0)
     rows = _loss_rows(mass, valid, out_of_range, v, label_smoothing, z_loss, reduction)
     return _finish(token_loss(stats, rows), stats, mass, valid, batch_shape, reduction, return_stats)
@@ -175,6 +187,8 @@ def linear_smoothed_cross_entropy(
     mass = t.weights.sum(-1)
     rows = _loss_rows(mass, t.valid, t.out_of_range, v, label_smoothing, z_loss, reduction)
     opts = dict(softcap=cap, need_sum=need_sum, blocks=blocks)
+    if impl == "reference":
+        h = _zero_ignored(h, t.valid)
     if reduction != "none" and impl in ONE_PASS:
         loss, stats = ONE_PASS[impl](token_loss, h, weight, bias, t.ids, t.weights, rows, **opts)
     else:

@@ -319,7 +319,7 @@ def test_bad_inputs(tmp_path, capsys):
     tok.save_pretrained(no_weights)
     assert "no model.safetensors" in _bad(tmp_path, capsys, "--model", str(no_weights), "--data", str(rows))
     assert "--steps must be >= 1" in _bad(tmp_path, capsys, "--steps", "0")
-    assert "--block-n/-v/-d must be >= 1" in _bad(tmp_path, capsys, "--block-v", "0")
+    assert "--block-n/-v/-d: block_v must be >= 1" in _bad(tmp_path, capsys, "--block-v", "0")
     assert "--lora-targets: no nnx.Linear layer has a module path matching 'qproj'" in _bad(
         tmp_path, capsys, "--lora-rank", "2", "--lora-targets", "qproj")
     assert "is not a regular expression" in _bad(tmp_path, capsys, "--lora-targets", "(q")

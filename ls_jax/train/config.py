@@ -140,7 +140,7 @@ _HELP = {
     "compare_smoothing": "comma-separated smoothing values, one run each, compared in the final table "
                          "(default 0,0.1 for the generated data unless --label-smoothing is given; '' for one run)",
     "z_loss": "z-loss coefficient (adds z_loss * lse^2)",
-    "logit_softcap": "override the model's final-logit softcap",
+    "logit_softcap": "final-logit softcap: 'model' (the model's own, default) or a number overriding it",
     "impl": "loss implementation: " + ", ".join(CHOICES),
     "block_n": "token block of the pallas kernel (default: its own)",
     "block_v": "vocabulary block of the xla and pallas implementations (default: their own)",
@@ -168,6 +168,10 @@ def _floats(text: str) -> List[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _softcap(text: str):
+    return text if text == "model" else float(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """argparse flags for every :class:`TrainConfig` field."""
     p = argparse.ArgumentParser(
@@ -185,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
         elif f.name == "label_smoothing":
             p.add_argument(flag, type=float, default=None, help=helptext)
         elif f.name == "logit_softcap":
-            p.add_argument(flag, type=float, default=f.default, help=helptext)
+            p.add_argument(flag, type=_softcap, default=f.default, help=helptext)
             p.add_argument("--no-softcap", dest="logit_softcap", action="store_const", const=None,
                            help="disable the model's final-logit softcap")
         elif f.name == "compare_smoothing":
