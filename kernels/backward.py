@@ -42,16 +42,17 @@ def _dz_tile(h_ref, w_ref, b_ref, vec, h_row, w_row, w_col0, p: Plan):
     """float32 dz ``[bn, bv]`` (zero on padded columns, all parts combined in float32, see
     ``logit_stats.dz_tile``), and whether the tile counts: a traced bool when filtering (some
     softmax value >= eps, or a target class in the tile), else None. ``vec``: the token rows'
-    lse, g_lse, g_sum (None unless need_sum) ``[bn]``, and K-lists of ids and coef ``[bn]``."""
-    lse, g_lse, g_sum, ids, coef = vec
+    lse, comp, g_lse, g_sum (None unless need_sum) ``[bn]``, and K-lists of ids and coef ``[bn]``."""
+    lse, comp, g_lse, g_sum, ids, coef = vec
     z, valid = logit_tile(h_ref, w_ref, b_ref, h_row, w_row, w_col0, p)
     prob = jnp.where(valid, jnp.exp(z - lse[:, None]), 0.0)
-    dz = g_lse[:, None] * prob
+    cols = w_col0 + jax.lax.broadcasted_iota(jnp.int32, (1, p.bv), 1)
+    first = cols == ids[0][:, None]
+    dz = jnp.where(first, (g_lse + coef[0] - g_lse * comp)[:, None], g_lse[:, None] * prob)
     if p.need_sum:
         dz = dz + jnp.where(valid, g_sum[:, None], 0.0)
-    cols = w_col0 + jax.lax.broadcasted_iota(jnp.int32, (1, p.bv), 1)
-    hit = jnp.zeros(dz.shape, jnp.bool_)
-    for k in range(len(ids)):
+    hit = first & (coef[0][:, None] != 0)
+    for k in range(1, len(ids)):
         on = cols == ids[k][:, None]
         dz = dz + jnp.where(on, coef[k][:, None], 0.0)
         hit = hit | (on & (coef[k][:, None] != 0))
@@ -63,10 +64,10 @@ def _dz_tile(h_ref, w_ref, b_ref, vec, h_row, w_row, w_col0, p: Plan):
     return dz, keep
 
 
-def _vectors(lse_ref, g_lse_ref, g_sum_ref, ids_ref, coef_ref, rows):
+def _vectors(lse_ref, comp_ref, g_lse_ref, g_sum_ref, ids_ref, coef_ref, rows):
     """The per-token vectors of ``rows`` (a slice, or ``...`` for the whole block)."""
     k = range(ids_ref.shape[0])
-    return (lse_ref[rows], g_lse_ref[rows], None if g_sum_ref is None else g_sum_ref[rows],
+    return (lse_ref[rows], comp_ref[rows], g_lse_ref[rows], None if g_sum_ref is None else g_sum_ref[rows],
             [ids_ref[i, rows] for i in k], [coef_ref[i, rows] for i in k])
 
 
@@ -96,8 +97,8 @@ def _add_chunks(out_ref, product, keep, p: Plan):
         pl.when(keep)(add)
 
 
-def _dh_kernel(p: Plan, h_ref, w_ref, b_ref, lse_ref, g_lse_ref, g_sum_ref, ids_ref, coef_ref, dh_ref):
-    vec = _vectors(lse_ref, g_lse_ref, g_sum_ref, ids_ref, coef_ref, slice(None))
+def _dh_kernel(p: Plan, h_ref, w_ref, b_ref, lse_ref, comp_ref, g_lse_ref, g_sum_ref, ids_ref, coef_ref, dh_ref):
+    vec = _vectors(lse_ref, comp_ref, g_lse_ref, g_sum_ref, ids_ref, coef_ref, slice(None))
     prec = dot_precision(w_ref.dtype)
     _zero(dh_ref, p)
 
@@ -112,7 +113,7 @@ def _dh_kernel(p: Plan, h_ref, w_ref, b_ref, lse_ref, g_lse_ref, g_sum_ref, ids_
     jax.lax.fori_loop(0, p.v_pad // p.bv, step, None)
 
 
-def _dw_kernel(p: Plan, h_ref, w_ref, b_ref, lse_ref, g_lse_ref, g_sum_ref, ids_ref, coef_ref,
+def _dw_kernel(p: Plan, h_ref, w_ref, b_ref, lse_ref, comp_ref, g_lse_ref, g_sum_ref, ids_ref, coef_ref,
                dw_ref, db_ref=None):
     prec = dot_precision(h_ref.dtype)
     w_col0 = pl.program_id(0) * p.bv
@@ -120,7 +121,7 @@ def _dw_kernel(p: Plan, h_ref, w_ref, b_ref, lse_ref, g_lse_ref, g_sum_ref, ids_
 
     def step(i, db):
         rows = pl.ds(pl.multiple_of(i * p.bn, p.bn), p.bn)
-        vec = _vectors(lse_ref, g_lse_ref, g_sum_ref, ids_ref, coef_ref, rows)
+        vec = _vectors(lse_ref, comp_ref, g_lse_ref, g_sum_ref, ids_ref, coef_ref, rows)
         dz, keep = _dz_tile(h_ref, w_ref, b_ref, vec, i * p.bn, 0, w_col0, p)
         dz_lo = dz.astype(h_ref.dtype)
         _add_chunks(dw_ref, lambda cols: jax.lax.dot_general(
@@ -133,12 +134,12 @@ def _dw_kernel(p: Plan, h_ref, w_ref, b_ref, lse_ref, g_lse_ref, g_sum_ref, ids_
         db_ref[...] = db
 
 
-def _atomic_kernel(p: Plan, h_ref, w_ref, b_ref, lse_ref, g_lse_ref, g_sum_ref, ids_ref, coef_ref,
+def _atomic_kernel(p: Plan, h_ref, w_ref, b_ref, lse_ref, comp_ref, g_lse_ref, g_sum_ref, ids_ref, coef_ref,
                    dh_in, dw_in, db_in, dh_ref, dw_ref, db_ref):
     """dh_ref, dw_ref, db_ref: whole zero-initialised outputs aliased to dh_in, dw_in, db_in."""
     prec = dot_precision(h_ref.dtype)
     i, j = pl.program_id(0), pl.program_id(1)
-    vec = _vectors(lse_ref, g_lse_ref, g_sum_ref, ids_ref, coef_ref, slice(None))
+    vec = _vectors(lse_ref, comp_ref, g_lse_ref, g_sum_ref, ids_ref, coef_ref, slice(None))
     dz, keep = _dz_tile(h_ref, w_ref, b_ref, vec, 0, 0, j * p.bv, p)
     dz_lo = dz.astype(h_ref.dtype)
     rows, vrows = pl.ds(i * p.bn, p.bn), pl.ds(j * p.bv, p.bv)
@@ -163,14 +164,14 @@ def _atomic_kernel(p: Plan, h_ref, w_ref, b_ref, lse_ref, g_lse_ref, g_sum_ref, 
 def _backward_atomic(h, w, b, vecs, p: Plan):
     zeros = [jnp.zeros((p.n_pad, p.d_pad), jnp.float32), jnp.zeros((p.v_pad, p.d_pad), jnp.float32),
              None if b is None else jnp.zeros((p.v_pad,), jnp.float32)]
-    ids = vecs[3]
+    ids = vecs[4]
     by_token = lambda shape: pl.BlockSpec(shape, lambda i, j: (i,) + (0,) * (len(shape) - 1))
     by_vocab = lambda shape: pl.BlockSpec(shape, lambda i, j: (j,) + (0,) * (len(shape) - 1))
     by_token_k = pl.BlockSpec((ids.shape[0], p.bn), lambda i, j: (0, i))
     whole = lambda x: pl.BlockSpec(x.shape, lambda i, j: (0,) * x.ndim)
     inputs = [h, w, b, *vecs, *zeros]
     specs = [by_token((p.bn, p.d_pad)), by_vocab((p.bv, p.d_pad)), by_vocab((p.bv,)),
-             by_token((p.bn,)), by_token((p.bn,)), by_token((p.bn,)), by_token_k, by_token_k,
+             *[by_token((p.bn,))] * 4, by_token_k, by_token_k,
              *(None if z is None else whole(z) for z in zeros)]
     outs = [z for z in zeros if z is not None]
     n_in = sum(x is not None for x in inputs)
@@ -188,12 +189,12 @@ def _backward_atomic(h, w, b, vecs, p: Plan):
     return out[0], out[1], out[2] if b is not None else None
 
 
-def backward(h, w, b, lse, g_lse, g_sum, ids, coef, p: Plan):
+def backward(h, w, b, lse, comp, g_lse, g_sum, ids, coef, p: Plan):
     """fp32 ``(dh [n_pad, d_pad], dW [v_pad, d_pad], db [v_pad] or None)`` for padded inputs:
-    hidden, weight, bias as in ``forward_partials``; lse, g_lse, g_sum (None unless need_sum)
-    float32 ``[n_pad]``; target ids int32 and coef float32 ``[K, n_pad]`` (zero cotangents and
+    hidden, weight, bias as in ``forward_partials``; lse, comp, g_lse, g_sum (None unless
+    need_sum) float32 ``[n_pad]``; target ids int32 and coef float32 ``[K, n_pad]`` (zero cotangents and
     coefficients on padded rows); by ``p.backward``'s kernels."""
-    vecs = [lse, g_lse, g_sum, ids, coef]
+    vecs = [lse, comp, g_lse, g_sum, ids, coef]
     if p.backward == "atomic":
         return _backward_atomic(h, w, b, vecs, p)
     k = ids.shape[0]
@@ -205,7 +206,7 @@ def backward(h, w, b, lse, g_lse, g_sum, ids, coef, p: Plan):
         out_shape=jax.ShapeDtypeStruct((p.n_pad, p.d_pad), jnp.float32),
         grid=(p.n_pad // p.bn,),
         in_specs=present([blocked((p.bn, p.d_pad)), whole((p.v_pad, p.d_pad)), whole((p.v_pad,))]
-                         + [blocked((p.bn,))] * 3 + [pl.BlockSpec((k, p.bn), lambda i: (0, i))] * 2, inputs),
+                         + [blocked((p.bn,))] * 4 + [pl.BlockSpec((k, p.bn), lambda i: (0, i))] * 2, inputs),
         out_specs=blocked((p.bn, p.d_pad)),
         compiler_params=p.compiler_params,
         interpret=p.interpret,
@@ -223,7 +224,7 @@ def backward(h, w, b, lse, g_lse, g_sum, ids, coef, p: Plan):
         out_shape=tuple(dw_out),
         grid=(q.v_pad // q.bv,),
         in_specs=present([whole((q.n_pad, q.d_pad)), blocked((q.bv, q.d_pad)), blocked((q.bv,))]
-                         + [whole((q.n_pad,))] * 3 + [whole((k, q.n_pad))] * 2, inputs),
+                         + [whole((q.n_pad,))] * 4 + [whole((k, q.n_pad))] * 2, inputs),
         out_specs=tuple(dw_specs),
         compiler_params=q.compiler_params,
         interpret=q.interpret,

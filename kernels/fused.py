@@ -39,8 +39,8 @@ def _first_order_only(kernels, plan_argnum):
     return f
 
 
-_forward_partials = _first_order_only(forward_partials, 3)
-_backward = _first_order_only(backward_kernels, 8)
+_forward_partials = _first_order_only(forward_partials, 4)
+_backward = _first_order_only(backward_kernels, 9)
 
 
 def _plan(hidden, weight, softcap, need_sum, blocks: BlockSizes, backward, interpret) -> tuple:
@@ -63,14 +63,15 @@ def _padded(hidden, weight, bias, p: Plan):
     return (_pad(hidden, (p.n_pad, p.d_pad)), _pad(weight, (p.v_pad, p.d_pad)), _pad(bias, (p.v_pad,)))
 
 
-def forward(hidden, weight, bias, *, softcap: Optional[float], need_sum: bool, blocks: BlockSizes,
+def forward(hidden, weight, bias, first, *, softcap: Optional[float], need_sum: bool, blocks: BlockSizes,
             interpret: Optional[bool] = None):
-    """(lse, logit_sum, max_logit, prediction) ``[N]`` by the forward kernel (see forward.py)."""
+    """(lse, logit_sum, max_logit, prediction, lse_excl) ``[N]`` by the forward kernel (see
+    forward.py); lse_excl leaves out class ``first [N]``."""
     n = hidden.shape[0]
     if n == 0:
-        return (jnp.zeros((0,), jnp.float32),) * 3 + (jnp.zeros((0,), jnp.int32),)
+        return (jnp.zeros((0,), jnp.float32),) * 3 + (jnp.zeros((0,), jnp.int32), jnp.zeros((0,), jnp.float32))
     hidden, weight, p = _plan(hidden, weight, softcap, need_sum, blocks, "two_kernel", interpret)
-    parts = merge_splits(*_forward_partials(*_padded(hidden, weight, bias, p), p))
+    parts = merge_splits(*_forward_partials(*_padded(hidden, weight, bias, p), _pad(first, (p.n_pad,)), p))
     return tuple(x[:n] for x in parts)
 
 
@@ -78,7 +79,7 @@ def backward_fn(kind: str, interpret: Optional[bool] = None):
     """The float32 backward by ``kind``'s kernels: "two_kernel" (a dh and a dW kernel,
     deterministic) or "atomic" (one kernel, fp32 atomic adds); see backward.py."""
 
-    def backward(hidden, weight, bias, lse, g_lse, g_sum, ids, coef, *, softcap, blocks: BlockSizes):
+    def backward(hidden, weight, bias, lse, comp, g_lse, g_sum, ids, coef, *, softcap, blocks: BlockSizes):
         (n, d), v = hidden.shape, weight.shape[0]
         if n == 0:
             return (jnp.zeros((0, d), jnp.float32), jnp.zeros((v, d), jnp.float32),
@@ -86,7 +87,7 @@ def backward_fn(kind: str, interpret: Optional[bool] = None):
         hidden, weight, p = _plan(hidden, weight, softcap, g_sum is not None, blocks, kind, interpret)
         rows = lambda x, value=0: _pad(x, (p.n_pad,), value)
         cols = lambda x: _pad(x.T, (x.shape[1], p.n_pad))
-        dh, dw, db = _backward(*_padded(hidden, weight, bias, p), rows(lse, jnp.inf), rows(g_lse),
+        dh, dw, db = _backward(*_padded(hidden, weight, bias, p), rows(lse, jnp.inf), rows(comp), rows(g_lse),
                                None if g_sum is None else rows(g_sum), cols(ids), cols(coef), p)
         return dh[:n, :d], dw[:v, :d], None if bias is None else db[:v]
 

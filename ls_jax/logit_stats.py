@@ -104,38 +104,53 @@ def target_logits(hidden, weight, bias, ids, softcap):
     return apply_softcap(z, softcap)
 
 
-def dz_tile(z, cols, lse, g_lse, g_sum, ids, coef, softcap):
+def dz_tile(z, cols, lse, comp, g_lse, g_sum, ids, coef, softcap):
     """float32 gradient of the logit tile ``z [bn, bv]`` (capped, float32), whose columns are the
     classes ``cols [bv]``: ``(g_lse p + g_sum + sum_k coef[:, k] [cols = ids[:, k]]) softcap'``,
     everything combined in float32. lse, g_lse, g_sum: ``[bn]`` (g_sum None: no sum term);
-    ids, coef: ``[bn, K]`` (coef = g_target * target weight)."""
-    dz = g_lse[:, None] * jnp.exp(z - lse[:, None])
+    ids, coef: ``[bn, K]`` (coef = g_target * target weight).
+
+    At the first target's column ``g_lse p + coef`` is formed as ``(g_lse + coef) - g_lse comp``
+    with ``comp = 1 - p = sum of the other classes' probabilities`` ``[bn]`` (accurate to float32
+    relative precision, from the forward's :func:`excluded_lse`): for a confident token p - 1 is
+    far below float32's resolution of p itself, and the first form would lose it."""
+    p = jnp.exp(z - lse[:, None])
+    first = cols[None, :] == ids[:, :1]
+    dz = jnp.where(first, (g_lse + coef[:, 0] - g_lse * comp)[:, None], g_lse[:, None] * p)
     if g_sum is not None:
         dz = dz + g_sum[:, None]
-    for k in range(ids.shape[1]):
+    for k in range(1, ids.shape[1]):
         dz = dz + jnp.where(cols[None, :] == ids[:, k:k + 1], coef[:, k:k + 1], 0.0)
     if softcap is not None:
         dz = dz * (1.0 - jnp.square(z / softcap))
     return dz
 
 
-def live_rows(hidden, lse, g_lse, g_sum, coef):
+def live_rows(hidden, lse, comp, g_lse, g_sum, coef):
     """Zero what an ignored token (all cotangents 0) could poison a gradient with: its hidden row
-    (-> 0) and its lse (-> +inf, so its softmax is exactly 0). Returns (hidden, lse, live [N])."""
+    (-> 0), its lse (-> +inf, so its softmax is exactly 0) and comp (-> 0).
+    Returns (hidden, lse, comp, live [N])."""
     live = (g_lse != 0) | (jnp.any(coef != 0, axis=-1))
     if g_sum is not None:
         live = live | (g_sum != 0)
     hidden = jnp.where(live[:, None], hidden, jnp.zeros((), hidden.dtype))
-    return hidden, jnp.where(live, lse, jnp.inf), live
+    return hidden, jnp.where(live, lse, jnp.inf), jnp.where(live, comp, 0.0), live
+
+
+def excluded_lse(m, s_excl):
+    """log of the online sum ``s_excl`` (rescaled to the running max ``m``), -inf when it is 0."""
+    return jnp.where(s_excl > 0, m + jnp.log(s_excl), -jnp.inf)
 
 
 class Backend(NamedTuple):
     """A two-pass implementation of the seam (see :func:`two_pass`).
 
-    forward(hidden, weight, bias, *, softcap, need_sum, blocks) -> (lse, logit_sum, max_logit,
-    prediction) ``[N]``; backward(hidden, weight, bias, lse, g_lse, g_sum, ids, coef, *, softcap,
-    blocks) -> float32 ``(dhidden [N, D], dweight [V, D], dbias [V] or None)`` with dz as in
-    :func:`dz_tile` (g_sum None when no sum was asked for), the logits recomputed.
+    forward(hidden, weight, bias, first [N] int32, *, softcap, need_sum, blocks) -> (lse,
+    logit_sum, max_logit, prediction, lse_excl) ``[N]``, lse_excl the log-sum-exp over every class
+    but ``first`` (the first target); backward(hidden, weight, bias, lse, comp, g_lse, g_sum, ids,
+    coef, *, softcap, blocks) -> float32 ``(dhidden [N, D], dweight [V, D], dbias [V] or None)``
+    with dz as in :func:`dz_tile` (comp = exp(lse_excl - lse); g_sum None when no sum was asked
+    for), the logits recomputed.
     """
 
     forward: Callable
@@ -143,10 +158,10 @@ class Backend(NamedTuple):
 
 
 def _two_pass_forward(backend, hidden, weight, bias, ids, tw, softcap, need_sum, blocks):
-    lse, total, mx, arg = backend.forward(hidden, weight, bias, softcap=softcap, need_sum=need_sum,
-                                          blocks=blocks)
+    lse, total, mx, arg, lse_excl = backend.forward(hidden, weight, bias, ids[:, 0], softcap=softcap,
+                                                    need_sum=need_sum, blocks=blocks)
     z_t = target_logits(hidden, weight, bias, ids, softcap)
-    return LogitStats(lse, total, weighted_sum(tw, z_t), mx, arg), z_t
+    return LogitStats(lse, total, weighted_sum(tw, z_t), mx, arg), (z_t, jnp.exp(lse_excl - lse))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 6, 7, 8))
@@ -155,18 +170,18 @@ def _two_pass(backend, hidden, weight, bias, ids, tw, softcap, need_sum, blocks)
 
 
 def _two_pass_fwd(backend, hidden, weight, bias, ids, tw, softcap, need_sum, blocks):
-    stats, z_t = _two_pass_forward(backend, hidden, weight, bias, ids, tw, softcap, need_sum, blocks)
-    return stats, (hidden, weight, bias, ids, tw, stats.lse, z_t)
+    stats, (z_t, comp) = _two_pass_forward(backend, hidden, weight, bias, ids, tw, softcap, need_sum, blocks)
+    return stats, (hidden, weight, bias, ids, tw, stats.lse, comp, z_t)
 
 
 def _two_pass_bwd(backend, softcap, need_sum, blocks, res, ct):
-    hidden, weight, bias, ids, tw, lse, z_t = res
+    hidden, weight, bias, ids, tw, lse, comp, z_t = res
     g_lse = ct.lse.astype(jnp.float32)
     g_sum = ct.logit_sum.astype(jnp.float32) if need_sum else None
     g_t = ct.target.astype(jnp.float32)
     coef = g_t[:, None] * tw
-    h, lse, _ = live_rows(hidden, lse, g_lse, g_sum, coef)
-    dh, dw, db = backend.backward(h, weight, bias, lse, g_lse, g_sum, ids, coef, softcap=softcap,
+    h, lse, comp, _ = live_rows(hidden, lse, comp, g_lse, g_sum, coef)
+    dh, dw, db = backend.backward(h, weight, bias, lse, comp, g_lse, g_sum, ids, coef, softcap=softcap,
                                   blocks=blocks)
     d_tw = g_t[:, None] * jnp.where((tw == 0) & jnp.isinf(z_t), 0.0, z_t)
     return (dh.astype(hidden.dtype), dw.astype(weight.dtype),

@@ -59,10 +59,12 @@ class LossRows(NamedTuple):
 
 
 def token_loss(stats: LogitStats, rows: LossRows) -> jax.Array:
-    """float32 per-token loss ``[N]``, weighted by ``rows.weight`` (exactly 0 where it is 0)."""
-    loss = (rows.lse * stats.lse - rows.target * stats.target - rows.logit_sum * stats.logit_sum
-            + rows.z_loss * jnp.square(stats.lse))
-    loss = jnp.where(rows.weight != 0, rows.weight * loss, 0.0)
+    """float32 per-token loss ``[N]``, weighted by ``rows.weight``: exactly 0, with exactly 0
+    cotangents for its statistics (even NaN or inf ones), where the weight is 0."""
+    on = rows.weight != 0
+    lse, target, total = (jnp.where(on, x, 0.0) for x in (stats.lse, stats.target, stats.logit_sum))
+    loss = rows.lse * lse - rows.target * target - rows.logit_sum * total + rows.z_loss * jnp.square(lse)
+    loss = jnp.where(on, rows.weight * loss, 0.0)
     return jnp.where(rows.nan, jnp.nan, loss)
 
 

@@ -9,8 +9,9 @@ Two paths:
   ``dW += dz.T @ h_chunk`` (float32 accumulator), in the forward sweep: 6NDV matmul work, no
   recompute, deterministic. The backward only scales the stored gradients by the cotangent.
   Extra memory: the tile (``block_n x V`` float32, about 16 MiB by default) plus the float32
-  dW accumulator ``[V, D]``; the gradients are held from forward to backward in the dtypes of
-  hidden / weight / bias. A frozen weight or bias (not differentiated, or under
+  dW accumulator ``[V, D]`` (and a float32 copy of a 16-bit weight: the matmuls run in float32,
+  so dz is never rounded before it meets W or h); the gradients are held from forward to
+  backward in the dtypes of hidden / weight / bias (exact for a cotangent of 1). A frozen weight or bias (not differentiated, or under
   ``stop_gradient``) gets no dW / dbias work at all.
 * **Two-pass** (:data:`logit_stats`, for per-token losses, and for second-order derivatives):
   the forward walks ``[block_n, block_v]`` tiles with an online log-sum-exp; the backward
@@ -27,8 +28,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from ls_jax.logit_stats import (Backend, BlockSizes, LogitStats, apply_softcap, dz_tile, live_rows,
-                                target_logits, two_pass, weighted_sum)
+from ls_jax.logit_stats import (Backend, BlockSizes, LogitStats, apply_softcap, dz_tile, excluded_lse,
+                                live_rows, target_logits, two_pass, weighted_sum)
 
 BLOCK_N, BLOCK_V = 1024, 2048  # two-pass tile
 ONE_PASS_TILE = 2**22  # one-pass tile elements (block_n x V float32 = 16 MiB)
@@ -55,43 +56,47 @@ def _two_pass_blocks(blocks: BlockSizes, n, v):
     return min(blocks.block_n or BLOCK_N, n), min(blocks.block_v or BLOCK_V, v)
 
 
-def forward(hidden, weight, bias, *, softcap, need_sum, blocks: BlockSizes):
-    """(lse, logit_sum, max_logit, prediction) ``[N]`` of ``softcap(hidden @ weight.T + bias)``."""
+def forward(hidden, weight, bias, first, *, softcap, need_sum, blocks: BlockSizes):
+    """(lse, logit_sum, max_logit, prediction, lse_excl) ``[N]`` of ``softcap(hidden @ weight.T +
+    bias)``; lse_excl leaves out class ``first [N]`` (see ``logit_stats.Backend``)."""
     n, v = hidden.shape[0], weight.shape[0]
-    out = (jnp.zeros((n,), jnp.float32),) * 3 + (jnp.zeros((n,), jnp.int32),)
+    out = (jnp.zeros((n,), jnp.float32),) * 3 + (jnp.zeros((n,), jnp.int32), jnp.zeros((n,), jnp.float32))
     if n == 0:
         return out
     bn, bv = _two_pass_blocks(blocks, n, v)
 
     def token_block(i, out):
         start_n, _ = _slide(i, bn, n)
-        h = _rows(hidden, start_n, bn)
+        h, f = _rows(hidden, start_n, bn), _rows(first, start_n, bn)
 
         def vocab_block(j, carry):
-            m, s, total, best = carry
+            m, s, total, best, s_excl = carry
             start, own = _slide(j, bv, v)
             z = jnp.where(own, apply_softcap(_raw_tile(h, weight, bias, start, bv), softcap), -jnp.inf)
             blk_max = z.max(-1)
             new_m = jnp.maximum(m, blk_max)
             shift = jnp.where(jnp.isfinite(new_m), new_m, 0.0)  # a block of -inf logits: no NaN
-            s = s * jnp.exp(m - shift) + jnp.exp(z - shift[:, None]).sum(-1)
+            e, rescale = jnp.exp(z - shift[:, None]), jnp.exp(m - shift)
+            s = s * rescale + e.sum(-1)
+            cols = start + jnp.arange(bv)
+            s_excl = s_excl * rescale + jnp.where(cols[None, :] == f[:, None], 0.0, e).sum(-1)
             if need_sum:
                 total = total + jnp.where(own, z, 0.0).sum(-1)
             best = jnp.where(blk_max > m, start + jnp.argmax(z, -1).astype(jnp.int32), best)
-            return new_m, s, total, best
+            return new_m, s, total, best, s_excl
 
         init = (jnp.full((bn,), -jnp.inf, jnp.float32), jnp.zeros((bn,), jnp.float32),
-                jnp.zeros((bn,), jnp.float32), jnp.zeros((bn,), jnp.int32))
-        m, s, total, best = jax.lax.fori_loop(0, -(-v // bv), vocab_block, init)
-        new = (m + jnp.log(s), total, m, best)
+                jnp.zeros((bn,), jnp.float32), jnp.zeros((bn,), jnp.int32), jnp.zeros((bn,), jnp.float32))
+        m, s, total, best, s_excl = jax.lax.fori_loop(0, -(-v // bv), vocab_block, init)
+        new = (m + jnp.log(s), total, m, best, excluded_lse(m, s_excl))
         return tuple(jax.lax.dynamic_update_slice_in_dim(o, x, start_n, 0) for o, x in zip(out, new))
 
     return jax.lax.fori_loop(0, -(-n // bn), token_block, out)
 
 
-def backward(hidden, weight, bias, lse, g_lse, g_sum, ids, coef, *, softcap, blocks: BlockSizes):
+def backward(hidden, weight, bias, lse, comp, g_lse, g_sum, ids, coef, *, softcap, blocks: BlockSizes):
     """float32 (dhidden, dweight, dbias or None) for dz as in ``logit_stats.dz_tile``, each tile
-    recomputed once; dz is rounded once to hidden's dtype for the matmuls."""
+    recomputed once; the gradient matmuls take dz in float32 (never rounded to 16 bits)."""
     n, v = hidden.shape[0], weight.shape[0]
     dh = jnp.zeros(hidden.shape, jnp.float32)
     dw = jnp.zeros(weight.shape, jnp.float32)
@@ -103,20 +108,18 @@ def backward(hidden, weight, bias, lse, g_lse, g_sum, ids, coef, *, softcap, blo
     def token_block(i, carry):
         dh, dw, db = carry
         start_n, own_n = _slide(i, bn, n)
-        h, l, gl, ii, cc = (_rows(x, start_n, bn) for x in (hidden, lse, g_lse, ids, coef))
+        h, l, cm, gl, ii, cc = (_rows(x, start_n, bn) for x in (hidden, lse, comp, g_lse, ids, coef))
         gs = None if g_sum is None else _rows(g_sum, start_n, bn)
 
         def vocab_block(j, carry):
             dh_blk, dw, db = carry
             start, own = _slide(j, bv, v)
             z = apply_softcap(_raw_tile(h, weight, bias, start, bv), softcap)
-            dz = dz_tile(z, start + jnp.arange(bv), l, gl, gs, ii, cc, softcap)
+            dz = dz_tile(z, start + jnp.arange(bv), l, cm, gl, gs, ii, cc, softcap)
             dz = jnp.where(own[None, :] & own_n[:, None], dz, 0.0)
-            dz_lo = dz.astype(hidden.dtype)
-            dh_blk = dh_blk + jnp.einsum("nv,vd->nd", dz_lo, _rows(weight, start, bv),
-                                         preferred_element_type=jnp.float32)
-            dw = jax.lax.dynamic_update_slice_in_dim(dw, _rows(dw, start, bv) + jnp.einsum(
-                "nv,nd->vd", dz_lo, h, preferred_element_type=jnp.float32), start, 0)
+            dh_blk = dh_blk + dz @ _rows(weight, start, bv).astype(jnp.float32)
+            dw = jax.lax.dynamic_update_slice_in_dim(dw, _rows(dw, start, bv) + dz.T @ h.astype(jnp.float32),
+                                                     start, 0)
             if db is not None:
                 db = jax.lax.dynamic_update_slice_in_dim(db, _rows(db, start, bv) + dz.sum(0), start, 0)
             return dh_blk, dw, db
@@ -138,7 +141,8 @@ def _one_pass_block_n(blocks: BlockSizes, n, v):
 
 def _stats_and_loss(loss_of, hidden, weight, bias, ids, tw, rows, softcap, need_sum, blocks):
     """Forward only: two-pass statistics and the scalar loss (no gradient work)."""
-    lse, total, mx, arg = forward(hidden, weight, bias, softcap=softcap, need_sum=need_sum, blocks=blocks)
+    lse, total, mx, arg, _ = forward(hidden, weight, bias, ids[:, 0], softcap=softcap, need_sum=need_sum,
+                                     blocks=blocks)
     target = weighted_sum(tw, target_logits(hidden, weight, bias, ids, softcap))
     stats = LogitStats(lse, total, target, mx, arg)
     return loss_of(stats, rows).sum(), stats
@@ -159,13 +163,15 @@ def _one_pass_fwd(loss_of, hidden, weight, bias, ids, tw, rows, softcap, need_su
     grads = (jnp.zeros(hidden.shape, hidden.dtype), jnp.zeros(weight.shape, jnp.float32) if want_w else None,
              jnp.zeros((v,), jnp.float32) if want_b else None, jnp.zeros(tw.shape, jnp.float32))
     bn = _one_pass_block_n(blocks, n, v)
+    w32 = weight.astype(jnp.float32)
 
     def chunk(i, carry):
         loss, stats, (dh, dw, db, dtw) = carry
         start, own = _slide(i, bn, n)
         h, ii, ww = (_rows(x, start, bn) for x in (hidden, ids, tw))
         r = jax.tree.map(lambda x: _rows(x, start, bn), rows)
-        raw = jnp.einsum("nd,vd->nv", h, weight, preferred_element_type=jnp.float32)
+        h = h.astype(jnp.float32)
+        raw = h @ w32.T
         z = apply_softcap(raw if bias is None else raw + bias.astype(jnp.float32), softcap)
         lse = jax.nn.logsumexp(z, axis=-1)
         z_t = jnp.take_along_axis(z, ii, axis=-1)
@@ -176,13 +182,14 @@ def _one_pass_fwd(loss_of, hidden, weight, bias, ids, tw, rows, softcap, need_su
         g_lse, g_sum, g_t = vjp(own.astype(jnp.float32))
         g_sum = g_sum if need_sum else None
         coef = g_t[:, None] * ww
-        h_live, lse_live, live = live_rows(h, lse, g_lse, g_sum, coef)
-        dz = jnp.where(live[:, None], dz_tile(z, jnp.arange(v), lse_live, g_lse, g_sum, ii, coef, softcap), 0.0)
-        dz_lo = dz.astype(hidden.dtype)
-        dh_c = jnp.einsum("nv,vd->nd", dz_lo, weight, preferred_element_type=jnp.float32).astype(dh.dtype)
+        cols = jnp.arange(v)
+        comp = jnp.exp(z - lse[:, None]).sum(-1, where=cols[None, :] != ii[:, :1])
+        h_live, lse_live, comp, live = live_rows(h, lse, comp, g_lse, g_sum, coef)
+        dz = jnp.where(live[:, None], dz_tile(z, cols, lse_live, comp, g_lse, g_sum, ii, coef, softcap), 0.0)
+        dh_c = (dz @ w32).astype(dh.dtype)
         dh = jax.lax.dynamic_update_slice_in_dim(dh, jnp.where(own[:, None], dh_c, _rows(dh, start, bn)), start, 0)
         if want_w:
-            dw = dw + jnp.einsum("nv,nd->vd", dz_lo, h_live, preferred_element_type=jnp.float32)
+            dw = dw + dz.T @ h_live
         if want_b:
             db = db + dz.sum(0)
         d_tw = g_t[:, None] * jnp.where((ww == 0) & jnp.isinf(z_t), 0.0, z_t)
