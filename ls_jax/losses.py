@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ls_jax.logit_stats import LogitStats, apply_softcap, reference_logit_stats, stats_from_logits
-from ls_jax.targets import Labels, check_options, sparse_targets, where_mask
+from ls_jax.targets import Labels, check_arrays, check_options, dense_targets, sparse_targets
 
 IMPLS = ("auto", "reference", "xla", "pallas")
 
@@ -89,6 +89,7 @@ def smoothed_cross_entropy(
     """
     check_options(label_smoothing, z_loss, logit_softcap, reduction)
     logits = jnp.asarray(logits)
+    check_arrays(logits=logits)
     if logits.ndim < 1:
         raise ValueError("logits must have a class axis [..., V]")
     batch_shape, v = logits.shape[:-1], logits.shape[-1]
@@ -96,12 +97,8 @@ def smoothed_cross_entropy(
     z = apply_softcap(logits.reshape(n, v).astype(jnp.float32), logit_softcap)
     dense = not isinstance(labels, tuple) and np.shape(labels) == logits.shape
     if dense:
-        q = jnp.asarray(labels)
-        if not jnp.issubdtype(q.dtype, jnp.floating):
-            raise ValueError(f"a dense target distribution must be floating point, got {q.dtype}")
-        valid = where_mask(where, batch_shape)
-        q = jnp.where(valid[:, None], q.reshape(n, v).astype(jnp.float32), 0.0)
-        target_dot, target_mass, out_of_range = _weighted_sum(q, z), q.sum(-1), jnp.zeros((n,), bool)
+        q, valid, out_of_range = dense_targets(labels, batch_shape, where)
+        target_dot, target_mass = _weighted_sum(q, z), q.sum(-1)
     else:
         t = sparse_targets(labels, batch_shape, v, ignore_index, where)
         target_dot = _weighted_sum(t.weights, jnp.take_along_axis(z, t.ids, axis=-1))
@@ -153,12 +150,14 @@ def linear_smoothed_cross_entropy(
     check_options(label_smoothing, z_loss, logit_softcap, reduction)
     hidden, weight = jnp.asarray(hidden), jnp.asarray(weight)
     bias = None if bias is None else jnp.asarray(bias)
+    check_arrays(hidden=hidden, weight=weight, bias=bias)
     if weight.ndim != 2 or hidden.ndim < 1 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"need hidden [..., D] and weight [V, D]; got {hidden.shape} and {weight.shape}")
     v, d = weight.shape
     if bias is not None and jnp.shape(bias) != (v,):
         raise ValueError(f"bias must have shape ({v},), got {jnp.shape(bias)}")
-    if not isinstance(labels, tuple) and jnp.issubdtype(jnp.asarray(labels).dtype, jnp.floating):
+    if not isinstance(labels, tuple) and jnp.issubdtype(  # NumPy's dtype: jnp.asarray would wrap int64 ids
+            labels.dtype if hasattr(labels, "dtype") else np.asarray(labels).dtype, jnp.floating):
         raise ValueError("linear_smoothed_cross_entropy takes int labels or sparse (ids, weights) soft labels")
     batch_shape = hidden.shape[:-1]
     h = hidden.reshape(-1, d)
