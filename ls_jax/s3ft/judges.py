@@ -15,8 +15,10 @@ Every judge is a callable ``judge(prompt, gold, candidate) -> bool``:
 A row picks its judge with a ``"judge"`` field; otherwise the default (``--judge``) applies.
 """
 
+import contextlib
 import os
 import re
+import signal
 import string
 import subprocess
 import sys
@@ -85,13 +87,17 @@ def run_python_tests(code: str, tests, *, timeout: float = 10.0) -> bool:
         path = os.path.join(tmp, "judge.py")
         with open(path, "w", encoding="utf-8") as f:
             f.write(_NO_NETWORK + extract_code(code) + "\n\n" + tests + "\n")
-        try:
-            done = subprocess.run([sys.executable, "-I", path], cwd=tmp, stdin=subprocess.DEVNULL,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=timeout,
-                                  env={"PATH": os.environ.get("PATH", "")})
-        except subprocess.TimeoutExpired:
-            return False
-    return done.returncode == 0
+        # its own process group, so a timeout also ends any process the code started
+        with subprocess.Popen([sys.executable, "-I", path], cwd=tmp, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                              env={"PATH": os.environ.get("PATH", "")}) as proc:
+            try:
+                return proc.wait(timeout=timeout) == 0
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return False
 
 
 JUDGES = {"exact": exact_match, "numeric": numeric_match}
