@@ -1,4 +1,5 @@
-"""Atomic writes: build a file or a directory under a temporary name beside it, then rename.
+"""Output files: where they may go, and atomic writes (build a file or a directory under a
+temporary name beside it, then rename).
 
 A process killed mid-write leaves the previous version of ``path`` (or none), never a partial
 one. The temporary name is fixed (``.NAME.tmp.EXT`` in the same directory), so the next write
@@ -9,6 +10,18 @@ import contextlib
 import os
 import shutil
 from typing import Iterator
+
+
+def check_output_dir(path: str) -> None:
+    """Raise ValueError unless ``path`` is, or can be created as, a writable directory
+    (nothing is created)."""
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"{path}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{path}: {parent} is not writable")
 
 
 def _remove(path: str) -> None:

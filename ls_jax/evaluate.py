@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ls_jax.atomic import atomic_path, check_output_dir, write_text
 from ls_jax.calibration import CalibrationReport, calibration_report, reliability_diagram
 from ls_jax.data import read_jsonl
 from ls_jax.logit_stats import dense_logits
@@ -150,17 +151,19 @@ class MultipleChoiceResult:
     labels: np.ndarray
 
     def save(self, out_dir: str, title: str = "multiple choice") -> dict:
-        """Write ``metrics.json``, ``reliability.png`` and ``predictions.jsonl``; returns the paths."""
+        """Write ``metrics.json``, ``reliability.png`` and ``predictions.jsonl`` (each atomically);
+        returns the paths."""
         os.makedirs(out_dir, exist_ok=True)
         paths = {name: os.path.join(out_dir, name) for name in ("metrics.json", "reliability.png", "predictions.jsonl")}
-        with open(paths["metrics.json"], "w") as f:
-            json.dump(self.report.to_dict(), f, indent=2)
-        reliability_diagram(self.report.bins, paths["reliability.png"], title=title)
-        with open(paths["predictions.jsonl"], "w") as f:
-            for label, z, p in zip(self.labels, self.option_logits, self.probs):
-                k = int(np.isfinite(z).sum())
-                f.write(json.dumps({"answer": LETTERS[label], "prediction": LETTERS[int(p.argmax())],
-                                    "probs": [round(float(x), 6) for x in p[:k]]}) + "\n")
+        write_text(paths["metrics.json"], json.dumps(self.report.to_dict(), indent=2))
+        with atomic_path(paths["reliability.png"]) as tmp:
+            reliability_diagram(self.report.bins, tmp, title=title)
+        lines = []
+        for label, z, p in zip(self.labels, self.option_logits, self.probs):
+            k = int(np.isfinite(z).sum())
+            lines.append(json.dumps({"answer": LETTERS[label], "prediction": LETTERS[int(p.argmax())],
+                                     "probs": [round(float(x), 6) for x in p[:k]]}) + "\n")
+        write_text(paths["predictions.jsonl"], "".join(lines))
         return paths
 
 
@@ -216,6 +219,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
     if not os.path.isfile(args.data):
         parser.error(f"--data: file not found: {args.data}")
+    try:
+        if args.out:
+            check_output_dir(args.out)
+    except ValueError as e:
+        parser.error(f"--out {e}")
     dtype = jnp.dtype(args.dtype)
     try:  # bad input (checkpoint, tokenizer, records, options): one "error:" line, exit status 2
         model = from_pretrained(args.model, dtype=dtype, param_dtype=dtype)

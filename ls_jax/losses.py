@@ -21,7 +21,7 @@ import numpy as np
 from ls_jax.dispatch import ONE_PASS, logit_stats_fn, resolve
 from ls_jax.logit_stats import BlockSizes, LogitStats, apply_softcap, weighted_sum
 from ls_jax.reference import stats_from_logits
-from ls_jax.targets import Labels, check_options, sparse_targets, where_mask
+from ls_jax.targets import Labels, check_arrays, check_options, dense_targets, sparse_targets
 
 
 class TokenStats(NamedTuple):
@@ -117,6 +117,7 @@ def smoothed_cross_entropy(
     """
     check_options(label_smoothing, z_loss, logit_softcap, reduction)
     logits = jnp.asarray(logits)
+    check_arrays(logits=logits)
     if logits.ndim < 1:
         raise ValueError("logits must have a class axis [..., V]")
     batch_shape, v = logits.shape[:-1], logits.shape[-1]
@@ -124,12 +125,8 @@ def smoothed_cross_entropy(
     z = logits.reshape(n, v).astype(jnp.float32)
     q = None
     if not isinstance(labels, tuple) and np.shape(labels) == logits.shape:
-        q = jnp.asarray(labels)
-        if not jnp.issubdtype(q.dtype, jnp.floating):
-            raise ValueError(f"a dense target distribution must be floating point, got {q.dtype}")
-        valid = where_mask(where, batch_shape)
-        q = jnp.where(valid[:, None], q.reshape(n, v).astype(jnp.float32), 0.0)
-        mass, out_of_range = q.sum(-1), jnp.zeros((n,), bool)
+        q, valid, out_of_range = dense_targets(labels, batch_shape, where)
+        mass = q.sum(-1)
     else:
         t = sparse_targets(labels, batch_shape, v, ignore_index, where)
         mass, valid, out_of_range = t.weights.sum(-1), t.valid, t.out_of_range
@@ -174,12 +171,14 @@ def linear_smoothed_cross_entropy(
         raise TypeError(f"blocks must be a BlockSizes or None, got {type(blocks).__name__}")
     hidden, weight = jnp.asarray(hidden), jnp.asarray(weight)
     bias = None if bias is None else jnp.asarray(bias)
+    check_arrays(hidden=hidden, weight=weight, bias=bias)
     if weight.ndim != 2 or hidden.ndim < 1 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"need hidden [..., D] and weight [V, D]; got {hidden.shape} and {weight.shape}")
     v, d = weight.shape
     if bias is not None and jnp.shape(bias) != (v,):
         raise ValueError(f"bias must have shape ({v},), got {jnp.shape(bias)}")
-    if not isinstance(labels, tuple) and jnp.issubdtype(jnp.asarray(labels).dtype, jnp.floating):
+    if not isinstance(labels, tuple) and jnp.issubdtype(  # NumPy's dtype: jnp.asarray would wrap int64 ids
+            labels.dtype if hasattr(labels, "dtype") else np.asarray(labels).dtype, jnp.floating):
         raise ValueError("linear_smoothed_cross_entropy takes int labels or sparse (ids, weights) soft labels")
     batch_shape = hidden.shape[:-1]
     h = hidden.reshape(-1, d)

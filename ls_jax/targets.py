@@ -4,11 +4,14 @@ Every kind of label is brought to one sparse form over ``N`` flattened tokens:
 ``ids [N, K] int32`` and ``weights [N, K] float32`` (the target distribution before
 smoothing), plus ``valid [N] bool``. Hard labels are ``K = 1``.
 
-Out-of-range ids (not ignored, outside ``[0, V)``): a ``ValueError`` when the labels are
-concrete; under ``jit`` the values cannot be inspected, and the affected tokens get a NaN
-loss (never a silently wrong finite one). Their gradient contribution is zero.
+Out-of-range ids (not ignored, outside ``[0, V)``; NumPy / Python ids are checked before they
+are cast to int32, so ``2**32 + 3`` is not taken for 3) and negative target weights: a
+``ValueError`` when the labels are concrete; under ``jit`` the values cannot be inspected, and
+the affected tokens get a NaN loss (never a silently wrong finite one). Their gradient
+contribution is zero.
 """
 
+import numbers
 from typing import NamedTuple, Tuple, Union
 
 import jax
@@ -20,7 +23,8 @@ Labels = Union[jax.Array, Tuple[jax.Array, jax.Array]]
 
 class SparseTargets(NamedTuple):
     """Flattened targets: ids [N, K] int32 (clipped into range), weights [N, K] float32
-    (0 on ignored tokens and padding entries), valid [N] bool, out_of_range [N] bool."""
+    (0 on ignored tokens and padding entries), valid [N] bool, out_of_range [N] bool (an id
+    outside [0, V) or a negative weight: the token's loss is NaN)."""
 
     ids: jax.Array
     weights: jax.Array
@@ -33,8 +37,21 @@ def is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
+def _real(name: str, value) -> float:
+    """``value`` as a float; TypeError naming ``name`` unless it is a real number (not a bool or a string)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.ndarray, jax.Array)) \
+            or np.ndim(value) != 0 or not jnp.issubdtype(jnp.result_type(value), jnp.number) \
+            or jnp.issubdtype(jnp.result_type(value), jnp.complexfloating):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
 def check_options(label_smoothing, z_loss, logit_softcap, reduction) -> None:
-    """Raise ValueError for option values outside their domain (at trace time)."""
+    """Raise TypeError for option values that are not numbers, ValueError for values outside
+    their domain (at trace time)."""
+    label_smoothing, z_loss = _real("label_smoothing", label_smoothing), _real("z_loss", z_loss)
+    if logit_softcap is not None:
+        logit_softcap = _real("logit_softcap", logit_softcap)
     if not 0.0 <= float(label_smoothing) <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     if not 0.0 <= float(z_loss) < float("inf"):  # NaN fails too
@@ -43,6 +60,59 @@ def check_options(label_smoothing, z_loss, logit_softcap, reduction) -> None:
         raise ValueError(f"logit_softcap must be a positive finite number or None, got {logit_softcap}")
     if reduction not in ("none", "sum", "mean"):
         raise ValueError(f"reduction must be 'none', 'sum' or 'mean', got {reduction!r}")
+
+
+def check_arrays(**arrays) -> None:
+    """For the loss inputs (``logits=``, ``hidden=``, ``weight=``, ``bias=``; None skipped):
+    TypeError unless real (float or int) numbers; ValueError for an empty class / feature axis
+    (the last one; every axis of ``weight`` and ``bias``)."""
+    for name, x in arrays.items():
+        if x is None:
+            continue
+        if not (jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.integer)):
+            raise TypeError(f"{name} must hold real numbers, got dtype {x.dtype}")
+        if 0 in (x.shape if name in ("weight", "bias") else x.shape[-1:]):
+            raise ValueError(f"{name} has shape {x.shape}: the class count V and the hidden size D must be >= 1")
+
+
+def check_ignore_index(ignore_index) -> int:
+    """``ignore_index`` as an int; TypeError unless an integer, ValueError outside int32."""
+    if isinstance(ignore_index, (bool, np.bool_)) or not isinstance(ignore_index, (numbers.Integral, np.integer)):
+        raise TypeError(f"ignore_index must be an integer, got {type(ignore_index).__name__} {ignore_index!r}")
+    info = np.iinfo(np.int32)
+    if not info.min <= ignore_index <= info.max:
+        raise ValueError(f"ignore_index must fit int32 [{info.min}, {info.max}], got {ignore_index}")
+    return int(ignore_index)
+
+
+def _class_ids(x, num_classes: int, ignore_index: int) -> jax.Array:
+    """``x`` as a JAX array; NumPy / Python ids are checked first, as a cast to int32 would
+    wrap ids outside its range (``2**32 + 3`` -> 3)."""
+    if not isinstance(x, jax.Array):
+        host = np.asarray(x)
+        if np.issubdtype(host.dtype, np.integer) and host.size:
+            info = np.iinfo(np.int32)
+            wide = (host < info.min) | (host > info.max)
+            if wide.any():
+                raise ValueError(f"label {int(host[wide][0])} is outside [0, {num_classes}) and is not "
+                                 f"ignore_index={ignore_index}")
+    return jnp.asarray(x)
+
+
+def dense_targets(labels, batch_shape, where) -> Tuple[jax.Array, jax.Array, jax.Array]:
+    """A dense target distribution ``[..., V]`` (float) as ``(q [N, V] float32, valid [N] bool,
+    invalid [N] bool)``: q is 0 where ``where`` is False; invalid marks tokens with a negative
+    entry (ValueError when concrete; a NaN loss under jit)."""
+    q = jnp.asarray(labels)
+    if not jnp.issubdtype(q.dtype, jnp.floating):
+        raise ValueError(f"a dense target distribution must be floating point, got {q.dtype}")
+    n, v = int(np.prod(batch_shape, dtype=np.int64)), q.shape[-1]
+    valid = where_mask(where, batch_shape)
+    q = jnp.where(valid[:, None], q.reshape(n, v).astype(jnp.float32), 0.0)
+    invalid = (q < 0).any(-1)
+    if is_concrete(invalid) and bool(invalid.any()):
+        raise ValueError(f"a dense target distribution must be >= 0, got {float(q.min())}")
+    return q, valid, invalid
 
 
 def where_mask(where, batch_shape) -> jax.Array:
@@ -70,10 +140,11 @@ def sparse_targets(labels: Labels, batch_shape, num_classes: int, ignore_index: 
     """
     batch_shape = tuple(batch_shape)
     n = int(np.prod(batch_shape, dtype=np.int64))
+    ignore_index = check_ignore_index(ignore_index)
     if isinstance(labels, tuple):
         if len(labels) != 2:
             raise ValueError("soft labels must be a tuple (ids [..., K], weights [..., K])")
-        ids, weights = jnp.asarray(labels[0]), jnp.asarray(labels[1])
+        ids, weights = _class_ids(labels[0], num_classes, ignore_index), jnp.asarray(labels[1])
         if ids.shape != weights.shape or ids.shape[:-1] != batch_shape:
             raise ValueError(
                 f"soft-label ids {ids.shape} and weights {weights.shape} must both have shape "
@@ -82,14 +153,15 @@ def sparse_targets(labels: Labels, batch_shape, num_classes: int, ignore_index: 
         if not jnp.issubdtype(weights.dtype, jnp.floating):
             raise ValueError(f"soft-label weights must be floating point, got {weights.dtype}")
     else:
-        ids = jnp.asarray(labels)
+        ids = _class_ids(labels, num_classes, ignore_index)
         if ids.shape != batch_shape:
             raise ValueError(f"labels have shape {ids.shape}, expected {batch_shape}")
         ids, weights = ids[..., None], jnp.ones(ids.shape + (1,), jnp.float32)
     if not jnp.issubdtype(ids.dtype, jnp.integer):
         raise ValueError(f"class ids must be integers, got {ids.dtype}")
     k = ids.shape[-1]
-    ids = ids.reshape(n, k).astype(jnp.int32)
+    # the widest int available (int64 under jax_enable_x64) until checked: int32 could wrap int64 ids
+    ids = ids.reshape(n, k).astype(jax.dtypes.canonicalize_dtype(jnp.int64))
     entry = ids != ignore_index
     valid = entry.any(-1) & where_mask(where, batch_shape)
     live = entry & valid[:, None]
@@ -100,4 +172,8 @@ def sparse_targets(labels: Labels, batch_shape, num_classes: int, ignore_index: 
             f"label {int(first)} is outside [0, {num_classes}) and is not ignore_index={ignore_index}"
         )
     weights = jnp.where(live, weights.reshape(n, k).astype(jnp.float32), 0.0)
-    return SparseTargets(jnp.clip(ids, 0, num_classes - 1), weights, valid, bad.any(-1))
+    negative = weights < 0
+    if is_concrete(negative) and bool(negative.any()):
+        raise ValueError(f"soft-label weights must be >= 0, got {float(weights.min())}")
+    ids = jnp.clip(ids, 0, num_classes - 1).astype(jnp.int32)
+    return SparseTargets(ids, weights, valid, (bad | negative).any(-1))

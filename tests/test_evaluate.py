@@ -171,12 +171,43 @@ def test_bad_data_is_a_clear_error(tmp_path, capsys):
         main(["--model", str(tmp_path), "--data", str(tmp_path / "nope.jsonl")])
     assert "--data: file not found" in capsys.readouterr().err
     # a bad record or checkpoint: one "error:" line and exit status 2, not a traceback
-    for model, message in [(tmp_path / "nope", "is not a local checkpoint directory"), (tmp_path, "config.json")]:
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for model, data, out, message in [
+            (tmp_path / "nope", one, None, "is not a local checkpoint directory"), (tmp_path, one, None, "config.json"),
+            (tmp_path, one, afile / "out", f"--out {afile / 'out'}: {afile} is a file, not a directory"),
+            (tmp_path, one, afile, f"{afile} is a file, not a directory")]:
         with pytest.raises(SystemExit) as exit_info:
-            main(["--model", str(model), "--data", str(one)])
+            main(["--model", str(model), "--data", str(data), *(["--out", str(out)] if out else [])])
         assert exit_info.value.code == 2
         last = capsys.readouterr().err.splitlines()[-1]
         assert last.startswith("python -m ls_jax.evaluate: error: ") and message in last, last
+    assert afile.read_text() == "x"
+
+
+def test_unreadable_checkpoint_or_data_is_a_clear_error(tmp_path, capsys):
+    """A model.safetensors cut short (a killed copy), a data file that is not UTF-8: one error
+    line naming the file, exit status 2, nothing written."""
+    from ls_jax.models import from_config, save_pretrained, tiny_llama_config
+
+    tok = word_tokenizer(RECORDS)
+    ckpt, cut = tmp_path / "ckpt", tmp_path / "cut"
+    for path in (ckpt, cut):
+        save_pretrained(from_config(tiny_llama_config(vocab_size=len(tok))), str(path))
+        tok.save_pretrained(path)
+    weights = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(weights[: len(weights) - 100])
+    data, latin = tmp_path / "mc.jsonl", tmp_path / "latin.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    latin.write_bytes(json.dumps(RECORDS[0]).encode() + b"\n" + '{"question": "caf\u00e9"}'.encode("latin-1"))
+    for model, path, message in [(cut, data, "model.safetensors: not a complete safetensors file"),
+                                 (ckpt, latin, "latin.jsonl: line 2: not UTF-8 text (byte 0xe9 at column 18)")]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--model", str(model), "--data", str(path), "--out", str(tmp_path / "out")])
+        assert exit_info.value.code == 2
+        last = capsys.readouterr().err.splitlines()[-1]
+        assert message in last, last
+        assert not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------------------------- command line, end to end

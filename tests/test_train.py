@@ -4,6 +4,7 @@ gradient accumulation, sharding rules, and each bad-input case of the command li
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -443,7 +444,7 @@ def test_flags():
 
 # A train.py subprocess that SIGKILLs itself at a chosen moment: "commit:K" right after the
 # checkpoint of step K is on disk, "export" in the middle of the final export (weights
-# written, tokenizer not), "none": runs to the end.
+# written, tokenizer not).
 KILLED_RUN = """
 import os, signal, sys
 from ls_jax.train import checkpoint, export, main
@@ -473,12 +474,13 @@ KILL_FLAGS = ["--steps", "6", "--save-every", "2", "--eval-every", "2", "--log-e
 TIMINGS = ("tokens_per_s", "step_time_s")
 
 
-def _killed_run(out, plan, *flags, cache):
-    env = {**os.environ, "PYTHONPATH": REPO, "JAX_COMPILATION_CACHE_DIR": str(cache),
+def _killed_run(out, plan, *flags):
+    """Run KILLED_RUN (sharing this module's compilation cache); it must end killed."""
+    env = {**os.environ, "PYTHONPATH": REPO, "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.2"}
     proc = subprocess.run([sys.executable, "-c", KILLED_RUN, plan, *KILL_FLAGS, "--output-dir", str(out), *flags],
                           env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == (0 if plan == "none" else -9), proc.stderr[-2000:]
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
 
 
 def _metrics_lines(out):
@@ -490,15 +492,15 @@ def _metrics_lines(out):
 def test_killed_and_resumed_run_logs_what_an_uninterrupted_run_logs(tmp_path):
     """SIGKILL a train.py process right after a checkpoint commits, resume it and SIGKILL it
     during the final export, resume again: metrics.jsonl (line by line), final.json and the
-    exported weights equal those of an uninterrupted run (here, in this process)."""
-    cache = tmp_path / "jax_cache"
+    exported weights equal those of an uninterrupted run."""
     ref, out = tmp_path / "ref", tmp_path / "killed"
     assert main([*KILL_FLAGS, "--output-dir", str(ref)]) == 0
-    _killed_run(out, "commit:2", cache=cache)
+    _killed_run(out, "commit:2")
     assert [(r["kind"], r["step"]) for r in _metrics_lines(out)] == [("train", 1), ("train", 2), ("eval", 2)]
-    _killed_run(out, "export", "--resume", cache=cache)
-    assert not (out / "hf").exists() and not (out / "final.json").exists()  # nothing half-written under its name
-    _killed_run(out, "none", "--resume", cache=cache)
+    _killed_run(out, "export", "--resume")
+    assert (out / ".hf.tmp" / "model.safetensors").exists()  # killed mid-export ...
+    assert not (out / "hf").exists() and not (out / "final.json").exists()  # ... with nothing under its name
+    assert main([*KILL_FLAGS, "--output-dir", str(out), "--resume"]) == 0
     assert _metrics_lines(out) == _metrics_lines(ref)
     assert [(r["kind"], r["step"]) for r in _metrics_lines(ref) if r["kind"] == "eval"] == [("eval", 2), ("eval", 4), ("eval", 6)]
     final, final_ref = (json.loads((d / "final.json").read_text()) for d in (out, ref))

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ls_jax.lm_loss import next_token_targets, token_metrics
-from ls_jax.logit_stats import apply_softcap
-from ls_jax.losses import TokenStats, linear_smoothed_cross_entropy
+from ls_jax.logit_stats import BlockSizes
+from ls_jax.losses import linear_smoothed_cross_entropy
 
 HEAD_LAYOUTS = ("vd", "dv")
 
@@ -43,19 +43,9 @@ def head_vd(head: jax.Array, head_layout: str) -> jax.Array:
     return head if head_layout == "vd" else head.T
 
 
-def target_logprob(hidden: jax.Array, weight: jax.Array, targets: jax.Array, stats: TokenStats,
-                   logit_softcap: Optional[float] = None) -> jax.Array:
-    """float32 ``[...]``: the unsmoothed log-probability of each token's target,
-    ``softcap(hidden . weight[target]) - lse`` (0 where the token is not valid).
-    hidden ``[..., D]``, weight ``[V, D]``, targets int ``[...]`` (ignored ones anywhere)."""
-    ids = jnp.clip(targets, 0, weight.shape[0] - 1)
-    z = jnp.einsum("...d,...d->...", hidden, weight[ids], preferred_element_type=jnp.float32)
-    return jnp.where(stats.valid, apply_softcap(z, logit_softcap) - stats.lse, 0.0)
-
-
 def next_token_loss(hidden: jax.Array, head: jax.Array, input_ids: jax.Array, token_mask: jax.Array, *,
                     head_layout: str = "vd", logit_softcap: Optional[float] = None, label_smoothing: float = 0.0,
-                    z_loss: float = 0.0, impl: str = "auto", block_v: Optional[int] = None):
+                    z_loss: float = 0.0, impl: str = "auto", blocks: Optional[BlockSizes] = None):
     """Mean smoothed next-token cross-entropy of ``hidden [B, T, D]`` under ``head`` (``[V, D]``
     or ``[D, V]``, see :func:`head_vd`), and metrics.
 
@@ -71,7 +61,7 @@ def next_token_loss(hidden: jax.Array, head: jax.Array, input_ids: jax.Array, to
     targets = next_token_targets(labels)
     loss, stats = linear_smoothed_cross_entropy(
         hidden, weight, targets, label_smoothing=label_smoothing, z_loss=z_loss, logit_softcap=logit_softcap,
-        reduction="mean", impl=impl, block_v=block_v, return_stats=True)
+        reduction="mean", impl=impl, blocks=blocks, return_stats=True)
     metrics = token_metrics(stats, targets)
-    nll = -target_logprob(hidden, weight, targets, stats, logit_softcap).sum() / jnp.maximum(metrics["tokens"], 1)
+    nll = -stats.target_logprob.sum() / jnp.maximum(metrics["tokens"], 1)
     return loss, {**metrics, "nll": nll, "perplexity": jnp.exp(nll)}

@@ -21,6 +21,7 @@ from typing import Callable, Optional, Tuple
 import jax
 
 from ls_jax.integrations.logits_models import next_token_loss, sown_hidden_states
+from ls_jax.logit_stats import BlockSizes
 
 
 def head(model) -> Tuple[jax.Array, str]:
@@ -42,7 +43,7 @@ def final_logit_softcap(model) -> Optional[float]:
 
 
 def loss_fn(*, label_smoothing: float = 0.0, z_loss: float = 0.0, impl: str = "auto",
-            block_v: Optional[int] = None) -> Callable:
+            blocks: Optional[BlockSizes] = None) -> Callable:
     """A Tunix ``loss_fn`` (pass ``has_aux=True`` to ``with_loss_fn``) computing the mean
     label-smoothed next-token cross-entropy with the fused loss (options as in
     :func:`ls_jax.linear_smoothed_cross_entropy`)."""
@@ -53,6 +54,6 @@ def loss_fn(*, label_smoothing: float = 0.0, z_loss: float = 0.0, impl: str = "a
         weight, layout = head(model)
         return next_token_loss(hidden, weight, input_tokens, input_mask, head_layout=layout,
                                logit_softcap=final_logit_softcap(model), label_smoothing=label_smoothing,
-                               z_loss=z_loss, impl=impl, block_v=block_v)
+                               z_loss=z_loss, impl=impl, blocks=blocks)
 
     return tunix_loss

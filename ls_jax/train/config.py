@@ -87,6 +87,11 @@ class TrainConfig(LossOptions):
     lora_rank: int = 0
     lora_alpha: Optional[float] = None
     lora_targets: str = LORA_TARGETS
+    # S3FT: train on the model's own correct responses (ls_jax.s3ft)
+    s3ft: bool = False
+    judge: str = "exact"
+    s3ft_paraphrase: bool = True
+    s3ft_out: Optional[str] = None
     # loss (the fields of LossOptions, plus)
     compare_smoothing: List[float] = field(default_factory=list)
     # sharding, logging, checkpoints
@@ -134,6 +139,12 @@ _HELP = {
     "param_dtype": "parameter dtype: float32 or bfloat16",
     "lora_rank": "train only LoRA adapters (qwix) of this rank on the --lora-targets layers (0: full fine-tuning)",
     "lora_alpha": "LoRA scale numerator: adapters add (alpha / rank) * x @ A @ B (default: the rank, scale 1)",
+    "s3ft": "selective self-to-supervised fine-tuning: replace each training response by the model's own "
+            "(greedy) response when --judge accepts it, else by an accepted paraphrase, else keep the gold",
+    "judge": "S3FT judge of the rows without a 'judge' field: exact, numeric or code",
+    "s3ft_paraphrase": "S3FT: ask the model to paraphrase the gold when its own response is wrong",
+    "s3ft_out": "where the S3FT set is written (default: s3ft-cache/ next to --output-dir); reused while "
+                "the data, model and settings are unchanged",
     "lora_targets": "regular expression matched in full against module paths such as model/layers/0/self_attn/q_proj "
                     "(default: the attention and MLP projections)",
     "label_smoothing": "label smoothing a in [0, 1): target (1 - a) * onehot + a / V",

@@ -11,7 +11,7 @@ import sys
 import time
 from typing import List, Optional, Sequence
 
-from ls_jax.atomic import atomic_path, write_text
+from ls_jax.atomic import atomic_path, check_output_dir, write_text
 from ls_jax.data import DataError
 from ls_jax.train.config import TrainConfig, parse_args
 from ls_jax.train.setup import ConfigError, prepare
@@ -29,17 +29,6 @@ def _run_dirs(config: TrainConfig, out_dir: str) -> List[tuple]:
             for a in config.compare_smoothing]
 
 
-def _check_writable(out_dir: str) -> None:
-    """Raise :class:`ConfigError` unless ``out_dir`` is, or can be created as, a writable directory."""
-    path = os.path.abspath(out_dir)
-    while not os.path.exists(path):
-        path = os.path.dirname(path)
-    if not os.path.isdir(path):
-        raise ConfigError(f"--output-dir {out_dir}: {path} is a file, not a directory")
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ConfigError(f"--output-dir {out_dir}: {path} is not writable")
-
-
 def _check_output(runs, resume: bool) -> None:
     """Refuse to overwrite checkpoints without --resume, a --resume with no run to continue,
     and a --resume that changes the run (checked against each run's latest checkpoint before
@@ -47,7 +36,10 @@ def _check_output(runs, resume: bool) -> None:
     dirs = [d for _, d in runs]
     if len(set(dirs)) < len(dirs):
         raise ConfigError(f"--compare-smoothing repeats a value (runs into {', '.join(dirs)})")
-    _check_writable(runs[0][1])
+    try:
+        check_output_dir(runs[0][1])
+    except ValueError as e:
+        raise ConfigError(f"--output-dir {e}") from None
     if resume and not os.path.isfile(os.path.join(dirs[0], "config.json")):  # runs start in order
         raise ConfigError(f"--resume: no run to continue in {dirs[0]} (no config.json); leave out --resume to start one")
     for run_config, d in runs:

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from ls_jax import data
 from ls_jax.dispatch import CHOICES
 from ls_jax.targets import check_options
+from ls_jax.s3ft.judges import NAMES as JUDGE_NAMES
 from ls_jax.train import sharding, synthetic
 from ls_jax.train.config import TrainConfig
 from ls_jax.train.optim import DECAYS
@@ -74,6 +75,7 @@ def check_config(c: TrainConfig) -> None:
         (c.lora_alpha is None or c.lora_alpha > 0, "--lora-alpha must be > 0"),
         (0 < c.eval_fraction < 1, "--eval-fraction must be in (0, 1)"),
         (c.max_length >= 2, "--max-length must be >= 2"),
+        (c.judge in JUDGE_NAMES, f"--judge must be one of {JUDGE_NAMES}, got {c.judge!r}"),
         (c.data is not None or c.eval_data is None, "--eval-data needs --data (the generated data has its own held-out set)"),
     ]
     for ok, message in checks:
@@ -195,8 +197,27 @@ def _check_lora_targets(c: TrainConfig, config) -> None:
         raise ConfigError(f"--lora-targets: {e}") from None
 
 
+def _s3ft_rows(c: TrainConfig, build, tokenizer, rows, where, log: List[str]):
+    """The S3FT training rows (built, or reused when current) and their places in the data;
+    the counts per source go to ``log``. Rows left out are reported there, never silently."""
+    from ls_jax.s3ft.pipeline import build_cached, checkpoint_id
+
+    out = c.s3ft_out or os.path.join(os.path.dirname(os.path.abspath(c.output_dir or "runs/x")), "s3ft-cache",
+                                     f"{os.path.basename(c.data or 'generated')}-{os.path.basename(c.model)}.jsonl")
+    model_id = checkpoint_id(c.model) if os.path.isdir(c.model) else f"{c.model} seed={c.seed} {c.param_dtype}"
+    result = build_cached(out, build, tokenizer, rows, model_id, force=False, log=log.append, where=where,
+                          judge=c.judge,
+                          paraphrase=c.s3ft_paraphrase, max_new_tokens=c.max_length, batch_size=c.eval_batch_size,
+                          progress=c.progress)
+    log.extend(["s3ft targets (train rows):", *result.table().splitlines()])
+    if not result.rows:
+        raise data.DataError(f"s3ft: no training row left ({len(result.skipped)} left out; see {out}.skipped.jsonl)")
+    return result.rows, None if where is None else [where[r] for r in result.kept_rows()]
+
+
 def prepare(c: TrainConfig, saved_tokenizer: Optional[str] = None) -> Prepared:
-    """Validate the config and load everything; no file is written.
+    """Validate the config and load everything; no file is written (with --s3ft, the S3FT set is
+    built, or reused, once the rest is valid: see :mod:`ls_jax.s3ft`).
 
     ``saved_tokenizer``: a directory holding the tokenizer of the run being resumed.
     """
@@ -209,11 +230,14 @@ def prepare(c: TrainConfig, saved_tokenizer: Optional[str] = None) -> Prepared:
     tokenizer = _tokenizer(c, train_rows, saved_tokenizer)
     build = _model_builder(c, model_config, len(tokenizer))
     name = "generated" if c.data is None else c.data
-    train, train_stats = data.prepare(train_rows, tokenizer, c.max_length, name=f"{name} (train)", where=train_where)
     held, held_stats = data.prepare(held_rows, tokenizer, c.max_length, name=f"{c.eval_data or name} (held out)",
                                     where=held_where)
+    log = []
+    if c.s3ft:  # last: generation is the slow part (the held-out rows keep their gold responses)
+        train_rows, train_where = _s3ft_rows(c, build, tokenizer, train_rows, train_where, log)
+    train, train_stats = data.prepare(train_rows, tokenizer, c.max_length, name=f"{name} (train)", where=train_where)
     rows = len(data.pack(train, c.max_length)) if c.packing else len(train)
     if rows < c.batch_size:
         raise data.DataError(f"{len(train)} training examples ({rows} rows) are fewer than --batch-size {c.batch_size}")
-    log = [train_stats.log_line("train", c.max_length), held_stats.log_line("held out", c.max_length)]
+    log += [train_stats.log_line("train", c.max_length), held_stats.log_line("held out", c.max_length)]
     return Prepared(tokenizer, train, held, build, mesh, log)
