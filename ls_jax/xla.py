@@ -215,14 +215,38 @@ def _one_pass_bwd(loss_of, softcap, need_sum, blocks, grads, ct):
 _one_pass.defvjp(_one_pass_fwd, _one_pass_bwd, symbolic_zeros=True)
 
 
+@partial(jax.custom_jvp, nondiff_argnums=(0, 7, 8, 9))
+def _scalar_loss(loss_of, hidden, weight, bias, ids, tw, rows, softcap, need_sum, blocks):
+    return _scalar_loss(loss_of, hidden, weight, bias, ids, tw, rows, softcap, need_sum, blocks)
+
+
+@_scalar_loss.defjvp
+def _scalar_loss_jvp(loss_of, softcap, need_sum, blocks, primals, tangents):
+    """Forward mode of a scalar: ``<gradient, tangent>``, the gradient from the one-pass sweep.
+    (Reverse mode transposes this linear map, so it also gets the one-pass gradients.)"""
+    hidden, weight, bias, ids, tw, rows = primals
+    diff = (hidden, weight, bias, tw)
+    f = lambda h, w, b, t: _one_pass(loss_of, h, w, b, ids, t, rows, softcap, need_sum, blocks)
+    (loss, stats), vjp = jax.vjp(f, *diff)
+    grads = vjp((jnp.ones((), loss.dtype), jax.tree.map(jnp.zeros_like, stats)))
+    t_h, t_w, t_b, _, t_tw, _ = tangents
+    dot = lambda g, t: 0.0 if g is None or t is None or type(t) is jax.custom_derivatives.SymbolicZero else (
+        jnp.vdot(g.astype(jnp.float32), t.astype(jnp.float32)))
+    t_loss = sum(dot(g, t) for g, t in zip(grads, (t_h, t_w, t_b, t_tw)))
+    zero_stats = jax.tree.map(lambda x: jnp.zeros(x.shape, jax.dtypes.float0) if x.dtype == jnp.int32
+                              else jnp.zeros_like(x), stats)
+    return (loss, stats), (jnp.asarray(t_loss, loss.dtype), zero_stats)
+
+
 def one_pass_loss(loss_of: Callable, hidden, weight, bias, ids, tw, rows, *, softcap, need_sum,
                   blocks: BlockSizes):
     """Scalar ``sum_n loss_of(stats, rows)[n]`` and its :class:`LogitStats` ``[N]`` (no gradient),
-    with the gradients made in the forward sweep when differentiated (reverse mode, once).
+    with the gradients made in the forward sweep when differentiated (reverse or forward mode;
+    twice, e.g. jax.hessian, through the sweep's own autodiff).
 
     loss_of(stats: LogitStats of a chunk, rows: the chunk's slice of ``rows``) -> float32
     per-token losses ``[chunk]``, already masked and scaled by the reduction; rows: a pytree of
     ``[N]``-leading arrays. hidden ``[N, D]``, weight ``[V, D]``, bias ``[V]`` or None,
     ids ``[N, K]`` int32, tw ``[N, K]`` float32 target weights.
     """
-    return _one_pass(loss_of, hidden, weight, bias, ids, tw, rows, softcap, need_sum, blocks)
+    return _scalar_loss(loss_of, hidden, weight, bias, ids, tw, rows, softcap, need_sum, blocks)
