@@ -217,7 +217,7 @@ _one_pass.defvjp(_one_pass_fwd, _one_pass_bwd, symbolic_zeros=True)
 
 @partial(jax.custom_jvp, nondiff_argnums=(0, 7, 8, 9))
 def _scalar_loss(loss_of, hidden, weight, bias, ids, tw, rows, softcap, need_sum, blocks):
-    return _scalar_loss(loss_of, hidden, weight, bias, ids, tw, rows, softcap, need_sum, blocks)
+    return _one_pass(loss_of, hidden, weight, bias, ids, tw, rows, softcap, need_sum, blocks)
 
 
 @_scalar_loss.defjvp
