@@ -111,6 +111,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     print(f"\nheld-out results after {results[0]['step']} steps ({time.perf_counter() - start:.0f} s):")
     print(summary_table(results, CLASSIFICATION_COLUMNS if config.task == "classification" else TABLE_COLUMNS))
+    use = ("a *ForSequenceClassification checkpoint" if config.task == "classification"
+           else "python -m ls_jax.evaluate --model RUN_DIR/hf")
     print(f"checkpoints, metrics.jsonl, reliability.png and hf/ (the final model as a Hugging Face "
-          f"checkpoint: python -m ls_jax.evaluate --model RUN_DIR/hf) under {config.output_dir}")
+          f"checkpoint: {use}) under {config.output_dir}")
     return 0
