@@ -16,6 +16,7 @@ def test_wheel_installs_and_imports_outside_the_repo(tmp_path):
     wheel = next(tmp_path.glob("ls_jax-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "ls_jax/kernels/__init__.py" in names and "ls_jax/losses.py" in names
+    assert "ls_jax/integrations/tunix.py" in names and "ls_jax/train/classification.py" in names
     assert not any(n.startswith("kernels/") for n in names)
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)], check=True)

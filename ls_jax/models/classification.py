@@ -62,19 +62,41 @@ def _hard_class(labels) -> jax.Array:
     return jnp.argmax(labels, axis=-1) if labels.ndim == 2 else labels
 
 
+SMOOTHING_CONVENTIONS = ("uniform", "others")
+
+
+def convention_smoothing(label_smoothing, num_classes: int, convention: str = "uniform"):
+    """The uniform smoothing (PyTorch / optax: ``(1 - a) t + a / K``) equal to ``label_smoothing``
+    under ``convention``. "uniform": ``a`` itself. "others": the target keeps ``1 - a`` and the
+    mass ``a`` is spread over the *other* classes, ``a / (K - 1)`` each (``[0.8, 0.1, 0.1]`` for
+    a = 0.2 on 3 classes; for a soft label t, ``(1 - a) t + a (1 - t) / (K - 1)``), which is
+    uniform smoothing with ``a K / (K - 1)``. Works on traced values."""
+    if convention not in SMOOTHING_CONVENTIONS:
+        raise ValueError(f"smoothing_convention must be one of {SMOOTHING_CONVENTIONS}, got {convention!r}")
+    if convention == "uniform":
+        return label_smoothing
+    if num_classes < 2:
+        raise ValueError(f"the 'others' smoothing convention needs at least 2 classes, got {num_classes}")
+    return label_smoothing * num_classes / (num_classes - 1)
+
+
 def sequence_classification_loss(model: SequenceClassifier, batch: dict, *, label_smoothing: float = 0.0,
-                                 z_loss: float = 0.0, ignore_index: int = -100):
+                                 smoothing_convention: str = "uniform", z_loss: float = 0.0,
+                                 ignore_index: int = -100, where=None):
     """Mean smoothed cross-entropy of a batch, and metrics.
 
     batch: ``input_ids [B, T]``, ``attention_mask [B, T]`` (optional), ``labels``: class ids
     ``[B]`` (``ignore_index`` skips a row), dense soft labels ``[B, C]``, or sparse
-    ``(ids [B, K], weights [B, K])``. Returns ``(loss, {"examples", "accuracy", "mean_confidence"})``;
-    accuracy compares the argmax with the label's (heaviest) class.
+    ``(ids [B, K], weights [B, K])``. where: bool ``[B]``, the rows to score (None: all).
+    smoothing_convention: see :func:`convention_smoothing` ("others" needs
+    ``label_smoothing <= (C - 1) / C``). Returns ``(loss, {"examples", "accuracy",
+    "mean_confidence"})``; accuracy compares the argmax with the label's (heaviest) class.
     """
     logits = model(batch["input_ids"], batch.get("attention_mask"), batch.get("positions"),
                    batch.get("segment_ids"))
     labels = batch["labels"]
-    loss, stats = smoothed_cross_entropy(logits, labels, label_smoothing=label_smoothing, z_loss=z_loss,
+    a = convention_smoothing(label_smoothing, logits.shape[-1], smoothing_convention)
+    loss, stats = smoothed_cross_entropy(logits, labels, label_smoothing=a, z_loss=z_loss, where=where,
                                          ignore_index=ignore_index, reduction="mean", return_stats=True)
     count = jnp.maximum(stats.valid.sum(), 1).astype(jnp.float32)
     correct = (stats.prediction == _hard_class(labels)) & stats.valid

@@ -23,6 +23,7 @@ class LossOptions:
     """
 
     label_smoothing: float = 0.0
+    smoothing_convention: str = "uniform"
     z_loss: float = 0.0
     logit_softcap: Union[str, float, None] = "model"
     impl: str = "auto"
@@ -59,7 +60,8 @@ class TrainConfig(LossOptions):
     is not given).
     """
 
-    # model, tokenizer and data
+    # task, model, tokenizer and data
+    task: str = "causal_lm"
     model: str = "tiny"
     data: Optional[str] = None
     eval_data: Optional[str] = None
@@ -117,9 +119,14 @@ class TrainConfig(LossOptions):
 EMBEDDED_COMPARE = [0.0, 0.1]
 
 _HELP = {
+    "task": "causal_lm (prompt/response or messages rows, next-token loss) or classification (rows with 'text' "
+            "and 'label': class index, class name or {name: probability}; a SequenceClassifier on the last token)",
+    "smoothing_convention": "classification: uniform ((1 - a) on the target + a / K on every class, as PyTorch / optax) "
+                            "or others (1 - a on the target, a / (K - 1) on each other class)",
     "model": "a local Hugging Face checkpoint directory, or the name of a built-in tiny config",
     "data": "training data: .jsonl / .json / .parquet file or a save_to_disk directory "
-            "(rows with 'messages' or 'prompt'/'response'); default: generated arithmetic data",
+            "(rows with 'messages' or 'prompt'/'response'; 'text'/'label' for --task classification); "
+            "default: generated arithmetic data (sentiment-like reviews for --task classification)",
     "eval_data": "held-out data (same formats); default: --eval-fraction of --data",
     "split": "split to read from a saved DatasetDict",
     "eval_fraction": "fraction of --data held out when --eval-data is not given",

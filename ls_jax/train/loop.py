@@ -25,7 +25,7 @@ from flax import nnx
 from ls_jax.atomic import atomic_path, write_text
 from ls_jax.calibration import CalibrationReport, reliability_diagram
 from ls_jax.data import Batches, eval_batches
-from ls_jax.train import sharding
+from ls_jax.train import classification, sharding
 from ls_jax.train.checkpoint import CheckpointStore
 from ls_jax.train.config import TrainConfig
 from ls_jax.train.export import export_hf
@@ -39,7 +39,7 @@ from ls_jax.train.step import accumulate, make_eval_step, make_train_step
 RESUME_FIELDS = ("model", "data", "eval_data", "split", "eval_fraction", "num_train", "num_eval", "max_length",
                  "packing", "steps", "batch_size", "grad_accum", "lr", "warmup_steps", "decay", "min_lr_ratio",
                  "weight_decay", "b1", "b2", "clip_norm", "seed", "compute_dtype", "param_dtype", "lora_rank",
-                 "lora_alpha", "lora_targets", "s3ft", "judge", "s3ft_paraphrase",
+                 "lora_alpha", "lora_targets", "s3ft", "judge", "s3ft_paraphrase", "task", "smoothing_convention",
                  "label_smoothing", "z_loss", "logit_softcap")
 
 
@@ -82,6 +82,8 @@ def train(config: TrainConfig, prep: Prepared, out_dir: str, *, stop_at: Optiona
         model = add_lora(model, config.lora_rank, alpha=config.lora_alpha, targets=config.lora_targets,
                          seed=config.seed)
     trainable = nnx.LoRAParam if config.lora_rank else nnx.Param
+    if config.lora_rank and config.task == "classification":  # the fresh score head trains too
+        trainable = nnx.Any(nnx.LoRAParam, nnx.All(nnx.Param, nnx.PathContains("score")))
     graphdef, params, frozen = nnx.split(model, trainable, ...)
     del model
     param_sh = sharding.tree_shardings(params, mesh)
@@ -92,13 +94,22 @@ def train(config: TrainConfig, prep: Prepared, out_dir: str, *, stop_at: Optiona
     opt_sh = sharding.tree_shardings(jax.eval_shape(tx.init, params), mesh)
     opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
 
-    train_step = make_train_step(graphdef, tx, config, param_shardings=param_sh, frozen_shardings=frozen_sh,
-                                 opt_shardings=opt_sh, mesh=mesh)
-    evaluate = make_eval_step(graphdef, config, param_shardings=param_sh, frozen_shardings=frozen_sh, mesh=mesh)
-
-    pad = prep.tokenizer.pad_token_id
-    batches = Batches(prep.train, config.batch_size, config.max_length, pad, seed=config.seed, packing=config.packing)
-    held = eval_batches(prep.held_out, config.eval_batch_size, config.max_length, pad)
+    shardings = dict(param_shardings=param_sh, frozen_shardings=frozen_sh, mesh=mesh)
+    if config.task == "classification":
+        train_step = make_train_step(graphdef, tx, config, opt_shardings=opt_sh, loss_sum=classification.loss_sum,
+                                     count=classification.count, **shardings)
+        evaluate = classification.make_eval_step(graphdef, config, **shardings)
+        batches = classification.ClassificationBatches(prep.train, config.batch_size, seed=config.seed)
+        held = classification.eval_batches(prep.held_out, config.eval_batch_size)
+        run_eval = classification.evaluate
+    else:
+        train_step = make_train_step(graphdef, tx, config, opt_shardings=opt_sh, **shardings)
+        evaluate = make_eval_step(graphdef, config, **shardings)
+        pad = prep.tokenizer.pad_token_id
+        batches = Batches(prep.train, config.batch_size, config.max_length, pad, seed=config.seed,
+                          packing=config.packing)
+        held = eval_batches(prep.held_out, config.eval_batch_size, config.max_length, pad)
+        run_eval = _evaluate
 
     store = CheckpointStore(os.path.join(out_dir, "checkpoints"), keep=config.keep_checkpoints)
     log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"))
@@ -144,19 +155,22 @@ def train(config: TrainConfig, prep: Prepared, out_dir: str, *, stop_at: Optiona
                                           "step_time_s": seconds})
             # evaluate before saving: a run killed after the save never has to redo this step's lines
             if step % config.eval_every == 0 or step == config.steps:
-                result, evaluated = _evaluate(evaluate, params, frozen, held, mesh), step
+                result, evaluated = run_eval(evaluate, params, frozen, held, mesh), step
                 log.write("eval", step, result["metrics"])
                 progress.note(f"step {step}: held-out " + ", ".join(
-                    f"{k} {result['metrics'][k]:.4f}" for k in ("loss", "accuracy", "nll", "brier", "ece")))
+                    f"{k} {result['metrics'][k]:.4f}" for k in ("loss", "accuracy", "nll", "log_loss", "brier", "ece")
+                    if k in result["metrics"]))
             if step % config.save_every == 0 or step == last:
                 save()
     finally:
         progress.close()
         store.close()  # waits for the last save
     if evaluated != step:  # stopped between evaluations, or resumed at the end (its eval line is logged)
-        result = _evaluate(evaluate, params, frozen, held, mesh)
+        result = run_eval(evaluate, params, frozen, held, mesh)
     throughput = float(np.median(rates)) if rates else float("nan")
     final = {"step": step, "label_smoothing": config.label_smoothing, **result["metrics"], "tokens_per_s": throughput}
+    if prep.classes is not None:
+        final.update(smoothing_convention=config.smoothing_convention, classes=prep.classes)
     if step == config.steps:  # each output appears complete or not at all; final.json, last, marks the end
         with atomic_path(os.path.join(out_dir, "hf")) as tmp:
             export_hf(graphdef, params, frozen, prep.tokenizer, tmp, lora_alpha=config.lora_alpha)

@@ -16,7 +16,7 @@ from ls_jax.data import DataError
 from ls_jax.train.config import TrainConfig, parse_args
 from ls_jax.train.setup import ConfigError, prepare
 from ls_jax.train.sharding import MeshError
-from ls_jax.train.report import Diverged, summary_table
+from ls_jax.train.report import CLASSIFICATION_COLUMNS, TABLE_COLUMNS, Diverged, summary_table
 
 BAD_INPUT = (ConfigError, DataError, MeshError)
 
@@ -110,7 +110,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"\nheld-out results after {results[0]['step']} steps ({time.perf_counter() - start:.0f} s):")
-    print(summary_table(results))
+    print(summary_table(results, CLASSIFICATION_COLUMNS if config.task == "classification" else TABLE_COLUMNS))
+    use = ("a *ForSequenceClassification checkpoint" if config.task == "classification"
+           else "python -m ls_jax.evaluate --model RUN_DIR/hf")
     print(f"checkpoints, metrics.jsonl, reliability.png and hf/ (the final model as a Hugging Face "
-          f"checkpoint: python -m ls_jax.evaluate --model RUN_DIR/hf) under {config.output_dir}")
+          f"checkpoint: {use}) under {config.output_dir}")
     return 0

@@ -71,6 +71,12 @@ TABLE_COLUMNS = (("label_smoothing", "smoothing", "{:.2f}"), ("loss", "eval loss
                  ("ece", "ECE", "{:.4f}"), ("tokens_per_s", "train tok/s", "{:,.0f}"))
 
 
+CLASSIFICATION_COLUMNS = (("label_smoothing", "smoothing", "{:.2f}"), ("loss", "eval loss", "{:.4f}"),
+                          ("accuracy", "accuracy", "{:.3f}"), ("log_loss", "log loss", "{:.4f}"),
+                          ("brier", "Brier", "{:.4f}"), ("ece", "ECE", "{:.4f}"),
+                          ("mean_confidence", "confidence", "{:.3f}"))
+
+
 def summary_table(rows: Sequence[Dict[str, float]], columns=TABLE_COLUMNS) -> str:
     """A fixed-width text table of the final held-out metrics, one row per run."""
     cells: List[List[str]] = [[title for _, title, _ in columns]]

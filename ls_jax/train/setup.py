@@ -25,6 +25,8 @@ from ls_jax.train.optim import DECAYS
 # --model NAME -> overrides of ls_jax.models.tiny_llama_config (vocabulary from the tokenizer)
 TINY_MODELS = {"tiny": dict(hidden_size=64, num_hidden_layers=2)}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+TASKS = ("causal_lm", "classification")
+SMOOTHING_CONVENTIONS = ("uniform", "others")  # ls_jax.models.classification.convention_smoothing
 
 
 class ConfigError(ValueError):
@@ -36,7 +38,8 @@ class Prepared:
     """A validated run: tokenizer, tokenised train / held-out examples, a model builder, the mesh.
 
     ``build_model()`` returns a fresh NNX model (random init from the seed, or the checkpoint).
-    ``log`` holds the data-preparation lines (truncation counts) for the user.
+    ``log`` holds the data-preparation lines (truncation counts) for the user. ``classes``: the
+    class names of ``--task classification`` (examples are then padded rows with targets), else None.
     """
 
     tokenizer: object
@@ -45,6 +48,7 @@ class Prepared:
     build_model: Callable
     mesh: object
     log: List[str]
+    classes: Optional[List[str]] = None
 
 
 def check_config(c: TrainConfig) -> None:
@@ -61,6 +65,12 @@ def check_config(c: TrainConfig) -> None:
             raise ConfigError(str(e)) from None
     checks = [
         (c.decay in DECAYS, f"--decay must be one of {DECAYS}"),
+        (c.task in TASKS, f"--task must be one of {TASKS}"),
+        (c.smoothing_convention in SMOOTHING_CONVENTIONS, f"--smoothing-convention must be one of {SMOOTHING_CONVENTIONS}"),
+        (c.task == "classification" or c.smoothing_convention == "uniform",
+         "--smoothing-convention others is for --task classification"),
+        (c.task == "causal_lm" or not c.packing, "--packing is for --task causal_lm"),
+        (c.task == "causal_lm" or not c.s3ft, "--s3ft is for --task causal_lm"),
         (c.impl in CHOICES, f"--impl must be one of {CHOICES}"),
         (c.compute_dtype in DTYPES, f"--compute-dtype must be one of {tuple(DTYPES)}"),
         (c.param_dtype in DTYPES, f"--param-dtype must be one of {tuple(DTYPES)}"),
@@ -95,6 +105,11 @@ def _rows(c: TrainConfig):
     """(train rows, held-out rows, train rows' places, held-out rows' places) for the config;
     the places (``"line K"`` of a .jsonl file, ``"row K"``, for error messages) are None for
     the generated data."""
+    if c.data is None and c.task == "classification":
+        from ls_jax.train import classification
+
+        train, held = classification.generate(c.num_train, c.num_eval, seed=c.seed)
+        return train, held, None, None
     if c.data is None:
         try:
             return (*synthetic.generate(c.num_train, c.num_eval, seed=c.seed), None, None)
@@ -123,7 +138,7 @@ def _tokenizer(c: TrainConfig, train_rows, saved_tokenizer: Optional[str]):
 
     def text(r):
         turns = " ".join(str(m.get("content", "")) for m in (r.get("messages") or []) if isinstance(m, dict))
-        return str(r.get("prompt", "")) + str(r.get("response", "")) + turns
+        return str(r.get("prompt", "")) + str(r.get("response", "")) + turns + str(r.get("text", ""))
 
     return train_bpe_tokenizer([text(r) for r in train_rows])
 
@@ -163,26 +178,28 @@ def _model_config(c: TrainConfig):
     return config
 
 
-def _model_builder(c: TrainConfig, config, vocab: int) -> Callable:
-    """A zero-argument builder of the model (random init from the seed, or the checkpoint)."""
+def _model_builder(c: TrainConfig, config, vocab: int, num_labels: Optional[int] = None) -> Callable:
+    """A zero-argument builder of the model (random init from the seed, or the checkpoint); with
+    ``num_labels`` a SequenceClassifier (a checkpoint's decoder, a fresh ``score`` head)."""
     from ls_jax.models import check_pretrained, from_config, from_pretrained, tiny_llama_config
 
+    task = dict(task="sequence_classification", num_labels=num_labels) if num_labels else {}
     dtypes = dict(dtype=DTYPES[c.compute_dtype], param_dtype=DTYPES[c.param_dtype])
     if config is None:
         tiny = tiny_llama_config(vocab_size=vocab, **TINY_MODELS[c.model])
-        _check_lora_targets(c, tiny)
-        return lambda: from_config(tiny, seed=c.seed, **dtypes)
+        _check_lora_targets(c, tiny, task)
+        return lambda: from_config(tiny, seed=c.seed, **task, **dtypes)
     if config.vocab_size < vocab:
         raise ConfigError(f"--model {c.model}: vocabulary of {config.vocab_size} is smaller than the tokenizer's {vocab}")
     try:  # the weights' files, names and shapes (headers only), before the run writes anything
-        check_pretrained(c.model)
+        check_pretrained(c.model, **task)
     except (OSError, ValueError) as e:
         raise ConfigError(f"--model {c.model}: {str(e).splitlines()[0]}") from None
-    _check_lora_targets(c, config)
-    return lambda: from_pretrained(c.model, **dtypes)
+    _check_lora_targets(c, config, task)
+    return lambda: from_pretrained(c.model, seed=c.seed, **task, **dtypes)
 
 
-def _check_lora_targets(c: TrainConfig, config) -> None:
+def _check_lora_targets(c: TrainConfig, config, task: dict) -> None:
     """With --lora-rank, --lora-targets must name a layer of the model (checked on its shapes only)."""
     if not c.lora_rank:
         return
@@ -192,7 +209,7 @@ def _check_lora_targets(c: TrainConfig, config) -> None:
     from ls_jax.train.lora import lora_targets
 
     try:
-        lora_targets(nnx.eval_shape(lambda: from_config(config)), c.lora_targets)
+        lora_targets(nnx.eval_shape(lambda: from_config(config, **task)), c.lora_targets)
     except ValueError as e:
         raise ConfigError(f"--lora-targets: {e}") from None
 
@@ -214,6 +231,27 @@ def _s3ft_rows(c: TrainConfig, build, tokenizer, rows, where, log: List[str]):
         raise data.DataError(f"s3ft: no training row left ({len(result.skipped)} left out; see {out}.skipped.jsonl)")
     return result.rows, None if where is None else [where[r] for r in result.kept_rows()]
 
+def _classification(c: TrainConfig, tokenizer, train_rows, held_rows, train_where, held_where) -> Tuple:
+    """(classes, train rows, held-out rows, log lines) of --task classification."""
+    from ls_jax.train import classification
+
+    train_where = train_where or [f"row {i + 1}" for i in range(len(train_rows))]
+    held_where = held_where or [f"row {i + 1}" for i in range(len(held_rows))]
+    classes = classification.label_classes(train_rows, train_where)
+    if c.smoothing_convention == "others":
+        for a in [c.label_smoothing, *c.compare_smoothing]:
+            if a > (len(classes) - 1) / len(classes):
+                raise ConfigError(f"--smoothing-convention others: smoothing {a} leaves the target less than each "
+                                  f"other class; at most {(len(classes) - 1) / len(classes):.4g} on {len(classes)} classes")
+    name = "generated" if c.data is None else c.data
+    train, train_log = classification.prepare(train_rows, train_where, tokenizer, c.max_length, classes,
+                                              f"{name} (train)")
+    held, held_log = classification.prepare(held_rows, held_where, tokenizer, c.max_length, classes,
+                                            f"{c.eval_data or name} (held out)")
+    if len(train) < c.batch_size:
+        raise data.DataError(f"{len(train)} training examples are fewer than --batch-size {c.batch_size}")
+    return classes, train, held, [train_log, held_log, f"classes: {', '.join(classes)}"]
+
 
 def prepare(c: TrainConfig, saved_tokenizer: Optional[str] = None) -> Prepared:
     """Validate the config and load everything; no file is written (with --s3ft, the S3FT set is
@@ -228,6 +266,10 @@ def prepare(c: TrainConfig, saved_tokenizer: Optional[str] = None) -> Prepared:
     sharding.check_batch(c.eval_batch_size, mesh, "--eval-batch-size")
     model_config = _model_config(c)
     tokenizer = _tokenizer(c, train_rows, saved_tokenizer)
+    if c.task == "classification":
+        classes, train, held, log = _classification(c, tokenizer, train_rows, held_rows, train_where, held_where)
+        build = _model_builder(c, model_config, len(tokenizer), num_labels=len(classes))
+        return Prepared(tokenizer, train, held, build, mesh, log, classes)
     build = _model_builder(c, model_config, len(tokenizer))
     name = "generated" if c.data is None else c.data
     held, held_stats = data.prepare(held_rows, tokenizer, c.max_length, name=f"{c.eval_data or name} (held out)",

@@ -45,22 +45,30 @@ def response_tokens(labels: jax.Array) -> jax.Array:
     return (labels[..., 1:] != IGNORE_INDEX).sum().astype(jnp.int32)
 
 
+def lm_tokens(batch) -> jax.Array:
+    """int32 count of the response tokens a causal-LM batch scores."""
+    return response_tokens(batch["labels"])
+
+
 def make_train_step(graphdef, tx: optax.GradientTransformation, opts: LossOptions, *,
-                    param_shardings, frozen_shardings, opt_shardings, mesh) -> Callable:
+                    param_shardings, frozen_shardings, opt_shardings, mesh,
+                    loss_sum: Callable = _loss_sum, count: Callable = lm_tokens) -> Callable:
     """``step(params, frozen, opt_state, batch) -> (params, opt_state, metrics)``, jitted.
 
-    metrics: float32 ``loss`` (the step's token-weighted mean), ``grad_norm`` (before
-    clipping), int32 ``tokens`` (response tokens in the step), bool ``finite`` (every updated
+    loss_sum(model, micro_batch, opts): the summed loss; count(batch): int32 scored units (default:
+    the causal LM's response tokens; ``ls_jax.train.classification`` passes its rows).
+    metrics: float32 ``loss`` (the step's unit-weighted mean), ``grad_norm`` (before
+    clipping), int32 ``tokens`` (units scored in the step), bool ``finite`` (every updated
     parameter is finite).
     """
 
     def step(params, frozen, opt_state, batch):
-        total = jnp.maximum(response_tokens(batch["labels"]), 1).astype(jnp.float32)
+        total = jnp.maximum(count(batch), 1).astype(jnp.float32)
 
         def micro(acc, mb):
             def weighted(p):
                 model = nnx.merge(graphdef, p, frozen)
-                return _loss_sum(model, mb, opts) / total
+                return loss_sum(model, mb, opts) / total
 
             loss, grads = jax.value_and_grad(weighted)(params)
             return jax.tree.map(jnp.add, acc, grads), loss
@@ -71,7 +79,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, opts: LossOption
         params = optax.apply_updates(params, updates)
         finite = jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(params)]))
         metrics = {"loss": losses.sum(), "grad_norm": optax.tree.norm(grads),
-                   "tokens": response_tokens(batch["labels"]), "finite": finite}
+                   "tokens": count(batch), "finite": finite}
         return params, opt_state, metrics
 
     return jax.jit(
