@@ -21,7 +21,8 @@ import numpy as np
 from ls_jax.dispatch import ONE_PASS, logit_stats_fn, resolve
 from ls_jax.logit_stats import BlockSizes, LogitStats, apply_softcap, weighted_sum
 from ls_jax.reference import stats_from_logits
-from ls_jax.targets import Labels, check_arrays, check_options, dense_targets, sparse_targets
+from ls_jax.targets import (Labels, check_arrays, check_options, dense_targets, is_static_zero, sparse_targets,
+                            token_weights)
 
 
 class TokenStats(NamedTuple):
@@ -68,11 +69,12 @@ def token_loss(stats: LogitStats, rows: LossRows) -> jax.Array:
     return jnp.where(rows.nan, jnp.nan, loss)
 
 
-def _loss_rows(mass, valid, out_of_range, num_classes, label_smoothing, z_loss, reduction) -> LossRows:
-    a = jnp.float32(label_smoothing)
-    weight = valid.astype(jnp.float32)
-    if reduction == "mean":
-        weight = weight / jnp.maximum(weight.sum(), 1.0)
+def _loss_rows(mass, valid, out_of_range, num_classes, label_smoothing, z_loss, reduction, weights) -> LossRows:
+    a = jnp.asarray(label_smoothing, jnp.float32)
+    weight = jnp.where(valid, weights, 0.0)
+    if reduction == "mean":  # over the valid tokens' weights; 0 when there are none
+        total = weight.sum()
+        weight = weight / jnp.where(total == 0, 1.0, total)
     full = lambda x: jnp.broadcast_to(jnp.asarray(x, jnp.float32), mass.shape)
     return LossRows((1.0 - a) * mass + a, full(1.0 - a), full(a / num_classes), full(z_loss), weight,
                     out_of_range)
@@ -100,7 +102,7 @@ def _zero_ignored(x, valid):
 
 
 def smoothed_cross_entropy(
-    logits, labels, *, label_smoothing: float = 0.0, ignore_index: int = -100, where=None,
+    logits, labels, *, label_smoothing: float = 0.0, ignore_index: int = -100, where=None, weights=None,
     z_loss: float = 0.0, logit_softcap: Optional[float] = None, reduction: str = "none",
     return_stats: bool = False,
 ):
@@ -111,6 +113,9 @@ def smoothed_cross_entropy(
     ``ignore_index`` or where ``where`` is False contribute 0 and are not counted.
     Target: ``(1 - a) * t + a / V`` over all V classes (PyTorch / optax convention).
     ``z_loss`` adds ``z_loss * lse**2``; ``logit_softcap`` c applies ``c * tanh(z / c)`` first.
+    ``weights``: float per-token weights ``[...]`` multiplying each token's loss ("mean" divides
+    by the valid tokens' total weight); ``where`` is a boolean mask. label_smoothing and z_loss
+    may be traced values (jit arguments, vmap, schedules).
     Returns float32 losses ``[...]`` (reduction="none", the default, like optax) or a
     scalar ("sum"; "mean" over valid tokens, 0 when none); with ``return_stats`` also
     :class:`TokenStats`.
@@ -135,14 +140,15 @@ def smoothed_cross_entropy(
         target = weighted_sum(t.weights, jnp.take_along_axis(z, t.ids, axis=-1))
     else:
         target = weighted_sum(q, z)
-    stats = stats_from_logits(z, target, need_sum=label_smoothing > 0)
-    rows = _loss_rows(mass, valid, out_of_range, v, label_smoothing, z_loss, reduction)
+    stats = stats_from_logits(z, target, need_sum=not is_static_zero(label_smoothing))
+    rows = _loss_rows(mass, valid, out_of_range, v, label_smoothing, z_loss, reduction,
+                      token_weights(weights, batch_shape))
     return _finish(token_loss(stats, rows), stats, mass, valid, batch_shape, reduction, return_stats)
 
 
 def linear_smoothed_cross_entropy(
     hidden, weight, labels: Labels, *, bias=None, label_smoothing: float = 0.0,
-    ignore_index: int = -100, where=None, z_loss: float = 0.0,
+    ignore_index: int = -100, where=None, weights=None, z_loss: float = 0.0,
     logit_softcap: Optional[float] = None, reduction: str = "mean", impl: str = "auto",
     blocks: Optional[BlockSizes] = None, return_stats: bool = False,
 ):
@@ -161,7 +167,8 @@ def linear_smoothed_cross_entropy(
     until the kernel is measured on a GPU). blocks: :class:`BlockSizes` (None: defaults).
     Differentiable in hidden, weight, bias (and soft-label weights) in reverse mode; "reference"
     also in forward mode and to any order; "xla" twice with reduction="none"
-    (jax.hessian of its sum). Default reduction: "mean" over valid tokens.
+    (jax.hessian of its sum). Default reduction: "mean" over valid tokens. ``weights`` / traced
+    options as in :func:`smoothed_cross_entropy`.
     With ``return_stats`` returns ``(loss, TokenStats)``.
     """
     check_options(label_smoothing, z_loss, logit_softcap, reduction)
@@ -184,9 +191,10 @@ def linear_smoothed_cross_entropy(
     h = hidden.reshape(-1, d)
     t = sparse_targets(labels, batch_shape, v, ignore_index, where)
     cap = None if logit_softcap is None else float(logit_softcap)
-    need_sum = float(label_smoothing) > 0
+    need_sum = not is_static_zero(label_smoothing)
     mass = t.weights.sum(-1)
-    rows = _loss_rows(mass, t.valid, t.out_of_range, v, label_smoothing, z_loss, reduction)
+    rows = _loss_rows(mass, t.valid, t.out_of_range, v, label_smoothing, z_loss, reduction,
+                      token_weights(weights, batch_shape))
     opts = dict(softcap=cap, need_sum=need_sum, blocks=blocks)
     if impl == "reference":
         h = _zero_ignored(h, t.valid)

@@ -37,24 +37,35 @@ def is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def _real(name: str, value) -> float:
-    """``value`` as a float; TypeError naming ``name`` unless it is a real number (not a bool or a string)."""
+def _real(name: str, value):
+    """``value`` as a float (a traced scalar stays as it is); TypeError naming ``name`` unless it
+    is a real number (not a bool or a string)."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.ndarray, jax.Array)) \
             or np.ndim(value) != 0 or not jnp.issubdtype(jnp.result_type(value), jnp.number) \
             or jnp.issubdtype(jnp.result_type(value), jnp.complexfloating):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
-    return float(value)
+    return float(value) if is_concrete(value) else value
+
+
+def is_static_zero(x) -> bool:
+    """True when the option ``x`` is a concrete 0 (a traced value may be anything)."""
+    return is_concrete(x) and float(x) == 0.0
 
 
 def check_options(label_smoothing, z_loss, logit_softcap, reduction) -> None:
     """Raise TypeError for option values that are not numbers, ValueError for values outside
-    their domain (at trace time)."""
+    their domain (at trace time). label_smoothing and z_loss may be traced (jit arguments, vmap
+    over a sweep, a schedule): their range is then not checked. logit_softcap is compiled into
+    the loss' loops and kernels: it must be a concrete number."""
     label_smoothing, z_loss = _real("label_smoothing", label_smoothing), _real("z_loss", z_loss)
     if logit_softcap is not None:
+        if not is_concrete(logit_softcap):
+            raise TypeError("logit_softcap must be a concrete Python number (it is compiled into the loss), "
+                            "not a traced value; pass it as a static argument")
         logit_softcap = _real("logit_softcap", logit_softcap)
-    if not 0.0 <= float(label_smoothing) <= 1.0:
+    if is_concrete(label_smoothing) and not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if not 0.0 <= float(z_loss) < float("inf"):  # NaN fails too
+    if is_concrete(z_loss) and not 0.0 <= z_loss < float("inf"):  # NaN fails too
         raise ValueError(f"z_loss must be finite and >= 0, got {z_loss}")
     if logit_softcap is not None and not 0.0 < float(logit_softcap) < float("inf"):
         raise ValueError(f"logit_softcap must be a positive finite number or None, got {logit_softcap}")
@@ -115,12 +126,30 @@ def dense_targets(labels, batch_shape, where) -> Tuple[jax.Array, jax.Array, jax
     return q, valid, invalid
 
 
+def token_weights(weights, batch_shape) -> jax.Array:
+    """Per-token loss weights (None or float, broadcastable to ``batch_shape``) as float32 [N]."""
+    n = int(np.prod(batch_shape, dtype=np.int64))
+    if weights is None:
+        return jnp.ones((n,), jnp.float32)
+    weights = jnp.asarray(weights)
+    if not jnp.issubdtype(weights.dtype, jnp.floating):
+        raise TypeError(f"weights must be floating point, got dtype {weights.dtype}")
+    try:
+        weights = jnp.broadcast_to(weights, batch_shape)
+    except ValueError:
+        raise ValueError(f"weights has shape {weights.shape}, not broadcastable to the labels' shape "
+                         f"{tuple(batch_shape)}") from None
+    return weights.reshape(n).astype(jnp.float32)
+
+
 def where_mask(where, batch_shape) -> jax.Array:
     """``where`` (None or bool, broadcastable to ``batch_shape``) as a flat bool [N]."""
     n = int(np.prod(batch_shape, dtype=np.int64))
     if where is None:
         return jnp.ones((n,), bool)
     where = jnp.asarray(where)
+    if jnp.issubdtype(where.dtype, jnp.floating):
+        raise TypeError(f"where must be a boolean mask, got dtype {where.dtype} (per-token weights go in weights=)")
     try:
         where = jnp.broadcast_to(where, batch_shape)
     except ValueError:

@@ -161,12 +161,13 @@ def _one_pass_fwd(loss_of, hidden, weight, bias, ids, tw, rows, softcap, need_su
     n, v = hidden.shape[0], weight.shape[0]
     stats = LogitStats(*(jnp.zeros((n,), jnp.float32),) * 4, jnp.zeros((n,), jnp.int32))
     grads = (jnp.zeros(hidden.shape, hidden.dtype), jnp.zeros(weight.shape, jnp.float32) if want_w else None,
-             jnp.zeros((v,), jnp.float32) if want_b else None, jnp.zeros(tw.shape, jnp.float32))
+             jnp.zeros((v,), jnp.float32) if want_b else None, jnp.zeros(tw.shape, jnp.float32),
+             jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32) if _is_float(x) else None, rows))
     bn = _one_pass_block_n(blocks, n, v)
     w32 = weight.astype(jnp.float32)
 
     def chunk(i, carry):
-        loss, stats, (dh, dw, db, dtw) = carry
+        loss, stats, (dh, dw, db, dtw, drows) = carry
         start, own = _slide(i, bn, n)
         h, ii, ww = (_rows(x, start, bn) for x in (hidden, ids, tw))
         r = jax.tree.map(lambda x: _rows(x, start, bn), rows)
@@ -177,9 +178,9 @@ def _one_pass_fwd(loss_of, hidden, weight, bias, ids, tw, rows, softcap, need_su
         z_t = jnp.take_along_axis(z, ii, axis=-1)
         s = LogitStats(lse, z.sum(-1) if need_sum else jnp.zeros_like(lse), weighted_sum(ww, z_t),
                        z.max(-1), jnp.argmax(z, -1).astype(jnp.int32))
-        per_token, vjp = jax.vjp(lambda l, t, u: loss_of(s._replace(lse=l, logit_sum=t, target=u), r),
-                                 s.lse, s.logit_sum, s.target)
-        g_lse, g_sum, g_t = vjp(own.astype(jnp.float32))
+        per_token, vjp = jax.vjp(lambda l, t, u, r: loss_of(s._replace(lse=l, logit_sum=t, target=u), r),
+                                 s.lse, s.logit_sum, s.target, r)
+        g_lse, g_sum, g_t, g_r = vjp(own.astype(jnp.float32))
         g_sum = g_sum if need_sum else None
         coef = g_t[:, None] * ww
         cols = jnp.arange(v)
@@ -193,23 +194,30 @@ def _one_pass_fwd(loss_of, hidden, weight, bias, ids, tw, rows, softcap, need_su
         if want_b:
             db = db + dz.sum(0)
         d_tw = g_t[:, None] * jnp.where((ww == 0) & jnp.isinf(z_t), 0.0, z_t)
-        dtw = jax.lax.dynamic_update_slice_in_dim(dtw, jnp.where(own[:, None], d_tw, _rows(dtw, start, bn)), start, 0)
-        stats = LogitStats(*(jax.lax.dynamic_update_slice_in_dim(o, jnp.where(own, x, _rows(o, start, bn)), start, 0)
-                             for o, x in zip(stats, s)))
-        return loss + jnp.where(own, per_token, 0.0).sum(), stats, (dh, dw, db, dtw)
+        put = lambda acc, x: jax.lax.dynamic_update_slice_in_dim(
+            acc, jnp.where(own.reshape(own.shape + (1,) * (x.ndim - 1)), x, _rows(acc, start, bn)), start, 0)
+        dtw = put(dtw, d_tw)
+        drows = jax.tree.map(lambda acc, x: None if acc is None else put(acc, x), drows, g_r,
+                             is_leaf=lambda x: x is None)
+        stats = LogitStats(*(put(o, x) for o, x in zip(stats, s)))
+        return loss + jnp.where(own, per_token, 0.0).sum(), stats, (dh, dw, db, dtw, drows)
 
-    loss, stats, (dh, dw, db, dtw) = jax.lax.fori_loop(
+    loss, stats, (dh, dw, db, dtw, drows) = jax.lax.fori_loop(
         0, -(-n // bn) if n else 0, chunk, (jnp.zeros((), jnp.float32), stats, grads))
     grads = (dh, None if dw is None else dw.astype(weight.dtype), None if db is None else db.astype(bias.dtype),
-             dtw.astype(tw.dtype))
+             dtw.astype(tw.dtype), drows)
     return (loss, stats), grads
+
+
+def _is_float(x):
+    return jnp.issubdtype(x.dtype, jnp.floating)
 
 
 def _one_pass_bwd(loss_of, softcap, need_sum, blocks, grads, ct):
     g = ct[0]
     scale = lambda x: None if x is None else (g * x).astype(x.dtype)
-    dh, dw, db, dtw = grads
-    return scale(dh), scale(dw), scale(db), None, scale(dtw), None
+    dh, dw, db, dtw, drows = grads
+    return scale(dh), scale(dw), scale(db), None, scale(dtw), jax.tree.map(scale, drows, is_leaf=lambda x: x is None)
 
 
 _one_pass.defvjp(_one_pass_fwd, _one_pass_bwd, symbolic_zeros=True)
@@ -225,14 +233,14 @@ def _scalar_loss_jvp(loss_of, softcap, need_sum, blocks, primals, tangents):
     """Forward mode of a scalar: ``<gradient, tangent>``, the gradient from the one-pass sweep.
     (Reverse mode transposes this linear map, so it also gets the one-pass gradients.)"""
     hidden, weight, bias, ids, tw, rows = primals
-    diff = (hidden, weight, bias, tw)
-    f = lambda h, w, b, t: _one_pass(loss_of, h, w, b, ids, t, rows, softcap, need_sum, blocks)
-    (loss, stats), vjp = jax.vjp(f, *diff)
+    f = lambda h, w, b, t, r: _one_pass(loss_of, h, w, b, ids, t, r, softcap, need_sum, blocks)
+    (loss, stats), vjp = jax.vjp(f, hidden, weight, bias, tw, rows)
     grads = vjp((jnp.ones((), loss.dtype), jax.tree.map(jnp.zeros_like, stats)))
-    t_h, t_w, t_b, _, t_tw, _ = tangents
-    dot = lambda g, t: 0.0 if g is None or t is None or type(t) is jax.custom_derivatives.SymbolicZero else (
-        jnp.vdot(g.astype(jnp.float32), t.astype(jnp.float32)))
-    t_loss = sum(dot(g, t) for g, t in zip(grads, (t_h, t_w, t_b, t_tw)))
+    t_h, t_w, t_b, _, t_tw, t_rows = tangents
+    dot = lambda g, t: 0.0 if g is None or t is None or g.dtype == jax.dtypes.float0 \
+        or t.dtype == jax.dtypes.float0 else jnp.vdot(g.astype(jnp.float32), t.astype(jnp.float32))
+    pairs = list(zip(grads[:4], (t_h, t_w, t_b, t_tw))) + list(zip(grads[4], t_rows))
+    t_loss = sum(dot(g, t) for g, t in pairs)
     zero_stats = jax.tree.map(lambda x: jnp.zeros(x.shape, jax.dtypes.float0) if x.dtype == jnp.int32
                               else jnp.zeros_like(x), stats)
     return (loss, stats), (jnp.asarray(t_loss, loss.dtype), zero_stats)
