@@ -75,6 +75,7 @@ def check_config(c: TrainConfig) -> None:
          "--smoothing-convention others is for --task classification"),
         (c.task == "causal_lm" or not c.packing, "--packing is for --task causal_lm"),
         (c.task == "causal_lm" or not c.s3ft, "--s3ft is for --task causal_lm"),
+        (c.task == "causal_lm" or not c.base_steps, "--base-steps is for --task causal_lm"),
         (c.impl in CHOICES, f"--impl must be one of {CHOICES}"),
         (c.compute_dtype in DTYPES, f"--compute-dtype must be one of {tuple(DTYPES)}"),
         (c.param_dtype in DTYPES, f"--param-dtype must be one of {tuple(DTYPES)}"),
