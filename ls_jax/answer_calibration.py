@@ -34,9 +34,6 @@ from ls_jax.evaluate import evaluate_multiple_choice, padded_batches
 from ls_jax.generation import generate
 from ls_jax.logit_stats import dense_logits
 
-KINDS = ("multiple_choice", "generated")
-
-
 @dataclasses.dataclass(frozen=True)
 class AnswerScores:
     """Per-answer float64 ``confidence [N]``, bool ``correct [N]``, float64 ``nll [N]`` and
@@ -118,9 +115,9 @@ def continuation_logits(model, prompts: Sequence[Sequence[int]], continuations: 
 
 
 def split_rows(rows: Sequence[dict]) -> Tuple[List[dict], List[dict]]:
-    """(multiple-choice rows, generated-answer rows) of ``rows``."""
-    mc = [r for r in rows if r.get("choices") is not None and r.get("answer") is not None]
-    return mc, [r for r in rows if not (r.get("choices") is not None and r.get("answer") is not None)]
+    """(multiple-choice rows: with ``choices`` and ``answer``, generated-answer rows: the others)."""
+    is_mc = [r.get("choices") is not None and r.get("answer") is not None for r in rows]
+    return [r for r, m in zip(rows, is_mc) if m], [r for r, m in zip(rows, is_mc) if not m]
 
 
 def _prompt_and_reference(row: dict, tokenizer, index: int) -> Optional[Tuple[List[int], List[int]]]:
