@@ -120,10 +120,10 @@ def split_rows(rows: Sequence[dict]) -> Tuple[List[dict], List[dict]]:
     return [r for r, m in zip(rows, is_mc) if m], [r for r, m in zip(rows, is_mc) if not m]
 
 
-def _prompt_and_reference(row: dict, tokenizer, index: int) -> Optional[Tuple[List[int], List[int]]]:
+def _prompt_and_reference(row: dict, tokenizer, where: str) -> Optional[Tuple[List[int], List[int]]]:
     """(prompt ids, reference response ids) as the trainer tokenises ``row``, or None when the
     row has not exactly one response ending in end-of-sequence."""
-    ids, labels = tokenize_example(row, tokenizer, index)
+    ids, labels = tokenize_example(row, tokenizer, where)
     response = np.flatnonzero(labels != IGNORE_INDEX)
     if len(response) == 0 or response[-1] - response[0] + 1 != len(response) or ids[response[-1]] != tokenizer.eos_token_id:
         return None
@@ -151,7 +151,7 @@ class GeneratedAnswers:
 def references(tokenizer, rows: Sequence[dict]) -> Tuple[List[List[int]], List[List[int]], int]:
     """(prompt ids, reference ids, rows skipped) of generated-answer rows, tokenised as the
     trainer tokenises them; a row without one end-of-sequence-terminated response is skipped."""
-    pairs = [_prompt_and_reference(r, tokenizer, i) for i, r in enumerate(rows)]
+    pairs = [_prompt_and_reference(r, tokenizer, f"row {i + 1}") for i, r in enumerate(rows)]
     kept = [p for p in pairs if p is not None]
     return [p for p, _ in kept], [r for _, r in kept], len(pairs) - len(kept)
 
