@@ -124,7 +124,7 @@ def option_logits(model, input_ids, attention_mask, option_ids):
     return dense_logits(h, w.astype(h.dtype), None, model.final_logit_softcap)
 
 
-def _batches(prompts: List[List[int]], batch_size: int, pad_id: int, padding_side: str, multiple: int):
+def padded_batches(prompts: List[List[int]], batch_size: int, pad_id: int, padding_side: str, multiple: int):
     """(rows, input_ids [batch_size, T], attention_mask) with T a multiple of ``multiple``; a
     short last batch repeats its first row (dropped later) to keep shapes, hence compilations, few."""
     for start in range(0, len(prompts), batch_size):
@@ -190,7 +190,7 @@ def evaluate_multiple_choice(model, tokenizer, path_or_records, *, batch_size: i
                for q in questions]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     logits = np.empty((len(questions), k_max), np.float32)
-    for rows, ids, mask in _batches(prompts, batch_size, pad_id, padding_side, pad_to_multiple_of):
+    for rows, ids, mask in padded_batches(prompts, batch_size, pad_id, padding_side, pad_to_multiple_of):
         logits[rows] = np.asarray(option_logits(model, jnp.asarray(ids), jnp.asarray(mask), option_ids))[: len(rows)]
     present = np.arange(k_max)[None, :] < np.array([len(q.choices) for q in questions])[:, None]
     logits = np.where(present, logits, -np.inf).astype(np.float32)

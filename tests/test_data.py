@@ -231,11 +231,12 @@ def test_synthetic_answers_check_out_and_split_is_disjoint():
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in held}
     kinds = set()
     for r in train + held:
-        if m := re.fullmatch(r"What is (\d+) \+ (\d+)\?\nAnswer: ", r["prompt"]):
+        if m := re.fullmatch(r"What is (\d+) \+ (\d+)\?\nAnswer:", r["prompt"]):
             kinds.add("add")
-            assert int(r["response"]) == int(m[1]) + int(m[2])
+            assert r["response"] == f" {int(m[1]) + int(m[2])}"
         else:
             kinds.add("mc")
-            opts = dict(re.findall(r"([A-D])\) (\d+)", r["prompt"]))
-            assert len(opts) == 4 and r["response"] == max(opts, key=lambda k: int(opts[k]))
+            opts = dict(re.findall(r"([A-D])\. (\d+)", r["prompt"]))
+            assert len(opts) == 4 and r["response"] == " " + max(opts, key=lambda k: int(opts[k]))
+            assert r["choices"] == list(opts.values()) and "ABCD"[r["answer"]] == r["response"].strip()
     assert kinds == {"add", "mc"}

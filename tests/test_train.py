@@ -26,7 +26,8 @@ from ls_jax.train.sharding import AXES, MeshError, check_batch, param_spec, pars
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # tiny, fast settings shared by every run here (generated data, built-in tiny model)
 TINY = dict(num_train=192, num_eval=32, max_length=40, batch_size=16, eval_batch_size=32, lr=3e-3,
-            warmup_steps=2, eval_every=1000, save_every=1000, log_every=1, progress=False, compare_smoothing=[])
+            warmup_steps=2, eval_every=1000, save_every=1000, log_every=1, progress=False, compare_smoothing=[],
+            answer_rows=8)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -103,8 +104,12 @@ def test_tiny_run_learns_and_writes_outputs(runs):
     for key in ("loss", "accuracy", "answer_accuracy", "nll", "ece"):
         assert final[key] == pytest.approx(evals[-1][key]), key
     assert 0 <= final["ece"] <= 1 and 0 <= final["accuracy"] <= 1 and final["nll"] > 0
-    # with smoothing the training loss exceeds the NLL (the target is not one-hot)
-    assert final["loss"] > final["nll"]
+    # token-level figures are over content tokens; the end-of-sequence token of each of the 32
+    # held-out rows is apart (the only special token in a response)
+    assert final["special_tokens"] == 32 and final["content_tokens"] + 32 == final["tokens"]
+    # answer level on the last 4 of the first 8 held-out rows (the first 4 fit the temperatures)
+    for kind in ("multiple_choice", "generated", "multiple_choice_scaled", "generated_scaled"):
+        assert final["answers"][kind]["count"] == 2, kind
 
 
 def test_gradient_accumulation_matches_one_big_batch(runs):
@@ -358,7 +363,8 @@ def test_bad_inputs_of_issue_15(tmp_path, capsys):
     single.mkdir()
     (single / "config.json").write_text("{}")
     assert f"no run to continue in {single / 'ls0'}" in _bad(tmp_path, capsys, "--resume", "--compare-smoothing",
-                                                              "0,0.1", out=single)
+                                                              "0,0.1", "--seeds", "", "--base-steps", "0", out=single)
+    assert f"no run to continue in {single / 'base'}" in _bad(tmp_path, capsys, "--resume", out=single)  # the demo
     assert os.listdir(single) == ["config.json"]
     # data: not UTF-8, mixed types, garbage parquet, only empty responses
     rows = [{"prompt": f"What is {i} + 1? ", "response": str(i + 1)} for i in range(20)]
@@ -430,8 +436,12 @@ def test_flags():
 
     default = parse_args([])
     assert (default.model, default.data, default.compare_smoothing) == ("tiny", None, [0.0, 0.1])
-    assert parse_args(["--label-smoothing", "0.2"]).compare_smoothing == []  # one run, as asked
-    assert parse_args(["--data", "x.jsonl"]).compare_smoothing == []
+    assert (default.seeds, default.base_steps) == ([0, 1], 1000)  # the paper's setting: base, then SFT
+    for one_run in (["--label-smoothing", "0.2"], ["--data", "x.jsonl"]):  # one run, as asked
+        c = parse_args(one_run)
+        assert (c.compare_smoothing, c.seeds, c.base_steps) == ([], [], 0)
+    c = parse_args(["--seeds", "3,4", "--base-steps", "5", "--compare-smoothing", ""])
+    assert (c.compare_smoothing, c.seeds, c.base_steps) == ([], [3, 4], 5)
     c = parse_args(["--compare-smoothing", "0,0.05", "--no-progress", "--lora-rank", "8", "--mesh", "fsdp=-1",
                     "--lora-alpha", "16", "--lora-targets", ".*/q_proj"])
     assert (c.compare_smoothing, c.progress, c.lora_rank, c.mesh) == ([0.0, 0.05], False, 8, "fsdp=-1")
@@ -507,3 +517,65 @@ def test_killed_and_resumed_run_logs_what_an_uninterrupted_run_logs(tmp_path):
     assert {k: v for k, v in final.items() if k not in TIMINGS} == {k: v for k, v in final_ref.items() if k not in TIMINGS}
     assert (out / "hf" / "model.safetensors").read_bytes() == (ref / "hf" / "model.safetensors").read_bytes()
     assert sorted(os.listdir(out / "hf")) == sorted(os.listdir(ref / "hf"))
+
+
+def test_eval_step_splits_content_and_special_tokens():
+    """The eval step's content-token bins and special-token bins against dense logits, token by token."""
+    from ls_jax.data import IGNORE_INDEX, eval_batches, prepare
+    from ls_jax.lm_loss import next_token_targets
+    from ls_jax.tokenizer import train_bpe_tokenizer
+    from ls_jax.train import synthetic
+    from ls_jax.train.config import LossOptions
+    from ls_jax.train.sharding import make_mesh, tree_shardings
+    from ls_jax.train.step import make_eval_step
+
+    rows, _ = synthetic.generate(12, 0, seed=1)
+    tok = train_bpe_tokenizer([r["prompt"] + r["response"] for r in rows])
+    model = from_config(tiny_llama_config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1), seed=0)
+    examples, _ = prepare(rows, tok, 40)
+    (batch,) = eval_batches(examples, 12, 40, tok.pad_token_id)
+    mesh = make_mesh("data=1,fsdp=1,tensor=1")
+    graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
+    sums = make_eval_step(graphdef, LossOptions(label_smoothing=0.1), param_shardings=tree_shardings(params, mesh),
+                          frozen_shardings=tree_shardings(frozen, mesh), mesh=mesh,
+                          special_ids=tok.all_special_ids)(params, frozen, batch)
+    z = np.asarray(model.logits(jnp.asarray(batch["input_ids"]), jnp.asarray(batch["segment_ids"] > 0)), np.float64)
+    targets = np.asarray(next_token_targets(batch["labels"], batch["segment_ids"] > 0))
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    for name, keep in (("bins", ~np.isin(targets, tok.all_special_ids)), ("special_bins", np.isin(targets, tok.all_special_ids))):
+        sel = (targets != IGNORE_INDEX) & keep
+        bins = sums[name]
+        assert int(bins.count.sum()) == sel.sum() > 0
+        np.testing.assert_allclose(float(bins.confidence_sum.sum()), p.max(-1)[sel].sum(), rtol=1e-4)
+        assert int(bins.correct_sum.sum()) == (p.argmax(-1) == targets)[sel].sum()
+        np.testing.assert_allclose(float(bins.nll_sum), -np.log(np.take_along_axis(
+            p, np.where(sel, targets, 0)[..., None], -1)[..., 0][sel]).sum(), rtol=1e-4)
+    assert int(sums["special_bins"].count.sum()) == 12  # one end-of-sequence token per row
+
+
+def test_base_stage_then_seeds(tmp_path, capsys):
+    """--base-steps pre-trains a base model on plain text into base/, every smoothing x seed run
+    fine-tunes it; the tables show each stage (with temperature scaling) and the per-stage
+    reliability PNG is written; --resume finds the base finished and does not train it again."""
+    out = tmp_path / "demo"
+    kw = dict(steps=2, base_steps=3, num_base=64, compare_smoothing=[0.0, 0.1], seeds=[0, 1], answer_rows=8)
+    results = run(_config(out, **kw))
+    assert [(r["stage"], r["label_smoothing"], r["seed"], r["step"]) for r in results] == [
+        ("base", 0.0, 0, 3), ("sft", 0.0, 0, 2), ("sft", 0.0, 1, 2), ("sft", 0.1, 0, 2), ("sft", 0.1, 1, 2)]
+    assert sorted(os.listdir(out)) == ["base", "ls0-seed0", "ls0-seed1", "ls0.1-seed0", "ls0.1-seed1",
+                                       "reliability.png", "summary.json"]
+    base = from_pretrained(str(out / "base" / "hf"))
+    first = _checkpoint_model(out / "ls0-seed0", 2)  # the fine-tuned run is the base plus 2 steps: close, not equal
+    ids = jnp.arange(10)[None] % base.spec.vocab_size
+    gap = float(jnp.abs(first.logits(ids) - base.logits(ids)).max())
+    assert 0 < gap < 2.0
+    base_lines = (out / "base" / "metrics.jsonl").read_text()
+    assert main(["--output-dir", str(out), "--resume", "--no-progress", "--steps", "2", "--base-steps", "3",
+                 "--num-base", "64", "--num-train", "192", "--num-eval", "32", "--max-length", "40",
+                 "--batch-size", "16", "--eval-batch-size", "32", "--warmup-steps", "2", "--eval-every", "1000",
+                 "--save-every", "1000", "--log-every", "1", "--answer-rows", "8"]) == 0
+    assert (out / "base" / "metrics.jsonl").read_text() == base_lines
+    printed = capsys.readouterr().out
+    for label in ("base", "base + T", "SFT a=0 + T", "SFT a=0.1", "addition questions", "content tokens"):
+        assert label in printed, label

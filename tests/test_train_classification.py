@@ -54,6 +54,8 @@ def test_labels_index_name_or_distribution():
     np.testing.assert_array_equal(target({"neg": 0.25, "pos": 0.75}, classes, "x"), [0.25, 0.75])
     assert label_classes([{"label": 2}, {"label": 0}], ["r1", "r2"]) == ["0", "1", "2"]
     np.testing.assert_array_equal(target(1, ["0", "1", "2"], "x"), [0, 1, 0])
+    np.testing.assert_array_equal(target(np.int64(2), ["0", "1", "2"], "x"), [0, 0, 1])  # parquet columns
+    np.testing.assert_array_equal(target({"pos": np.float32(1.0)}, classes, "x"), [0, 1])
     bad = [({"neg": 60, "pos": 40}, "not a distribution (sums to 100, not 1)"),
            ({"neg": -0.5, "pos": 1.5}, "-0.5 of 'neg' is not a number >= 0"),
            ({"neu": 1.0}, "unknown class 'neu'"), ("neu", "not one of the classes"), (5, "outside [0, 2)")]

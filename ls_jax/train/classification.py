@@ -7,6 +7,7 @@ indices. Each row becomes ``[bos] + tokens`` (cut to ``max_length``) and a targe
 ``[K]`` float32. The embedded default (no ``--data``) is generated sentiment-like data.
 """
 
+import numbers
 import random
 from typing import Dict, List, Sequence, Tuple
 
@@ -56,8 +57,8 @@ def label_classes(rows: Sequence[dict], where: Sequence[str]) -> List[str]:
         label = r.get("label") if isinstance(r, dict) else None
         if isinstance(label, bool) or label is None:
             raise DataError(f"{w}: needs 'text' and a 'label' (class index, class name or {{name: probability}})")
-        if isinstance(label, int):
-            indices.add(label)
+        if isinstance(label, numbers.Integral):
+            indices.add(int(label))
         elif isinstance(label, str):
             names.add(label)
         elif isinstance(label, dict):
@@ -76,7 +77,7 @@ def target(label, classes: Sequence[str], where: str) -> np.ndarray:
     """float32 ``[K]``: the target distribution of one label (see the module docstring)."""
     k = len(classes)
     out = np.zeros(k, np.float32)
-    if isinstance(label, int) and not isinstance(label, bool):
+    if isinstance(label, numbers.Integral) and not isinstance(label, bool):
         if not 0 <= label < k:
             raise DataError(f"{where}: class index {label} is outside [0, {k})")
         out[label] = 1.0
@@ -86,7 +87,7 @@ def target(label, classes: Sequence[str], where: str) -> np.ndarray:
         for name, p in label.items():
             if str(name) not in classes:
                 raise DataError(f"{where}: unknown class {name!r} (classes: {', '.join(classes)})")
-            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < float("inf"):
+            if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 <= p < float("inf"):
                 raise DataError(f"{where}: soft label probability {p!r} of {name!r} is not a number >= 0")
             out[classes.index(str(name))] += p
         if abs(out.sum() - 1.0) > 1e-3:

@@ -52,12 +52,15 @@ class TrainConfig(LossOptions):
     """Every setting of a training run (flag ``--foo-bar`` sets field ``foo_bar``).
 
     ``data=None`` selects the embedded default: a tokenizer trained locally on generated
-    arithmetic / multiple-choice data (``num_train`` / ``num_eval`` rows). ``mesh`` names the
+    arithmetic / multiple-choice data (``num_train`` / ``num_eval`` rows; with ``base_steps``
+    a base model is first pre-trained on ``num_base`` more, as plain text). ``mesh`` names the
     sizes of the (data, fsdp, tensor) axes, ``-1`` meaning "all remaining devices".
     ``compare_smoothing`` trains one run per value (same seed, same data) into
     ``output_dir/ls<value>`` and compares them; empty means one run with ``label_smoothing``
     (on the command line it defaults to 0,0.1 for the generated data when ``--label-smoothing``
-    is not given).
+    is not given). ``seeds`` repeats every run per seed (``ls<value>-seed<s>``); the tables show
+    the mean and spread. The command line's defaults for the generated data (no ``--data``) are
+    :data:`EMBEDDED_DEFAULTS`.
     """
 
     # task, model, tokenizer and data
@@ -67,12 +70,14 @@ class TrainConfig(LossOptions):
     eval_data: Optional[str] = None
     split: str = "train"
     eval_fraction: float = 0.1
-    num_train: int = 2000
-    num_eval: int = 400
+    num_train: int = 256
+    num_eval: int = 800
+    num_base: int = 16000
+    base_steps: int = 0
     max_length: int = 48
     packing: bool = False
     # optimisation
-    steps: int = 800
+    steps: int = 320
     batch_size: int = 32
     grad_accum: int = 1
     lr: float = 3e-3
@@ -96,6 +101,8 @@ class TrainConfig(LossOptions):
     s3ft_out: Optional[str] = None
     # loss (the fields of LossOptions, plus)
     compare_smoothing: List[float] = field(default_factory=list)
+    seeds: List[int] = field(default_factory=list)
+    answer_rows: int = 1000
     # sharding, logging, checkpoints
     mesh: str = "data=-1,fsdp=1,tensor=1"
     output_dir: Optional[str] = None
@@ -116,7 +123,9 @@ class TrainConfig(LossOptions):
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-EMBEDDED_COMPARE = [0.0, 0.1]
+# the command line's defaults when neither --data nor --label-smoothing is given: the paper's
+# setting (base model, then SFT with and without smoothing, 2 seeds); a flag given explicitly wins
+EMBEDDED_DEFAULTS = {"compare_smoothing": [0.0, 0.1], "seeds": [0, 1], "base_steps": 1000}
 
 _HELP = {
     "task": "causal_lm (prompt/response or messages rows, next-token loss) or classification (rows with 'text' "
@@ -132,6 +141,16 @@ _HELP = {
     "eval_fraction": "fraction of --data held out when --eval-data is not given",
     "num_train": "rows of generated data to train on (embedded default only)",
     "num_eval": "rows of generated held-out data (embedded default only)",
+    "num_base": "rows of generated text the base model is pre-trained on (embedded default, with --base-steps)",
+    "base_steps": "embedded default: first pre-train a base model for this many steps on --num-base generated "
+                  "questions as plain text (loss on every token) into OUTPUT_DIR/base (--resume reuses a finished "
+                  "one), then fine-tune it (0: fine-tune a fresh model; default 1000 for the generated data "
+                  "unless --label-smoothing is given)",
+    "seeds": "comma-separated seeds (batch order, initialisation), one run each per smoothing value; the tables "
+             "show mean and spread (default 0,1 for the generated data unless --label-smoothing is given; "
+             "'' for --seed alone)",
+    "answer_rows": "held-out rows scored at answer level after training (multiple choice: option letters; "
+                   "others: greedy decoding), the first half fitting the temperature, the second scored; 0: off",
     "max_length": "tokens per row; longer examples are cut (and counted)",
     "packing": "pack several examples per row (positions restart, attention stays within each)",
     "steps": "optimizer steps",
@@ -155,7 +174,7 @@ _HELP = {
     "lora_targets": "regular expression matched in full against module paths such as model/layers/0/self_attn/q_proj "
                     "(default: the attention and MLP projections)",
     "label_smoothing": "label smoothing a in [0, 1): target (1 - a) * onehot + a / V",
-    "compare_smoothing": "comma-separated smoothing values, one run each, compared in the final table "
+    "compare_smoothing": "comma-separated smoothing values, one run each, compared in the final tables "
                          "(default 0,0.1 for the generated data unless --label-smoothing is given; '' for one run)",
     "z_loss": "z-loss coefficient (adds z_loss * lse^2)",
     "logit_softcap": "final-logit softcap: 'model' (the model's own, default) or a number overriding it",
@@ -177,6 +196,13 @@ _HELP = {
     "resume": "continue from the latest checkpoint in --output-dir",
     "progress": "show a progress bar",
 }
+
+
+def _ints(text: str) -> List[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def _floats(text: str) -> List[float]:
@@ -210,8 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(flag, type=_softcap, default=f.default, help=helptext)
             p.add_argument("--no-softcap", dest="logit_softcap", action="store_const", const=None,
                            help="disable the model's final-logit softcap")
-        elif f.name == "compare_smoothing":
-            p.add_argument(flag, type=_floats, default=None, help=helptext)
+        elif f.name in EMBEDDED_DEFAULTS:  # None: filled in by parse_args
+            conv = {"seeds": _ints, "compare_smoothing": _floats}.get(f.name, int)
+            p.add_argument(flag, type=conv, default=None, help=helptext)
         else:
             t = str(f.type)  # int, float, str or Optional[...] of them
             conv = int if "int" in t else float if "float" in t else str
@@ -222,9 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     """A :class:`TrainConfig` from command-line flags (``argv=None``: ``sys.argv[1:]``)."""
     ns = vars(build_parser().parse_args(argv))
-    if ns["compare_smoothing"] is None:
-        embedded = ns["data"] is None and ns["label_smoothing"] is None
-        ns["compare_smoothing"] = list(EMBEDDED_COMPARE) if embedded else []
+    demo = ns["data"] is None and ns["label_smoothing"] is None  # else one run, as asked
+    fresh = TrainConfig()
+    for name, value in EMBEDDED_DEFAULTS.items():
+        lm_only = name != "compare_smoothing"  # the base stage and seeds: the causal-LM demo only
+        if ns[name] is None:
+            ns[name] = value if demo and not (lm_only and ns["task"] != "causal_lm") else getattr(fresh, name)
     if ns["label_smoothing"] is None:
         ns["label_smoothing"] = TrainConfig.label_smoothing
     return TrainConfig(**ns)

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from ls_jax.answer_calibration import answer_calibration
 from ls_jax.atomic import atomic_path, write_text
 from ls_jax.calibration import CalibrationReport, reliability_diagram
 from ls_jax.data import Batches, eval_batches
@@ -53,19 +54,45 @@ def check_resumable(saved: dict, config: TrainConfig) -> None:
 
 
 def _evaluate(evaluate, params, frozen, batches, mesh) -> Dict:
-    """Held-out metrics: loss, token accuracy, answer accuracy, NLL, Brier, ECE, ...; plus the bins."""
+    """Held-out metrics: loss (all response tokens), token-level accuracy, confidence, NLL, Brier
+    and ECE over the content tokens, the same accuracy / confidence over the special tokens
+    (``special_``), teacher-forced answer accuracy; plus the content tokens' bins."""
     total = None
     for b in batches:
         total = accumulate(total, evaluate(params, frozen, jax.device_put(b, sharding.batch_sharding(mesh))))
     total = jax.device_get(total)
     report = CalibrationReport.from_bins(total["bins"])
+    special = CalibrationReport.from_bins(total["special_bins"])
     tokens = max(int(total["tokens"]), 1)
     metrics = {"loss": float(total["loss_sum"]) / tokens, "accuracy": report.accuracy, "nll": report.nll,
                "brier": report.brier, "ece": report.ece, "rms_calibration_error": report.rms_calibration_error,
                "max_calibration_error": report.max_calibration_error, "mean_confidence": report.mean_confidence,
+               "content_tokens": report.count, "special_tokens": special.count,
+               "special_accuracy": special.accuracy, "special_mean_confidence": special.mean_confidence,
                "answer_accuracy": int(total["answers_correct"]) / max(int(total["answers"]), 1),
                "tokens": int(total["tokens"])}
     return {"metrics": metrics, "bins": report.bins}
+
+
+def _bins_json(bins) -> Dict[str, list]:
+    """The per-bin sums of equal-width bins as JSON lists (``count``, ``confidence_sum``, ``correct_sum``)."""
+    return {k: np.asarray(getattr(bins, k)).tolist() for k in ("count", "confidence_sum", "correct_sum")}
+
+
+def _answer_level(config: TrainConfig, prep: Prepared, model, progress: Progress) -> Dict:
+    """``answers`` (per kind of question: accuracy, confidence, ECE 15 / 10 bins, Brier, NLL,
+    and after temperature scaling) and ``answer_bins`` of the first ``answer_rows`` held-out
+    rows: the first half fits the temperatures, the second is scored. Empty when off."""
+    rows = prep.held_rows[:config.answer_rows]
+    if len(rows) < 2:
+        return {}
+    half = len(rows) // 2
+    try:
+        result = answer_calibration(model, prep.tokenizer, rows[half:], rows[:half], batch_size=config.eval_batch_size)
+    except ValueError as e:  # e.g. option letters that are not single tokens of the tokenizer
+        progress.note(f"answer-level scoring skipped: {str(e).splitlines()[0]}")
+        return {}
+    return {"answers": result.metrics(), "answer_bins": {k: _bins_json(v.bins()) for k, v in result.scores.items()}}
 
 
 def train(config: TrainConfig, prep: Prepared, out_dir: str, *, stop_at: Optional[int] = None) -> Dict:
@@ -77,7 +104,7 @@ def train(config: TrainConfig, prep: Prepared, out_dir: str, *, stop_at: Optiona
     training throughput in real tokens), and this session's training losses.
     """
     mesh = prep.mesh
-    model = prep.build_model()
+    model = prep.build_model(config.seed)
     if config.lora_rank:
         model = add_lora(model, config.lora_rank, alpha=config.lora_alpha, targets=config.lora_targets,
                          seed=config.seed)
@@ -104,7 +131,7 @@ def train(config: TrainConfig, prep: Prepared, out_dir: str, *, stop_at: Optiona
         run_eval = classification.evaluate
     else:
         train_step = make_train_step(graphdef, tx, config, opt_shardings=opt_sh, **shardings)
-        evaluate = make_eval_step(graphdef, config, **shardings)
+        evaluate = make_eval_step(graphdef, config, special_ids=prep.tokenizer.all_special_ids, **shardings)
         pad = prep.tokenizer.pad_token_id
         batches = Batches(prep.train, config.batch_size, config.max_length, pad, seed=config.seed,
                           packing=config.packing)
@@ -168,13 +195,18 @@ def train(config: TrainConfig, prep: Prepared, out_dir: str, *, stop_at: Optiona
     if evaluated != step:  # stopped between evaluations, or resumed at the end (its eval line is logged)
         result = run_eval(evaluate, params, frozen, held, mesh)
     throughput = float(np.median(rates)) if rates else float("nan")
-    final = {"step": step, "label_smoothing": config.label_smoothing, **result["metrics"], "tokens_per_s": throughput}
+    final = {"step": step, "label_smoothing": config.label_smoothing, "seed": config.seed, **result["metrics"],
+             "tokens_per_s": throughput, "token_bins": _bins_json(result["bins"])}
     if prep.classes is not None:
         final.update(smoothing_convention=config.smoothing_convention, classes=prep.classes)
     if step == config.steps:  # each output appears complete or not at all; final.json, last, marks the end
+        if config.task == "causal_lm":
+            model = nnx.merge(graphdef, params, frozen)
+            final["vocab_size"] = int(model.unembedding().shape[0])
+            final.update(_answer_level(config, prep, model, progress))
         with atomic_path(os.path.join(out_dir, "hf")) as tmp:
             export_hf(graphdef, params, frozen, prep.tokenizer, tmp, lora_alpha=config.lora_alpha)
         with atomic_path(os.path.join(out_dir, "reliability.png")) as tmp:
-            reliability_diagram(result["bins"], tmp, title=f"smoothing {config.label_smoothing:g}")
+            reliability_diagram(result["bins"], tmp, title=f"smoothing {config.label_smoothing:g}, content tokens")
         write_text(os.path.join(out_dir, "final.json"), json.dumps(final, indent=2))
     return {"metrics": final, "losses": losses, "step": step}

@@ -14,19 +14,30 @@ from typing import List, Optional, Sequence
 from ls_jax.atomic import atomic_path, check_output_dir, write_text
 from ls_jax.data import DataError
 from ls_jax.train.config import TrainConfig, parse_args
-from ls_jax.train.setup import ConfigError, prepare
+from ls_jax.train.setup import ConfigError, checkpoint_builder, prepare
 from ls_jax.train.sharding import MeshError
-from ls_jax.train.report import CLASSIFICATION_COLUMNS, TABLE_COLUMNS, Diverged, summary_table
+from ls_jax.train.report import CLASSIFICATION_COLUMNS, Diverged, stage_reliability, summary_table, summary_tables
 
 BAD_INPUT = (ConfigError, DataError, MeshError)
 
 
 def _run_dirs(config: TrainConfig, out_dir: str) -> List[tuple]:
-    """(config, directory) per run: one per --compare-smoothing value, or the single run."""
-    if not config.compare_smoothing:
-        return [(config, out_dir)]
-    return [(dataclasses.replace(config, label_smoothing=a, compare_smoothing=[]), os.path.join(out_dir, f"ls{a:g}"))
-            for a in config.compare_smoothing]
+    """(config, directory) per run: one per --compare-smoothing value and per --seeds seed
+    (``ls<a>``, ``ls<a>-seed<s>``, ``seed<s>``), or the single run; with --base-steps the base
+    stage (``base``) comes first."""
+    single = dict(compare_smoothing=[], seeds=[], base_steps=0)
+    runs = []
+    if config.base_steps:
+        base = dataclasses.replace(config, steps=config.base_steps, label_smoothing=0.0, lora_rank=0, **single)
+        runs.append((base, os.path.join(out_dir, "base")))
+    for a in config.compare_smoothing or [None]:
+        for seed in config.seeds or [None]:
+            name = "-".join(part for part in (None if a is None else f"ls{a:g}", None if seed is None else f"seed{seed}")
+                            if part)
+            run_config = dataclasses.replace(config, **single, **({} if a is None else {"label_smoothing": a}),
+                                             **({} if seed is None else {"seed": seed}))
+            runs.append((run_config, os.path.join(out_dir, name) if name else out_dir))
+    return runs
 
 
 def _check_output(runs, resume: bool) -> None:
@@ -82,14 +93,27 @@ def run(config: TrainConfig, *, stop_at: Optional[int] = None) -> List[dict]:
     for line in prep.log:
         print(line, file=sys.stderr)
     results = []
-    for run_config, d in runs:
+    for i, (run_config, d) in enumerate(runs):
         os.makedirs(d, exist_ok=True)
         with atomic_path(os.path.join(d, "tokenizer")) as tmp:
             prep.tokenizer.save_pretrained(tmp)
         write_text(os.path.join(d, "config.json"), json.dumps(run_config.to_json(), indent=2))
-        results.append(train(run_config, prep, d, stop_at=stop_at)["metrics"])
+        stage = "sft"
+        if config.base_steps and i == 0:  # pre-train on the plain-text corpus; the runs after fine-tune it
+            stage, run_prep = "base", dataclasses.replace(prep, train=prep.base)
+        elif config.base_steps:
+            run_prep = dataclasses.replace(prep, build_model=checkpoint_builder(run_config, os.path.join(runs[0][1], "hf")))
+        else:
+            run_prep = prep
+        results.append({"stage": stage, **train(run_config, run_prep, d, stop_at=stop_at)["metrics"]})
+        if stop_at is not None and results[-1]["step"] < run_config.steps:
+            break  # stopped as if killed: the later stages wait for --resume
     if len(runs) > 1:
         write_text(os.path.join(out_dir, "summary.json"), json.dumps(results, indent=2))
+        if all(r["step"] == c.steps for r, (c, _) in zip(results, runs)):
+            options = max((len(r["choices"]) for r in prep.held_rows if r.get("choices")), default=0)
+            with atomic_path(os.path.join(out_dir, "reliability.png")) as tmp:
+                stage_reliability(results, tmp, options)
     return results
 
 
@@ -109,8 +133,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Diverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"\nheld-out results after {results[0]['step']} steps ({time.perf_counter() - start:.0f} s):")
-    print(summary_table(results, CLASSIFICATION_COLUMNS if config.task == "classification" else TABLE_COLUMNS))
+    print(f"\nheld-out results ({time.perf_counter() - start:.0f} s):", file=sys.stderr)
+    print(summary_table(results, CLASSIFICATION_COLUMNS) if config.task == "classification" else summary_tables(results))
     use = ("a *ForSequenceClassification checkpoint" if config.task == "classification"
            else "python -m ls_jax.evaluate --model RUN_DIR/hf")
     print(f"checkpoints, metrics.jsonl, reliability.png and hf/ (the final model as a Hugging Face "

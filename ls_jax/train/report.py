@@ -1,10 +1,11 @@
-"""What a run tells its user: JSON-lines metrics, a progress bar, and the final table."""
+"""What a run tells its user: JSON-lines metrics, a progress bar, and the final tables."""
 
 import json
 import os
 import sys
 from typing import Dict, List, Sequence
 
+import numpy as np
 from tqdm import tqdm
 
 from ls_jax.atomic import write_text
@@ -65,10 +66,9 @@ class Progress:
         self.bar.close()
 
 
-TABLE_COLUMNS = (("label_smoothing", "smoothing", "{:.2f}"), ("loss", "eval loss", "{:.4f}"),
-                 ("accuracy", "token acc", "{:.3f}"), ("answer_accuracy", "answer acc", "{:.3f}"),
-                 ("nll", "NLL", "{:.4f}"), ("brier", "Brier", "{:.4f}"),
-                 ("ece", "ECE", "{:.4f}"), ("tokens_per_s", "train tok/s", "{:,.0f}"))
+def stage_name(result: dict) -> str:
+    """``base``, or ``SFT a=<smoothing>`` for a fine-tuning run."""
+    return "base" if result.get("stage") == "base" else f"SFT a={result['label_smoothing']:g}"
 
 
 CLASSIFICATION_COLUMNS = (("label_smoothing", "smoothing", "{:.2f}"), ("loss", "eval loss", "{:.4f}"),
@@ -77,7 +77,7 @@ CLASSIFICATION_COLUMNS = (("label_smoothing", "smoothing", "{:.2f}"), ("loss", "
                           ("mean_confidence", "confidence", "{:.3f}"))
 
 
-def summary_table(rows: Sequence[Dict[str, float]], columns=TABLE_COLUMNS) -> str:
+def summary_table(rows: Sequence[Dict[str, float]], columns) -> str:
     """A fixed-width text table of the final held-out metrics, one row per run."""
     cells: List[List[str]] = [[title for _, title, _ in columns]]
     for r in rows:
@@ -86,3 +86,104 @@ def summary_table(rows: Sequence[Dict[str, float]], columns=TABLE_COLUMNS) -> st
     lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def by_stage(results: Sequence[dict]) -> Dict[str, List[dict]]:
+    """The final metrics grouped by stage (seeds together), in run order."""
+    groups: Dict[str, List[dict]] = {}
+    for r in results:
+        groups.setdefault(stage_name(r), []).append(r)
+    return groups
+
+
+def _cell(values: Sequence[float], fmt: str) -> str:
+    """``mean`` of one value, ``mean ± half range`` of several (seeds)."""
+    values = np.asarray(values, np.float64)
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return f"{fmt.format(values.mean())} ± {fmt.format((values.max() - values.min()) / 2)}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    cells = [list(header), *map(list, rows)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+ANSWER_COLUMNS = (("accuracy", "accuracy", "{:.3f}"), ("confidence", "confidence", "{:.3f}"),
+                  ("ece", "ECE", "{:.3f}"), ("ece10", "ECE-10", "{:.3f}"), ("brier", "Brier", "{:.3f}"),
+                  ("nll", "NLL", "{:.3f}"))
+TOKEN_COLUMNS = (("accuracy", "accuracy", "{:.3f}"), ("mean_confidence", "confidence", "{:.3f}"),
+                 ("ece", "ECE", "{:.3f}"), ("brier", "Brier", "{:.3f}"), ("nll", "NLL", "{:.3f}"),
+                 ("special_accuracy", "EOS acc", "{:.3f}"), ("special_mean_confidence", "EOS conf", "{:.3f}"))
+KIND_TITLES = {"multiple_choice": "multiple-choice questions: option-letter probabilities normalised over the options",
+               "generated": "addition questions: greedy answer, confidence = its sequence probability"}
+
+
+def summary_tables(results: Sequence[dict]) -> str:
+    """The final tables: answer level per kind of question (each stage, then after temperature
+    scaling), then token level over the content tokens; cells are mean ± half range over seeds."""
+    groups = by_stage(results)
+    seeds = sorted({r.get("seed") for r in results if r.get("stage") != "base"})
+    out = []
+    for kind, title in KIND_TITLES.items():
+        rows = []
+        for name, runs in groups.items():
+            for scaled in ("", "_scaled"):
+                found = [r["answers"][kind + scaled] for r in runs if kind + scaled in r.get("answers", {})]
+                if not found:
+                    continue
+                label = name + (f" + T ({_cell([f['temperature'] for f in found], '{:.2f}')})" if scaled else "")
+                rows.append([label] + [_cell([f[k] for f in found], fmt) for k, _, fmt in ANSWER_COLUMNS])
+        if rows:
+            n = next(r["answers"][kind]["count"] for r in results if kind in r.get("answers", {}))
+            out.append(f"answer level, {title} ({n} held-out questions):\n"
+                       + _table(["stage"] + [t for _, t, _ in ANSWER_COLUMNS], rows))
+    rows = [[name] + [_cell([r[k] for r in runs], fmt) for k, _, fmt in TOKEN_COLUMNS] for name, runs in groups.items()]
+    out.append("token level, content tokens of the held-out responses (EOS apart):\n"
+               + _table(["stage"] + [t for _, t, _ in TOKEN_COLUMNS], rows))
+    if len(seeds) > 1:
+        out.append(f"(mean ± half the range over seeds {', '.join(map(str, seeds))}; + T: temperature scaling "
+                   f"fitted on other held-out questions)")
+    return "\n\n".join(out)
+
+
+def _pooled_bins(runs: Sequence[dict], key: str, kind: str = None):
+    """CalibrationBins summed over runs (seeds) from their JSON per-bin sums; None if absent."""
+    from ls_jax.calibration import CalibrationBins
+
+    found = [r[key] if kind is None else r.get(key, {}).get(kind) for r in runs]
+    if not found or any(f is None for f in found):
+        return None
+    total = {k: np.sum([f[k] for f in found], axis=0) for k in ("count", "confidence_sum", "correct_sum")}
+    return CalibrationBins(total["count"], total["confidence_sum"], total["correct_sum"], np.float32(0), np.float32(np.nan))
+
+
+def stage_reliability(results: Sequence[dict], path: str, num_options: int) -> str:
+    """One PNG of reliability diagrams, a column per stage (seeds pooled) and a row per level:
+    multiple-choice answers, generated answers, content tokens. A smoothed stage shows its
+    confidence ceiling: ``1 - a + a / V`` per token, and for the option letters, normalised
+    over ``num_options`` options, ``(1 - a + a / V) / (1 - a + num_options * a / V)``."""
+    from ls_jax.calibration import reliability_diagrams
+
+    groups = by_stage(results)
+    levels = (("answer_bins", "multiple_choice", "multiple-choice answers"),
+              ("answer_bins", "generated", "generated answers"), ("token_bins", None, "content tokens"))
+    grid = []
+    for key, kind, title in levels:
+        row = []
+        for name, runs in groups.items():
+            bins = _pooled_bins(runs, key, kind)
+            if bins is None:
+                continue
+            a, v = runs[0]["label_smoothing"], runs[0]["vocab_size"]
+            ceiling = None
+            if a > 0 and kind != "generated":
+                top = 1 - a + a / v
+                ceiling = top if kind is None else top / (1 - a + num_options * a / v)
+            row.append((f"{name}, {title}", bins, ceiling))
+        if row:
+            grid.append(row)
+    return reliability_diagrams(grid, path)

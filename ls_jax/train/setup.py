@@ -9,7 +9,7 @@ import math
 import os
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
 
 import jax.numpy as jnp
@@ -37,9 +37,11 @@ class ConfigError(ValueError):
 class Prepared:
     """A validated run: tokenizer, tokenised train / held-out examples, a model builder, the mesh.
 
-    ``build_model()`` returns a fresh NNX model (random init from the seed, or the checkpoint).
-    ``log`` holds the data-preparation lines (truncation counts) for the user. ``classes``: the
-    class names of ``--task classification`` (examples are then padded rows with targets), else None.
+    ``build_model(seed)`` returns a fresh NNX model (random init from ``seed``, default the
+    run's, or the checkpoint). ``log`` holds the data-preparation lines (truncation counts) for
+    the user. ``classes``: the class names of ``--task classification`` (examples are then padded
+    rows with targets), else None. ``held_rows``: the held-out rows themselves (for answer-level
+    scoring). ``base``: tokenised plain-text examples of the base stage (``--base-steps``), else None.
     """
 
     tokenizer: object
@@ -49,6 +51,8 @@ class Prepared:
     mesh: object
     log: List[str]
     classes: Optional[List[str]] = None
+    held_rows: List[dict] = field(default_factory=list)
+    base: Optional[List[Tuple]] = None
 
 
 def check_config(c: TrainConfig) -> None:
@@ -71,6 +75,7 @@ def check_config(c: TrainConfig) -> None:
          "--smoothing-convention others is for --task classification"),
         (c.task == "causal_lm" or not c.packing, "--packing is for --task causal_lm"),
         (c.task == "causal_lm" or not c.s3ft, "--s3ft is for --task causal_lm"),
+        (c.task == "causal_lm" or not c.base_steps, "--base-steps is for --task causal_lm"),
         (c.impl in CHOICES, f"--impl must be one of {CHOICES}"),
         (c.compute_dtype in DTYPES, f"--compute-dtype must be one of {tuple(DTYPES)}"),
         (c.param_dtype in DTYPES, f"--param-dtype must be one of {tuple(DTYPES)}"),
@@ -87,6 +92,9 @@ def check_config(c: TrainConfig) -> None:
         (c.max_length >= 2, "--max-length must be >= 2"),
         (c.judge in JUDGE_NAMES, f"--judge must be one of {JUDGE_NAMES}, got {c.judge!r}"),
         (c.data is not None or c.eval_data is None, "--eval-data needs --data (the generated data has its own held-out set)"),
+        (c.base_steps >= 0 and c.answer_rows >= 0 and c.num_base >= 0, "--base-steps, --answer-rows and --num-base must be >= 0"),
+        (c.data is None or not c.base_steps, "--base-steps needs the generated data (a checkpoint of your own is --model)"),
+        (len(set(c.seeds)) == len(c.seeds), "--seeds repeats a seed"),
     ]
     for ok, message in checks:
         if not ok:
@@ -102,30 +110,32 @@ def check_config(c: TrainConfig) -> None:
 
 
 def _rows(c: TrainConfig):
-    """(train rows, held-out rows, train rows' places, held-out rows' places) for the config;
-    the places (``"line K"`` of a .jsonl file, ``"row K"``, for error messages) are None for
-    the generated data."""
+    """(train rows, held-out rows, train rows' places, held-out rows' places, base rows) for the
+    config; the places (``"line K"`` of a .jsonl file, ``"row K"``, for error messages) are None
+    for the generated data; base rows (plain text) only for the generated data with --base-steps."""
     if c.data is None and c.task == "classification":
         from ls_jax.train import classification
 
         train, held = classification.generate(c.num_train, c.num_eval, seed=c.seed)
-        return train, held, None, None
+        return train, held, None, None, None
     if c.data is None:
         try:
-            return (*synthetic.generate(c.num_train, c.num_eval, seed=c.seed), None, None)
+            base, train, held = synthetic.generate_splits(
+                [c.num_base if c.base_steps else 0, c.num_train, c.num_eval], seed=c.seed)
         except ValueError as e:
-            raise ConfigError(f"--num-train / --num-eval: {e}") from None
+            raise ConfigError(f"--num-train / --num-eval / --num-base: {e}") from None
+        return train, held, None, None, synthetic.as_text(base) if c.base_steps else None
     rows, where = data.load_rows(c.data, c.split)
     if c.eval_data is not None:
         held, held_where = data.load_rows(c.eval_data, c.split)
-        return rows, held, where, held_where
+        return rows, held, where, held_where, None
     order = list(range(len(rows)))
     random.Random(c.seed).shuffle(order)
     n_eval = max(1, int(round(c.eval_fraction * len(rows))))
     if n_eval >= len(rows):
         raise data.DataError(f"{c.data}: {len(rows)} rows are too few to hold out --eval-fraction {c.eval_fraction}")
     train, held = order[n_eval:], order[:n_eval]
-    return [rows[i] for i in train], [rows[i] for i in held], [where[i] for i in train], [where[i] for i in held]
+    return [rows[i] for i in train], [rows[i] for i in held], [where[i] for i in train], [where[i] for i in held], None
 
 
 def _tokenizer(c: TrainConfig, train_rows, saved_tokenizer: Optional[str]):
@@ -179,16 +189,16 @@ def _model_config(c: TrainConfig):
 
 
 def _model_builder(c: TrainConfig, config, vocab: int, num_labels: Optional[int] = None) -> Callable:
-    """A zero-argument builder of the model (random init from the seed, or the checkpoint); with
-    ``num_labels`` a SequenceClassifier (a checkpoint's decoder, a fresh ``score`` head)."""
-    from ls_jax.models import check_pretrained, from_config, from_pretrained, tiny_llama_config
+    """A builder ``build(seed=run's seed)`` of the model (random init from the seed, or the
+    checkpoint); with ``num_labels`` a SequenceClassifier (a checkpoint's decoder, a fresh ``score`` head)."""
+    from ls_jax.models import check_pretrained, from_config, tiny_llama_config
 
     task = dict(task="sequence_classification", num_labels=num_labels) if num_labels else {}
     dtypes = dict(dtype=DTYPES[c.compute_dtype], param_dtype=DTYPES[c.param_dtype])
     if config is None:
         tiny = tiny_llama_config(vocab_size=vocab, **TINY_MODELS[c.model])
         _check_lora_targets(c, tiny, task)
-        return lambda: from_config(tiny, seed=c.seed, **task, **dtypes)
+        return lambda seed=c.seed: from_config(tiny, seed=seed, **task, **dtypes)
     if config.vocab_size < vocab:
         raise ConfigError(f"--model {c.model}: vocabulary of {config.vocab_size} is smaller than the tokenizer's {vocab}")
     try:  # the weights' files, names and shapes (headers only), before the run writes anything
@@ -196,7 +206,16 @@ def _model_builder(c: TrainConfig, config, vocab: int, num_labels: Optional[int]
     except (OSError, ValueError) as e:
         raise ConfigError(f"--model {c.model}: {str(e).splitlines()[0]}") from None
     _check_lora_targets(c, config, task)
-    return lambda: from_pretrained(c.model, seed=c.seed, **task, **dtypes)
+    return checkpoint_builder(c, c.model, **task)
+
+
+def checkpoint_builder(c: TrainConfig, path: str, **task) -> Callable:
+    """A builder ``build(seed=run's seed)`` of the model in the checkpoint directory ``path``, in
+    the run's dtypes (the seed initialises only a fresh classification head)."""
+    from ls_jax.models import from_pretrained
+
+    dtypes = dict(dtype=DTYPES[c.compute_dtype], param_dtype=DTYPES[c.param_dtype])
+    return lambda seed=c.seed: from_pretrained(path, seed=seed, **task, **dtypes)
 
 
 def _check_lora_targets(c: TrainConfig, config, task: dict) -> None:
@@ -260,12 +279,12 @@ def prepare(c: TrainConfig, saved_tokenizer: Optional[str] = None) -> Prepared:
     ``saved_tokenizer``: a directory holding the tokenizer of the run being resumed.
     """
     check_config(c)
-    train_rows, held_rows, train_where, held_where = _rows(c)
+    train_rows, held_rows, train_where, held_where, base_rows = _rows(c)
     mesh = sharding.make_mesh(c.mesh)
     sharding.check_batch(c.batch_size, mesh)
     sharding.check_batch(c.eval_batch_size, mesh, "--eval-batch-size")
     model_config = _model_config(c)
-    tokenizer = _tokenizer(c, train_rows, saved_tokenizer)
+    tokenizer = _tokenizer(c, (base_rows or []) + list(train_rows), saved_tokenizer)
     if c.task == "classification":
         classes, train, held, log = _classification(c, tokenizer, train_rows, held_rows, train_where, held_where)
         build = _model_builder(c, model_config, len(tokenizer), num_labels=len(classes))
@@ -282,4 +301,8 @@ def prepare(c: TrainConfig, saved_tokenizer: Optional[str] = None) -> Prepared:
     if rows < c.batch_size:
         raise data.DataError(f"{len(train)} training examples ({rows} rows) are fewer than --batch-size {c.batch_size}")
     log += [train_stats.log_line("train", c.max_length), held_stats.log_line("held out", c.max_length)]
-    return Prepared(tokenizer, train, held, build, mesh, log)
+    base = None
+    if base_rows:
+        base, base_stats = data.prepare(base_rows, tokenizer, c.max_length, name="generated (base)")
+        log.insert(0, base_stats.log_line("base (plain text)", c.max_length))
+    return Prepared(tokenizer, train, held, build, mesh, log, held_rows=list(held_rows), base=base)

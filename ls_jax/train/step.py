@@ -11,7 +11,7 @@ weighted by its share of the step's response tokens, so the update equals that o
 of ``grad_accum * B`` rows (up to float rounding).
 """
 
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -91,17 +91,20 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, opts: LossOption
 
 
 def make_eval_step(graphdef, opts: LossOptions, *, param_shardings, frozen_shardings, mesh,
-                   n_bins: int = 15) -> Callable:
+                   special_ids: Sequence[int] = (), n_bins: int = 15) -> Callable:
     """``evaluate(params, frozen, batch) -> sums`` for a batch ``[B, T]``, jitted.
 
     One forward pass; the training loss' own path (same implementation, blocks and compute
     dtype) gives the loss and token statistics, one more vocabulary pass the Brier score. Sums
-    (add them over batches):
-    ``loss_sum`` (the training loss, smoothing included), ``tokens``, ``answers`` /
-    ``answers_correct`` (rows with a response / rows whose response tokens are all
-    argmax-correct under teacher forcing, i.e. greedy decoding reproduces the answer), and
-    ``bins``: token-level :class:`ls_jax.calibration.CalibrationBins` (accuracy, NLL, ECE).
+    (add them over batches): ``loss_sum`` (the training loss, smoothing included), ``tokens``,
+    ``answers`` / ``answers_correct`` (rows with a response / rows whose response tokens are
+    all argmax-correct under teacher forcing, i.e. greedy decoding reproduces the answer),
+    ``bins``: token-level :class:`ls_jax.calibration.CalibrationBins` of the content tokens
+    (response tokens other than ``special_ids``: end-of-sequence and chat-template markers,
+    whose confidence smoothing caps at ``1 - a + a / V`` by construction), and
+    ``special_bins``: the same over the ``special_ids`` response tokens alone.
     """
+    special_ids = jnp.asarray(sorted(set(special_ids)) or [-1], jnp.int32)
 
     def evaluate(params, frozen, batch):
         model = nnx.merge(graphdef, params, frozen)
@@ -113,11 +116,13 @@ def make_eval_step(graphdef, opts: LossOptions, *, param_shardings, frozen_shard
         loss, stats = linear_smoothed_cross_entropy(hidden, weight, targets, reduction="none", return_stats=True, **kw)
         brier = token_brier(hidden, weight, targets, stats, logit_softcap=kw["logit_softcap"], impl=opts.impl,
                             blocks=kw["blocks"])
-        bins = token_bins(stats, targets, n_bins=n_bins, brier=brier)
+        special = jnp.isin(targets, special_ids)
+        bins = {name: token_bins(stats._replace(valid=stats.valid & keep), targets, n_bins=n_bins, brier=brier)
+                for name, keep in (("bins", ~special), ("special_bins", special))}
         wrong = (stats.valid & (stats.prediction != targets)).any(-1)
         answered = stats.valid.any(-1)
         return {"loss_sum": loss.sum(), "tokens": stats.valid.sum(), "answers": answered.sum(),
-                "answers_correct": (answered & ~wrong).sum(), "bins": bins}
+                "answers_correct": (answered & ~wrong).sum(), **bins}
 
     return jax.jit(evaluate, in_shardings=(param_shardings, frozen_shardings, sharding.batch_sharding(mesh)))
 

@@ -1,0 +1,33 @@
+"""Smoke test of benchmarks/bench_loss_memory.py on a tiny shape: every requested arm gives a
+table row whose loss and gradient errors against the script's float64 oracle are small (no
+timing is asserted)."""
+
+import math
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARMS = ("one_pass", "two_pass", "reference", "optax")
+
+
+def test_bench_loss_memory_small_shape():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (ROOT, os.environ.get("PYTHONPATH")))))
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "bench_loss_memory.py"), "--n", "96", "--d", "16",
+         "--v", "300", "--smoothing", "0.1", "--arms", ",".join(ARMS)],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("device: ") and "N=96 D=16 V=300 float32 label_smoothing=0.1" in lines[0]
+    header = [c.strip() for c in next(l for l in lines if l.startswith("| arm")).strip("|").split("|")]
+    rows = {cells[0]: dict(zip(header, cells)) for cells in
+            ([c.strip() for c in l.strip("|").split("|")] for l in lines if l.startswith("| ") and "---" not in l)
+            if cells[0] != "arm"}
+    assert set(rows) == set(ARMS)
+    assert rows["optax"]["CPU x optax"] == "1.00" and rows["two_pass"]["CPU x two_pass"] == "1.00"
+    for arm, row in rows.items():
+        for col in ("err loss", "err dh", "err dW"):
+            err = float(row[col])
+            assert math.isfinite(err) and err < 1e-4, (arm, col, err)
+        assert float(row["CPU s"]) >= 0 and float(row["XLA temp MiB"]) >= 0
