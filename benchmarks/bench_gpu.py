@@ -32,7 +32,7 @@ SHAPES = {"gemma2-2b": (8192, 2304, 256000), "llama3-8b": (8192, 4096, 128256)}
 SMALL_SHAPES = {"small-a": (64, 64, 500), "small-b": (48, 32, 1000)}
 IMPLS = ("pallas", "xla", "reference")
 # also "pallas_atomic" / "pallas_xla": the pallas forward with the one-kernel atomic backward /
-# with the blocked XLA backward (kernels/backward.py, kernels/fused.py)
+# with the xla backward (ls_jax/dispatch.py)
 MARK_START, MARK_END = "<!-- bench_gpu:start -->", "<!-- bench_gpu:end -->"
 
 
@@ -72,17 +72,11 @@ def _inputs(n, d, v, seed=0):
 
 
 def _loss_fn(impl, a, y, blocks):
-    import functools
-
-    import ls_jax.kernels
+    from ls_jax import BlockSizes
     from ls_jax.losses import linear_smoothed_cross_entropy
 
-    if impl.startswith("pallas_"):  # the loss API has no backward= knob: rebind what it imports
-        ls_jax.kernels.pallas_logit_stats = functools.partial(
-            ls_jax.kernels.pallas_logit_stats, backward=impl[len("pallas_"):])
-        impl = "pallas"
-    kw = {} if impl != "pallas" or blocks is None else dict(zip(("block_n", "block_v", "block_d"), blocks))
-    return lambda h, w: linear_smoothed_cross_entropy(h, w, y, label_smoothing=a, impl=impl, **kw)
+    sizes = None if not impl.startswith("pallas") or blocks is None else BlockSizes(*blocks)
+    return lambda h, w: linear_smoothed_cross_entropy(h, w, y, label_smoothing=a, impl=impl, blocks=sizes)
 
 
 def child_case(n, d, v, a, impl, blocks):

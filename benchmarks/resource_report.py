@@ -1,12 +1,12 @@
 """Registers, spills and shared memory of the kernels on sm_90, without a GPU.
 
-Lowers ``pallas_logit_stats``'s forward and backward for CUDA (as in tests/test_pallas.py),
+Lowers ``impl="pallas"``'s forward and backward kernels for CUDA (as in tests/test_pallas.py),
 keeps each kernel's Triton IR, and compiles it for sm_90 with the ``triton`` package of another
 Python (a separate virtual environment: ``python -m venv /tmp/tv && /tmp/tv/bin/pip install
 triton``), reading ``ptxas -v``. A different Triton than the one inside jaxlib/XLA compiles
 here, so the figures are indicative; an H100 allows 227 KB of shared memory per program.
 
-    python -m ls_jax.kernels.resource_report /tmp/tv/bin/python [N D V] [--dtype float32]
+    python benchmarks/resource_report.py /tmp/tv/bin/python [N D V] [--dtype float32]
 """
 
 import argparse
@@ -34,7 +34,10 @@ def dump_triton_ir(n, d, v, dtype, backward, bias, softcap, need_sum, out_dir):
     import jax
     from jax._src.pallas.triton import pallas_call_registration as registration
 
-    from ls_jax.kernels import pallas_logit_stats
+    from functools import partial
+
+    from ls_jax import BlockSizes, kernels
+    from ls_jax.logit_stats import Backend, two_pass
 
     found, lower = [], registration.lowering.lower_jaxpr_to_triton_module
 
@@ -47,10 +50,14 @@ def dump_triton_ir(n, d, v, dtype, backward, bias, softcap, need_sum, out_dir):
         found.append(path)
         return result
 
+    import jax.numpy as jnp
+
+    stats = two_pass(Backend(partial(kernels.forward, interpret=False), kernels.backward_fn(backward, interpret=False)))
+
     def loss(h, w, b):
-        s = pallas_logit_stats(h, w, b, logit_softcap=softcap, need_sum=need_sum, interpret=False,
-                               backward=backward)
-        return (s.lse + s.logit_sum).sum()
+        ids, tw = jnp.zeros((h.shape[0], 1), jnp.int32), jnp.ones((h.shape[0], 1))
+        s = stats(h, w, b, ids, tw, softcap=softcap, need_sum=need_sum, blocks=BlockSizes())
+        return (s.lse + s.logit_sum - s.target).sum()
 
     args = (jax.ShapeDtypeStruct((n, d), dtype), jax.ShapeDtypeStruct((v, d), dtype),
             jax.ShapeDtypeStruct((v,), dtype) if bias else None)
