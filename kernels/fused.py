@@ -64,9 +64,11 @@ def _padded(hidden, weight, bias, p: Plan):
 
 
 def forward(hidden, weight, bias, first, *, softcap: Optional[float], need_sum: bool, blocks: BlockSizes,
-            interpret: Optional[bool] = None):
+            layout: str = "vd", interpret: Optional[bool] = None):
     """(lse, logit_sum, max_logit, prediction, lse_excl) ``[N]`` by the forward kernel (see
-    forward.py); lse_excl leaves out class ``first [N]``."""
+    forward.py); lse_excl leaves out class ``first [N]``. The kernels read a ``[V, D]`` head: a
+    ``[D, V]`` one (layout "dv") is transposed first (a copy)."""
+    weight = weight if layout == "vd" else weight.T
     n = hidden.shape[0]
     if n == 0:
         return (jnp.zeros((0,), jnp.float32),) * 3 + (jnp.zeros((0,), jnp.int32), jnp.zeros((0,), jnp.float32))
@@ -79,7 +81,12 @@ def backward_fn(kind: str, interpret: Optional[bool] = None):
     """The float32 backward by ``kind``'s kernels: "two_kernel" (a dh and a dW kernel,
     deterministic) or "atomic" (one kernel, fp32 atomic adds); see backward.py."""
 
-    def backward(hidden, weight, bias, lse, comp, g_lse, g_sum, ids, coef, *, softcap, blocks: BlockSizes):
+    def backward(hidden, weight, bias, lse, comp, g_lse, g_sum, ids, coef, *, softcap, blocks: BlockSizes,
+                 layout: str = "vd"):
+        if layout == "dv":  # the kernels' [V, D] layout, and the gradient back in the head's
+            dh, dw, db = backward(hidden, weight.T, bias, lse, comp, g_lse, g_sum, ids, coef, softcap=softcap,
+                                  blocks=blocks)
+            return dh, dw.T, db
         (n, d), v = hidden.shape, weight.shape[0]
         if n == 0:
             return (jnp.zeros((0, d), jnp.float32), jnp.zeros((v, d), jnp.float32),

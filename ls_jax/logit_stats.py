@@ -82,9 +82,34 @@ def apply_softcap(raw: jax.Array, softcap: Optional[float]) -> jax.Array:
     return softcap * jnp.tanh(raw / softcap)
 
 
-def dense_logits(hidden, weight, bias, logit_softcap=None) -> jax.Array:
-    """float32 logits ``[N, V]`` = softcap(hidden [N, D] @ weight [V, D].T + bias [V])."""
-    z = jnp.einsum("nd,vd->nv", hidden, weight, preferred_element_type=jnp.float32)
+LAYOUTS = ("vd", "dv")  # the head as weight [V, D] (Hugging Face lm_head) or kernel [D, V] (nnx.Linear)
+_LOGITS = {"vd": "nd,vd->nv", "dv": "nd,dv->nv"}
+
+
+def vocab_axis(layout: str) -> int:
+    """The vocabulary axis of a head in ``layout``."""
+    return LAYOUTS.index(layout)
+
+
+def head_logits(hidden, head, layout: str) -> jax.Array:
+    """float32 ``hidden [N, D] @ W.T`` ``[N, V']`` for a head (or a slice of V' classes) in
+    ``layout``; the layout goes into the dot's dimension numbers (no transposed copy)."""
+    return jnp.einsum(_LOGITS[layout], hidden, head, preferred_element_type=jnp.float32)
+
+
+def head_back(dz, head, layout: str) -> jax.Array:
+    """``dz [N, V'] @ W`` ``[N, D]`` (float32 head slice ``head`` in ``layout``)."""
+    return dz @ head if layout == "vd" else dz @ head.T
+
+
+def head_outer(dz, hidden, layout: str) -> jax.Array:
+    """The weight gradient ``dz.T @ hidden`` in ``layout``: ``[V', D]`` or ``[D, V']``."""
+    return dz.T @ hidden if layout == "vd" else hidden.T @ dz
+
+
+def dense_logits(hidden, weight, bias, logit_softcap=None, layout: str = "vd") -> jax.Array:
+    """float32 logits ``[N, V]`` = softcap(hidden [N, D] @ W.T + bias [V]), W the head in ``layout``."""
+    z = head_logits(hidden, weight, layout)
     if bias is not None:
         z = z + bias.astype(jnp.float32)
     return apply_softcap(z, logit_softcap)
@@ -96,9 +121,12 @@ def weighted_sum(weights, z):
     return (weights * jnp.where((weights == 0) & jnp.isinf(z), 0.0, z)).sum(-1)
 
 
-def target_logits(hidden, weight, bias, ids, softcap):
+def target_logits(hidden, weight, bias, ids, softcap, layout: str = "vd"):
     """float32 capped logits of the target classes ``[N, K]`` (a gather, no vocabulary pass)."""
-    z = jnp.einsum("nd,nkd->nk", hidden, weight[ids], preferred_element_type=jnp.float32)
+    if layout == "vd":
+        z = jnp.einsum("nd,nkd->nk", hidden, weight[ids], preferred_element_type=jnp.float32)
+    else:
+        z = jnp.einsum("nd,dnk->nk", hidden, weight[:, ids], preferred_element_type=jnp.float32)
     if bias is not None:
         z = z + bias[ids].astype(jnp.float32)
     return apply_softcap(z, softcap)
@@ -145,10 +173,12 @@ def excluded_lse(m, s_excl):
 class Backend(NamedTuple):
     """A two-pass implementation of the seam (see :func:`two_pass`).
 
-    forward(hidden, weight, bias, first [N] int32, *, softcap, need_sum, blocks) -> (lse,
+    The head ``weight`` is ``[V, D]`` or ``[D, V]`` (``layout``: "vd" / "dv"), its gradient in the
+    same layout. forward(hidden, weight, bias, first [N] int32, *, softcap, need_sum, blocks,
+    layout) -> (lse,
     logit_sum, max_logit, prediction, lse_excl) ``[N]``, lse_excl the log-sum-exp over every class
     but ``first`` (the first target); backward(hidden, weight, bias, lse, comp, g_lse, g_sum, ids,
-    coef, *, softcap, blocks) -> float32 ``(dhidden [N, D], dweight [V, D], dbias [V] or None)``
+    coef, *, softcap, blocks, layout) -> float32 ``(dhidden [N, D], dweight, dbias [V] or None)``
     with dz as in :func:`dz_tile` (comp = exp(lse_excl - lse); g_sum None when no sum was asked
     for), the logits recomputed.
     """
@@ -157,24 +187,25 @@ class Backend(NamedTuple):
     backward: Callable
 
 
-def _two_pass_forward(backend, hidden, weight, bias, ids, tw, softcap, need_sum, blocks):
+def _two_pass_forward(backend, hidden, weight, bias, ids, tw, softcap, need_sum, blocks, layout):
     lse, total, mx, arg, lse_excl = backend.forward(hidden, weight, bias, ids[:, 0], softcap=softcap,
-                                                    need_sum=need_sum, blocks=blocks)
-    z_t = target_logits(hidden, weight, bias, ids, softcap)
+                                                    need_sum=need_sum, blocks=blocks, layout=layout)
+    z_t = target_logits(hidden, weight, bias, ids, softcap, layout)
     return LogitStats(lse, total, weighted_sum(tw, z_t), mx, arg), (z_t, jnp.exp(lse_excl - lse))
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0, 6, 7, 8))
-def _two_pass(backend, hidden, weight, bias, ids, tw, softcap, need_sum, blocks):
-    return _two_pass_forward(backend, hidden, weight, bias, ids, tw, softcap, need_sum, blocks)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(0, 6, 7, 8, 9))
+def _two_pass(backend, hidden, weight, bias, ids, tw, softcap, need_sum, blocks, layout):
+    return _two_pass_forward(backend, hidden, weight, bias, ids, tw, softcap, need_sum, blocks, layout)[0]
 
 
-def _two_pass_fwd(backend, hidden, weight, bias, ids, tw, softcap, need_sum, blocks):
-    stats, (z_t, comp) = _two_pass_forward(backend, hidden, weight, bias, ids, tw, softcap, need_sum, blocks)
+def _two_pass_fwd(backend, hidden, weight, bias, ids, tw, softcap, need_sum, blocks, layout):
+    stats, (z_t, comp) = _two_pass_forward(backend, hidden, weight, bias, ids, tw, softcap, need_sum, blocks,
+                                           layout)
     return stats, (hidden, weight, bias, ids, tw, stats.lse, comp, z_t)
 
 
-def _two_pass_bwd(backend, softcap, need_sum, blocks, res, ct):
+def _two_pass_bwd(backend, softcap, need_sum, blocks, layout, res, ct):
     hidden, weight, bias, ids, tw, lse, comp, z_t = res
     g_lse = ct.lse.astype(jnp.float32)
     g_sum = ct.logit_sum.astype(jnp.float32) if need_sum else None
@@ -182,7 +213,7 @@ def _two_pass_bwd(backend, softcap, need_sum, blocks, res, ct):
     coef = g_t[:, None] * tw
     h, lse, comp, _ = live_rows(hidden, lse, comp, g_lse, g_sum, coef)
     dh, dw, db = backend.backward(h, weight, bias, lse, comp, g_lse, g_sum, ids, coef, softcap=softcap,
-                                  blocks=blocks)
+                                  blocks=blocks, layout=layout)
     d_tw = g_t[:, None] * jnp.where((tw == 0) & jnp.isinf(z_t), 0.0, z_t)
     return (dh.astype(hidden.dtype), dw.astype(weight.dtype),
             None if bias is None else db.astype(bias.dtype), None, d_tw.astype(tw.dtype))
@@ -192,11 +223,12 @@ _two_pass.defvjp(_two_pass_fwd, _two_pass_bwd)
 
 
 def two_pass(backend: Backend):
-    """The seam's function for ``backend``: ``f(hidden [N, D], weight [V, D], bias [V] | None,
-    ids [N, K] int32, weights [N, K] float32, *, softcap, need_sum, blocks) -> LogitStats``,
-    differentiable once in reverse mode (hidden, weight, bias and the target weights)."""
+    """The seam's function for ``backend``: ``f(hidden [N, D], weight [V, D] or [D, V], bias [V] |
+    None, ids [N, K] int32, weights [N, K] float32, *, softcap, need_sum, blocks, layout="vd")
+    -> LogitStats``, differentiable once in reverse mode (hidden, weight, bias and the target
+    weights)."""
 
-    def logit_stats(hidden, weight, bias, ids, tw, *, softcap, need_sum, blocks):
-        return _two_pass(backend, hidden, weight, bias, ids, tw, softcap, need_sum, blocks)
+    def logit_stats(hidden, weight, bias, ids, tw, *, softcap, need_sum, blocks, layout="vd"):
+        return _two_pass(backend, hidden, weight, bias, ids, tw, softcap, need_sum, blocks, layout)
 
     return logit_stats

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ls_jax.dispatch import ONE_PASS, logit_stats_fn, resolve
-from ls_jax.logit_stats import BlockSizes, LogitStats, apply_softcap, weighted_sum
+from ls_jax.logit_stats import LAYOUTS, BlockSizes, LogitStats, apply_softcap, vocab_axis, weighted_sum
 from ls_jax.reference import stats_from_logits
 from ls_jax.targets import (Labels, check_arrays, check_options, dense_targets, is_static_zero, sparse_targets,
                             token_weights)
@@ -150,11 +150,13 @@ def linear_smoothed_cross_entropy(
     hidden, weight, labels: Labels, *, bias=None, label_smoothing: float = 0.0,
     ignore_index: int = -100, where=None, weights=None, z_loss: float = 0.0,
     logit_softcap: Optional[float] = None, reduction: str = "mean", impl: str = "auto",
-    blocks: Optional[BlockSizes] = None, return_stats: bool = False,
+    blocks: Optional[BlockSizes] = None, weight_layout: str = "vd", return_stats: bool = False,
 ):
     """``smoothed_cross_entropy(hidden @ weight.T + bias, labels, ...)`` without the logits.
 
-    hidden: ``[..., D]``; weight: ``[V, D]`` (Hugging Face lm_head / tied-embedding layout);
+    hidden: ``[..., D]``; weight: ``[V, D]`` (``weight_layout="vd"``, the default: Hugging Face
+    lm_head / tied embedding) or ``[D, V]`` (``"dv"``: Tunix, MaxText, nnx.Linear kernels; read in
+    place by "xla" and "reference", its gradient in the same layout; "pallas" transposes it);
     bias: ``[V]`` or None; labels: int ids ``[...]`` or sparse soft labels
     ``(ids [..., K], weights [..., K])``. bf16 or fp32 in; every gradient part is combined in
     float32 and rounded once to the input's dtype.
@@ -179,9 +181,14 @@ def linear_smoothed_cross_entropy(
     hidden, weight = jnp.asarray(hidden), jnp.asarray(weight)
     bias = None if bias is None else jnp.asarray(bias)
     check_arrays(hidden=hidden, weight=weight, bias=bias)
-    if weight.ndim != 2 or hidden.ndim < 1 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"need hidden [..., D] and weight [V, D]; got {hidden.shape} and {weight.shape}")
-    v, d = weight.shape
+    if weight_layout not in LAYOUTS:
+        raise ValueError(f"weight_layout must be one of {LAYOUTS}, got {weight_layout!r}")
+    ax = vocab_axis(weight_layout)
+    if weight.ndim != 2 or hidden.ndim < 1 or hidden.shape[-1] != weight.shape[1 - ax]:
+        want = "[V, D]" if ax == 0 else "[D, V]"
+        raise ValueError(f"need hidden [..., D] and weight {want} (weight_layout={weight_layout!r}); got "
+                         f"{hidden.shape} and {weight.shape}")
+    v, d = weight.shape[ax], weight.shape[1 - ax]
     if bias is not None and jnp.shape(bias) != (v,):
         raise ValueError(f"bias must have shape ({v},), got {jnp.shape(bias)}")
     if not isinstance(labels, tuple) and jnp.issubdtype(  # NumPy's dtype: jnp.asarray would wrap int64 ids
@@ -195,7 +202,7 @@ def linear_smoothed_cross_entropy(
     mass = t.weights.sum(-1)
     rows = _loss_rows(mass, t.valid, t.out_of_range, v, label_smoothing, z_loss, reduction,
                       token_weights(weights, batch_shape))
-    opts = dict(softcap=cap, need_sum=need_sum, blocks=blocks)
+    opts = dict(softcap=cap, need_sum=need_sum, blocks=blocks, layout=weight_layout)
     if impl == "reference":
         h = _zero_ignored(h, t.valid)
     if reduction != "none" and impl in ONE_PASS:

@@ -28,8 +28,9 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from ls_jax.logit_stats import (Backend, BlockSizes, LogitStats, apply_softcap, dz_tile, excluded_lse,
-                                live_rows, target_logits, two_pass, weighted_sum)
+from ls_jax.logit_stats import (Backend, BlockSizes, LogitStats, apply_softcap, dz_tile, excluded_lse, head_back,
+                                head_logits, head_outer, live_rows, target_logits, two_pass, vocab_axis,
+                                weighted_sum)
 
 BLOCK_N, BLOCK_V = 1024, 2048  # two-pass tile
 ONE_PASS_TILE = 2**22  # one-pass tile elements (block_n x V float32 = 16 MiB)
@@ -42,13 +43,13 @@ def _slide(i, block, size):
     return start, start + jnp.arange(block) >= i * block
 
 
-def _rows(x, start, size):
-    return jax.lax.dynamic_slice_in_dim(x, start, size, 0)
+def _rows(x, start, size, axis=0):
+    return jax.lax.dynamic_slice_in_dim(x, start, size, axis)
 
 
-def _raw_tile(h, weight, bias, start, bv):
-    """float32 ``h [bn, D] @ weight[start:start + bv].T + bias[start:start + bv]``."""
-    z = jnp.einsum("nd,vd->nv", h, _rows(weight, start, bv), preferred_element_type=jnp.float32)
+def _raw_tile(h, weight, bias, start, bv, layout):
+    """float32 ``h [bn, D] @ W[start:start + bv].T + bias[start:start + bv]``."""
+    z = head_logits(h, _rows(weight, start, bv, vocab_axis(layout)), layout)
     return z if bias is None else z + _rows(bias, start, bv).astype(jnp.float32)
 
 
@@ -56,10 +57,10 @@ def _two_pass_blocks(blocks: BlockSizes, n, v):
     return min(blocks.block_n or BLOCK_N, n), min(blocks.block_v or BLOCK_V, v)
 
 
-def forward(hidden, weight, bias, first, *, softcap, need_sum, blocks: BlockSizes):
+def forward(hidden, weight, bias, first, *, softcap, need_sum, blocks: BlockSizes, layout="vd"):
     """(lse, logit_sum, max_logit, prediction, lse_excl) ``[N]`` of ``softcap(hidden @ weight.T +
     bias)``; lse_excl leaves out class ``first [N]`` (see ``logit_stats.Backend``)."""
-    n, v = hidden.shape[0], weight.shape[0]
+    n, v = hidden.shape[0], weight.shape[vocab_axis(layout)]
     out = (jnp.zeros((n,), jnp.float32),) * 3 + (jnp.zeros((n,), jnp.int32), jnp.zeros((n,), jnp.float32))
     if n == 0:
         return out
@@ -72,7 +73,7 @@ def forward(hidden, weight, bias, first, *, softcap, need_sum, blocks: BlockSize
         def vocab_block(j, carry):
             m, s, total, best, s_excl = carry
             start, own = _slide(j, bv, v)
-            z = jnp.where(own, apply_softcap(_raw_tile(h, weight, bias, start, bv), softcap), -jnp.inf)
+            z = jnp.where(own, apply_softcap(_raw_tile(h, weight, bias, start, bv, layout), softcap), -jnp.inf)
             blk_max = z.max(-1)
             new_m = jnp.maximum(m, blk_max)
             shift = jnp.where(jnp.isfinite(new_m), new_m, 0.0)  # a block of -inf logits: no NaN
@@ -94,10 +95,12 @@ def forward(hidden, weight, bias, first, *, softcap, need_sum, blocks: BlockSize
     return jax.lax.fori_loop(0, -(-n // bn), token_block, out)
 
 
-def backward(hidden, weight, bias, lse, comp, g_lse, g_sum, ids, coef, *, softcap, blocks: BlockSizes):
+def backward(hidden, weight, bias, lse, comp, g_lse, g_sum, ids, coef, *, softcap, blocks: BlockSizes,
+             layout="vd"):
     """float32 (dhidden, dweight, dbias or None) for dz as in ``logit_stats.dz_tile``, each tile
     recomputed once; the gradient matmuls take dz in float32 (never rounded to 16 bits)."""
-    n, v = hidden.shape[0], weight.shape[0]
+    n, ax = hidden.shape[0], vocab_axis(layout)
+    v = weight.shape[ax]
     dh = jnp.zeros(hidden.shape, jnp.float32)
     dw = jnp.zeros(weight.shape, jnp.float32)
     db = None if bias is None else jnp.zeros(bias.shape, jnp.float32)
@@ -114,12 +117,12 @@ def backward(hidden, weight, bias, lse, comp, g_lse, g_sum, ids, coef, *, softca
         def vocab_block(j, carry):
             dh_blk, dw, db = carry
             start, own = _slide(j, bv, v)
-            z = apply_softcap(_raw_tile(h, weight, bias, start, bv), softcap)
+            z = apply_softcap(_raw_tile(h, weight, bias, start, bv, layout), softcap)
             dz = dz_tile(z, start + jnp.arange(bv), l, cm, gl, gs, ii, cc, softcap)
             dz = jnp.where(own[None, :] & own_n[:, None], dz, 0.0)
-            dh_blk = dh_blk + dz @ _rows(weight, start, bv).astype(jnp.float32)
-            dw = jax.lax.dynamic_update_slice_in_dim(dw, _rows(dw, start, bv) + dz.T @ h.astype(jnp.float32),
-                                                     start, 0)
+            dh_blk = dh_blk + head_back(dz, _rows(weight, start, bv, ax).astype(jnp.float32), layout)
+            dw = jax.lax.dynamic_update_slice_in_dim(
+                dw, _rows(dw, start, bv, ax) + head_outer(dz, h.astype(jnp.float32), layout), start, ax)
             if db is not None:
                 db = jax.lax.dynamic_update_slice_in_dim(db, _rows(db, start, bv) + dz.sum(0), start, 0)
             return dh_blk, dw, db
@@ -139,26 +142,26 @@ def _one_pass_block_n(blocks: BlockSizes, n, v):
     return min(blocks.block_n or max(8, min(1024, ONE_PASS_TILE // v)), n)
 
 
-def _stats_and_loss(loss_of, hidden, weight, bias, ids, tw, rows, softcap, need_sum, blocks):
+def _stats_and_loss(loss_of, hidden, weight, bias, ids, tw, rows, softcap, need_sum, blocks, layout):
     """Forward only: two-pass statistics and the scalar loss (no gradient work)."""
     lse, total, mx, arg, _ = forward(hidden, weight, bias, ids[:, 0], softcap=softcap, need_sum=need_sum,
-                                     blocks=blocks)
-    target = weighted_sum(tw, target_logits(hidden, weight, bias, ids, softcap))
+                                     blocks=blocks, layout=layout)
+    target = weighted_sum(tw, target_logits(hidden, weight, bias, ids, softcap, layout))
     stats = LogitStats(lse, total, target, mx, arg)
     return loss_of(stats, rows).sum(), stats
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0, 7, 8, 9))
-def _one_pass(loss_of, hidden, weight, bias, ids, tw, rows, softcap, need_sum, blocks):
-    return _stats_and_loss(loss_of, hidden, weight, bias, ids, tw, rows, softcap, need_sum, blocks)
+@partial(jax.custom_vjp, nondiff_argnums=(0, 7, 8, 9, 10))
+def _one_pass(loss_of, hidden, weight, bias, ids, tw, rows, softcap, need_sum, blocks, layout):
+    return _stats_and_loss(loss_of, hidden, weight, bias, ids, tw, rows, softcap, need_sum, blocks, layout)
 
 
-def _one_pass_fwd(loss_of, hidden, weight, bias, ids, tw, rows, softcap, need_sum, blocks):
+def _one_pass_fwd(loss_of, hidden, weight, bias, ids, tw, rows, softcap, need_sum, blocks, layout):
     """The loss, its statistics and all gradients in one sweep over token chunks."""
     want_w, want_b = weight.perturbed, bias is not None and bias.perturbed
     hidden, weight, bias = hidden.value, weight.value, None if bias is None else bias.value
     ids, tw, rows = ids.value, tw.value, jax.tree.map(lambda x: x.value, rows)
-    n, v = hidden.shape[0], weight.shape[0]
+    n, v = hidden.shape[0], weight.shape[vocab_axis(layout)]
     stats = LogitStats(*(jnp.zeros((n,), jnp.float32),) * 4, jnp.zeros((n,), jnp.int32))
     grads = (jnp.zeros(hidden.shape, hidden.dtype), jnp.zeros(weight.shape, jnp.float32) if want_w else None,
              jnp.zeros((v,), jnp.float32) if want_b else None, jnp.zeros(tw.shape, jnp.float32),
@@ -172,7 +175,7 @@ def _one_pass_fwd(loss_of, hidden, weight, bias, ids, tw, rows, softcap, need_su
         h, ii, ww = (_rows(x, start, bn) for x in (hidden, ids, tw))
         r = jax.tree.map(lambda x: _rows(x, start, bn), rows)
         h = h.astype(jnp.float32)
-        raw = h @ w32.T
+        raw = head_logits(h, w32, layout)
         z = apply_softcap(raw if bias is None else raw + bias.astype(jnp.float32), softcap)
         lse = jax.nn.logsumexp(z, axis=-1)
         z_t = jnp.take_along_axis(z, ii, axis=-1)
@@ -187,10 +190,10 @@ def _one_pass_fwd(loss_of, hidden, weight, bias, ids, tw, rows, softcap, need_su
         comp = jnp.exp(z - lse[:, None]).sum(-1, where=cols[None, :] != ii[:, :1])
         h_live, lse_live, comp, live = live_rows(h, lse, comp, g_lse, g_sum, coef)
         dz = jnp.where(live[:, None], dz_tile(z, cols, lse_live, comp, g_lse, g_sum, ii, coef, softcap), 0.0)
-        dh_c = (dz @ w32).astype(dh.dtype)
+        dh_c = head_back(dz, w32, layout).astype(dh.dtype)
         dh = jax.lax.dynamic_update_slice_in_dim(dh, jnp.where(own[:, None], dh_c, _rows(dh, start, bn)), start, 0)
         if want_w:
-            dw = dw + dz.T @ h_live
+            dw = dw + head_outer(dz, h_live, layout)
         if want_b:
             db = db + dz.sum(0)
         d_tw = g_t[:, None] * jnp.where((ww == 0) & jnp.isinf(z_t), 0.0, z_t)
@@ -213,7 +216,7 @@ def _is_float(x):
     return jnp.issubdtype(x.dtype, jnp.floating)
 
 
-def _one_pass_bwd(loss_of, softcap, need_sum, blocks, grads, ct):
+def _one_pass_bwd(loss_of, softcap, need_sum, blocks, layout, grads, ct):
     g = ct[0]
     scale = lambda x: None if x is None else (g * x).astype(x.dtype)
     dh, dw, db, dtw, drows = grads
@@ -223,17 +226,17 @@ def _one_pass_bwd(loss_of, softcap, need_sum, blocks, grads, ct):
 _one_pass.defvjp(_one_pass_fwd, _one_pass_bwd, symbolic_zeros=True)
 
 
-@partial(jax.custom_jvp, nondiff_argnums=(0, 7, 8, 9))
-def _scalar_loss(loss_of, hidden, weight, bias, ids, tw, rows, softcap, need_sum, blocks):
-    return _one_pass(loss_of, hidden, weight, bias, ids, tw, rows, softcap, need_sum, blocks)
+@partial(jax.custom_jvp, nondiff_argnums=(0, 7, 8, 9, 10))
+def _scalar_loss(loss_of, hidden, weight, bias, ids, tw, rows, softcap, need_sum, blocks, layout):
+    return _one_pass(loss_of, hidden, weight, bias, ids, tw, rows, softcap, need_sum, blocks, layout)
 
 
 @_scalar_loss.defjvp
-def _scalar_loss_jvp(loss_of, softcap, need_sum, blocks, primals, tangents):
+def _scalar_loss_jvp(loss_of, softcap, need_sum, blocks, layout, primals, tangents):
     """Forward mode of a scalar: ``<gradient, tangent>``, the gradient from the one-pass sweep.
     (Reverse mode transposes this linear map, so it also gets the one-pass gradients.)"""
     hidden, weight, bias, ids, tw, rows = primals
-    f = lambda h, w, b, t, r: _one_pass(loss_of, h, w, b, ids, t, r, softcap, need_sum, blocks)
+    f = lambda h, w, b, t, r: _one_pass(loss_of, h, w, b, ids, t, r, softcap, need_sum, blocks, layout)
     (loss, stats), vjp = jax.vjp(f, hidden, weight, bias, tw, rows)
     grads = vjp((jnp.ones((), loss.dtype), jax.tree.map(jnp.zeros_like, stats)))
     t_h, t_w, t_b, _, t_tw, t_rows = tangents
@@ -247,14 +250,15 @@ def _scalar_loss_jvp(loss_of, softcap, need_sum, blocks, primals, tangents):
 
 
 def one_pass_loss(loss_of: Callable, hidden, weight, bias, ids, tw, rows, *, softcap, need_sum,
-                  blocks: BlockSizes):
+                  blocks: BlockSizes, layout: str = "vd"):
     """Scalar ``sum_n loss_of(stats, rows)[n]`` and its :class:`LogitStats` ``[N]`` (no gradient),
     with the gradients made in the forward sweep when differentiated (reverse or forward mode;
     twice, e.g. jax.hessian, through the sweep's own autodiff).
 
     loss_of(stats: LogitStats of a chunk, rows: the chunk's slice of ``rows``) -> float32
     per-token losses ``[chunk]``, already masked and scaled by the reduction; rows: a pytree of
-    ``[N]``-leading arrays. hidden ``[N, D]``, weight ``[V, D]``, bias ``[V]`` or None,
+    ``[N]``-leading arrays. hidden ``[N, D]``, weight ``[V, D]`` or ``[D, V]`` (``layout`` "vd" /
+    "dv"; its gradient in the same layout, no transposed copy), bias ``[V]`` or None,
     ids ``[N, K]`` int32, tw ``[N, K]`` float32 target weights.
     """
-    return _scalar_loss(loss_of, hidden, weight, bias, ids, tw, rows, softcap, need_sum, blocks)
+    return _scalar_loss(loss_of, hidden, weight, bias, ids, tw, rows, softcap, need_sum, blocks, layout)

@@ -18,7 +18,6 @@ from ls_jax.lm_loss import next_token_targets, token_metrics
 from ls_jax.logit_stats import BlockSizes
 from ls_jax.losses import linear_smoothed_cross_entropy
 
-HEAD_LAYOUTS = ("vd", "dv")
 
 
 def sown_hidden_states(model: nnx.Module, forward: Callable[[], object], name: str = "all_hidden_states") -> jax.Array:
@@ -35,19 +34,12 @@ def sown_hidden_states(model: nnx.Module, forward: Callable[[], object], name: s
     return values[-1] if isinstance(values, tuple) else values
 
 
-def head_vd(head: jax.Array, head_layout: str) -> jax.Array:
-    """The head as ``[V, D]`` (the layout the fused loss takes) from ``[V, D]`` ("vd") or
-    ``[D, V]`` ("dv": Tunix's lm_head, nnx.Linear, MaxText; transposed here)."""
-    if head_layout not in HEAD_LAYOUTS:
-        raise ValueError(f"head_layout must be one of {HEAD_LAYOUTS}, got {head_layout!r}")
-    return head if head_layout == "vd" else head.T
-
-
 def next_token_loss(hidden: jax.Array, head: jax.Array, input_ids: jax.Array, token_mask: jax.Array, *,
                     head_layout: str = "vd", logit_softcap: Optional[float] = None, label_smoothing: float = 0.0,
                     z_loss: float = 0.0, impl: str = "auto", blocks: Optional[BlockSizes] = None):
-    """Mean smoothed next-token cross-entropy of ``hidden [B, T, D]`` under ``head`` (``[V, D]``
-    or ``[D, V]``, see :func:`head_vd`), and metrics.
+    """Mean smoothed next-token cross-entropy of ``hidden [B, T, D]`` under ``head`` (``[V, D]``,
+    ``head_layout="vd"``, or ``[D, V]``, "dv": Tunix's lm_head, nnx.Linear, MaxText; read in
+    place, see ``weight_layout`` of :func:`ls_jax.linear_smoothed_cross_entropy`), and metrics.
 
     Position t is scored on ``input_ids[t + 1]`` where ``token_mask[t + 1]`` (bool / 0-1
     ``[B, T]``: the tokens that are targets, e.g. Tunix's ``input_mask``); the last position
@@ -56,12 +48,12 @@ def next_token_loss(hidden: jax.Array, head: jax.Array, input_ids: jax.Array, to
     ``accuracy``, ``mean_lse``, ``mean_confidence``, int32 ``tokens``, and the sums of
     :func:`ls_jax.lm_loss.token_metrics`.
     """
-    weight = head_vd(head, head_layout).astype(hidden.dtype)
+    weight = head.astype(hidden.dtype)
     labels = jnp.where(jnp.asarray(token_mask, bool), input_ids, -100)
     targets = next_token_targets(labels)
     loss, stats = linear_smoothed_cross_entropy(
         hidden, weight, targets, label_smoothing=label_smoothing, z_loss=z_loss, logit_softcap=logit_softcap,
-        reduction="mean", impl=impl, blocks=blocks, return_stats=True)
+        reduction="mean", impl=impl, blocks=blocks, weight_layout=head_layout, return_stats=True)
     metrics = token_metrics(stats, targets)
     nll = -stats.target_logprob.sum() / jnp.maximum(metrics["tokens"], 1)
     return loss, {**metrics, "nll": nll, "perplexity": jnp.exp(nll)}
