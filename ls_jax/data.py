@@ -334,12 +334,13 @@ class Batches:
         if self.per_epoch == 0:
             raise DataError(f"only {len(self.rows)} rows of data for a batch size of {batch_size}")
 
-    def batch(self, position: int) -> Dict[str, np.ndarray]:
-        """Batch number ``position``: dict of int32 arrays ``[batch_size, max_length]``."""
+    def batch(self, position: int, rows: slice = slice(None)) -> Dict[str, np.ndarray]:
+        """Batch number ``position``: dict of int32 arrays ``[batch_size, max_length]``; with
+        ``rows``, only those rows of it (a process's share of a batch split across processes)."""
         epoch, k = divmod(position, self.per_epoch)
         order = (np.random.default_rng(self.seed + epoch).permutation(len(self.rows))
                  if self.shuffle else np.arange(len(self.rows)))
-        take = order[k * self.batch_size:(k + 1) * self.batch_size]
+        take = order[k * self.batch_size:(k + 1) * self.batch_size][rows]
         return {key: np.stack([self.rows[i][key] for i in take]) for key in self.rows[0]}
 
     def __len__(self) -> int:

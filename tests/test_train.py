@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import jax.numpy as jnp
@@ -287,6 +288,70 @@ def test_eight_devices_match_one(runs):
     np.testing.assert_allclose(_losses(out), _losses(runs["base"] / "big"), rtol=1e-4)
     for key in ("loss", "nll", "ece", "accuracy", "answer_accuracy"):
         assert eight[key] == pytest.approx(one[key], rel=1e-3, abs=1e-5), key
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(n: int, port: int, flags, devices: int = 4, num_processes=None):
+    """``n`` train.py processes with ``devices`` CPU devices each, joined through 127.0.0.1:port."""
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    return [subprocess.Popen([sys.executable, "train.py", *flags, "--coordinator", f"127.0.0.1:{port}",
+                              "--num-processes", str(num_processes or n), "--process-id", str(i)],
+                             env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for i in range(n)]
+
+
+def _wait(procs, timeout=300):
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    return outs
+
+
+def test_two_processes_match_one_and_resume_after_kill(runs):
+    """2 processes x 4 CPU devices (gloo collectives) on a data=2,fsdp=4 mesh: killed both after
+    the first checkpoint, then --resume: the losses of the 1-device run; a resume with another
+    number of processes, and a process whose --num-processes disagrees, are refused."""
+    out = runs["base"] / "two_processes"
+    cfg = {**TINY, **runs["kw"], "mesh": "data=2,fsdp=4"}
+    flags = ["--output-dir", str(out), "--no-progress", "--compare-smoothing", ""]
+    for k, v in cfg.items():
+        if k not in ("progress", "compare_smoothing"):
+            flags += [f"--{k.replace('_', '-')}", str(v)]
+    procs = _launch(2, _free_port(), flags)
+    try:
+        first = out / "checkpoints" / str(K)
+        while not first.is_dir() and all(p.poll() is None for p in procs):
+            time.sleep(0.05)
+        assert first.is_dir(), procs[0].communicate()[1][-3000:]
+    finally:
+        for p in procs:
+            p.kill()
+            p.communicate()
+    assert not (out / "checkpoints" / str(STEPS)).exists()  # killed mid-run
+    _wait(_launch(2, _free_port(), flags + ["--resume"]))
+    np.testing.assert_allclose(_losses(out), _losses(runs["base"] / "big"), rtol=1e-4)
+    assert (out / "hf" / "model.safetensors").exists() and (out / "final.json").exists()
+    with pytest.raises(ValueError, match="written by 2 processes, this run has 1"):
+        run(_config(out, resume=True, **runs["kw"]))
+    procs = _launch(2, _free_port(), flags + ["--output-dir", str(out / "never")], num_processes=2)
+    procs[1].kill()  # replaced by a process that claims 3 processes
+    procs[1].communicate()
+    port = procs[0].args[procs[0].args.index("--coordinator") + 1].rsplit(":", 1)[1]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    bad = subprocess.run([sys.executable, "train.py", *flags, "--output-dir", str(out / "never"), "--coordinator",
+                          f"127.0.0.1:{port}", "--num-processes", "3", "--process-id", "1"],
+                         env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    procs[0].kill()
+    procs[0].communicate()
+    assert bad.returncode == 2, bad.stderr[-2000:]
+    assert bad.stderr.strip().splitlines()[-1] == "error: --num-processes 3 does not match the coordinator's 2 processes"
 
 
 def _bad(tmp_path, capsys, *args, out=None):

@@ -113,6 +113,12 @@ class TrainConfig(LossOptions):
     log_every: int = 10
     resume: bool = False
     progress: bool = True
+    # several processes (hosts): ls_jax.train.distributed
+    coordinator: Optional[str] = None
+    num_processes: Optional[int] = None
+    process_id: Optional[int] = None
+    distributed: bool = False
+    init_timeout: int = 300
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -195,6 +201,12 @@ _HELP = {
     "log_every": "write a train line to metrics.jsonl every k steps",
     "resume": "continue from the latest checkpoint in --output-dir",
     "progress": "show a progress bar",
+    "coordinator": "HOST:PORT of process 0, for a run over several processes (each host runs the same command)",
+    "num_processes": "how many processes take part (with --coordinator)",
+    "process_id": "this process's number in [0, --num-processes) (with --coordinator)",
+    "distributed": "join the other processes as JAX detects them (Slurm, TPU VMs, Open MPI) instead of "
+                   "--coordinator / --num-processes / --process-id",
+    "init_timeout": "seconds to wait for every process to join",
 }
 
 

@@ -21,6 +21,7 @@ from typing import Dict, Optional
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from ls_jax.answer_calibration import answer_calibration
 from ls_jax.atomic import atomic_path, write_text
@@ -28,6 +29,7 @@ from ls_jax.calibration import CalibrationReport, reliability_diagram
 from ls_jax.data import Batches, eval_batches
 from ls_jax.train import classification, sharding
 from ls_jax.train.checkpoint import CheckpointStore
+from ls_jax.train.distributed import is_main
 from ls_jax.train.config import TrainConfig
 from ls_jax.train.export import export_hf
 from ls_jax.train.lora import add_lora
@@ -44,8 +46,13 @@ RESUME_FIELDS = ("model", "data", "eval_data", "split", "eval_fraction", "num_tr
                  "label_smoothing", "z_loss", "logit_softcap")
 
 
-def check_resumable(saved: dict, config: TrainConfig) -> None:
-    """Raise :class:`ConfigError` if ``config`` changes a field that would make resuming inexact."""
+def check_resumable(meta: dict, config: TrainConfig) -> None:
+    """Raise :class:`ConfigError` if ``config`` changes a field that would make resuming the
+    checkpoint of ``meta`` inexact, or this run has another number of processes."""
+    saved, processes = meta["config"], meta.get("processes", 1)
+    if processes != jax.process_count():
+        raise ConfigError(f"--resume: the checkpoint was written by {processes} processes, this run has "
+                          f"{jax.process_count()}; resume with the same number of processes")
     now = config.to_json()
     changed = [k for k in RESUME_FIELDS if k in saved and saved[k] != now[k]]
     if changed:
@@ -59,7 +66,9 @@ def _evaluate(evaluate, params, frozen, batches, mesh) -> Dict:
     (``special_``), teacher-forced answer accuracy; plus the content tokens' bins."""
     total = None
     for b in batches:
-        total = accumulate(total, evaluate(params, frozen, jax.device_put(b, sharding.batch_sharding(mesh))))
+        batch = sharding.put_rows(lambda rows: {k: v[rows] for k, v in b.items()}, len(b["input_ids"]),
+                                  sharding.batch_sharding(mesh))
+        total = accumulate(total, evaluate(params, frozen, batch))
     total = jax.device_get(total)
     report = CalibrationReport.from_bins(total["bins"])
     special = CalibrationReport.from_bins(total["special_bins"])
@@ -138,21 +147,23 @@ def train(config: TrainConfig, prep: Prepared, out_dir: str, *, stop_at: Optiona
         held = eval_batches(prep.held_out, config.eval_batch_size, config.max_length, pad)
         run_eval = _evaluate
 
+    main = is_main()
     store = CheckpointStore(os.path.join(out_dir, "checkpoints"), keep=config.keep_checkpoints)
-    log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"))
+    log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), enabled=main)
     step, position = 0, 0
     latest = store.latest_step() if config.resume else None
     if latest is not None:
         (params, opt_state), meta = store.restore(latest, (params, opt_state))
-        check_resumable(meta["config"], config)
+        check_resumable(meta, config)
         step, position = meta["step"], meta["data_position"]
     if config.resume:  # drop lines logged after the last checkpoint (all of them when there is none)
         log.truncate_after(step)
 
     def save():
-        store.save(step, (params, opt_state), {"step": step, "data_position": position, "config": config.to_json()})
+        store.save(step, (params, opt_state), {"step": step, "data_position": position, "config": config.to_json(),
+                                               "processes": jax.process_count()})
 
-    progress = Progress(config.steps, step, f"train a={config.label_smoothing:g}", config.progress)
+    progress = Progress(config.steps, step, f"train a={config.label_smoothing:g}", config.progress and main)
     if latest is not None:
         progress.note(f"resumed from step {step} (data position {position})")
     batch_sh = sharding.batch_sharding(mesh, leading=1)
@@ -160,17 +171,20 @@ def train(config: TrainConfig, prep: Prepared, out_dir: str, *, stop_at: Optiona
     last = config.steps if stop_at is None else min(stop_at, config.steps)
     try:
         while step < last:
-            micro = [batches.batch(position + i) for i in range(config.grad_accum)]
-            batch = {k: np.stack([m[k] for m in micro]) for k in micro[0]}
+            def rows(r, start=position):  # this process's rows of each micro-batch, stacked [grad_accum, rows, T]
+                micro = [batches.batch(start + i, r) for i in range(config.grad_accum)]
+                return {k: np.stack([m[k] for m in micro]) for k in micro[0]}
+
             t0 = time.perf_counter()
-            params, opt_state, metrics = train_step(params, frozen, opt_state, jax.device_put(batch, batch_sh))
+            batch = sharding.put_rows(rows, config.batch_size, batch_sh, axis=1)
+            params, opt_state, metrics = train_step(params, frozen, opt_state, batch)
             loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
             seconds = time.perf_counter() - t0
             if not (math.isfinite(loss) and math.isfinite(grad_norm) and bool(metrics["finite"])):
                 raise Diverged(f"training diverged at step {step + 1} (loss {loss:g}, gradient norm {grad_norm:g}"
                                f"{'' if bool(metrics['finite']) else ', non-finite parameters'}): stopped before "
                                f"saving it; the earlier checkpoints are kept (try a lower --lr)")
-            rate = int((batch["segment_ids"] > 0).sum()) / seconds  # real (non-padding) tokens per second
+            rate = int(metrics["real_tokens"]) / seconds  # real (non-padding) tokens per second
             if losses:  # this session's first step includes compilation
                 rates.append(rate)
             step, position = step + 1, position + config.grad_accum
@@ -199,7 +213,9 @@ def train(config: TrainConfig, prep: Prepared, out_dir: str, *, stop_at: Optiona
              "tokens_per_s": throughput, "token_bins": _bins_json(result["bins"])}
     if prep.classes is not None:
         final.update(smoothing_convention=config.smoothing_convention, classes=prep.classes)
-    if step == config.steps:  # each output appears complete or not at all; final.json, last, marks the end
+    if step == config.steps and jax.process_count() > 1:  # every process sends its shards to the host
+        params, frozen = multihost_utils.process_allgather((params, frozen), tiled=True)
+    if step == config.steps and main:  # each output appears complete or not at all; final.json, last, marks the end
         if config.task == "causal_lm":
             model = nnx.merge(graphdef, params, frozen)
             final["vocab_size"] = int(model.unembedding().shape[0])

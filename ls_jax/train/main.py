@@ -2,6 +2,8 @@
 
 Exit status 0 on success, 2 on bad input (one ``error: ...`` line on stderr; nothing written),
 1 when training diverges (one ``error: ...`` line; the checkpoints before it are kept).
+Several processes (``--coordinator`` ..., :mod:`ls_jax.train.distributed`) run the same command;
+process 0 writes the files other than checkpoints and prints the report.
 """
 
 import dataclasses
@@ -14,7 +16,8 @@ from typing import List, Optional, Sequence
 from ls_jax.atomic import atomic_path, check_output_dir, write_text
 from ls_jax.data import DataError
 from ls_jax.train.config import TrainConfig, parse_args
-from ls_jax.train.setup import ConfigError, checkpoint_builder, prepare
+from ls_jax.train import distributed
+from ls_jax.train.setup import ConfigError, check_config, checkpoint_builder, prepare
 from ls_jax.train.sharding import MeshError
 from ls_jax.train.report import CLASSIFICATION_COLUMNS, Diverged, stage_reliability, summary_table, summary_tables
 
@@ -66,7 +69,7 @@ def _check_output(runs, resume: bool) -> None:
         try:
             latest = store.latest_step()
             if latest is not None:
-                check_resumable(store.meta(latest)["config"], run_config)
+                check_resumable(store.meta(latest), run_config)
         finally:
             store.close()
 
@@ -83,6 +86,8 @@ def run(config: TrainConfig, *, stop_at: Optional[int] = None) -> List[dict]:
     """
     out_dir = config.output_dir or default_output_dir()
     config = dataclasses.replace(config, output_dir=out_dir)
+    check_config(config)
+    distributed.initialize(config)  # before anything asks jax for its devices
     runs = _run_dirs(config, out_dir)
     _check_output(runs, config.resume)
     saved_tok = os.path.join(runs[0][1], "tokenizer")
@@ -92,12 +97,14 @@ def run(config: TrainConfig, *, stop_at: Optional[int] = None) -> List[dict]:
 
     for line in prep.log:
         print(line, file=sys.stderr)
+    main_process = distributed.is_main()
     results = []
     for i, (run_config, d) in enumerate(runs):
         os.makedirs(d, exist_ok=True)
-        with atomic_path(os.path.join(d, "tokenizer")) as tmp:
-            prep.tokenizer.save_pretrained(tmp)
-        write_text(os.path.join(d, "config.json"), json.dumps(run_config.to_json(), indent=2))
+        if main_process:
+            with atomic_path(os.path.join(d, "tokenizer")) as tmp:
+                prep.tokenizer.save_pretrained(tmp)
+            write_text(os.path.join(d, "config.json"), json.dumps(run_config.to_json(), indent=2))
         stage = "sft"
         if config.base_steps and i == 0:  # pre-train on the plain-text corpus; the runs after fine-tune it
             stage, run_prep = "base", dataclasses.replace(prep, train=prep.base)
@@ -108,7 +115,7 @@ def run(config: TrainConfig, *, stop_at: Optional[int] = None) -> List[dict]:
         results.append({"stage": stage, **train(run_config, run_prep, d, stop_at=stop_at)["metrics"]})
         if stop_at is not None and results[-1]["step"] < run_config.steps:
             break  # stopped as if killed: the later stages wait for --resume
-    if len(runs) > 1:
+    if len(runs) > 1 and main_process:
         write_text(os.path.join(out_dir, "summary.json"), json.dumps(results, indent=2))
         if all(r["step"] == c.steps for r, (c, _) in zip(results, runs)):
             options = max((len(r["choices"]) for r in prep.held_rows if r.get("choices")), default=0)
@@ -133,6 +140,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Diverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if not distributed.is_main():
+        return 0
     print(f"\nheld-out results ({time.perf_counter() - start:.0f} s):", file=sys.stderr)
     print(summary_table(results, CLASSIFICATION_COLUMNS) if config.task == "classification" else summary_tables(results))
     use = ("a *ForSequenceClassification checkpoint" if config.task == "classification"

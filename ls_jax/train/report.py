@@ -16,15 +16,17 @@ class Diverged(RuntimeError):
 
 
 class MetricsLog:
-    """Appends one JSON object per line to ``path`` (``{"kind": "train" | "eval", "step": ..., ...}``)."""
+    """Appends one JSON object per line to ``path`` (``{"kind": "train" | "eval", "step": ..., ...}``);
+    writes nothing when not ``enabled`` (a process other than 0 of a multi-process run)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, enabled: bool = True):
         self.path = path
+        self.enabled = enabled
 
     def truncate_after(self, step: int) -> None:
         """Drop lines of steps after ``step`` (logged by a run killed before its next checkpoint),
         and a last line cut short by the kill."""
-        if not os.path.exists(self.path):
+        if not self.enabled or not os.path.exists(self.path):
             return
 
         def kept(line: str) -> bool:
@@ -38,6 +40,8 @@ class MetricsLog:
         write_text(self.path, "".join(keep))  # a kill now leaves the old file, not a cut one
 
     def write(self, kind: str, step: int, values: Dict[str, float]) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
 

@@ -19,7 +19,7 @@ it). Optimizer state (Adam's moments) mirrors the parameters' paths, so it gets 
 layout. Batches are split along their row dimension over ``("data", "fsdp")``.
 """
 
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
@@ -117,6 +117,33 @@ def tree_shardings(tree, mesh: Mesh):
 def batch_sharding(mesh: Mesh, leading: int = 0) -> NamedSharding:
     """Rows over ``("data", "fsdp")`` for arrays ``[*leading dims, rows, ...]``."""
     return NamedSharding(mesh, P(*([None] * leading), BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Every device holds the whole array (small outputs every process reads, e.g. metrics)."""
+    return NamedSharding(mesh, P())
+
+
+def put_rows(make: Callable[[slice], Dict[str, np.ndarray]], rows: int, sharding: NamedSharding,
+             axis: int = 0) -> Dict[str, jax.Array]:
+    """Global arrays of a batch of ``rows`` rows along ``axis``, placed by ``sharding``, built from
+    this process's rows only: ``make(span)`` returns the batch's numpy arrays restricted to
+    ``span`` (a slice of ``axis``: the rows this process's devices hold). One process: all rows."""
+    index_shape = (1,) * axis + (rows,)
+    spans = [index[axis] for index in sharding.addressable_devices_indices_map(index_shape).values()]
+    start = min(s.start or 0 for s in spans)
+    stop = max(rows if s.stop is None else s.stop for s in spans)
+    local = make(slice(start, stop))
+
+    def shard(array, index):
+        index = list(index)
+        span = index[axis]
+        index[axis] = slice((span.start or 0) - start, (rows if span.stop is None else span.stop) - start)
+        return array[tuple(index)]
+
+    return {k: jax.make_array_from_callback(a.shape[:axis] + (rows,) + a.shape[axis + 1:], sharding,
+                                            lambda index, a=a: shard(a, index))
+            for k, a in local.items()}
 
 
 def check_batch(batch_size: int, mesh: Mesh, flag: str = "--batch-size") -> None:

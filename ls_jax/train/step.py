@@ -59,7 +59,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, opts: LossOption
     the causal LM's response tokens; ``ls_jax.train.classification`` passes its rows).
     metrics: float32 ``loss`` (the step's unit-weighted mean), ``grad_norm`` (before
     clipping), int32 ``tokens`` (units scored in the step), bool ``finite`` (every updated
-    parameter is finite).
+    parameter is finite), ``real_tokens`` (all non-padding tokens). All replicated.
     """
 
     def step(params, frozen, opt_state, batch):
@@ -79,13 +79,13 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, opts: LossOption
         params = optax.apply_updates(params, updates)
         finite = jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(params)]))
         metrics = {"loss": losses.sum(), "grad_norm": optax.tree.norm(grads),
-                   "tokens": count(batch), "finite": finite}
+                   "tokens": count(batch), "real_tokens": (batch["segment_ids"] > 0).sum(), "finite": finite}
         return params, opt_state, metrics
 
     return jax.jit(
         step,
         in_shardings=(param_shardings, frozen_shardings, opt_shardings, sharding.batch_sharding(mesh, leading=1)),
-        out_shardings=(param_shardings, opt_shardings, None),
+        out_shardings=(param_shardings, opt_shardings, sharding.replicated(mesh)),
         donate_argnums=(0, 2),
     )
 
@@ -124,7 +124,8 @@ def make_eval_step(graphdef, opts: LossOptions, *, param_shardings, frozen_shard
         return {"loss_sum": loss.sum(), "tokens": stats.valid.sum(), "answers": answered.sum(),
                 "answers_correct": (answered & ~wrong).sum(), **bins}
 
-    return jax.jit(evaluate, in_shardings=(param_shardings, frozen_shardings, sharding.batch_sharding(mesh)))
+    return jax.jit(evaluate, in_shardings=(param_shardings, frozen_shardings, sharding.batch_sharding(mesh)),
+                   out_shardings=sharding.replicated(mesh))
 
 
 def accumulate(total: Optional[Dict[str, Any]], part: Dict[str, Any]) -> Dict[str, Any]:
