@@ -8,7 +8,7 @@ Two paths:
   terms, times the softcap factor, all in float32), ``dh_chunk = dz @ W`` and
   ``dW += dz.T @ h_chunk`` (float32 accumulator), in the forward sweep: 6NDV matmul work, no
   recompute, deterministic. The backward only scales the stored gradients by the cotangent.
-  Extra memory: the tile (``block_n x V`` float32, about 16 MiB by default) plus the float32
+  Extra memory: the tile (``block_n x V`` float32, up to 128 MiB by default) plus the float32
   dW accumulator ``[V, D]`` (and a float32 copy of a 16-bit weight: the matmuls run in float32,
   so dz is never rounded before it meets W or h); the gradients are held from forward to
   backward in the dtypes of hidden / weight / bias (exact for a cotangent of 1). A frozen weight or bias (not differentiated, or under
@@ -33,7 +33,10 @@ from ls_jax.logit_stats import (Backend, BlockSizes, LogitStats, apply_softcap, 
                                 weighted_sum)
 
 BLOCK_N, BLOCK_V = 1024, 2048  # two-pass tile
-ONE_PASS_TILE = 2**22  # one-pass tile elements (block_n x V float32 = 16 MiB)
+# One-pass tile elements (block_n x V float32 = 128 MiB): every chunk adds into the whole float32
+# dW, so fewer, larger chunks cost less memory traffic (benchmarks/RESULTS.md: block_n 512 vs 64
+# at V = 65536 took 0.79x the CPU time for 116 MiB more temporaries).
+ONE_PASS_TILE = 2**25
 
 
 def _slide(i, block, size):
