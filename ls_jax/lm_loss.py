@@ -51,7 +51,7 @@ def token_metrics(stats: TokenStats, targets: jax.Array) -> dict:
 def causal_lm_loss(model, batch: dict, *, label_smoothing: float = 0.0, z_loss: float = 0.0,
                    ignore_index: int = -100, logit_softcap: Union[str, float, None] = "model",
                    shift_labels: bool = True, reduction: str = "mean", impl: str = "auto",
-                   blocks: Optional[BlockSizes] = None):
+                   blocks: Optional[BlockSizes] = None, mesh=None):
     """Label-smoothed next-token cross-entropy of ``model`` on ``batch``, and metrics.
 
     batch: ``input_ids [B, T]`` int, ``labels [B, T]`` int (``ignore_index`` on prompt and
@@ -61,7 +61,8 @@ def causal_lm_loss(model, batch: dict, *, label_smoothing: float = 0.0, z_loss: 
     already shifted and used as they are (``ignore_index`` still masks).
     logit_softcap: "model" uses ``model.final_logit_softcap``; a float or None overrides it.
     reduction: "mean" over scored tokens or "sum" (e.g. for gradient accumulation).
-    impl / blocks: passed to :func:`linear_smoothed_cross_entropy`. The unembedding is cast to
+    impl / blocks / mesh: passed to :func:`linear_smoothed_cross_entropy` (mesh: each device
+    computes the loss of its own tokens and vocabulary shard). The unembedding is cast to
     the hidden states' (compute) dtype, as the model's own matmuls.
     Returns ``(loss float32 scalar, metrics)``, metrics from :func:`token_metrics`.
     """
@@ -81,7 +82,7 @@ def causal_lm_loss(model, batch: dict, *, label_smoothing: float = 0.0, z_loss: 
     weight = model.unembedding().astype(hidden.dtype)  # compute dtype, as the model's own matmuls
     loss, stats = linear_smoothed_cross_entropy(
         hidden, weight, targets, label_smoothing=label_smoothing, ignore_index=ignore_index,
-        z_loss=z_loss, logit_softcap=logit_softcap, reduction=reduction, impl=impl, blocks=blocks,
+        z_loss=z_loss, logit_softcap=logit_softcap, reduction=reduction, impl=impl, blocks=blocks, mesh=mesh,
         return_stats=True,
     )
     return loss, token_metrics(stats, targets)

@@ -21,6 +21,7 @@ import numpy as np
 from ls_jax.dispatch import ONE_PASS, logit_stats_fn, resolve
 from ls_jax.logit_stats import LAYOUTS, BlockSizes, LogitStats, apply_softcap, vocab_axis, weighted_sum
 from ls_jax.reference import stats_from_logits
+from ls_jax.sharded import resolve_mesh, sharded_logit_stats
 from ls_jax.targets import (Labels, check_arrays, check_options, dense_targets, is_static_zero, sparse_targets,
                             token_weights)
 
@@ -150,7 +151,7 @@ def linear_smoothed_cross_entropy(
     hidden, weight, labels: Labels, *, bias=None, label_smoothing: float = 0.0,
     ignore_index: int = -100, where=None, weights=None, z_loss: float = 0.0,
     logit_softcap: Optional[float] = None, reduction: str = "mean", impl: str = "auto",
-    blocks: Optional[BlockSizes] = None, weight_layout: str = "vd", return_stats: bool = False,
+    blocks: Optional[BlockSizes] = None, weight_layout: str = "vd", return_stats: bool = False, mesh=None,
 ):
     """``smoothed_cross_entropy(hidden @ weight.T + bias, labels, ...)`` without the logits.
 
@@ -172,6 +173,11 @@ def linear_smoothed_cross_entropy(
     (jax.hessian of its sum). Default reduction: "mean" over valid tokens. ``weights`` / traced
     options as in :func:`smoothed_cross_entropy`.
     With ``return_stats`` returns ``(loss, TokenStats)``.
+    mesh: a ``jax.sharding.Mesh`` (or None: the ambient mesh of ``jax.set_mesh`` /
+    ``jax.sharding.use_mesh``, if any) with axes ``data`` / ``fsdp`` (tokens split over them,
+    the weight gathered) and ``tensor`` (the weight vocabulary-parallel): each device computes
+    its own tokens and vocabulary shard, for every impl, by the two-pass path (ls_jax/sharded.py).
+    The tokens ``hidden.shape[:-1]`` must be divisible by the batch axes' size.
     """
     check_options(label_smoothing, z_loss, logit_softcap, reduction)
     impl = resolve(impl)
@@ -205,7 +211,13 @@ def linear_smoothed_cross_entropy(
     opts = dict(softcap=cap, need_sum=need_sum, blocks=blocks, layout=weight_layout)
     if impl == "reference":
         h = _zero_ignored(h, t.valid)
-    if reduction != "none" and impl in ONE_PASS:
+    mesh = resolve_mesh(mesh)
+    if mesh is not None:
+        rows_first = weight if weight_layout == "vd" else weight.T  # sharded.py splits [V, D] rows
+        stats = sharded_logit_stats(logit_stats_fn(impl), h, rows_first, bias, t.ids, t.weights, mesh=mesh,
+                                    **{**opts, "layout": "vd"})
+        loss = token_loss(stats, rows)
+    elif reduction != "none" and impl in ONE_PASS:
         loss, stats = ONE_PASS[impl](token_loss, h, weight, bias, t.ids, t.weights, rows, **opts)
     else:
         stats = logit_stats_fn(impl)(h, weight, bias, t.ids, t.weights, **opts)

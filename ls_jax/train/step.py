@@ -11,6 +11,7 @@ weighted by its share of the step's response tokens, so the update equals that o
 of ``grad_accum * B`` rows (up to float rounding).
 """
 
+from functools import partial
 from typing import Any, Callable, Dict, Optional, Sequence
 
 import jax
@@ -32,11 +33,12 @@ def model_inputs(batch: Dict[str, jax.Array]) -> Dict[str, jax.Array]:
             "segment_ids": batch["segment_ids"]}
 
 
-def _loss_sum(model, batch, opts: LossOptions):
-    """Summed smoothed loss over the batch's response tokens (the wrapper shifts the labels)."""
+def _loss_sum(model, batch, opts: LossOptions, mesh=None):
+    """Summed smoothed loss over the batch's response tokens (the wrapper shifts the labels),
+    each device computing its own tokens and vocabulary shard on ``mesh``."""
     loss, _ = causal_lm_loss(
         model, {"input_ids": batch["input_ids"], "labels": batch["labels"], **model_inputs(batch)},
-        reduction="sum", **opts.loss_kwargs())
+        reduction="sum", mesh=mesh, **opts.loss_kwargs())
     return loss
 
 
@@ -52,10 +54,11 @@ def lm_tokens(batch) -> jax.Array:
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, opts: LossOptions, *,
                     param_shardings, frozen_shardings, opt_shardings, mesh,
-                    loss_sum: Callable = _loss_sum, count: Callable = lm_tokens) -> Callable:
+                    loss_sum: Optional[Callable] = None, count: Callable = lm_tokens) -> Callable:
     """``step(params, frozen, opt_state, batch) -> (params, opt_state, metrics)``, jitted.
 
-    loss_sum(model, micro_batch, opts): the summed loss; count(batch): int32 scored units (default:
+    loss_sum(model, micro_batch, opts): the summed loss (default: the causal LM's, each device
+    computing its own tokens and vocabulary shard on ``mesh``); count(batch): int32 scored units (default:
     the causal LM's response tokens; ``ls_jax.train.classification`` passes its rows).
     metrics: float32 ``loss`` (the step's unit-weighted mean), ``grad_norm`` (before
     clipping), int32 ``tokens`` (units scored in the step), bool ``finite`` (every updated
@@ -68,7 +71,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, opts: LossOption
         def micro(acc, mb):
             def weighted(p):
                 model = nnx.merge(graphdef, p, frozen)
-                return loss_sum(model, mb, opts) / total
+                return (loss_sum or partial(_loss_sum, mesh=mesh))(model, mb, opts) / total
 
             loss, grads = jax.value_and_grad(weighted)(params)
             return jax.tree.map(jnp.add, acc, grads), loss
@@ -113,7 +116,8 @@ def make_eval_step(graphdef, opts: LossOptions, *, param_shardings, frozen_shard
         weight = model.unembedding().astype(hidden.dtype)  # the compute dtype, as causal_lm_loss
         targets = next_token_targets(batch["labels"], inputs["attention_mask"], inputs["segment_ids"])
         kw = dict(opts.loss_kwargs(), logit_softcap=opts.softcap(model))
-        loss, stats = linear_smoothed_cross_entropy(hidden, weight, targets, reduction="none", return_stats=True, **kw)
+        loss, stats = linear_smoothed_cross_entropy(hidden, weight, targets, reduction="none", return_stats=True,
+                                                    mesh=mesh, **kw)
         brier = token_brier(hidden, weight, targets, stats, logit_softcap=kw["logit_softcap"], impl=opts.impl,
                             blocks=kw["blocks"])
         special = jnp.isin(targets, special_ids)

@@ -1,0 +1,117 @@
+"""The fused loss across devices: tokens over the batch axes, the classifier over the vocabulary.
+
+:func:`sharded_logit_stats` runs an implementation of the logit-statistics seam
+(ls_jax/logit_stats.py) under ``jax.shard_map``, so each device computes its own tokens only
+(``impl="pallas"`` included: XLA cannot split a custom call, shard_map hands it the local
+rows):
+
+* tokens ``[N, D]`` are split over the mesh's batch axes (``data``, ``fsdp``); the weight is
+  gathered over them (FSDP) as shard_map's input spec asks;
+* with a ``tensor`` axis the weight ``[V, D]`` is **vocabulary-parallel**: each device holds
+  ``V // t`` rows, computes :class:`LogitStats` over them, and the statistics are merged exactly
+  across the axis (:func:`merge_across`: max with pmax, lse by a shifted psum of exp, the logit
+  sum and the target term by psum, the prediction as the lowest index reaching the max); each
+  device scores only the target ids its rows own (the others' weights masked to 0). When t does not divide V, the last
+  ``V mod t`` (< t) rows are computed densely by every device and merged in (no class is ever
+  dropped). dW comes out sharded like W; no device holds ``[N, V]`` or a gathered ``[V, D]``.
+
+Gradients are plain autodiff through shard_map (``check_vma=False``, which pallas_call needs):
+its transpose divides a replicated output's cotangent by the axis size and psums the inputs'
+cotangents over the axes they are replicated on, which is exactly right for these merges.
+"""
+
+from typing import Callable, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from ls_jax import reference
+from ls_jax.logit_stats import LogitStats
+
+BATCH_AXES = ("data", "fsdp")
+VOCAB_AXIS = "tensor"
+
+
+def merge_pair(a: LogitStats, b: LogitStats) -> LogitStats:
+    """Statistics over the union of two vocabulary ranges, all of ``a``'s classes before ``b``'s
+    (argmax ties go to ``a``: the lowest index)."""
+    return LogitStats(jnp.logaddexp(a.lse, b.lse), a.logit_sum + b.logit_sum, a.target + b.target,
+                      jnp.maximum(a.max_logit, b.max_logit), jnp.where(b.max_logit > a.max_logit, b.prediction,
+                                                                       a.prediction))
+
+
+def merge_across(s: LogitStats, axis: str) -> LogitStats:
+    """Exact statistics over the union of every device's vocabulary shard along ``axis`` (each
+    device's ``prediction`` already a global class index); the result is the same on every device."""
+    m = jax.lax.pmax(jax.lax.stop_gradient(s.max_logit), axis)
+    shift = jnp.where(jnp.isfinite(m), m, 0.0)  # all -inf: no NaN
+    lse = shift + jnp.log(jax.lax.psum(jnp.exp(s.lse - shift), axis))
+    ties = jnp.where(s.max_logit == m, s.prediction, jnp.iinfo(jnp.int32).max)
+    return LogitStats(lse, jax.lax.psum(s.logit_sum, axis), jax.lax.psum(s.target, axis), m, jax.lax.pmin(ties, axis))
+
+
+def _rows_stats(stats_fn, h, w, b, ids, tw, start, rows, opts) -> LogitStats:
+    """``stats_fn`` over weight rows ``[start, start + rows)`` (``w``, ``b``): the target term
+    counts only the ids in that range; the prediction is a global class index."""
+    owned = (ids >= start) & (ids < start + rows)
+    s = stats_fn(h, w, b, jnp.clip(ids - start, 0, rows - 1), jnp.where(owned, tw, 0.0), **opts)
+    return s._replace(prediction=s.prediction + start)
+
+
+def mesh_axes(mesh) -> Tuple[Tuple[str, ...], Optional[str]]:
+    """(batch axes, vocabulary axis or None) of ``mesh`` that are present and larger than 1."""
+    batch = tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
+    return batch, (VOCAB_AXIS if mesh.shape.get(VOCAB_AXIS, 1) > 1 else None)
+
+
+def sharded_logit_stats(stats_fn: Callable, hidden, weight, bias, ids, tw, *, mesh, **opts) -> LogitStats:
+    """:class:`LogitStats` ``[N]`` of ``hidden [N, D]``, ``weight [V, D]``, ``bias [V]`` or None and
+    targets ``ids [N, K]`` (in ``[0, V)``), ``tw [N, K]``, computed on ``mesh`` as the module
+    describes; ``stats_fn`` is an implementation of the seam (ls_jax/dispatch.py) run on each
+    device's block with ``opts`` (softcap, need_sum, blocks). Raises ValueError when the batch
+    axes do not divide N."""
+    n, v = hidden.shape[0], weight.shape[0]
+    batch, vocab = mesh_axes(mesh)
+    shards = 1
+    for a in batch:
+        shards *= mesh.shape[a]
+    if n % shards:
+        raise ValueError(f"hidden has {n} tokens, not divisible by the mesh's batch axes "
+                         f"{' x '.join(f'{a}={mesh.shape[a]}' for a in batch)} = {shards}")
+    t = mesh.shape[vocab] if vocab else 1
+    per = v // t  # rows per vocabulary shard; the last v - t * per rows go to every device
+    if per == 0:
+        vocab, t, per = None, 1, v
+    split = t * per
+    even, even_bias = weight[:split], None if bias is None else bias[:split]  # the whole weight when t divides V
+    rest = (weight[split:], None if bias is None else bias[split:]) if split < v else None
+    tokens, rows = P(batch or None), P(vocab)
+
+    def local(h, w, b, ids, tw, rest):
+        start = jax.lax.axis_index(vocab) * per if vocab else 0
+        s = _rows_stats(stats_fn, h, w, b, ids, tw, start, per, opts)
+        if vocab:
+            s = merge_across(s, vocab)
+        if rest is not None:
+            s = merge_pair(s, _rows_stats(reference.logit_stats, h, *rest, ids, tw, split, v - split, opts))
+        return s
+
+    rest_spec = None if rest is None else (P(), None if bias is None else P())
+    f = jax.shard_map(local, mesh=mesh, check_vma=False,
+                      in_specs=(tokens, rows, None if bias is None else rows, tokens, tokens, rest_spec),
+                      out_specs=LogitStats(*(tokens,) * len(LogitStats._fields)))
+    return f(hidden, even, even_bias, ids, tw, rest)
+
+
+def resolve_mesh(mesh):
+    """``mesh`` itself, else the ambient one (``jax.set_mesh`` / ``jax.sharding.use_mesh``) when it
+    names a batch or vocabulary axis larger than 1; None means: no sharding."""
+    if mesh is None:
+        ambient = jax.sharding.get_abstract_mesh()
+        mesh = None if ambient.empty else ambient
+    if mesh is None or mesh_axes(mesh) == ((), None):
+        return None
+    return mesh
+
+
