@@ -3,7 +3,6 @@ for the network), the set builder on a tiny model with stub judges (expected sou
 rows left out), ``python -m ls_jax.s3ft`` and ``train.py --s3ft`` end to end, and bad input."""
 
 import json
-import os
 import re
 
 import jax.numpy as jnp
