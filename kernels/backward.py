@@ -9,8 +9,12 @@ the same memory; the logits are recomputed twice (8 N D V backward FLOPs):
   ``[bn, bv]`` logit tile (loop over D), form dz, and add ``dz @ W[blk]`` into the program's
   own ``[bn, d_pad]`` fp32 row slab of dh, one ``bd`` chunk at a time.
 * ``dW`` kernel, grid over vocabulary blocks: loop over token blocks; recompute the tile, add
-  ``dz.T @ h[blk]`` into the program's ``[dw_bv, d_pad]`` slab of dW; dbias (``dz.sum(0)``)
-  accumulates in registers. Its tile is ``Plan.for_dw()`` (few vocabulary rows, many tokens).
+  ``dz.T @ h[blk]`` into the program's ``[dw_bv, d_pad]`` slab of dW (``[d_pad, dw_bv]`` for a
+  ``[D, V]`` head: dW is written in the head's layout); dbias (``dz.sum(0)``) accumulates in
+  registers. Its tile is ``Plan.for_dw()`` (few vocabulary rows, many tokens).
+
+Every product with the head reads its block in the head's layout (``Plan.layout``) through the
+dimension numbers of ``logit_stats.head_logits`` / ``head_back`` / ``head_outer``.
 
 The slab is the fp32 accumulator because ``[bn, D]`` does not fit in registers for
 D in the thousands and the Triton lowering has no scratch memory. Each kernel reads and
@@ -35,6 +39,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from ls_jax.logit_stats import head_back, head_outer, vocab_axis
 from .tiles import Plan, dot_precision, logit_tile, present, with_absent
 
 
@@ -71,26 +76,35 @@ def _vectors(lse_ref, comp_ref, g_lse_ref, g_sum_ref, ids_ref, coef_ref, rows):
             [ids_ref[i, rows] for i in k], [coef_ref[i, rows] for i in k])
 
 
-def _over_chunks(out_ref, new_chunk, p: Plan):
-    """``out_ref[:, cols] = new_chunk(cols)`` for every ``bd`` chunk of D, then (on the GPU)
-    a barrier, so that the next reads of the slab by other threads see these writes."""
+def _d_axis(head: bool, p: Plan) -> int:
+    """The D axis of a slab: dh's ``[bn, d_pad]`` (1), or dW's in the head's layout."""
+    return 1 - vocab_axis(p.layout) if head else 1
+
+
+def _over_chunks(out_ref, new_chunk, head: bool, p: Plan):
+    """``out_ref[chunk] = new_chunk(chunk)`` for every ``bd`` chunk of the slab's D axis (see
+    ``_d_axis``), then (on the GPU) a barrier, so that the next reads of the slab by other
+    threads see these writes."""
+    axis = _d_axis(head, p)
 
     def chunk(k, _):
         cols = pl.ds(pl.multiple_of(k * p.bd, p.bd), p.bd)
-        out_ref[:, cols] = new_chunk(cols)
+        at = (slice(None), cols) if axis == 1 else (cols, slice(None))
+        out_ref[at] = new_chunk(at, cols)
 
     jax.lax.fori_loop(0, p.d_pad // p.bd, chunk, None)
     if not p.interpret:
         plgpu.debug_barrier()
 
 
-def _zero(out_ref, p: Plan):
-    _over_chunks(out_ref, lambda cols: jnp.zeros((out_ref.shape[0], p.bd), out_ref.dtype), p)
+def _zero(out_ref, head: bool, p: Plan):
+    shape = tuple(p.bd if a == _d_axis(head, p) else s for a, s in enumerate(out_ref.shape))
+    _over_chunks(out_ref, lambda at, cols: jnp.zeros(shape, out_ref.dtype), head, p)
 
 
-def _add_chunks(out_ref, product, keep, p: Plan):
-    """``out_ref[:, cols] += product(cols)`` over D, only if ``keep`` (a traced bool; None: always)."""
-    add = lambda: _over_chunks(out_ref, lambda cols: out_ref[:, cols] + product(cols), p)
+def _add_chunks(out_ref, product, keep, head: bool, p: Plan):
+    """``out_ref[chunk] += product(cols)`` over D, only if ``keep`` (a traced bool; None: always)."""
+    add = lambda: _over_chunks(out_ref, lambda at, cols: out_ref[at] + product(cols), head, p)
     if keep is None:
         add()
     else:
@@ -100,15 +114,14 @@ def _add_chunks(out_ref, product, keep, p: Plan):
 def _dh_kernel(p: Plan, h_ref, w_ref, b_ref, lse_ref, comp_ref, g_lse_ref, g_sum_ref, ids_ref, coef_ref, dh_ref):
     vec = _vectors(lse_ref, comp_ref, g_lse_ref, g_sum_ref, ids_ref, coef_ref, slice(None))
     prec = dot_precision(w_ref.dtype)
-    _zero(dh_ref, p)
+    _zero(dh_ref, False, p)
 
     def step(j, _):
         w_row = j * p.bv
         dz, keep = _dz_tile(h_ref, w_ref, b_ref, vec, 0, w_row, w_row, p)
         dz = dz.astype(w_ref.dtype)
-        _add_chunks(dh_ref, lambda cols: jnp.dot(
-            dz, w_ref[pl.ds(w_row, p.bv), cols], precision=prec,
-            preferred_element_type=jnp.float32), keep, p)
+        _add_chunks(dh_ref, lambda cols: head_back(dz, w_ref[p.head(pl.ds(w_row, p.bv), cols)], p.layout, prec),
+                    keep, False, p)
 
     jax.lax.fori_loop(0, p.v_pad // p.bv, step, None)
 
@@ -117,16 +130,14 @@ def _dw_kernel(p: Plan, h_ref, w_ref, b_ref, lse_ref, comp_ref, g_lse_ref, g_sum
                dw_ref, db_ref=None):
     prec = dot_precision(h_ref.dtype)
     w_col0 = pl.program_id(0) * p.bv
-    _zero(dw_ref, p)
+    _zero(dw_ref, True, p)
 
     def step(i, db):
         rows = pl.ds(pl.multiple_of(i * p.bn, p.bn), p.bn)
         vec = _vectors(lse_ref, comp_ref, g_lse_ref, g_sum_ref, ids_ref, coef_ref, rows)
         dz, keep = _dz_tile(h_ref, w_ref, b_ref, vec, i * p.bn, 0, w_col0, p)
         dz_lo = dz.astype(h_ref.dtype)
-        _add_chunks(dw_ref, lambda cols: jax.lax.dot_general(
-            dz_lo, h_ref[rows, cols], (((0,), (0,)), ((), ())), precision=prec,
-            preferred_element_type=jnp.float32), keep, p)
+        _add_chunks(dw_ref, lambda cols: head_outer(dz_lo, h_ref[rows, cols], p.layout, prec), keep, True, p)
         return db + dz.sum(axis=0) if db_ref is not None else db
 
     db = jax.lax.fori_loop(0, p.n_pad // p.bn, step, jnp.zeros((p.bv,), jnp.float32))
@@ -146,11 +157,8 @@ def _atomic_kernel(p: Plan, h_ref, w_ref, b_ref, lse_ref, comp_ref, g_lse_ref, g
 
     def chunk(k, _):
         cols = pl.ds(pl.multiple_of(k * p.bd, p.bd), p.bd)
-        plgpu.atomic_add(dh_ref, (rows, cols), jnp.dot(
-            dz_lo, w_ref[:, cols], precision=prec, preferred_element_type=jnp.float32))
-        plgpu.atomic_add(dw_ref, (vrows, cols), jax.lax.dot_general(
-            dz_lo, h_ref[:, cols], (((0,), (0,)), ((), ())), precision=prec,
-            preferred_element_type=jnp.float32))
+        plgpu.atomic_add(dh_ref, (rows, cols), head_back(dz_lo, w_ref[p.head(slice(None), cols)], p.layout, prec))
+        plgpu.atomic_add(dw_ref, p.head(vrows, cols), head_outer(dz_lo, h_ref[:, cols], p.layout, prec))
 
     add = lambda: jax.lax.fori_loop(0, p.d_pad // p.bd, chunk, None)
     if keep is None:
@@ -162,7 +170,7 @@ def _atomic_kernel(p: Plan, h_ref, w_ref, b_ref, lse_ref, comp_ref, g_lse_ref, g
 
 
 def _backward_atomic(h, w, b, vecs, p: Plan):
-    zeros = [jnp.zeros((p.n_pad, p.d_pad), jnp.float32), jnp.zeros((p.v_pad, p.d_pad), jnp.float32),
+    zeros = [jnp.zeros((p.n_pad, p.d_pad), jnp.float32), jnp.zeros(p.head(p.v_pad, p.d_pad), jnp.float32),
              None if b is None else jnp.zeros((p.v_pad,), jnp.float32)]
     ids = vecs[4]
     by_token = lambda shape: pl.BlockSpec(shape, lambda i, j: (i,) + (0,) * (len(shape) - 1))
@@ -170,7 +178,8 @@ def _backward_atomic(h, w, b, vecs, p: Plan):
     by_token_k = pl.BlockSpec((ids.shape[0], p.bn), lambda i, j: (0, i))
     whole = lambda x: pl.BlockSpec(x.shape, lambda i, j: (0,) * x.ndim)
     inputs = [h, w, b, *vecs, *zeros]
-    specs = [by_token((p.bn, p.d_pad)), by_vocab((p.bv, p.d_pad)), by_vocab((p.bv,)),
+    head_blocks = pl.BlockSpec(p.head(p.bv, p.d_pad), lambda i, j: p.head(j, 0))
+    specs = [by_token((p.bn, p.d_pad)), head_blocks, by_vocab((p.bv,)),
              *[by_token((p.bn,))] * 4, by_token_k, by_token_k,
              *(None if z is None else whole(z) for z in zeros)]
     outs = [z for z in zeros if z is not None]
@@ -190,7 +199,7 @@ def _backward_atomic(h, w, b, vecs, p: Plan):
 
 
 def backward(h, w, b, lse, comp, g_lse, g_sum, ids, coef, p: Plan):
-    """fp32 ``(dh [n_pad, d_pad], dW [v_pad, d_pad], db [v_pad] or None)`` for padded inputs:
+    """fp32 ``(dh [n_pad, d_pad], dW p.head(v_pad, d_pad), db [v_pad] or None)`` for padded inputs:
     hidden, weight, bias as in ``forward_partials``; lse, comp, g_lse, g_sum (None unless
     need_sum) float32 ``[n_pad]``; target ids int32 and coef float32 ``[K, n_pad]`` (zero cotangents and
     coefficients on padded rows); by ``p.backward``'s kernels."""
@@ -205,7 +214,7 @@ def backward(h, w, b, lse, comp, g_lse, g_sum, ids, coef, p: Plan):
         with_absent(partial(_dh_kernel, p), inputs),
         out_shape=jax.ShapeDtypeStruct((p.n_pad, p.d_pad), jnp.float32),
         grid=(p.n_pad // p.bn,),
-        in_specs=present([blocked((p.bn, p.d_pad)), whole((p.v_pad, p.d_pad)), whole((p.v_pad,))]
+        in_specs=present([blocked((p.bn, p.d_pad)), whole(p.head(p.v_pad, p.d_pad)), whole((p.v_pad,))]
                          + [blocked((p.bn,))] * 4 + [pl.BlockSpec((k, p.bn), lambda i: (0, i))] * 2, inputs),
         out_specs=blocked((p.bn, p.d_pad)),
         compiler_params=p.compiler_params,
@@ -214,8 +223,9 @@ def backward(h, w, b, lse, comp, g_lse, g_sum, ids, coef, p: Plan):
     )(*present(inputs, inputs))
 
     q = p.for_dw()
-    dw_out = [jax.ShapeDtypeStruct((q.v_pad, q.d_pad), jnp.float32)]
-    dw_specs = [blocked((q.bv, q.d_pad))]
+    head_blocks = pl.BlockSpec(q.head(q.bv, q.d_pad), lambda i: q.head(i, 0))
+    dw_out = [jax.ShapeDtypeStruct(q.head(q.v_pad, q.d_pad), jnp.float32)]
+    dw_specs = [head_blocks]
     if b is not None:
         dw_out.append(jax.ShapeDtypeStruct((q.v_pad,), jnp.float32))
         dw_specs.append(blocked((q.bv,)))
@@ -223,7 +233,7 @@ def backward(h, w, b, lse, comp, g_lse, g_sum, ids, coef, p: Plan):
         with_absent(partial(_dw_kernel, q), inputs),
         out_shape=tuple(dw_out),
         grid=(q.v_pad // q.bv,),
-        in_specs=present([whole((q.n_pad, q.d_pad)), blocked((q.bv, q.d_pad)), blocked((q.bv,))]
+        in_specs=present([whole((q.n_pad, q.d_pad)), head_blocks, blocked((q.bv,))]
                          + [whole((q.n_pad,))] * 4 + [whole((k, q.n_pad))] * 2, inputs),
         out_specs=tuple(dw_specs),
         compiler_params=q.compiler_params,

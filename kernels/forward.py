@@ -56,11 +56,11 @@ def _kernel(p: Plan, h_ref, w_ref, b_ref, first_ref, lse_ref, sum_ref, max_ref, 
 def forward_partials(h, w, b, first, p: Plan):
     """Per-split partials, each ``[splits, n_pad]``: lse, logit sum, max (float32), argmax (int32)
     and the lse without class ``first [n_pad]`` (int32) of padded hidden ``[n_pad, d_pad]``,
-    weight ``[v_pad, d_pad]``, bias ``[v_pad]`` or None."""
+    weight ``p.head(v_pad, d_pad)``, bias ``[v_pad]`` or None."""
     per_split_rows = p.v_pad // p.splits
     inputs = [h, w, b, first]
     in_specs = [pl.BlockSpec((p.bn, p.d_pad), lambda i, s: (i, 0)),
-                pl.BlockSpec((per_split_rows, p.d_pad), lambda i, s: (s, 0)),
+                pl.BlockSpec(p.head(per_split_rows, p.d_pad), lambda i, s: p.head(s, 0)),
                 pl.BlockSpec((per_split_rows,), lambda i, s: (s,)),
                 pl.BlockSpec((p.bn,), lambda i, s: (i,))]
     part = pl.BlockSpec((None, p.bn), lambda i, s: (s, i))

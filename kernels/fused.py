@@ -2,8 +2,11 @@
 ``forward`` and ``backward_fn(kind)`` in the :class:`ls_jax.logit_stats.Backend` signature,
 composed into a differentiable function by ``ls_jax.dispatch``.
 
-Inputs are padded with zeros to block multiples (a no-op when N, V, D already are), the
-kernels run, and the padding is sliced off. Off-GPU the kernels run in Pallas interpret mode.
+The head is ``[V, D]`` or ``[D, V]`` (``layout`` "vd" / "dv"); the kernels read it, and write its
+gradient, in that layout (no transposed copy). Inputs are padded with zeros to block multiples, in
+their own layout (a no-op when N, V, D already are; otherwise a padded copy of the head, whichever
+its layout), the kernels run, and the padding is sliced off. Off-GPU the kernels run in Pallas
+interpret mode.
 """
 
 from typing import Optional
@@ -11,7 +14,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from ls_jax.logit_stats import BlockSizes
+from ls_jax.logit_stats import BlockSizes, vocab_axis
 from .backward import backward as backward_kernels
 from .forward import forward_partials, merge_splits
 from .tiles import Plan, plan
@@ -43,16 +46,16 @@ _forward_partials = _first_order_only(forward_partials, 4)
 _backward = _first_order_only(backward_kernels, 9)
 
 
-def _plan(hidden, weight, softcap, need_sum, blocks: BlockSizes, backward, interpret) -> tuple:
+def _plan(hidden, weight, softcap, need_sum, blocks: BlockSizes, backward, interpret, layout) -> tuple:
     """Operands in their common dtype (Triton's dot wants one) and the static :class:`Plan`;
     ``interpret`` None: interpret mode unless the default backend is a GPU."""
-    (n, d), v = hidden.shape, weight.shape[0]
+    (n, d), v = hidden.shape, weight.shape[vocab_axis(layout)]
     dtype = jnp.promote_types(hidden.dtype, weight.dtype)
     interpret = jax.default_backend() != "gpu" if interpret is None else bool(interpret)
     p = plan(n, v, d, block_n=blocks.block_n, block_v=blocks.block_v, block_d=blocks.block_d,
              softcap=softcap, need_sum=need_sum,
              filter_eps=None if need_sum or blocks.filter_eps is None else float(blocks.filter_eps),
-             interpret=interpret, backward=backward, itemsize=jnp.dtype(dtype).itemsize)
+             interpret=interpret, backward=backward, itemsize=jnp.dtype(dtype).itemsize, layout=layout)
     if not interpret and max(p.n_pad, p.v_pad) * p.d_pad >= 2**31:
         raise ValueError(f"the Triton kernels index with int32: need N * D and V * D < 2**31, got "
                          f"N={n}, V={v}, D={d}; use impl='xla'")
@@ -60,42 +63,37 @@ def _plan(hidden, weight, softcap, need_sum, blocks: BlockSizes, backward, inter
 
 
 def _padded(hidden, weight, bias, p: Plan):
-    return (_pad(hidden, (p.n_pad, p.d_pad)), _pad(weight, (p.v_pad, p.d_pad)), _pad(bias, (p.v_pad,)))
+    return (_pad(hidden, (p.n_pad, p.d_pad)), _pad(weight, p.head(p.v_pad, p.d_pad)), _pad(bias, (p.v_pad,)))
 
 
 def forward(hidden, weight, bias, first, *, softcap: Optional[float], need_sum: bool, blocks: BlockSizes,
             layout: str = "vd", interpret: Optional[bool] = None):
     """(lse, logit_sum, max_logit, prediction, lse_excl) ``[N]`` by the forward kernel (see
-    forward.py); lse_excl leaves out class ``first [N]``. The kernels read a ``[V, D]`` head: a
-    ``[D, V]`` one (layout "dv") is transposed first (a copy)."""
-    weight = weight if layout == "vd" else weight.T
+    forward.py); lse_excl leaves out class ``first [N]``; the head ``weight`` in ``layout``."""
     n = hidden.shape[0]
     if n == 0:
         return (jnp.zeros((0,), jnp.float32),) * 3 + (jnp.zeros((0,), jnp.int32), jnp.zeros((0,), jnp.float32))
-    hidden, weight, p = _plan(hidden, weight, softcap, need_sum, blocks, "two_kernel", interpret)
+    hidden, weight, p = _plan(hidden, weight, softcap, need_sum, blocks, "two_kernel", interpret, layout)
     parts = merge_splits(*_forward_partials(*_padded(hidden, weight, bias, p), _pad(first, (p.n_pad,)), p))
     return tuple(x[:n] for x in parts)
 
 
 def backward_fn(kind: str, interpret: Optional[bool] = None):
     """The float32 backward by ``kind``'s kernels: "two_kernel" (a dh and a dW kernel,
-    deterministic) or "atomic" (one kernel, fp32 atomic adds); see backward.py."""
+    deterministic) or "atomic" (one kernel, fp32 atomic adds); see backward.py. dW comes in the
+    head's ``layout``."""
 
     def backward(hidden, weight, bias, lse, comp, g_lse, g_sum, ids, coef, *, softcap, blocks: BlockSizes,
                  layout: str = "vd"):
-        if layout == "dv":  # the kernels' [V, D] layout, and the gradient back in the head's
-            dh, dw, db = backward(hidden, weight.T, bias, lse, comp, g_lse, g_sum, ids, coef, softcap=softcap,
-                                  blocks=blocks)
-            return dh, dw.T, db
-        (n, d), v = hidden.shape, weight.shape[0]
+        n, shape = hidden.shape[0], weight.shape
         if n == 0:
-            return (jnp.zeros((0, d), jnp.float32), jnp.zeros((v, d), jnp.float32),
-                    None if bias is None else jnp.zeros((v,), jnp.float32))
-        hidden, weight, p = _plan(hidden, weight, softcap, g_sum is not None, blocks, kind, interpret)
+            return (jnp.zeros(hidden.shape, jnp.float32), jnp.zeros(shape, jnp.float32),
+                    None if bias is None else jnp.zeros(bias.shape, jnp.float32))
+        hidden, weight, p = _plan(hidden, weight, softcap, g_sum is not None, blocks, kind, interpret, layout)
         rows = lambda x, value=0: _pad(x, (p.n_pad,), value)
         cols = lambda x: _pad(x.T, (x.shape[1], p.n_pad))
         dh, dw, db = _backward(*_padded(hidden, weight, bias, p), rows(lse, jnp.inf), rows(comp), rows(g_lse),
                                None if g_sum is None else rows(g_sum), cols(ids), cols(coef), p)
-        return dh[:n, :d], dw[:v, :d], None if bias is None else db[:v]
+        return dh[:n, :p.d], dw[:shape[0], :shape[1]], None if bias is None else db[:p.v]
 
     return backward

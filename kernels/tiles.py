@@ -1,7 +1,8 @@
 """What every kernel shares: the static plan (block sizes, padded shapes) and one logit tile.
 
 All arrays reach the kernels padded to block multiples (see ``plan``): hidden ``[n_pad, d_pad]``,
-weight ``[v_pad, d_pad]``, bias ``[v_pad]``, zeros in the padding. Padded vocabulary columns are
+weight ``[v_pad, d_pad]`` or ``[d_pad, v_pad]`` (``Plan.layout`` "vd" / "dv": the head is read in
+its own layout, and its gradient written in it), bias ``[v_pad]``, zeros in the padding. Padded vocabulary columns are
 masked inside the kernels (-inf logits, zero gradient); padded token rows get zero cotangents.
 """
 
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from ls_jax.logit_stats import apply_softcap
+from ls_jax.logit_stats import LAYOUTS, apply_softcap, head_index, head_logits
 
 # Defaults sized for an H100 (Triton lowering: power-of-two blocks, dot dims >= 16). Checked by
 # compiling the kernels' Triton IR for sm_90 (kernels/NOTES.md): bf16 at 64 x 256 x 64 and fp32
@@ -48,10 +49,15 @@ class Plan(NamedTuple):
     interpret: bool
     backward: str  # one of BACKWARDS
     num_stages: int  # Triton software-pipelining depth (the atomic kernel uses 2)
+    layout: str  # the head's layout, one of ls_jax.logit_stats.LAYOUTS
 
     @property
     def compiler_params(self):
         return plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=self.num_stages)
+
+    def head(self, v, d) -> tuple:
+        """``(v, d)`` (shape, index or block index) in the order of the head's axes."""
+        return head_index(v, d, self.layout)
 
     def for_dw(self) -> "Plan":
         """The plan as the dW kernel sees it (its tile is dw_bn x dw_bv)."""
@@ -67,8 +73,9 @@ def _block(requested, default, size, name):
 
 
 def plan(n, v, d, *, block_n=None, block_v=None, block_d=None, softcap=None, need_sum=False,
-         filter_eps=None, interpret=False, backward="two_kernel", itemsize=2) -> Plan:
-    """Blocks and padded sizes for hidden ``[n, d]`` and weight ``[v, d]`` of ``itemsize`` bytes.
+         filter_eps=None, interpret=False, backward="two_kernel", itemsize=2, layout="vd") -> Plan:
+    """Blocks and padded sizes for hidden ``[n, d]`` and a head of ``v`` classes (``[v, d]`` or
+    ``[d, v]`` by ``layout``) of ``itemsize`` bytes.
 
     The forward and dh kernels use ``bn x bv`` tiles; the dW kernel swaps the roles (its own
     vocabulary block is the small one, ``block_n`` rows, and it streams ``block_v`` tokens per
@@ -86,9 +93,11 @@ def plan(n, v, d, *, block_n=None, block_v=None, block_d=None, softcap=None, nee
     splits = max(s for s in range(1, min(want, v_blocks) + 1) if v_blocks % s == 0)
     if backward not in BACKWARDS:
         raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     stages = 2 if wide else 3
     return Plan(n, v, d, bn, bv, bd, dw_bn, dw_bv, n_pad, v_pad, d_pad, splits, softcap, need_sum,
-                filter_eps, interpret, backward, stages)
+                filter_eps, interpret, backward, stages, layout)
 
 
 def present(items, inputs):
@@ -113,18 +122,17 @@ def dot_precision(dtype):
 
 
 def logit_tile(h_ref, w_ref, b_ref, h_row, w_row, w_col0, p: Plan):
-    """float32 tiles for hidden rows ``[h_row, h_row + bn)`` x weight rows ``[w_row, w_row + bv)``
-    (the rows of the refs as passed; ``w_col0`` is the global vocabulary index of weight row
+    """float32 tiles for hidden rows ``[h_row, h_row + bn)`` x head classes ``[w_row, w_row + bv)``
+    (the rows of the refs as passed; ``w_col0`` is the global vocabulary index of class
     ``w_row``): the capped logits ``z = softcap(h @ W.T + b)`` ([bn, bv], the matmul summed over
-    D in ``bd`` chunks) and ``valid`` ([1, bv] bool, False on padded vocabulary columns)."""
+    D in ``bd`` chunks, the head block ``[bv, bd]`` or ``[bd, bv]`` as it lies) and ``valid``
+    ([1, bv] bool, False on padded vocabulary columns)."""
     prec = dot_precision(h_ref.dtype)
 
     def chunk(k, acc):
         cols = pl.ds(pl.multiple_of(k * p.bd, p.bd), p.bd)
         h = h_ref[pl.ds(h_row, p.bn), cols]
-        w = w_ref[pl.ds(w_row, p.bv), cols]
-        return acc + jax.lax.dot_general(h, w, (((1,), (1,)), ((), ())), precision=prec,
-                                         preferred_element_type=jnp.float32)
+        return acc + head_logits(h, w_ref[p.head(pl.ds(w_row, p.bv), cols)], p.layout, prec)
 
     raw = jax.lax.fori_loop(0, p.d_pad // p.bd, chunk, jnp.zeros((p.bn, p.bv), jnp.float32))
     if b_ref is not None:

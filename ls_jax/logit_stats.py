@@ -83,7 +83,6 @@ def apply_softcap(raw: jax.Array, softcap: Optional[float]) -> jax.Array:
 
 
 LAYOUTS = ("vd", "dv")  # the head as weight [V, D] (Hugging Face lm_head) or kernel [D, V] (nnx.Linear)
-_LOGITS = {"vd": "nd,vd->nv", "dv": "nd,dv->nv"}
 
 
 def vocab_axis(layout: str) -> int:
@@ -91,20 +90,33 @@ def vocab_axis(layout: str) -> int:
     return LAYOUTS.index(layout)
 
 
-def head_logits(hidden, head, layout: str) -> jax.Array:
-    """float32 ``hidden [N, D] @ W.T`` ``[N, V']`` for a head (or a slice of V' classes) in
-    ``layout``; the layout goes into the dot's dimension numbers (no transposed copy)."""
-    return jnp.einsum(_LOGITS[layout], hidden, head, preferred_element_type=jnp.float32)
+def head_index(v, d, layout: str) -> tuple:
+    """``(v, d)`` in the order of a head's axes in ``layout``: a shape, an index or a block index
+    given for the vocabulary axis and the D axis."""
+    return (v, d) if layout == "vd" else (d, v)
 
 
-def head_back(dz, head, layout: str) -> jax.Array:
-    """``dz [N, V'] @ W`` ``[N, D]`` (float32 head slice ``head`` in ``layout``)."""
-    return dz @ head if layout == "vd" else dz @ head.T
+def _dot(a, b, a_axis, b_axis, precision):
+    return jax.lax.dot_general(a, b, (((a_axis,), (b_axis,)), ((), ())), precision=precision,
+                               preferred_element_type=jnp.float32)
 
 
-def head_outer(dz, hidden, layout: str) -> jax.Array:
-    """The weight gradient ``dz.T @ hidden`` in ``layout``: ``[V', D]`` or ``[D, V']``."""
-    return dz.T @ hidden if layout == "vd" else hidden.T @ dz
+# The three products with a head (or a slice of V' classes) in ``layout``: the layout goes into the
+# dots' dimension numbers, never a transposed copy. float32 results; also used inside the Pallas
+# kernels (kernels/tiles.py, kernels/backward.py) on one block of the head.
+def head_logits(hidden, head, layout: str, precision=None) -> jax.Array:
+    """``hidden [N, D] @ W.T`` ``[N, V']``."""
+    return _dot(hidden, head, 1, 1 - vocab_axis(layout), precision)
+
+
+def head_back(dz, head, layout: str, precision=None) -> jax.Array:
+    """``dz [N, V'] @ W`` ``[N, D]``."""
+    return _dot(dz, head, 1, vocab_axis(layout), precision)
+
+
+def head_outer(dz, hidden, layout: str, precision=None) -> jax.Array:
+    """The weight gradient ``dz [N, V'].T @ hidden [N, D]`` in ``layout``: ``[V', D]`` or ``[D, V']``."""
+    return _dot(dz, hidden, 0, 0, precision) if layout == "vd" else _dot(hidden, dz, 0, 0, precision)
 
 
 def dense_logits(hidden, weight, bias, logit_softcap=None, layout: str = "vd") -> jax.Array:

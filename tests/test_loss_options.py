@@ -86,7 +86,7 @@ def test_target_logprob_is_the_unsmoothed_log_probability(impl):
     np.testing.assert_allclose(stats.target_logprob, jnp.where(y == IGNORE, 0.0, logp), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPLS + ["pallas_atomic", "pallas_xla"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_dv_head_layout_equals_vd(impl, reduction):
     """A [D, V] head (weight_layout="dv") gives the [V, D] head's loss, and its gradient in its
@@ -101,10 +101,11 @@ def test_dv_head_layout_equals_vd(impl, reduction):
     np.testing.assert_allclose(g_dv, g_vd.T, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("impl", ["reference", "xla"])
+@pytest.mark.parametrize("impl", ["reference", "xla", "pallas", "pallas_atomic", "pallas_xla"])
 def test_dv_head_is_read_in_place(impl):
     """No transposed copy of a [D, V] head: the compiled loss + gradient's temporaries are those of
-    the [V, D] head (XLA's buffer plan, within 1%)."""
+    the [V, D] head (XLA's buffer plan, within 1%; pallas in interpret mode here, its CUDA lowering
+    in tests/test_pallas.py::test_head_reaches_the_kernels_as_given)."""
     n, d, v = 64, 128, 8192
     h, w, _, y = make_problem(n, d, v)
     temps = {}
@@ -113,7 +114,8 @@ def test_dv_head_is_read_in_place(impl):
                      argnums=(0, 1))
         temps[layout] = jax.jit(f).lower(h, weight).compile().memory_analysis().temp_size_in_bytes
     assert temps["dv"] <= 1.01 * temps["vd"] + 4096, temps
-    assert temps["dv"] < d * v * 4  # well below one float32 copy of the head
+    if not impl.startswith("pallas"):  # (in interpret mode the kernels' buffers are temporaries: ~2 float32 heads)
+        assert temps["dv"] < d * v * 4  # well below one float32 copy of the head
 
 
 def test_bad_weight_layout():

@@ -8,6 +8,8 @@ compared with the oracle, and all outputs must be finite.
 
 from functools import partial
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,19 +22,23 @@ from ls_jax.logit_stats import Backend, BlockSizes, dense_logits, two_pass
 from problems import make_problem as random_problem
 
 SMALL_BLOCKS = dict(block_n=16, block_v=64, block_d=16)
+cuda_lowering = pytest.mark.skipif(jax.__version_info__ >= (0, 11) and jax.default_backend() != "gpu",
+                                   reason="jax >= 0.11 refuses to lower for CUDA on a machine without a GPU")
 
 
 def pallas_stats(h, w, b=None, ids=None, tw=None, *, logit_softcap=None, need_sum=False,
-                 backward="two_kernel", interpret=None, **blocks):
+                 backward="two_kernel", interpret=None, layout="vd", **blocks):
     """The seam's LogitStats by the Pallas forward and ``backward``'s kernels ("xla": the blocked
-    XLA backward); no target unless ``ids`` / ``tw`` [N, K] are given."""
+    XLA backward) for the head ``w`` in ``layout``; no target unless ``ids`` / ``tw`` [N, K] are given."""
     bwd = xla.backward if backward == "xla" else kernels.backward_fn(backward, interpret)
     f = two_pass(Backend(partial(kernels.forward, interpret=interpret), bwd))
-    return f(h, w, b, *_targets(h, ids, tw), softcap=logit_softcap, need_sum=need_sum, blocks=BlockSizes(**blocks))
+    return f(h, w, b, *_targets(h, ids, tw), softcap=logit_softcap, need_sum=need_sum, blocks=BlockSizes(**blocks),
+             layout=layout)
 
 
-def reference_stats(h, w, b=None, ids=None, tw=None, *, logit_softcap=None, need_sum=False):
-    return reference.logit_stats(h, w, b, *_targets(h, ids, tw), softcap=logit_softcap, need_sum=need_sum)
+def reference_stats(h, w, b=None, ids=None, tw=None, *, logit_softcap=None, need_sum=False, layout="vd"):
+    return reference.logit_stats(h, w, b, *_targets(h, ids, tw), softcap=logit_softcap, need_sum=need_sum,
+                                 layout=layout)
 
 
 def _targets(h, ids, tw):
@@ -41,7 +47,7 @@ def _targets(h, ids, tw):
 
 
 pallas_jit = jax.jit(pallas_stats, static_argnames=(
-    "logit_softcap", "need_sum", "block_n", "block_v", "block_d", "filter_eps", "backward"))
+    "logit_softcap", "need_sum", "block_n", "block_v", "block_d", "filter_eps", "backward", "layout"))
 
 
 def make_problem(n, d, v, dtype, seed):
@@ -123,6 +129,35 @@ def test_matches_dense_reference(n, d, v, dtype, bias, softcap, need_sum, option
         check_finite_and_close(g, wg, rel)
 
 
+# ragged V and odd N, D (padded); both dtypes, bias or not, softcap, sum, every backward
+DV_CASES = [CASES[i] for i in (0, 1, 7, 9, 11)]
+
+
+@pytest.mark.parametrize("n,d,v,dtype,bias,softcap,need_sum,options", DV_CASES)
+def test_dv_head_equals_vd_head_and_reference(n, d, v, dtype, bias, softcap, need_sum, options):
+    """The head as ``[D, V]`` (layout "dv", read and differentiated in place by the kernels): the
+    statistics and gradients of the same head as ``[V, D]``, its gradient ``[D, V]``, and the dense
+    oracle's on the ``[D, V]`` head."""
+    h, w, b, ids, tw, g = make_problem(n, d, v, dtype, seed=n + v)
+    b = b if bias else None
+    kw = dict(logit_softcap=softcap, need_sum=need_sum)
+    vd, vd_grads = stats_and_vjp(pallas_jit, h, w, b, ids, tw, g, **kw, **options)
+    dv, dv_grads = stats_and_vjp(pallas_jit, h, w.T, b, ids, tw, g, layout="dv", **kw, **options)
+    want, want_grads = stats_and_vjp(reference_stats, h, w.T, b, ids, tw, g, layout="dv", **kw)
+    for name in ("lse", "logit_sum", "target", "max_logit"):
+        check_finite_and_close(getattr(dv, name), getattr(vd, name), 1e-6)
+        check_finite_and_close(getattr(dv, name), getattr(want, name), 1e-5)
+    np.testing.assert_array_equal(dv.prediction, vd.prediction)
+    assert dv_grads[1].shape == (d, v) and dv_grads[1].dtype == dtype
+    rel = 1e-5 if dtype == jnp.float32 else 3e-2
+    for got, same, wg in zip(dv_grads, (vd_grads[0], vd_grads[1].T, vd_grads[2]), want_grads):
+        if wg is None:
+            assert got is None
+            continue
+        check_finite_and_close(got, same, 1e-6)
+        check_finite_and_close(got, wg, rel)
+
+
 def test_mixed_dtypes_and_empty_batch():
     """bf16 hidden with fp32 weight (mixed precision): computed in fp32, gradients in the
     inputs' dtypes; and N=0 gives empty statistics and gradients."""
@@ -136,6 +171,10 @@ def test_mixed_dtypes_and_empty_batch():
         check_finite_and_close(g, wg, 1e-2 if g.dtype == jnp.bfloat16 else 1e-5)
     empty = jax.grad(lambda h: pallas_stats(h, w).lse.sum())(jnp.ones((0, 24)))
     assert empty.shape == (0, 24)
+
+
+@cuda_lowering
+def test_mixed_dtypes_lower_to_triton_for_cuda():
     assert _lowered_triton_calls(77, 96, 1000, (jnp.bfloat16, jnp.float32), True, None, True, None) == 3
 
 
@@ -200,21 +239,46 @@ def test_filter_eps():
         check_finite_and_close(x, y, 1e-5)
 
 
-def _lowered_triton_calls(n, d, v, dtype, bias, softcap, need_sum, filter_eps, backward="two_kernel"):
-    """Triton kernel calls in value_and_grad's cuda lowering; dtype, or (hidden, weight) dtypes."""
+def _lowered_text(n, d, v, dtype, bias, softcap, need_sum, filter_eps, backward="two_kernel", layout="vd"):
+    """value_and_grad's CUDA lowering (StableHLO text) for the hidden ``[n, d]`` (%arg0), the head
+    in ``layout`` (%arg1) and the bias ``[v]``; dtype, or (hidden, weight) dtypes."""
     def loss(h, w, b):
         s = pallas_stats(h, w, b, jnp.zeros((h.shape[0], 1), jnp.int32), jnp.ones((h.shape[0], 1)),
                          logit_softcap=softcap, need_sum=need_sum, filter_eps=filter_eps, interpret=False,
-                         backward=backward)
+                         backward=backward, layout=layout)
         return (s.lse + s.logit_sum - s.target).sum()
 
     h_dtype, w_dtype = dtype if isinstance(dtype, tuple) else (dtype, dtype)
-    args = (jax.ShapeDtypeStruct((n, d), h_dtype), jax.ShapeDtypeStruct((v, d), w_dtype),
+    args = (jax.ShapeDtypeStruct((n, d), h_dtype), jax.ShapeDtypeStruct((v, d) if layout == "vd" else (d, v), w_dtype),
             jax.ShapeDtypeStruct((v,), w_dtype) if bias else None)
     lowered = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2) if bias else (0, 1))).trace(*args)
-    return lowered.lower(lowering_platforms=("cuda",)).as_text().count("xla.gpu.triton")
+    return lowered.lower(lowering_platforms=("cuda",)).as_text()
 
 
+def _lowered_triton_calls(*args, **kw):
+    """Triton kernel calls in ``_lowered_text``."""
+    return _lowered_text(*args, **kw).count("xla.gpu.triton")
+
+
+@cuda_lowering
+@pytest.mark.parametrize("backward,kernels", [("two_kernel", 3), ("atomic", 2), ("xla", 1)])
+@pytest.mark.parametrize("layout", ["vd", "dv"])
+def test_head_reaches_the_kernels_as_given(layout, backward, kernels):
+    """No copy of the head in either layout in the CUDA lowering of value_and_grad: every Triton
+    kernel takes the weight argument itself (%arg1); no tensor of the head's transposed shape
+    exists (neither a transposed head nor a gradient to transpose back), nothing is padded
+    (N, D, V are block multiples here); the float32 gradient has the head's shape."""
+    n, d, v = 64, 256, 1024
+    text = _lowered_text(n, d, v, jnp.bfloat16, True, None, True, None, backward, layout)
+    calls = [re.search(r"triton\(([^)]*)\)", line) for line in text.splitlines() if "__gpu$xla.gpu.triton" in line]
+    assert len(calls) == kernels and all(c.group(1).split(", ")[1] == "%arg1" for c in calls), calls
+    shape, transposed = ((v, d), (d, v)) if layout == "vd" else ((d, v), (v, d))
+    assert re.search(r"tensor<{}x{}xf32>".format(*shape), text)
+    assert not re.search(r"tensor<{}x{}x[a-z]".format(*transposed), text)
+    assert "stablehlo.pad" not in text
+
+
+@cuda_lowering
 @pytest.mark.parametrize("backward,kernels", [("two_kernel", 3), ("atomic", 2), ("xla", 1)])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 @pytest.mark.parametrize("bias", [False, True])
@@ -229,10 +293,12 @@ def test_lowers_to_triton_for_cuda(dtype, bias, softcap, need_sum, filter_eps, b
 
 
 @pytest.mark.parametrize("backward,kernels", [("two_kernel", 3), ("atomic", 2)])
+@cuda_lowering
 def test_lowers_at_gemma_head_shape(backward, kernels):
     assert _lowered_triton_calls(8192, 2304, 256000, jnp.bfloat16, False, None, False, None, backward) == kernels
 
 
+@cuda_lowering
 def test_refuses_int32_overflowing_shapes_on_gpu():
     with pytest.raises(ValueError, match="int32"):
         _lowered_triton_calls(64, 8192, 262144, jnp.bfloat16, False, None, False, None)
