@@ -157,7 +157,7 @@ def linear_smoothed_cross_entropy(
 
     hidden: ``[..., D]``; weight: ``[V, D]`` (``weight_layout="vd"``, the default: Hugging Face
     lm_head / tied embedding) or ``[D, V]`` (``"dv"``: Tunix, MaxText, nnx.Linear kernels; read in
-    place by "xla" and "reference", its gradient in the same layout; "pallas" transposes it);
+    place by every impl, its gradient in the same layout, no transposed copy);
     bias: ``[V]`` or None; labels: int ids ``[...]`` or sparse soft labels
     ``(ids [..., K], weights [..., K])``. bf16 or fp32 in; every gradient part is combined in
     float32 and rounded once to the input's dtype.
