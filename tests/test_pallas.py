@@ -285,17 +285,21 @@ def test_head_reaches_the_kernels_as_given(layout, backward, kernels):
 @pytest.mark.parametrize("softcap,need_sum,filter_eps",
                          [(None, False, None), (None, False, 1e-5), (None, True, None), (30.0, True, None),
                           (30.0, False, 1e-5)])
-def test_lowers_to_triton_for_cuda(dtype, bias, softcap, need_sum, filter_eps, backward, kernels):
-    """Every shipped configuration (default H100 blocks) lowers to Triton for the GPU from this
-    CPU machine: the forward kernel plus dh and dW kernels (two_kernel), one (atomic) or none
-    (xla: the blocked XLA backward)."""
-    assert _lowered_triton_calls(77, 96, 1000, dtype, bias, softcap, need_sum, filter_eps, backward) == kernels
+@pytest.mark.parametrize("layout", ["vd", "dv"])
+def test_lowers_to_triton_for_cuda(dtype, bias, softcap, need_sum, filter_eps, backward, kernels, layout):
+    """Every shipped configuration (default H100 blocks, either head layout) lowers to Triton for
+    the GPU from this CPU machine: the forward kernel plus dh and dW kernels (two_kernel), one
+    (atomic) or none (xla: the blocked XLA backward)."""
+    assert _lowered_triton_calls(77, 96, 1000, dtype, bias, softcap, need_sum, filter_eps, backward,
+                                 layout) == kernels
 
 
-@pytest.mark.parametrize("backward,kernels", [("two_kernel", 3), ("atomic", 2)])
 @cuda_lowering
-def test_lowers_at_gemma_head_shape(backward, kernels):
-    assert _lowered_triton_calls(8192, 2304, 256000, jnp.bfloat16, False, None, False, None, backward) == kernels
+@pytest.mark.parametrize("backward,kernels", [("two_kernel", 3), ("atomic", 2)])
+@pytest.mark.parametrize("layout", ["vd", "dv"])
+def test_lowers_at_gemma_head_shape(backward, kernels, layout):
+    assert _lowered_triton_calls(8192, 2304, 256000, jnp.bfloat16, False, None, False, None, backward,
+                                 layout) == kernels
 
 
 @cuda_lowering
