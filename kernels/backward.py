@@ -40,7 +40,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from ls_jax.logit_stats import head_back, head_outer, vocab_axis
-from .tiles import Plan, dot_precision, logit_tile, present, with_absent
+from .tiles import Plan, dot_precision, head_block, logit_tile, present, with_absent
 
 
 def _dz_tile(h_ref, w_ref, b_ref, vec, h_row, w_row, w_col0, p: Plan):
@@ -120,7 +120,7 @@ def _dh_kernel(p: Plan, h_ref, w_ref, b_ref, lse_ref, comp_ref, g_lse_ref, g_sum
         w_row = j * p.bv
         dz, keep = _dz_tile(h_ref, w_ref, b_ref, vec, 0, w_row, w_row, p)
         dz = dz.astype(w_ref.dtype)
-        _add_chunks(dh_ref, lambda cols: head_back(dz, w_ref[p.head(pl.ds(w_row, p.bv), cols)], p.layout, prec),
+        _add_chunks(dh_ref, lambda cols: head_back(dz, head_block(w_ref, w_row, w_row, cols, p), p.layout, prec),
                     keep, False, p)
 
     jax.lax.fori_loop(0, p.v_pad // p.bv, step, None)
@@ -157,7 +157,8 @@ def _atomic_kernel(p: Plan, h_ref, w_ref, b_ref, lse_ref, comp_ref, g_lse_ref, g
 
     def chunk(k, _):
         cols = pl.ds(pl.multiple_of(k * p.bd, p.bd), p.bd)
-        plgpu.atomic_add(dh_ref, (rows, cols), head_back(dz_lo, w_ref[p.head(slice(None), cols)], p.layout, prec))
+        plgpu.atomic_add(dh_ref, (rows, cols), head_back(dz_lo, head_block(w_ref, 0, j * p.bv, cols, p), p.layout,
+                                                         prec))
         plgpu.atomic_add(dw_ref, p.head(vrows, cols), head_outer(dz_lo, h_ref[:, cols], p.layout, prec))
 
     add = lambda: jax.lax.fori_loop(0, p.d_pad // p.bd, chunk, None)

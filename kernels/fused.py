@@ -2,11 +2,12 @@
 ``forward`` and ``backward_fn(kind)`` in the :class:`ls_jax.logit_stats.Backend` signature,
 composed into a differentiable function by ``ls_jax.dispatch``.
 
-The head is ``[V, D]`` or ``[D, V]`` (``layout`` "vd" / "dv"); the kernels read it, and write its
-gradient, in that layout (no transposed copy). Inputs are padded with zeros to block multiples, in
-their own layout (a no-op when N, V, D already are; otherwise a padded copy of the head, whichever
-its layout), the kernels run, and the padding is sliced off. Off-GPU the kernels run in Pallas
-interpret mode.
+The head is ``[V, D]`` or ``[D, V]`` (``layout`` "vd" / "dv"); the kernels read it as it is, with
+no transposed or padded copy, and write its gradient in that layout (a ragged head's last blocks
+are masked loads, see ``tiles.head_block``). hidden and bias are padded with zeros to block
+multiples (a no-op when N, V, D already are), the kernels run, and the padding is sliced off.
+Off-GPU the kernels run in Pallas interpret mode (which pads the head to its blocks itself, with
+NaN: the tests would see an unmasked load).
 """
 
 from typing import Optional
@@ -63,7 +64,8 @@ def _plan(hidden, weight, softcap, need_sum, blocks: BlockSizes, backward, inter
 
 
 def _padded(hidden, weight, bias, p: Plan):
-    return (_pad(hidden, (p.n_pad, p.d_pad)), _pad(weight, p.head(p.v_pad, p.d_pad)), _pad(bias, (p.v_pad,)))
+    """hidden and bias padded to block multiples; the head as it is (the kernels mask its ragged blocks)."""
+    return _pad(hidden, (p.n_pad, p.d_pad)), weight, _pad(bias, (p.v_pad,))
 
 
 def forward(hidden, weight, bias, first, *, softcap: Optional[float], need_sum: bool, blocks: BlockSizes,

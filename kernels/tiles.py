@@ -1,9 +1,11 @@
 """What every kernel shares: the static plan (block sizes, padded shapes) and one logit tile.
 
-All arrays reach the kernels padded to block multiples (see ``plan``): hidden ``[n_pad, d_pad]``,
-weight ``[v_pad, d_pad]`` or ``[d_pad, v_pad]`` (``Plan.layout`` "vd" / "dv": the head is read in
-its own layout, and its gradient written in it), bias ``[v_pad]``, zeros in the padding. Padded vocabulary columns are
-masked inside the kernels (-inf logits, zero gradient); padded token rows get zero cotangents.
+Arrays reach the kernels padded to block multiples (see ``plan``): hidden ``[n_pad, d_pad]``,
+bias ``[v_pad]``, zeros in the padding; except the head, ``[v, d]`` or ``[d, v]`` unpadded
+(``Plan.layout`` "vd" / "dv": read in its own layout, its gradient written in it; ``head_block``
+masks the loads beyond V and D), its BlockSpecs sized as if it were ``p.head(v_pad, d_pad)``.
+Padded vocabulary columns are masked inside the kernels (-inf logits, zero gradient); padded
+token rows get zero cotangents.
 """
 
 from typing import NamedTuple, Optional
@@ -121,6 +123,19 @@ def dot_precision(dtype):
     return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
+def head_block(w_ref, w_row, w_col0, cols, p: Plan):
+    """The head's classes ``[w_row, w_row + bv)`` of the ref (``w_col0``: the global index of
+    ``w_row``) x the D chunk ``cols``, ``p.head(bv, bd)`` as it lies. The head reaches the kernels
+    unpadded: beyond V and D (a ragged last block) the load is masked to 0."""
+    at = p.head(pl.ds(w_row, p.bv), cols)
+    if p.v == p.v_pad and p.d == p.d_pad:
+        return w_ref[at]
+    in_v = w_col0 + jax.lax.iota(jnp.int32, p.bv) < p.v
+    in_d = cols.start + jax.lax.iota(jnp.int32, p.bd) < p.d
+    rows, columns = p.head(in_v, in_d)
+    return plgpu.load(w_ref.at[at], mask=rows[:, None] & columns[None, :], other=0)
+
+
 def logit_tile(h_ref, w_ref, b_ref, h_row, w_row, w_col0, p: Plan):
     """float32 tiles for hidden rows ``[h_row, h_row + bn)`` x head classes ``[w_row, w_row + bv)``
     (the rows of the refs as passed; ``w_col0`` is the global vocabulary index of class
@@ -132,7 +147,7 @@ def logit_tile(h_ref, w_ref, b_ref, h_row, w_row, w_col0, p: Plan):
     def chunk(k, acc):
         cols = pl.ds(pl.multiple_of(k * p.bd, p.bd), p.bd)
         h = h_ref[pl.ds(h_row, p.bn), cols]
-        return acc + head_logits(h, w_ref[p.head(pl.ds(w_row, p.bv), cols)], p.layout, prec)
+        return acc + head_logits(h, head_block(w_ref, w_row, w_col0, cols, p), p.layout, prec)
 
     raw = jax.lax.fori_loop(0, p.d_pad // p.bd, chunk, jnp.zeros((p.bn, p.bv), jnp.float32))
     if b_ref is not None:
