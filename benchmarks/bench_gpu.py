@@ -3,11 +3,13 @@
 For each head shape (Gemma-2-2B: N=8192 D=2304 V=256000; Llama-3: N=8192 D=4096 V=128256),
 bf16, label smoothing 0 and 0.1, and each ``impl`` of ``linear_smoothed_cross_entropy``
 (pallas, xla, reference), it times forward, backward (applying a saved VJP) and forward +
-backward (``value_and_grad`` in hidden and weight), and records the peak device memory of the
+backward (``value_and_grad`` in hidden and weight; the head ``[V, D]``, or ``[D, V]`` with
+``--layout dv``), and records the peak device memory of the
 process (``peak_bytes_in_use``). Each (shape, smoothing, impl) runs in its own subprocess, so
 peaks do not mix and a case that runs out of memory does not stop the others. The floor is
 ``6 N D V`` FLOPs over the bf16 matmul rate measured in the same run. A correctness check
-(pallas vs the dense reference, loss and gradients, odd V) runs first.
+(pallas vs the dense reference, loss and gradients, a V that is not a multiple of the kernel's
+blocks, the head in both layouts) runs first.
 
 Timing: inputs are random (never zeros); each function is compiled and run twice before
 timing, then called repeatedly with ``block_until_ready`` (one sync per call: microseconds
@@ -19,6 +21,7 @@ against tens of milliseconds) and the median is reported.
     python benchmarks/bench_gpu.py --small                          # smoke test (CPU: interpreted kernel)
     python benchmarks/bench_gpu.py --impls pallas --blocks 64,256,64    # tune the kernel's blocks
     python benchmarks/bench_gpu.py --impls pallas,pallas_atomic,pallas_xla   # the three backwards
+    python benchmarks/bench_gpu.py --impls pallas,xla --layout dv   # the head as [D, V] (nnx.Linear)
 """
 
 import argparse
@@ -60,7 +63,8 @@ def _peak_bytes():
     return None if not stats else stats.get("peak_bytes_in_use")
 
 
-def _inputs(n, d, v, seed=0):
+def _inputs(n, d, v, seed=0, layout="vd"):
+    """hidden [n, d], the head [v, d] (or the same head as [d, v] for layout "dv"), labels [n]."""
     import jax
     import jax.numpy as jnp
 
@@ -68,24 +72,25 @@ def _inputs(n, d, v, seed=0):
     h = jax.random.normal(k[0], (n, d), jnp.bfloat16)
     w = jax.random.normal(k[1], (v, d), jnp.bfloat16) * jnp.bfloat16(d**-0.5)
     y = jax.random.randint(k[2], (n,), 0, v)
-    return jax.block_until_ready((h, w, y))
+    return jax.block_until_ready((h, w if layout == "vd" else w.T, y))
 
 
-def _loss_fn(impl, a, y, blocks):
+def _loss_fn(impl, a, y, blocks, layout="vd"):
     from ls_jax import BlockSizes
     from ls_jax.losses import linear_smoothed_cross_entropy
 
     sizes = None if not impl.startswith("pallas") or blocks is None else BlockSizes(*blocks)
-    return lambda h, w: linear_smoothed_cross_entropy(h, w, y, label_smoothing=a, impl=impl, blocks=sizes)
+    return lambda h, w: linear_smoothed_cross_entropy(h, w, y, label_smoothing=a, impl=impl, blocks=sizes,
+                                                      weight_layout=layout)
 
 
-def child_case(n, d, v, a, impl, blocks):
+def child_case(n, d, v, a, impl, blocks, layout="vd"):
     """Times and peak memory of one case, as a dict."""
     import jax
     import jax.numpy as jnp
 
-    h, w, y = _inputs(n, d, v)
-    loss = _loss_fn(impl, a, y, blocks)
+    h, w, y = _inputs(n, d, v, layout=layout)
+    loss = _loss_fn(impl, a, y, blocks, layout)
     both = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
     out = {"fwd_bwd_ms": _median_ms(both, h, w)}  # first, so the process peak is fwd+bwd's
     out["peak_bytes"] = _peak_bytes()
@@ -114,17 +119,23 @@ def child_matmul(m):
 
 
 def child_check(n, d, v, blocks):
-    """Relative errors of pallas vs the dense reference (loss, dhidden, dweight), smoothing 0.1."""
+    """Relative errors of pallas vs the dense reference (loss, dhidden, dweight), smoothing 0.1,
+    the head as [V, D] and as [D, V] (keys prefixed "dv ")."""
     import jax
     import jax.numpy as jnp
 
     h, w, y = _inputs(n, d, v, seed=5)
     rel = lambda x, r: float(jnp.linalg.norm((x - r).astype(jnp.float32)) / jnp.linalg.norm(r.astype(jnp.float32)))
-    res = {}
-    for impl in ("pallas", "reference"):
-        res[impl] = jax.jit(jax.value_and_grad(_loss_fn(impl, 0.1, y, blocks), argnums=(0, 1)))(h, w)
-    (lp, (hp, wp)), (lr, (hr, wr)) = res["pallas"], res["reference"]
-    return {"loss": rel(lp, lr), "dhidden": rel(hp, hr), "dweight": rel(wp, wr)}
+    run = lambda impl, layout, w: jax.jit(jax.value_and_grad(_loss_fn(impl, 0.1, y, blocks, layout),
+                                                             argnums=(0, 1)))(h, w)
+    lr, (hr, wr) = run("reference", "vd", w)
+    out = {}
+    for layout, weight in (("vd", w), ("dv", w.T)):
+        lp, (hp, wp) = run("pallas", layout, weight)
+        prefix = "" if layout == "vd" else "dv "
+        out.update({prefix + "loss": rel(lp, lr), prefix + "dhidden": rel(hp, hr),
+                    prefix + "dweight": rel(wp if layout == "vd" else wp.T, wr)})
+    return out
 
 
 def run_child(spec, timeout):
@@ -195,6 +206,7 @@ def main():
     ap.add_argument("--shapes", default=None, help="comma-separated names (default: all)")
     ap.add_argument("--smoothing", default="0,0.1")
     ap.add_argument("--blocks", default=None, help="pallas block_n,block_v,block_d (default: the kernel's)")
+    ap.add_argument("--layout", default="vd", choices=("vd", "dv"), help="the head as [V, D] or [D, V]")
     ap.add_argument("--timeout", type=int, default=300, help="seconds per case")
     ap.add_argument("--out", default=None, help="markdown file to write the table into (e.g. benchmarks/RESULTS.md)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -223,9 +235,10 @@ def main():
     for name, (n, d, v) in shapes.items():
         for a in (float(x) for x in args.smoothing.split(",")):
             for impl in args.impls.split(","):
-                r = run_child({"kind": "case", "n": n, "d": d, "v": v, "a": a, "impl": impl, "blocks": blocks},
-                              args.timeout)
-                rows.append({"shape": name, "nd v": (n, d, v), "a": a, "impl": impl, **r})
+                r = run_child({"kind": "case", "n": n, "d": d, "v": v, "a": a, "impl": impl, "blocks": blocks,
+                               "layout": args.layout}, args.timeout)
+                label = impl if args.layout == "vd" else f"{impl} [D, V]"
+                rows.append({"shape": name, "nd v": (n, d, v), "a": a, "impl": label, **r})
                 print(json.dumps(rows[-1]), flush=True)
     print(table(device, rate, check, rows))
     if args.out:
