@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from ls_jax.logit_stats import apply_softcap
+from ls_jax.models.parallel import column_parallel
 
 # Score given to masked attention entries: finite, so a fully masked row (a padding query)
 # gets a uniform softmax instead of NaN.
@@ -188,9 +189,10 @@ class Attention(nnx.Module):
         """
         b, t, _ = x.shape
         k_heads, groups = self.num_kv_heads, self.num_heads // self.num_kv_heads
-        q = apply_rope(self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(x).reshape(b, t, k_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x).reshape(b, t, k_heads, self.head_dim)
+        q, k, v = column_parallel(x, self.q_proj, self.k_proj, self.v_proj)
+        q = apply_rope(q.reshape(b, t, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rope(k.reshape(b, t, k_heads, self.head_dim), cos, sin)
+        v = v.reshape(b, t, k_heads, self.head_dim)
         if cache is not None:
             k, v = (jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (0, index, 0, 0))
                     for c, new in zip(cache, (k, v)))
@@ -221,4 +223,5 @@ class GatedMLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``[..., D] -> [..., D]``."""
-        return self.down_proj(ACTIVATIONS[self.activation](self.gate_proj(x)) * self.up_proj(x))
+        gate, up = column_parallel(x, self.gate_proj, self.up_proj)
+        return self.down_proj(ACTIVATIONS[self.activation](gate) * up)

@@ -164,7 +164,8 @@ def make_eval_step(graphdef, opts: LossOptions, *, param_shardings, frozen_shard
         logits = model(batch["input_ids"], **model_inputs(batch))
         return {"logits": logits, "loss_sum": loss_sum(model, batch, opts)}
 
-    return jax.jit(evaluate, in_shardings=(param_shardings, frozen_shardings, sharding.batch_sharding(mesh)))
+    return jax.jit(sharding.on_mesh(evaluate, mesh),
+                   in_shardings=(param_shardings, frozen_shardings, sharding.batch_sharding(mesh)))
 
 
 def evaluate(step, params, frozen, batches, mesh) -> Dict:

@@ -8,7 +8,10 @@ factors ``kernel_lora_a [in, r]``, ``kernel_lora_b [r, out]``), looked up by the
   ``(fsdp, tensor)``, bias ``(tensor,)``: each tensor device owns whole output features
   (heads, MLP columns) and needs no communication;
 * row-parallel (``o_proj``, ``down_proj``): kernel ``(tensor, fsdp)``, bias replicated: each
-  device's partial output is summed by one all-reduce over ``tensor``;
+  device's partial output is summed by one all-reduce over ``tensor``; the column-parallel
+  projections of one input reduce its gradient once (:func:`ls_jax.models.parallel.column_parallel`,
+  active when the step is traced :func:`on_mesh`): per layer 2 all-reduces of a tokens x hidden
+  activation forward and 2 backward, Megatron's count;
 * vocabulary-parallel (``embed_tokens.embedding``, ``lm_head``) ``[V, D]``: ``(tensor, fsdp)``
   (the loss merges per-shard statistics: :mod:`ls_jax.sharded`);
 * norms, scalars and 1-d arrays not named above: replicated; any other parameter (e.g. a
@@ -19,23 +22,23 @@ it). Optimizer state (Adam's moments) mirrors the parameters' paths, so it gets 
 layout. Batches are split along their row dimension over ``("data", "fsdp")``.
 """
 
+import functools
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from ls_jax.models.parallel import COLUMN, ROW
+
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
-_COLUMN = {"kernel": ("fsdp", "tensor"), "bias": ("tensor",), "kernel_lora_a": ("fsdp", None),
-           "kernel_lora_b": (None, "tensor")}
-_ROW = {"kernel": ("tensor", "fsdp"), "bias": (None,), "kernel_lora_a": ("tensor", None), "kernel_lora_b": (None, "fsdp")}
 _VOCAB = ("tensor", "fsdp")
 # (module name, parameter name) -> axis per dimension; module "" matches a bare parameter
 LAYOUTS = {
-    **{(m, k): spec for m in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj") for k, spec in _COLUMN.items()},
-    **{(m, k): spec for m in ("o_proj", "down_proj") for k, spec in _ROW.items()},
+    **{(m, k): spec for m in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj") for k, spec in COLUMN.items()},
+    **{(m, k): spec for m in ("o_proj", "down_proj") for k, spec in ROW.items()},
     ("embed_tokens", "embedding"): _VOCAB,
     ("", "lm_head"): _VOCAB,
 }
@@ -112,6 +115,18 @@ def tree_shardings(tree, mesh: Mesh):
     """NamedSharding per leaf of ``tree`` (arrays or ShapeDtypeStructs), same structure."""
     return jax.tree_util.tree_map_with_path(lambda path, x: NamedSharding(mesh, param_spec(path, np.shape(x), mesh)),
                                             tree)
+
+
+def on_mesh(fn: Callable, mesh: Mesh) -> Callable:
+    """``fn`` traced with ``mesh`` as the ambient (abstract) mesh: what the models'
+    :func:`ls_jax.models.parallel.column_parallel` reads (wrap a step before ``jax.jit``)."""
+
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return traced
 
 
 def batch_sharding(mesh: Mesh, leading: int = 0) -> NamedSharding:

@@ -86,7 +86,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, opts: LossOption
         return params, opt_state, metrics
 
     return jax.jit(
-        step,
+        sharding.on_mesh(step, mesh),
         in_shardings=(param_shardings, frozen_shardings, opt_shardings, sharding.batch_sharding(mesh, leading=1)),
         out_shardings=(param_shardings, opt_shardings, sharding.replicated(mesh)),
         donate_argnums=(0, 2),
@@ -128,7 +128,8 @@ def make_eval_step(graphdef, opts: LossOptions, *, param_shardings, frozen_shard
         return {"loss_sum": loss.sum(), "tokens": stats.valid.sum(), "answers": answered.sum(),
                 "answers_correct": (answered & ~wrong).sum(), **bins}
 
-    return jax.jit(evaluate, in_shardings=(param_shardings, frozen_shardings, sharding.batch_sharding(mesh)),
+    return jax.jit(sharding.on_mesh(evaluate, mesh),
+                   in_shardings=(param_shardings, frozen_shardings, sharding.batch_sharding(mesh)),
                    out_shardings=sharding.replicated(mesh))
 
 
