@@ -21,7 +21,7 @@ import numpy as np
 from ls_jax.dispatch import ONE_PASS, logit_stats_fn, resolve
 from ls_jax.logit_stats import LAYOUTS, BlockSizes, LogitStats, apply_softcap, vocab_axis, weighted_sum
 from ls_jax.reference import stats_from_logits
-from ls_jax.sharded import resolve_mesh, sharded_logit_stats
+from ls_jax.sharded import mesh_axes, resolve_mesh, sharded_logit_stats, sharded_one_pass
 from ls_jax.targets import (Labels, check_arrays, check_options, dense_targets, is_static_zero, sparse_targets,
                             token_weights)
 
@@ -176,7 +176,9 @@ def linear_smoothed_cross_entropy(
     mesh: a ``jax.sharding.Mesh`` (or None: the ambient mesh of ``jax.set_mesh`` /
     ``jax.sharding.use_mesh``, if any) with axes ``data`` / ``fsdp`` (tokens split over them,
     the weight gathered) and ``tensor`` (the weight vocabulary-parallel): each device computes
-    its own tokens and vocabulary shard, for every impl, by the two-pass path (ls_jax/sharded.py).
+    its own tokens and vocabulary shard, for every impl (ls_jax/sharded.py); "xla" with a scalar
+    reduction takes the one-pass path per device when the mesh has no ``tensor`` axis, the
+    two-pass path (whose statistics are merged across the vocabulary shards) otherwise.
     The tokens ``hidden.shape[:-1]`` must be divisible by the batch axes' size.
     """
     check_options(label_smoothing, z_loss, logit_softcap, reduction)
@@ -212,12 +214,16 @@ def linear_smoothed_cross_entropy(
     if impl == "reference":
         h = _zero_ignored(h, t.valid)
     mesh = resolve_mesh(mesh)
-    if mesh is not None:
+    one_pass = reduction != "none" and impl in ONE_PASS
+    if mesh is not None and one_pass and mesh_axes(mesh)[1] is None:
+        loss, stats = sharded_one_pass(ONE_PASS[impl], token_loss, h, weight, bias, t.ids, t.weights, rows,
+                                       mesh=mesh, **opts)
+    elif mesh is not None:
         rows_first = weight if weight_layout == "vd" else weight.T  # sharded.py splits [V, D] rows
         stats = sharded_logit_stats(logit_stats_fn(impl), h, rows_first, bias, t.ids, t.weights, mesh=mesh,
                                     **{**opts, "layout": "vd"})
         loss = token_loss(stats, rows)
-    elif reduction != "none" and impl in ONE_PASS:
+    elif one_pass:
         loss, stats = ONE_PASS[impl](token_loss, h, weight, bias, t.ids, t.weights, rows, **opts)
     else:
         stats = logit_stats_fn(impl)(h, weight, bias, t.ids, t.weights, **opts)

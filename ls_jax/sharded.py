@@ -15,6 +15,14 @@ rows):
   ``V mod t`` (< t) rows are computed densely by every device and merged in (no class is ever
   dropped). dW comes out sharded like W; no device holds ``[N, V]`` or a gathered ``[V, D]``.
 
+:func:`sharded_one_pass` is the one-pass path (ls_jax/xla.py: a scalar loss whose gradients
+are made in the forward sweep, 6NDV instead of 8NDV) under ``jax.shard_map`` when the mesh has
+no ``tensor`` axis: each device sweeps its own tokens against the whole (gathered) weight and
+the partial loss sums are psummed. With a ``tensor`` axis it cannot be used: a token's
+gradient ``dz = p - q`` needs its global log-sum-exp, over every device's vocabulary shard,
+before any gradient can be formed, so the vocabulary-parallel loss stays two-pass (statistics
+merged first, the gradient recomputed in the backward).
+
 Gradients are plain autodiff through shard_map (``check_vma=False``, which pallas_call needs):
 its transpose divides a replicated output's cotangent by the axis size and psums the inputs'
 cotangents over the axes they are replicated on, which is exactly right for these merges.
@@ -65,6 +73,16 @@ def mesh_axes(mesh) -> Tuple[Tuple[str, ...], Optional[str]]:
     return batch, (VOCAB_AXIS if mesh.shape.get(VOCAB_AXIS, 1) > 1 else None)
 
 
+def _check_tokens(n: int, mesh, batch: Tuple[str, ...]) -> None:
+    """ValueError unless the batch axes' size divides the ``n`` tokens."""
+    shards = 1
+    for a in batch:
+        shards *= mesh.shape[a]
+    if n % shards:
+        raise ValueError(f"hidden has {n} tokens, not divisible by the mesh's batch axes "
+                         f"{' x '.join(f'{a}={mesh.shape[a]}' for a in batch)} = {shards}")
+
+
 def sharded_logit_stats(stats_fn: Callable, hidden, weight, bias, ids, tw, *, mesh, **opts) -> LogitStats:
     """:class:`LogitStats` ``[N]`` of ``hidden [N, D]``, ``weight [V, D]``, ``bias [V]`` or None and
     targets ``ids [N, K]`` (in ``[0, V)``), ``tw [N, K]``, computed on ``mesh`` as the module
@@ -73,12 +91,7 @@ def sharded_logit_stats(stats_fn: Callable, hidden, weight, bias, ids, tw, *, me
     axes do not divide N."""
     n, v = hidden.shape[0], weight.shape[0]
     batch, vocab = mesh_axes(mesh)
-    shards = 1
-    for a in batch:
-        shards *= mesh.shape[a]
-    if n % shards:
-        raise ValueError(f"hidden has {n} tokens, not divisible by the mesh's batch axes "
-                         f"{' x '.join(f'{a}={mesh.shape[a]}' for a in batch)} = {shards}")
+    _check_tokens(n, mesh, batch)
     t = mesh.shape[vocab] if vocab else 1
     per = v // t  # rows per vocabulary shard; the last v - t * per rows go to every device
     if per == 0:
@@ -102,6 +115,31 @@ def sharded_logit_stats(stats_fn: Callable, hidden, weight, bias, ids, tw, *, me
                       in_specs=(tokens, rows, None if bias is None else rows, tokens, tokens, rest_spec),
                       out_specs=LogitStats(*(tokens,) * len(LogitStats._fields)))
     return f(hidden, even, even_bias, ids, tw, rest)
+
+
+def sharded_one_pass(one_pass: Callable, loss_of: Callable, hidden, weight, bias, ids, tw, rows, *, mesh,
+                     **opts) -> Tuple[jax.Array, LogitStats]:
+    """``one_pass`` (an entry of ls_jax/dispatch.py's ONE_PASS, same arguments) on ``mesh``, whose
+    ``tensor`` axis must be absent or of size 1: tokens (``hidden [N, D]``, ``ids``, ``tw`` and the
+    ``[N]``-leading leaves of ``rows``) split over the batch axes, the weight and bias whole on every
+    device. Returns the scalar loss (the devices' partial sums, psummed) and :class:`LogitStats`
+    ``[N]``. ``rows`` carries the reduction's scale, so "mean" divides by the global count or
+    weight of valid tokens. Raises ValueError when the batch axes do not divide N."""
+    batch, vocab = mesh_axes(mesh)
+    if vocab:
+        raise ValueError("the one-pass loss needs the whole vocabulary on each device (no tensor axis)")
+    _check_tokens(hidden.shape[0], mesh, batch)
+    tokens = P(batch or None)
+
+    def local(h, w, b, ids, tw, rows):
+        loss, stats = one_pass(loss_of, h, w, b, ids, tw, rows, **opts)
+        return (jax.lax.psum(loss, batch) if batch else loss), stats
+
+    f = jax.shard_map(local, mesh=mesh, check_vma=False,
+                      in_specs=(tokens, P(), None if bias is None else P(), tokens, tokens,
+                                jax.tree.map(lambda _: tokens, rows)),
+                      out_specs=(P(), LogitStats(*(tokens,) * len(LogitStats._fields))))
+    return f(hidden, weight, bias, ids, tw, rows)
 
 
 def resolve_mesh(mesh):

@@ -58,6 +58,51 @@ def test_sharded_loss_and_gradients_equal_one_device(spec, impl):
     assert grads[1].sharding.spec == P("tensor") or mesh.shape["tensor"] == 1  # dW sharded like W
 
 
+@pytest.mark.parametrize("layout", ["vd", "dv"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("spec", ["data=8", "data=2,fsdp=4"])
+def test_one_pass_on_the_batch_axes_equals_one_device(spec, reduction, layout):
+    """The one-pass path per device (ls_jax.sharded.sharded_one_pass): "mean" divides by the
+    global weight of the valid tokens (per-token weights here), the partial sums are psummed."""
+    mesh = make_mesh(spec)
+    hidden, weight, bias, labels = _inputs()
+    weight = weight if layout == "vd" else np.ascontiguousarray(weight.T)
+    kw = dict(label_smoothing=0.1, z_loss=1e-3, logit_softcap=5.0, reduction=reduction, weight_layout=layout,
+              weights=np.random.RandomState(2).rand(len(hidden)).astype(np.float32))
+
+    def run(m):
+        f = lambda h, w, b: linear_smoothed_cross_entropy(h, w, labels, bias=b, impl="xla", mesh=m, **kw)
+        args = (hidden, weight, bias)
+        if m is not None:
+            args = jax.device_put(args, (NamedSharding(m, P(("data", "fsdp"))), NamedSharding(m, P()),
+                                         NamedSharding(m, P())))
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2))).lower(*args), args
+
+    lowered, args = run(mesh)
+    assert "shard_map" in lowered.as_text() or "sdy.manual_computation" in lowered.as_text()
+    (loss, grads), (want, want_grads) = lowered.compile()(*args), jax.jit(jax.value_and_grad(
+        lambda h, w, b: linear_smoothed_cross_entropy(h, w, labels, bias=b, impl="xla", **kw),
+        argnums=(0, 1, 2)))(hidden, weight, bias)
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
+    for g, w in zip(grads, want_grads):  # dW, db: fp32 sums over the devices in another order
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6 * np.abs(w).max())
+
+
+def test_one_pass_on_the_batch_axes_does_6ndv_per_device():
+    """Compiled FLOPs per device of value_and_grad on data=8: the one-pass 6 (N / 8) D V (logits,
+    dh, dW in one sweep), not the two-pass 8 (N / 8) D V. One token chunk per device: XLA's cost
+    analysis counts a loop body once."""
+    mesh = make_mesh("data=8")
+    n, d, v = 512, 32, 256
+    hidden, weight, _, labels = _inputs(n=n, d=d, v=v)
+    f = lambda h, w: linear_smoothed_cross_entropy(h, w, labels, label_smoothing=0.1, impl="xla", mesh=mesh,
+                                                   blocks=BlockSizes(block_n=n // 8))
+    args = jax.device_put((hidden, weight), (NamedSharding(mesh, P("data")), NamedSharding(mesh, P())))
+    flops = jax.jit(jax.grad(f, argnums=(0, 1))).lower(*args).compile().cost_analysis()["flops"]
+    ndv = n // 8 * d * v
+    assert 5.5 * ndv < flops < 7.5 * ndv, flops / ndv
+
+
 @pytest.mark.parametrize("spec", ["tensor=8", "data=2,tensor=4"])
 def test_ragged_vocabulary_and_stats(spec):
     """V = 101 rows over 8 or 4 vocabulary shards: no class dropped; argmax ties to the lowest
