@@ -240,3 +240,66 @@ def test_synthetic_answers_check_out_and_split_is_disjoint():
             assert len(opts) == 4 and r["response"] == " " + max(opts, key=lambda k: int(opts[k]))
             assert r["choices"] == list(opts.values()) and "ABCD"[r["answer"]] == r["response"].strip()
     assert kinds == {"add", "mc"}
+
+
+
+def _shared(rows, tok, max_length, count, monkeypatch):
+    """``prepare`` in ``count`` threads standing for processes (encode_shared with an all-gather
+    between the threads). Returns each one's result (or DataError) and the rows (``where``) that
+    each one tokenised in encode_shared."""
+    import threading
+
+    from ls_jax import data
+
+    tokenised, shares, parts, out = {}, {}, {}, {}
+    barrier = threading.Barrier(count)
+    real = data.tokenize_example
+
+    def counting(row, tokenizer, where="row 1"):
+        tokenised.setdefault(threading.current_thread().name, []).append(where)
+        return real(row, tokenizer, where)
+
+    def all_gather(index, local):
+        parts[index] = local
+        barrier.wait()
+        return [parts[q] for q in range(count)]
+
+    def process(index):
+        encoded = data.encode_shared(rows, tok, max_length, None, index, count, lambda a: all_gather(index, a))
+        shares[index] = list(tokenised.get(threading.current_thread().name, []))
+        try:
+            out[index] = prepare(rows, tok, max_length, encoded=encoded)
+        except DataError as e:
+            out[index] = e
+
+    monkeypatch.setattr(data, "tokenize_example", counting)
+    threads = [threading.Thread(target=process, args=(q,), name=f"process {q}") for q in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out, shares
+
+
+def test_each_process_tokenises_only_its_share(tok, monkeypatch):
+    """encode_shared (multi-process train.py): process q of 3 tokenises rows q, q + 3, ... only,
+    and every process gets what one process's prepare gives (truncation and drop counts included)."""
+    rows = [ROWS[i % 3] for i in range(10)] + [{"prompt": "x " * 30, "response": "y"}]  # the last: dropped
+    want, want_stats = prepare(rows, tok, 22)
+    assert want_stats.truncated and want_stats.dropped  # both counts are exercised
+    out, shares = _shared(rows, tok, 22, 3, monkeypatch)
+    assert shares == {q: [f"row {i + 1}" for i in range(q, len(rows), 3)] for q in range(3)}
+    for examples, stats in out.values():
+        assert stats == want_stats and len(examples) == len(want)
+        for (ids, labels), (want_ids, want_labels) in zip(examples, want):
+            np.testing.assert_array_equal(ids, want_ids)
+            np.testing.assert_array_equal(labels, want_labels)
+
+
+def test_a_bad_row_in_one_share_fails_every_process_alike(tok, monkeypatch):
+    """The first bad row (row 3, process 0's share of 2; row 5 is bad too) is each process's error."""
+    rows = [ROWS[0], ROWS[1], {"prompt": "no response field"}, ROWS[0], {"prompt": 3, "response": "x"}]
+    with pytest.raises(DataError) as want:
+        prepare(rows, tok, 64)
+    out, _ = _shared(rows, tok, 64, 2, monkeypatch)
+    assert "row 3" in str(want.value) and [str(e) for e in out.values()] == [str(want.value)] * 2

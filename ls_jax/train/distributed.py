@@ -4,11 +4,16 @@ Every process runs the same ``train.py`` command. They join through
 ``jax.distributed.initialize``, from ``--coordinator HOST:PORT --num-processes N --process-id I``
 or, with ``--distributed``, from what JAX detects in the environment (Slurm, TPU VMs, Open MPI).
 After that ``jax.devices()`` lists every process's devices and the mesh spans them all; each
-process puts only its own rows of each batch on its devices, orbax writes one checkpoint across
-processes, and only process 0 writes the other files (metrics, report, export).
+process tokenises only its share of the examples (:func:`allgather` exchanges the token ids;
+``ls_jax.data.encode_shared``) and puts only its own rows of each batch on its devices, orbax
+writes one checkpoint across processes, and only process 0 writes the other files (metrics,
+report, export).
 """
 
+from typing import List
+
 import jax
+import numpy as np
 
 from ls_jax.train.setup import ConfigError
 
@@ -42,3 +47,14 @@ def initialize(c) -> None:
 def is_main() -> bool:
     """Whether this is process 0, the one that writes metrics, reports and the export."""
     return jax.process_index() == 0
+
+
+def allgather(local: np.ndarray) -> List[np.ndarray]:
+    """Every process's 1-d int32 array (their lengths may differ), in process order."""
+    from jax.experimental import multihost_utils
+
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([local.size], np.int32))).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.int32)
+    padded[:local.size] = local
+    stacked = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+    return [stacked[q, :int(n)] for q, n in enumerate(sizes)]

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
 
+import jax
 import jax.numpy as jnp
 
 from ls_jax import data
@@ -272,6 +273,17 @@ def _classification(c: TrainConfig, tokenizer, train_rows, held_rows, train_wher
     return classes, train, held, [train_log, held_log, f"classes: {', '.join(classes)}"]
 
 
+def _prepare(c: TrainConfig, rows, tokenizer, name: str, where=None):
+    """:func:`ls_jax.data.prepare` of ``rows``; with several processes each tokenises its share."""
+    encoded = None
+    if jax.process_count() > 1:
+        from ls_jax.train.distributed import allgather  # (that module imports this one)
+
+        encoded = data.encode_shared(rows, tokenizer, c.max_length, where, jax.process_index(), jax.process_count(),
+                                     allgather)
+    return data.prepare(rows, tokenizer, c.max_length, name=name, where=where, encoded=encoded)
+
+
 def prepare(c: TrainConfig, saved_tokenizer: Optional[str] = None) -> Prepared:
     """Validate the config and load everything; no file is written (with --s3ft, the S3FT set is
     built, or reused, once the rest is valid: see :mod:`ls_jax.s3ft`).
@@ -291,18 +303,17 @@ def prepare(c: TrainConfig, saved_tokenizer: Optional[str] = None) -> Prepared:
         return Prepared(tokenizer, train, held, build, mesh, log, classes)
     build = _model_builder(c, model_config, len(tokenizer))
     name = "generated" if c.data is None else c.data
-    held, held_stats = data.prepare(held_rows, tokenizer, c.max_length, name=f"{c.eval_data or name} (held out)",
-                                    where=held_where)
+    held, held_stats = _prepare(c, held_rows, tokenizer, f"{c.eval_data or name} (held out)", held_where)
     log = []
     if c.s3ft:  # last: generation is the slow part (the held-out rows keep their gold responses)
         train_rows, train_where = _s3ft_rows(c, build, tokenizer, train_rows, train_where, log)
-    train, train_stats = data.prepare(train_rows, tokenizer, c.max_length, name=f"{name} (train)", where=train_where)
+    train, train_stats = _prepare(c, train_rows, tokenizer, f"{name} (train)", train_where)
     rows = len(data.pack(train, c.max_length)) if c.packing else len(train)
     if rows < c.batch_size:
         raise data.DataError(f"{len(train)} training examples ({rows} rows) are fewer than --batch-size {c.batch_size}")
     log += [train_stats.log_line("train", c.max_length), held_stats.log_line("held out", c.max_length)]
     base = None
     if base_rows:
-        base, base_stats = data.prepare(base_rows, tokenizer, c.max_length, name="generated (base)")
+        base, base_stats = _prepare(c, base_rows, tokenizer, "generated (base)")
         log.insert(0, base_stats.log_line("base (plain text)", c.max_length))
     return Prepared(tokenizer, train, held, build, mesh, log, held_rows=list(held_rows), base=base)
