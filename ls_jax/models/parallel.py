@@ -3,7 +3,7 @@
 Column-parallel projections that read the same input (attention's q/k/v, the MLP's gate/up)
 run in one :func:`column_parallel` call: under an ambient mesh (``jax.set_mesh``) with a
 ``tensor`` axis larger than 1 they run under ``jax.shard_map`` over that axis alone (the batch
-axes stay automatic), each device multiplying the input by its columns of every kernel. The
+axes stay automatic), each device multiplying the input by its columns of every kernel (gathered over ``fsdp``). The
 input is replicated over ``tensor``, so its gradient, the sum of the projections' partial
 products, is all-reduced once per call: Megatron's "f" operator. (Left to XLA's partitioner,
 every projection's input gradient is all-reduced separately: 3 + 2 per layer instead of 2.)
@@ -47,6 +47,9 @@ def column_parallel(x: jax.Array, *linears: nnx.Linear) -> tuple:
         return tuple(linear(x) for linear in linears)
     graphdef, state = nnx.split(linears)
     specs = jax.tree_util.tree_map_with_path(lambda path, _: _tensor_spec(path), state)
+    # the kernels gathered over fsdp before use (FSDP); left to XLA, a fsdp x tensor mesh gathers
+    # the projections' outputs over the batch instead
+    state = jax.tree.map(jax.lax.with_sharding_constraint, state, specs)
     out = P(*(None,) * (x.ndim - 1), TENSOR)
 
     def local(x, state):

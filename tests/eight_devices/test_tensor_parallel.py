@@ -6,7 +6,8 @@ projections (ls_jax.models.parallel), a step on a mesh with a tensor axis must c
 exactly Megatron's activations: per layer one all-reduce of a [tokens, hidden] activation after
 o_proj and after down_proj forward, and one for the input gradient of q/k/v and of gate/up
 backward; plus the vocabulary-parallel embedding lookup (forward) and the loss' hidden gradient
-(backward). Over the data axis: each parameter's gradient once. No weight is ever gathered.
+(backward). Over the data axis: each parameter's gradient once. No weight is gathered, except
+over fsdp (FSDP gathers each weight's tensor shard before use).
 """
 
 import math
@@ -31,23 +32,28 @@ KEYS = ("input_ids", "labels", "positions", "segment_ids")
 
 
 def _group_size(line: str) -> int:
-    """Devices per replica group of a collective in compiled HLO text (both of XLA's notations:
-    ``{{0,1},{2,3}}`` and ``mesh['axis_0'=2,'axis_1'=4] {'axis_1'}``, all axes when none is named)."""
+    """Devices per replica group of a collective in compiled HLO text (XLA's notations:
+    ``{{0,1},{2,3}}``, ``[2,2]<=[4]`` and ``mesh['axis_0'=2,'axis_1'=4] {'axis_1'}``, all axes when
+    none is named)."""
     explicit = re.search(r"replica_groups=\{\{([\d,]*)\}", line)
     if explicit:
         return len(explicit.group(1).split(","))
+    iota = re.search(r"replica_groups=\[\d+,(\d+)\]<=", line)  # [groups, size]<=[...]
+    if iota:
+        return int(iota.group(1))
     m = re.search(r"replica_groups=mesh\[([^\]]*)\](?: \{([^}]*)\})?", line)
     sizes = {a: int(n) for a, n in re.findall(r"'(\w+)'=(\d+)", m.group(1))}
     return math.prod(sizes[a] for a in (re.findall(r"'(\w+)'", m.group(2)) if m.group(2) else sizes))
 
 
-def _collectives(hlo: str):
-    """(kind, devices per group, [operand element counts]) of each collective in compiled HLO text."""
+def _collectives(hlo: str, floats: bool = True):
+    """(kind, devices per group, [result element counts]) of each collective in compiled HLO text
+    (float results only; ``floats=False``: the others)."""
     found = []
     for line in hlo.splitlines():
         m = re.search(r"= (.*?) (" + "|".join(COLLECTIVES) + r")(-start)?\(", line)
         if m:
-            shapes = re.findall(r"[a-z]+\d*\[([\d,]*)\]", m.group(1))
+            shapes = [s for t, s in re.findall(r"([a-z]+)\d*\[([\d,]*)\]", m.group(1)) if (t in ("f", "bf")) == floats]
             found.append((m.group(2), _group_size(line), [math.prod(map(int, filter(None, s.split(",")))) for s in shapes]))
     return found
 
@@ -64,17 +70,24 @@ def _setup(spec: str, tx):
     return mesh, step, params, frozen, param_sh, frozen_sh, opt_sh
 
 
-@pytest.mark.parametrize("spec", ["tensor=8", "data=2,tensor=4"])
+@pytest.mark.parametrize("spec", ["tensor=8", "data=2,tensor=4", "fsdp=2,tensor=4"])
 def test_tensor_parallel_step_communicates_what_megatron_needs(spec):
     tx = adamw(1e-3, weight_decay=0.01, b1=0.9, b2=0.98, clip_norm=1.0)
     mesh, step, params, frozen, param_sh, _, _ = _setup(spec, tx)
     assert all("tensor" in s.spec for s in jax.tree.leaves(param_sh) if len(s.spec) == 2)  # every matrix split
     data = {k: jax.ShapeDtypeStruct((1, BATCH, LENGTH), jnp.int32) for k in KEYS}
     found = _collectives(step.lower(params, frozen, jax.eval_shape(tx.init, params), data).compile().as_text())
-    t, dp = mesh.shape["tensor"], mesh.shape["data"]
-    activation = BATCH // dp * LENGTH * D  # one device's [tokens, hidden]
+    t, dp, fsdp = mesh.shape["tensor"], mesh.shape["data"], mesh.shape["fsdp"]
+    activation = BATCH // dp // fsdp * LENGTH * D  # one device's [tokens, hidden]
     local = [math.prod(s.shard_shape(x.shape)) for x, s in zip(jax.tree.leaves(params), jax.tree.leaves(param_sh))]
     assert activation not in local  # an operand of that size is an activation, not a weight
+    if fsdp > 1:  # FSDP gathers weights (each matrix's tensor shard), never an activation; the
+        # embedding lookup's output, [tokens, hidden] over fsdp, is moved to tokens over fsdp by
+        # an all-to-all, forward and backward
+        gathered = [n for kind, _, sizes in found if kind == "all-gather" for n in sizes]
+        assert gathered and set(gathered) <= {x.size // t for x in jax.tree.leaves(params) if x.ndim == 2}, found
+        assert [kind for kind, _, _ in found if kind == "all-to-all"] == ["all-to-all"] * 2, found
+        found = [f for f in found if f[0] == "all-reduce"]
     assert {kind for kind, _, _ in found} == {"all-reduce"}, found
     over_tensor = [n for _, g, sizes in found if g == t for n in sizes]
     assert over_tensor.count(activation) == 4 * LAYERS + 2, found
@@ -90,14 +103,14 @@ def _keep_gradients() -> optax.GradientTransformation:
 
 
 def test_tensor_parallel_step_equals_one_device():
-    """The step's loss and gradients on tensor=8 and data=2,tensor=4 against one device."""
+    """The step's loss and gradients on tensor=8, data=2,tensor=4 and fsdp=2,tensor=4 against one device."""
     r = np.random.RandomState(0)
     ids = r.randint(3, VOCAB, (1, BATCH, LENGTH)).astype(np.int32)
     labels = np.where(r.rand(*ids.shape) < 0.3, -100, ids).astype(np.int32)
     batch = {"input_ids": ids, "labels": labels, "positions": np.broadcast_to(np.arange(LENGTH), ids.shape).astype(np.int32),
              "segment_ids": np.ones_like(ids)}
     results = {}
-    for spec in ("", "tensor=8", "data=2,tensor=4"):
+    for spec in ("", "tensor=8", "data=2,tensor=4", "fsdp=2,tensor=4"):
         mesh, step, params, frozen, param_sh, frozen_sh, opt_sh = _setup(spec, _keep_gradients())
         placed = jax.device_put((params, frozen, _keep_gradients().init(params)), (param_sh, frozen_sh, opt_sh))
         _, grads, metrics = step(*placed, jax.device_put(batch, sharding.batch_sharding(mesh, leading=1)))
