@@ -19,6 +19,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from transformers import Gemma2Config
 
 from ls_jax.models import from_config, tiny_llama_config
 from ls_jax.train import sharding
@@ -41,6 +42,8 @@ def _group_size(line: str) -> int:
     iota = re.search(r"replica_groups=\[\d+,(\d+)\]<=", line)  # [groups, size]<=[...]
     if iota:
         return int(iota.group(1))
+    if "source_target_pairs=" in line:  # collective-permute: device to device
+        return 2
     m = re.search(r"replica_groups=mesh\[([^\]]*)\](?: \{([^}]*)\})?", line)
     sizes = {a: int(n) for a, n in re.findall(r"'(\w+)'=(\d+)", m.group(1))}
     return math.prod(sizes[a] for a in (re.findall(r"'(\w+)'", m.group(2)) if m.group(2) else sizes))
@@ -58,9 +61,19 @@ def _collectives(hlo: str, floats: bool = True):
     return found
 
 
-def _setup(spec: str, tx):
-    model = from_config(tiny_llama_config(vocab_size=VOCAB, hidden_size=D, num_hidden_layers=LAYERS,
-                                          num_attention_heads=8, num_key_value_heads=8), seed=0)
+CONFIGS = {  # Llama with as many KV heads as tensor devices; Gemma 2: 2 KV heads (shards within a
+    # head), tied embeddings, sandwich norms, GeGLU, attention and final softcaps, bias-free
+    "llama": lambda: tiny_llama_config(vocab_size=VOCAB, hidden_size=D, num_hidden_layers=LAYERS,
+                                       num_attention_heads=8, num_key_value_heads=8),
+    "gemma2": lambda: Gemma2Config(vocab_size=VOCAB, hidden_size=D, intermediate_size=2 * D,
+                                   num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
+                                   head_dim=16, sliding_window=3, query_pre_attn_scalar=24,
+                                   attn_logit_softcapping=2.0, final_logit_softcapping=5.0, pad_token_id=0),
+}
+
+
+def _setup(spec: str, tx, config: str = "llama"):
+    model = from_config(CONFIGS[config](), seed=0)
     graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
     mesh = sharding.make_mesh(spec, jax.devices()[:1] if spec == "" else None)
     param_sh, frozen_sh = sharding.tree_shardings(params, mesh), sharding.tree_shardings(frozen, mesh)
@@ -102,16 +115,18 @@ def _keep_gradients() -> optax.GradientTransformation:
                                         lambda g, state, params=None: (jax.tree.map(jnp.zeros_like, g), g))
 
 
-def test_tensor_parallel_step_equals_one_device():
-    """The step's loss and gradients on tensor=8, data=2,tensor=4 and fsdp=2,tensor=4 against one device."""
+@pytest.mark.parametrize("config, specs", [("llama", ("tensor=8", "data=2,tensor=4", "fsdp=2,tensor=4")),
+                                           ("gemma2", ("tensor=8",))])
+def test_tensor_parallel_step_equals_one_device(config, specs):
+    """The step's loss and gradients on meshes with a tensor axis against one device."""
     r = np.random.RandomState(0)
     ids = r.randint(3, VOCAB, (1, BATCH, LENGTH)).astype(np.int32)
     labels = np.where(r.rand(*ids.shape) < 0.3, -100, ids).astype(np.int32)
     batch = {"input_ids": ids, "labels": labels, "positions": np.broadcast_to(np.arange(LENGTH), ids.shape).astype(np.int32),
              "segment_ids": np.ones_like(ids)}
     results = {}
-    for spec in ("", "tensor=8", "data=2,tensor=4", "fsdp=2,tensor=4"):
-        mesh, step, params, frozen, param_sh, frozen_sh, opt_sh = _setup(spec, _keep_gradients())
+    for spec in ("", *specs):
+        mesh, step, params, frozen, param_sh, frozen_sh, opt_sh = _setup(spec, _keep_gradients(), config)
         placed = jax.device_put((params, frozen, _keep_gradients().init(params)), (param_sh, frozen_sh, opt_sh))
         _, grads, metrics = step(*placed, jax.device_put(batch, sharding.batch_sharding(mesh, leading=1)))
         results[spec] = grads, metrics
