@@ -219,9 +219,7 @@ def linear_smoothed_cross_entropy(
         loss, stats = sharded_one_pass(ONE_PASS[impl], token_loss, h, weight, bias, t.ids, t.weights, rows,
                                        mesh=mesh, **opts)
     elif mesh is not None:
-        rows_first = weight if weight_layout == "vd" else weight.T  # sharded.py splits [V, D] rows
-        stats = sharded_logit_stats(logit_stats_fn(impl), h, rows_first, bias, t.ids, t.weights, mesh=mesh,
-                                    **{**opts, "layout": "vd"})
+        stats = sharded_logit_stats(logit_stats_fn(impl), h, weight, bias, t.ids, t.weights, mesh=mesh, **opts)
         loss = token_loss(stats, rows)
     elif one_pass:
         loss, stats = ONE_PASS[impl](token_loss, h, weight, bias, t.ids, t.weights, rows, **opts)

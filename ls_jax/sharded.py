@@ -7,13 +7,15 @@ rows):
 
 * tokens ``[N, D]`` are split over the mesh's batch axes (``data``, ``fsdp``); the weight is
   gathered over them (FSDP) as shard_map's input spec asks;
-* with a ``tensor`` axis the weight ``[V, D]`` is **vocabulary-parallel**: each device holds
-  ``V // t`` rows, computes :class:`LogitStats` over them, and the statistics are merged exactly
+* with a ``tensor`` axis the weight (``[V, D]``, or ``[D, V]`` with ``layout="dv"``, split along
+  its vocabulary axis where it is: no transposed copy) is **vocabulary-parallel**: each device holds
+  ``V // t`` classes, computes :class:`LogitStats` over them, and the statistics are merged exactly
   across the axis (:func:`merge_across`: max with pmax, lse by a shifted psum of exp, the logit
   sum and the target term by psum, the prediction as the lowest index reaching the max); each
-  device scores only the target ids its rows own (the others' weights masked to 0). When t does not divide V, the last
-  ``V mod t`` (< t) rows are computed densely by every device and merged in (no class is ever
-  dropped). dW comes out sharded like W; no device holds ``[N, V]`` or a gathered ``[V, D]``.
+  device scores only the target ids its classes own (the others' weights masked to 0). When t does not divide V, the last
+  ``V mod t`` (< t) classes are computed densely by every device and merged in (no class is ever
+  dropped). dW comes out in W's layout and sharded like W; no device holds ``[N, V]`` or a
+  gathered head.
 
 :func:`sharded_one_pass` is the one-pass path (ls_jax/xla.py: a scalar loss whose gradients
 are made in the forward sweep, 6NDV instead of 8NDV) under ``jax.shard_map`` when the mesh has
@@ -35,7 +37,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from ls_jax import reference
-from ls_jax.logit_stats import LogitStats
+from ls_jax.logit_stats import LogitStats, head_index, vocab_axis
 
 BATCH_AXES = ("data", "fsdp")
 VOCAB_AXIS = "tensor"
@@ -60,7 +62,7 @@ def merge_across(s: LogitStats, axis: str) -> LogitStats:
 
 
 def _rows_stats(stats_fn, h, w, b, ids, tw, start, rows, opts) -> LogitStats:
-    """``stats_fn`` over weight rows ``[start, start + rows)`` (``w``, ``b``): the target term
+    """``stats_fn`` over classes ``[start, start + rows)`` (``w``, ``b``): the target term
     counts only the ids in that range; the prediction is a global class index."""
     owned = (ids >= start) & (ids < start + rows)
     s = stats_fn(h, w, b, jnp.clip(ids - start, 0, rows - 1), jnp.where(owned, tw, 0.0), **opts)
@@ -83,23 +85,30 @@ def _check_tokens(n: int, mesh, batch: Tuple[str, ...]) -> None:
                          f"{' x '.join(f'{a}={mesh.shape[a]}' for a in batch)} = {shards}")
 
 
-def sharded_logit_stats(stats_fn: Callable, hidden, weight, bias, ids, tw, *, mesh, **opts) -> LogitStats:
-    """:class:`LogitStats` ``[N]`` of ``hidden [N, D]``, ``weight [V, D]``, ``bias [V]`` or None and
-    targets ``ids [N, K]`` (in ``[0, V)``), ``tw [N, K]``, computed on ``mesh`` as the module
-    describes; ``stats_fn`` is an implementation of the seam (ls_jax/dispatch.py) run on each
-    device's block with ``opts`` (softcap, need_sum, blocks). Raises ValueError when the batch
-    axes do not divide N."""
-    n, v = hidden.shape[0], weight.shape[0]
+def sharded_logit_stats(stats_fn: Callable, hidden, weight, bias, ids, tw, *, mesh, layout: str = "vd",
+                        **opts) -> LogitStats:
+    """:class:`LogitStats` ``[N]`` of ``hidden [N, D]``, the head ``weight`` in ``layout`` (``[V, D]``
+    "vd" or ``[D, V]`` "dv"), ``bias [V]`` or None and targets ``ids [N, K]`` (in ``[0, V)``),
+    ``tw [N, K]``, computed on ``mesh`` as the module describes; ``stats_fn`` is an implementation
+    of the seam (ls_jax/dispatch.py) run on each device's block with ``opts`` (softcap, need_sum,
+    blocks) and ``layout``. Raises ValueError when the batch axes do not divide N."""
+    ax = vocab_axis(layout)
+    n, v = hidden.shape[0], weight.shape[ax]
     batch, vocab = mesh_axes(mesh)
     _check_tokens(n, mesh, batch)
     t = mesh.shape[vocab] if vocab else 1
-    per = v // t  # rows per vocabulary shard; the last v - t * per rows go to every device
+    per = v // t  # classes per vocabulary shard; the last v - t * per go to every device
     if per == 0:
         vocab, t, per = None, 1, v
     split = t * per
-    even, even_bias = weight[:split], None if bias is None else bias[:split]  # the whole weight when t divides V
-    rest = (weight[split:], None if bias is None else bias[split:]) if split < v else None
-    tokens, rows = P(batch or None), P(vocab)
+    opts = {**opts, "layout": layout}
+
+    def classes(a, axis, lo, hi):  # classes [lo, hi) of a head or a bias; the array itself when whole
+        return a if (lo, hi) == (0, v) else jax.lax.slice_in_dim(a, lo, hi, axis=axis)
+
+    even, even_bias = classes(weight, ax, 0, split), None if bias is None else classes(bias, 0, 0, split)
+    rest = (classes(weight, ax, split, v), None if bias is None else classes(bias, 0, split, v)) if split < v else None
+    tokens, rows = P(batch or None), P(*head_index(vocab, None, layout))
 
     def local(h, w, b, ids, tw, rest):
         start = jax.lax.axis_index(vocab) * per if vocab else 0
@@ -112,7 +121,7 @@ def sharded_logit_stats(stats_fn: Callable, hidden, weight, bias, ids, tw, *, me
 
     rest_spec = None if rest is None else (P(), None if bias is None else P())
     f = jax.shard_map(local, mesh=mesh, check_vma=False,
-                      in_specs=(tokens, rows, None if bias is None else rows, tokens, tokens, rest_spec),
+                      in_specs=(tokens, rows, None if bias is None else P(vocab), tokens, tokens, rest_spec),
                       out_specs=LogitStats(*(tokens,) * len(LogitStats._fields)))
     return f(hidden, even, even_bias, ids, tw, rest)
 

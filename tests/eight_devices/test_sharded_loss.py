@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ls_jax import linear_smoothed_cross_entropy
-from ls_jax.logit_stats import BlockSizes
+from ls_jax.logit_stats import BlockSizes, head_index
 from ls_jax.train.sharding import make_mesh
 
 MESHES = ("data=8", "data=2,fsdp=4", "tensor=8", "data=2,tensor=4")
@@ -30,18 +30,26 @@ def _inputs(n=64, d=32, v=96, k=2, seed=0):
     return hidden, weight, bias, (ids, weights)
 
 
-def _loss_and_grads(mesh, impl, hidden, weight, bias, labels, **kw):
-    """value_and_grad (hidden, weight, bias) of the mean loss, under jit; inputs laid out as the
-    trainer does (tokens over data x fsdp, weight rows over tensor) when ``mesh`` is given."""
+def _compiled(mesh, impl, hidden, weight, bias, labels, weight_layout="vd", **kw):
+    """(compiled value_and_grad (hidden, weight, bias) of the mean loss, its arguments); inputs laid
+    out as the trainer does (tokens over data x fsdp, the head's vocabulary axis over tensor, or
+    whole when tensor does not divide V) when ``mesh`` is given."""
     def f(h, w, b):
-        return linear_smoothed_cross_entropy(h, w, labels, bias=b, impl=impl, mesh=mesh, blocks=BlockSizes(block_v=16), **kw)
+        return linear_smoothed_cross_entropy(h, w, labels, bias=b, impl=impl, mesh=mesh, blocks=BlockSizes(block_v=16),
+                                             weight_layout=weight_layout, **kw)
 
     args = (hidden, weight, bias)
     if mesh is not None:
-        tokens = NamedSharding(mesh, P(("data", "fsdp")))
-        rows = NamedSharding(mesh, P("tensor"))
-        args = jax.device_put(args, (tokens, rows, rows))
-    return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(*args)
+        even = len(bias) % mesh.shape["tensor"] == 0
+        head = P(*head_index("tensor", None, weight_layout)) if even else P()
+        args = jax.device_put(args, tuple(NamedSharding(mesh, s) for s in (
+            P(("data", "fsdp")), head, P("tensor") if even else P())))
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2))).lower(*args).compile(), args
+
+
+def _loss_and_grads(mesh, impl, *inputs, **kw):
+    compiled, args = _compiled(mesh, impl, *inputs, **kw)
+    return compiled(*args)
 
 
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
@@ -56,6 +64,29 @@ def test_sharded_loss_and_gradients_equal_one_device(spec, impl):
     for g, w in zip(grads, want_grads):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
     assert grads[1].sharding.spec == P("tensor") or mesh.shape["tensor"] == 1  # dW sharded like W
+
+
+@pytest.mark.parametrize("spec, impl, v", [("tensor=8", "xla", 96), ("tensor=8", "pallas", 101),
+                                           ("data=2,tensor=4", "xla", 101), ("data=2,tensor=4", "pallas", 96)])
+def test_dv_head_split_in_place_over_the_vocabulary(spec, impl, v):
+    """A [D, V] head (weight_layout="dv") on a tensor mesh, split along its own vocabulary axis
+    (V = 101: ragged, the last V mod t classes on every device): the [V, D] head's loss and
+    gradients on one device, dW in the head's layout and sharding, and no transpose of the head
+    or of a shard of it in the compiled step (the old path transposed every device's shard)."""
+    mesh = make_mesh(spec)
+    hidden, weight, bias, labels = _inputs(v=v)
+    kw = dict(label_smoothing=0.1, z_loss=1e-3, logit_softcap=5.0)
+    compiled, args = _compiled(mesh, impl, hidden, np.ascontiguousarray(weight.T), bias, labels,
+                               weight_layout="dv", **kw)
+    (loss, grads), (want, want_grads) = compiled(*args), _loss_and_grads(None, impl, hidden, weight, bias, labels, **kw)
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
+    for g, w in zip(grads, (want_grads[0], want_grads[1].T, want_grads[2])):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
+    assert grads[1].sharding.is_equivalent_to(args[1].sharding, 2)  # dW in the head's layout and sharding
+    d, per = hidden.shape[1], v // mesh.shape["tensor"]
+    heads = {shape for rows in (v, per * mesh.shape["tensor"], per) for shape in ((rows, d), (d, rows))}
+    transposed = {(int(a), int(b)) for a, b in re.findall(r"f32\[(\d+),(\d+)\]\{[\d,]*\} transpose\(", compiled.as_text())}
+    assert not transposed & heads, transposed
 
 
 @pytest.mark.parametrize("spec, reduction, layout", [("data=8", "mean", "vd"), ("data=2,fsdp=4", "sum", "dv"),
