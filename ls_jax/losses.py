@@ -211,9 +211,9 @@ def linear_smoothed_cross_entropy(
     rows = _loss_rows(mass, t.valid, t.out_of_range, v, label_smoothing, z_loss, reduction,
                       token_weights(weights, batch_shape))
     opts = dict(softcap=cap, need_sum=need_sum, blocks=blocks, layout=weight_layout)
-    if impl == "reference":
-        h = _zero_ignored(h, t.valid)
     mesh = resolve_mesh(mesh)
+    if impl == "reference" or mesh is not None:  # dense autodiff: the reference, or a ragged V's rest on a mesh
+        h = _zero_ignored(h, t.valid)
     one_pass = reduction != "none" and impl in ONE_PASS
     if mesh is not None and one_pass and mesh_axes(mesh)[1] is None:
         loss, stats = sharded_one_pass(ONE_PASS[impl], token_loss, h, weight, bias, t.ids, t.weights, rows,

@@ -156,6 +156,22 @@ def test_ragged_vocabulary_and_stats(spec):
     assert set(np.asarray(stats.prediction)) <= {3, 100} and 3 in set(np.asarray(stats.prediction))
 
 
+def test_ignored_token_with_inf_hidden_on_a_ragged_vocabulary():
+    """An ignored token contributes exactly 0 whatever its hidden state holds, also through the
+    dense pass over a ragged V's last classes that every device computes."""
+    hidden, weight, bias, (ids, weights) = _inputs(v=101, seed=2)
+    ids[5] = -100
+    hidden[5] = np.inf
+    labels = (ids, weights)
+    (loss, grads), (want, want_grads) = (_loss_and_grads(m, "xla", hidden, weight, bias, labels, label_smoothing=0.1)
+                                         for m in (make_mesh("tensor=8"), None))
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
+    for g, w in zip(grads, want_grads):
+        assert np.isfinite(np.asarray(g)).all()
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
+    assert not np.asarray(grads[0])[5].any()
+
+
 def test_ambient_mesh_is_used():
     """Without mesh=, the mesh of jax.set_mesh splits the loss the same way."""
     mesh = make_mesh("data=2,tensor=4")
