@@ -128,6 +128,7 @@ def plot(means: List[Dict], path: str) -> None:
 
 
 def main(argv=None) -> List[Dict]:
+    from ls_jax.atomic import write_text
     from ls_jax.train import TrainConfig, run
     from ls_jax.train.config import EMBEDDED_DEFAULTS
 
@@ -159,13 +160,12 @@ def main(argv=None) -> List[Dict]:
             done = os.path.join(args.out, f"V{v}-D{hidden}.json")
             if not os.path.isfile(done):  # a finished cell is reused when the sweep is run again
                 results = run(TrainConfig(model=model, output_dir=os.path.join(args.out, f"V{v}-D{hidden}"), **common))
-                with open(done, "w") as f:
-                    json.dump([figures(r, v, hidden) for r in results], f, indent=2)
-            rows += json.load(open(done))
+                write_text(done, json.dumps([figures(r, v, hidden) for r in results], indent=2))  # whole, or not at all
+            with open(done) as f:
+                rows += json.load(f)
     means = stage_means(rows)
     print(table(means))
-    with open(os.path.join(args.out, "large_vocab.json"), "w") as f:
-        json.dump({"runs": rows, "means": means}, f, indent=2)
+    write_text(os.path.join(args.out, "large_vocab.json"), json.dumps({"runs": rows, "means": means}, indent=2))
     plot(means, os.path.join(args.out, "large_vocab.png"))
     return means
 

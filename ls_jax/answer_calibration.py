@@ -32,7 +32,6 @@ from ls_jax.calibration import CalibrationBins, bin_statistics, errors_from_bins
 from ls_jax.data import IGNORE_INDEX, tokenize_example
 from ls_jax.evaluate import evaluate_multiple_choice, padded_batches
 from ls_jax.generation import generate
-from ls_jax.logit_stats import dense_logits
 
 @dataclasses.dataclass(frozen=True)
 class AnswerScores:
@@ -86,11 +85,7 @@ class SequenceLogits:
 @nnx.jit
 def _position_logits(model, input_ids, attention_mask, positions):
     """float32 ``[B, L, V]``: logits at ``positions [B, L]`` of each row of ``input_ids [B, T]``."""
-    hidden = model(input_ids, attention_mask)
-    h = jnp.take_along_axis(hidden, positions[..., None], axis=1)
-    w = model.unembedding()
-    z = dense_logits(h.reshape(-1, h.shape[-1]), w.astype(h.dtype), None, model.final_logit_softcap)
-    return z.reshape(*positions.shape, w.shape[0])
+    return model.project(jnp.take_along_axis(model(input_ids, attention_mask), positions[..., None], axis=1))
 
 
 def continuation_logits(model, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]], *,

@@ -26,8 +26,6 @@ from flax import nnx
 from ls_jax.data import prompt_ids
 from ls_jax.models.transformer import KVCache
 
-FINISH_REASONS = ("eos", "stop", "length")
-
 
 @dataclass
 class Generation:

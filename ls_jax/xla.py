@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from ls_jax.logit_stats import (Backend, BlockSizes, LogitStats, apply_softcap, dz_tile, excluded_lse, head_back,
-                                head_logits, head_outer, live_rows, target_logits, two_pass, vocab_axis,
+                                head_logits, head_outer, live_rows, two_pass, vocab_axis,
                                 weighted_sum)
 
 BLOCK_N, BLOCK_V = 1024, 2048  # two-pass tile
@@ -147,10 +147,7 @@ def _one_pass_block_n(blocks: BlockSizes, n, v):
 
 def _stats_and_loss(loss_of, hidden, weight, bias, ids, tw, rows, softcap, need_sum, blocks, layout):
     """Forward only: two-pass statistics and the scalar loss (no gradient work)."""
-    lse, total, mx, arg, _ = forward(hidden, weight, bias, ids[:, 0], softcap=softcap, need_sum=need_sum,
-                                     blocks=blocks, layout=layout)
-    target = weighted_sum(tw, target_logits(hidden, weight, bias, ids, softcap, layout))
-    stats = LogitStats(lse, total, target, mx, arg)
+    stats = logit_stats(hidden, weight, bias, ids, tw, softcap=softcap, need_sum=need_sum, blocks=blocks, layout=layout)
     return loss_of(stats, rows).sum(), stats
 
 

@@ -13,6 +13,7 @@ Rows that cannot take part (no gold response, an unknown judge, a ``code`` row w
 are kept out of the training set and listed with the reason in :attr:`S3FTSet.skipped`.
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ls_jax import data
+from ls_jax.atomic import write_text
 from ls_jax.s3ft import judges
 
 SOURCES = ("self", "paraphrase", "gold")
@@ -195,12 +197,11 @@ def checkpoint_id(path: str) -> str:
 def write(result: S3FTSet, out: str, key: str) -> None:
     """``out`` (the rows, JSON lines), ``out + ".skipped.jsonl"`` and ``out + ".meta.json"`` (key, counts, notes)."""
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):  # the old key must not vouch for half-written new rows
+        os.remove(out + ".meta.json")
     for path, items in ((out, result.rows), (out + ".skipped.jsonl", result.skipped)):
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in items)
-        os.replace(path + ".tmp", path)
-    with open(out + ".meta.json", "w") as f:
-        json.dump({"key": key, "counts": result.counts(), "notes": result.notes}, f, indent=2)
+        write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in items))
+    write_text(out + ".meta.json", json.dumps({"key": key, "counts": result.counts(), "notes": result.notes}, indent=2))
 
 
 def load_if_current(out: str, key: str) -> Optional[S3FTSet]:

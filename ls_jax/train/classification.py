@@ -165,7 +165,8 @@ def make_eval_step(graphdef, opts: LossOptions, *, param_shardings, frozen_shard
         return {"logits": logits, "loss_sum": loss_sum(model, batch, opts)}
 
     return jax.jit(sharding.on_mesh(evaluate, mesh),
-                   in_shardings=(param_shardings, frozen_shardings, sharding.batch_sharding(mesh)))
+                   in_shardings=(param_shardings, frozen_shardings, sharding.batch_sharding(mesh)),
+                   out_shardings=sharding.replicated(mesh))
 
 
 def evaluate(step, params, frozen, batches, mesh) -> Dict:
@@ -175,7 +176,7 @@ def evaluate(step, params, frozen, batches, mesh) -> Dict:
     ``examples``; plus the 15 equal-width reliability ``bins``."""
     logits, targets, loss = [], [], 0.0
     for b in batches:
-        out = jax.device_get(step(params, frozen, jax.device_put(b, sharding.batch_sharding(mesh))))
+        out = jax.device_get(step(params, frozen, sharding.put_batch(b, mesh)))
         logits.append(out["logits"])
         targets.append(b["targets"])
         loss += float(out["loss_sum"])

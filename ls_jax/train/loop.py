@@ -66,9 +66,7 @@ def _evaluate(evaluate, params, frozen, batches, mesh) -> Dict:
     (``special_``), teacher-forced answer accuracy; plus the content tokens' bins."""
     total = None
     for b in batches:
-        batch = sharding.put_rows(lambda rows: {k: v[rows] for k, v in b.items()}, len(b["input_ids"]),
-                                  sharding.batch_sharding(mesh))
-        total = accumulate(total, evaluate(params, frozen, batch))
+        total = accumulate(total, evaluate(params, frozen, sharding.put_batch(b, mesh)))
     total = jax.device_get(total)
     report = CalibrationReport.from_bins(total["bins"])
     special = CalibrationReport.from_bins(total["special_bins"])
@@ -178,6 +176,7 @@ def train(config: TrainConfig, prep: Prepared, out_dir: str, *, stop_at: Optiona
             t0 = time.perf_counter()
             batch = sharding.put_rows(rows, config.batch_size, batch_sh, axis=1)
             params, opt_state, metrics = train_step(params, frozen, opt_state, batch)
+            metrics = jax.device_get(metrics)  # one transfer (and the step's end) per step
             loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
             seconds = time.perf_counter() - t0
             if not (math.isfinite(loss) and math.isfinite(grad_norm) and bool(metrics["finite"])):

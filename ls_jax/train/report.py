@@ -83,13 +83,8 @@ CLASSIFICATION_COLUMNS = (("label_smoothing", "smoothing", "{:.2f}"), ("loss", "
 
 def summary_table(rows: Sequence[Dict[str, float]], columns) -> str:
     """A fixed-width text table of the final held-out metrics, one row per run."""
-    cells: List[List[str]] = [[title for _, title, _ in columns]]
-    for r in rows:
-        cells.append([fmt.format(r[key]) for key, _, fmt in columns])
-    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return _table([title for _, title, _ in columns], [[fmt.format(r[key]) for key, _, fmt in columns] for r in rows],
+                  label_column=False)
 
 
 def by_stage(results: Sequence[dict]) -> Dict[str, List[dict]]:
@@ -108,10 +103,12 @@ def _cell(values: Sequence[float], fmt: str) -> str:
     return f"{fmt.format(values.mean())} ± {fmt.format((values.max() - values.min()) / 2)}"
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], label_column: bool = True) -> str:
+    """Fixed-width columns, right-aligned but for a first ``label_column`` (left-aligned)."""
     cells = [list(header), *map(list, rows)]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
+    lines = ["  ".join(c.ljust(w) if label_column and not i else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from ls_jax import data
 from ls_jax.dispatch import CHOICES
+from ls_jax.models.classification import SMOOTHING_CONVENTIONS
 from ls_jax.targets import check_options
 from ls_jax.s3ft.judges import NAMES as JUDGE_NAMES
 from ls_jax.train import sharding, synthetic
@@ -27,7 +28,6 @@ from ls_jax.train.optim import DECAYS
 TINY_MODELS = {"tiny": dict(hidden_size=64, num_hidden_layers=2)}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 TASKS = ("causal_lm", "classification")
-SMOOTHING_CONVENTIONS = ("uniform", "others")  # ls_jax.models.classification.convention_smoothing
 
 
 class ConfigError(ValueError):

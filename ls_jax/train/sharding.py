@@ -139,6 +139,13 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def put_batch(batch: Dict[str, np.ndarray], mesh: Mesh) -> Dict[str, jax.Array]:
+    """A batch of numpy arrays ``[rows, ...]`` (every process holds all of it) placed with its rows
+    over the batch axes, each process putting only its own rows (:func:`put_rows`)."""
+    return put_rows(lambda rows: {k: v[rows] for k, v in batch.items()}, len(next(iter(batch.values()))),
+                    batch_sharding(mesh))
+
+
 def put_rows(make: Callable[[slice], Dict[str, np.ndarray]], rows: int, sharding: NamedSharding,
              axis: int = 0) -> Dict[str, jax.Array]:
     """Global arrays of a batch of ``rows`` rows along ``axis``, placed by ``sharding``, built from
