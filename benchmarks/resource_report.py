@@ -36,7 +36,8 @@ def dump_triton_ir(n, d, v, dtype, backward, bias, softcap, need_sum, out_dir):
 
     from functools import partial
 
-    from ls_jax import BlockSizes, kernels
+    from ls_jax import BlockSizes
+    from ls_jax.kernels import fused
     from ls_jax.logit_stats import Backend, two_pass
 
     found, lower = [], registration.lowering.lower_jaxpr_to_triton_module
@@ -52,7 +53,7 @@ def dump_triton_ir(n, d, v, dtype, backward, bias, softcap, need_sum, out_dir):
 
     import jax.numpy as jnp
 
-    stats = two_pass(Backend(partial(kernels.forward, interpret=False), kernels.backward_fn(backward, interpret=False)))
+    stats = two_pass(Backend(partial(fused.forward, interpret=False), fused.backward_fn(backward, interpret=False)))
 
     def loss(h, w, b):
         ids, tw = jnp.zeros((h.shape[0], 1), jnp.int32), jnp.ones((h.shape[0], 1))

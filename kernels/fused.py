@@ -1,6 +1,13 @@
 """The ``impl="pallas"`` backend of the logit-statistics seam (ls_jax/logit_stats.py):
 ``forward`` and ``backward_fn(kind)`` in the :class:`ls_jax.logit_stats.Backend` signature,
-composed into a differentiable function by ``ls_jax.dispatch``.
+composed into a differentiable function by ``ls_jax.dispatch``. The forward kernel is in
+forward.py, the backward kernels (dh and dW, or one atomic kernel) in backward.py, the shared
+tile and block plan in tiles.py.
+
+The kernels/ folder is the package ``ls_jax.kernels``: pyproject.toml maps it for an install,
+and the link ls_jax/kernels -> ../kernels for a plain checkout. It has no ``__init__.py``, so
+the repository root never shadows a top-level ``kernels`` package of a dependency (Hugging
+Face's, which transformers imports).
 
 The head is ``[V, D]`` or ``[D, V]`` (``layout`` "vd" / "dv"); the kernels read it as it is, with
 no transposed or padded copy, and write its gradient in that layout (a ragged head's last blocks

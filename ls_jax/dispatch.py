@@ -15,10 +15,10 @@ from ls_jax.logit_stats import Backend, two_pass
 
 def _pallas(backward: str):
     def make():
-        from ls_jax import kernels
+        from ls_jax.kernels import fused
 
-        bwd = xla.backward if backward == "xla" else kernels.backward_fn(backward)
-        return two_pass(Backend(kernels.forward, bwd))
+        bwd = xla.backward if backward == "xla" else fused.backward_fn(backward)
+        return two_pass(Backend(fused.forward, bwd))
 
     return make
 

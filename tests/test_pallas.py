@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from jax.experimental import pallas as pl
 
-from ls_jax import kernels, reference, xla
-from ls_jax.kernels import tiles
+from ls_jax import reference, xla
+from ls_jax.kernels import fused, tiles
 from ls_jax.logit_stats import Backend, BlockSizes, dense_logits, two_pass
 from problems import make_problem as random_problem
 
@@ -30,8 +30,8 @@ def pallas_stats(h, w, b=None, ids=None, tw=None, *, logit_softcap=None, need_su
                  backward="two_kernel", interpret=None, layout="vd", **blocks):
     """The seam's LogitStats by the Pallas forward and ``backward``'s kernels ("xla": the blocked
     XLA backward) for the head ``w`` in ``layout``; no target unless ``ids`` / ``tw`` [N, K] are given."""
-    bwd = xla.backward if backward == "xla" else kernels.backward_fn(backward, interpret)
-    f = two_pass(Backend(partial(kernels.forward, interpret=interpret), bwd))
+    bwd = xla.backward if backward == "xla" else fused.backward_fn(backward, interpret)
+    f = two_pass(Backend(partial(fused.forward, interpret=interpret), bwd))
     return f(h, w, b, *_targets(h, ids, tw), softcap=logit_softcap, need_sum=need_sum, blocks=BlockSizes(**blocks),
              layout=layout)
 

@@ -202,7 +202,7 @@ def test_pallas_kernels_get_one_devices_block_when_lowered_for_cuda(spec):
         pytest.skip("jax >= 0.11 refuses to lower for CUDA on a machine without a GPU")
     from functools import partial
 
-    from ls_jax import kernels
+    from ls_jax.kernels import fused
     from ls_jax.logit_stats import Backend, two_pass
     from ls_jax.sharded import sharded_logit_stats
 
@@ -212,7 +212,7 @@ def test_pallas_kernels_get_one_devices_block_when_lowered_for_cuda(spec):
     args = (jax.ShapeDtypeStruct((n, d), jnp.bfloat16, sharding=tokens),
             jax.ShapeDtypeStruct((v, d), jnp.bfloat16, sharding=rows),
             jax.ShapeDtypeStruct((n, 1), jnp.int32, sharding=tokens))
-    on_gpu = two_pass(Backend(partial(kernels.forward, interpret=False), kernels.backward_fn("two_kernel", interpret=False)))
+    on_gpu = two_pass(Backend(partial(fused.forward, interpret=False), fused.backward_fn("two_kernel", interpret=False)))
 
     def loss(h, w, ids):
         stats = sharded_logit_stats(on_gpu, h, w, None, ids, jnp.ones(ids.shape, jnp.float32), mesh=mesh,
