@@ -55,10 +55,11 @@ _backward = _first_order_only(backward_kernels, 9)
 
 
 def _plan(hidden, weight, softcap, need_sum, blocks: BlockSizes, backward, interpret, layout) -> tuple:
-    """Operands in their common dtype (Triton's dot wants one) and the static :class:`Plan`;
-    ``interpret`` None: interpret mode unless the default backend is a GPU."""
+    """Operands in their common dtype (Triton's dot wants one; float32 if ``blocks.precision`` asks
+    for it, else the kernels' products take the inputs' dtype on every backend) and the static
+    :class:`Plan`; ``interpret`` None: interpret mode unless the default backend is a GPU."""
     (n, d), v = hidden.shape, weight.shape[vocab_axis(layout)]
-    dtype = jnp.promote_types(hidden.dtype, weight.dtype)
+    dtype = jnp.float32 if blocks.precision == "float32" else jnp.promote_types(hidden.dtype, weight.dtype)
     interpret = jax.default_backend() != "gpu" if interpret is None else bool(interpret)
     p = plan(n, v, d, block_n=blocks.block_n, block_v=blocks.block_v, block_d=blocks.block_d,
              softcap=softcap, need_sum=need_sum,

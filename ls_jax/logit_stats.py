@@ -47,22 +47,42 @@ class LogitStats(NamedTuple):
     prediction: jax.Array
 
 
+PRECISIONS = ("input", "float32")
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-    """How an implementation tiles the work; None leaves a size to the implementation.
+    """How an implementation tiles and runs the work; None leaves a choice to the implementation.
 
     block_n: tokens per tile. block_v: vocabulary rows per tile. block_d: hidden-size chunk
     (pallas). filter_eps: pallas only, skip backward tiles whose softmax is below eps
     everywhere (CCE-style gradient filtering; approximate; None: exact).
+    tile_bytes: "xla" one-pass only (a scalar loss), the budget of its float32 ``[block_n, V]``
+    logit tile, which sets block_n when that is None (default per backend: :func:`tile_budget`);
+    the step's temporaries are the float32 dW accumulator plus a few such tiles, whatever N is.
+    precision: the operands of the loss's matrix products (:func:`gemm_operands`); None: the
+    backend's default, "input" on GPU and TPU, "float32" on CPU.
+
+    * "input": operands in the inputs' dtype with float32 accumulation (bf16 tensor cores /
+      MXU for bf16 inputs); dz is combined in float32 and rounded once to that dtype before its
+      two products. Fastest on accelerators; the gradients measure 4-5x the bf16 rounding of
+      the exact ones (tests/test_numerics.py). float32 inputs run at JAX's default matmul
+      precision (TF32 on NVIDIA GPUs unless ``jax_default_matmul_precision`` says otherwise).
+    * "float32": float32 operands at ``Precision.HIGHEST``: dz meets W and h unrounded (about
+      the rounding of the exact gradient), at a half or less of the bf16 tensor-core rate on a
+      GPU (several passes on a TPU), and "xla" holds a float32 copy of a 16-bit head (pallas: of
+      hidden and head). CPU's default: there bf16 products are no faster.
     """
 
     block_n: Optional[int] = None
     block_v: Optional[int] = None
     block_d: Optional[int] = None
     filter_eps: Optional[float] = None
+    tile_bytes: Optional[int] = None
+    precision: Optional[str] = None
 
     def __post_init__(self):
-        for name in ("block_n", "block_v", "block_d"):
+        for name in ("block_n", "block_v", "block_d", "tile_bytes"):
             b = getattr(self, name)
             if b is None:
                 continue
@@ -73,6 +93,27 @@ class BlockSizes:
         eps = self.filter_eps
         if eps is not None and not (isinstance(eps, (int, float, np.floating)) and 0 <= eps < float("inf")):
             raise ValueError(f"filter_eps must be a finite number >= 0 or None, got {eps!r}")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS} or None, got {self.precision!r}")
+
+
+# The one-pass tile budget per backend (bytes of the float32 [block_n, V] logit tile); see
+# benchmarks/RESULTS.md for the figures each comes from.
+TILE_BYTES = {"cpu": 2**25, "gpu": 2**30, "tpu": 2**30}
+
+
+def tile_budget(blocks: BlockSizes) -> int:
+    """Bytes of the one-pass logit tile: ``blocks.tile_bytes``, else the default backend's."""
+    return blocks.tile_bytes or TILE_BYTES.get(jax.default_backend(), TILE_BYTES["gpu"])
+
+
+def gemm_operands(blocks: BlockSizes, dtype) -> tuple:
+    """The one place that decides the loss's matrix products (see :class:`BlockSizes`):
+    ``(operand dtype, lax precision)`` for inputs of ``dtype`` (hidden and head promoted)."""
+    precision = blocks.precision or ("float32" if jax.default_backend() == "cpu" else "input")
+    if precision == "float32":
+        return jnp.dtype(jnp.float32), jax.lax.Precision.HIGHEST
+    return jnp.dtype(dtype), None
 
 
 def apply_softcap(raw: jax.Array, softcap: Optional[float]) -> jax.Array:

@@ -5,18 +5,22 @@ Two paths:
 * **One-pass** (:func:`one_pass_loss`, used for a scalar loss - reduction "mean" or "sum" -
   differentiated in reverse mode, the training case): per chunk of ``block_n`` tokens, the
   float32 ``[block_n, V]`` logit tile, its lse, ``dz`` (softmax minus the target and smoothing
-  terms, times the softcap factor, all in float32), ``dh_chunk = dz @ W`` and
-  ``dW += dz.T @ h_chunk`` (float32 accumulator), in the forward sweep: 6NDV matmul work, no
-  recompute, deterministic. The backward only scales the stored gradients by the cotangent.
-  Extra memory: the tile (``block_n x V`` float32, up to 128 MiB by default) plus the float32
-  dW accumulator ``[V, D]`` (and a float32 copy of a 16-bit weight: the matmuls run in float32,
-  so dz is never rounded before it meets W or h); the gradients are held from forward to
-  backward in the dtypes of hidden / weight / bias (exact for a cotangent of 1). A frozen weight or bias (not differentiated, or under
+  terms, times the softcap factor, all in float32, rounded once to the products' operand dtype),
+  ``dh_chunk = dz @ W`` and ``dW += dz.T @ h_chunk`` (float32 accumulator), in the forward
+  sweep: 6NDV matmul work, no recompute, deterministic. The backward only scales the stored
+  gradients by the cotangent. Extra memory: a few tiles (block_n is set by a byte budget,
+  ``logit_stats.tile_budget``, so it does not grow with N) plus the float32 dW accumulator
+  ``[V, D]``; the gradients are held from forward to backward in the dtypes of hidden / weight /
+  bias (exact for a cotangent of 1). A frozen weight or bias (not differentiated, or under
   ``stop_gradient``) gets no dW / dbias work at all.
 * **Two-pass** (:data:`logit_stats`, for per-token losses, and for second-order derivatives):
   the forward walks ``[block_n, block_v]`` tiles with an online log-sum-exp; the backward
   (ls_jax/logit_stats.py's VJP) recomputes each tile once (8NDV). Extra memory: a few tiles
   (``block_n x block_v`` float32, 8 MiB by default) plus float32 ``dW`` in the backward.
+
+Every matrix product takes its operands as ``logit_stats.gemm_operands`` says (``BlockSizes.precision``:
+the inputs' dtype on GPU and TPU, bf16 tensor cores / MXU; float32 on CPU or when asked), with
+float32 accumulation.
 
 The last block of each axis is slid back to end at the axis' end (nothing is padded or
 copied); rows it shares with the previous block are masked, so every row counts once.
@@ -28,15 +32,11 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from ls_jax.logit_stats import (Backend, BlockSizes, LogitStats, apply_softcap, dz_tile, excluded_lse, head_back,
-                                head_logits, head_outer, live_rows, two_pass, vocab_axis,
+from ls_jax.logit_stats import (Backend, BlockSizes, LogitStats, apply_softcap, dz_tile, excluded_lse, gemm_operands,
+                                head_back, head_logits, head_outer, live_rows, tile_budget, two_pass, vocab_axis,
                                 weighted_sum)
 
 BLOCK_N, BLOCK_V = 1024, 2048  # two-pass tile
-# One-pass tile elements (block_n x V float32 = 128 MiB): every chunk adds into the whole float32
-# dW, so fewer, larger chunks cost less memory traffic (benchmarks/RESULTS.md: block_n 512 vs 64
-# at V = 65536 took 0.79x the CPU time for 116 MiB more temporaries).
-ONE_PASS_TILE = 2**25
 
 
 def _slide(i, block, size):
@@ -50,9 +50,11 @@ def _rows(x, start, size, axis=0):
     return jax.lax.dynamic_slice_in_dim(x, start, size, axis)
 
 
-def _raw_tile(h, weight, bias, start, bv, layout):
-    """float32 ``h [bn, D] @ W[start:start + bv].T + bias[start:start + bv]``."""
-    z = head_logits(h, _rows(weight, start, bv, vocab_axis(layout)), layout)
+def _raw_tile(h, weight, bias, start, bv, layout, gemm):
+    """float32 ``h [bn, D] @ W[start:start + bv].T + bias[start:start + bv]``; ``gemm``: the
+    products' (operand dtype, precision)."""
+    cdt, prec = gemm
+    z = head_logits(h.astype(cdt), _rows(weight, start, bv, vocab_axis(layout)).astype(cdt), layout, prec)
     return z if bias is None else z + _rows(bias, start, bv).astype(jnp.float32)
 
 
@@ -68,6 +70,7 @@ def forward(hidden, weight, bias, first, *, softcap, need_sum, blocks: BlockSize
     if n == 0:
         return out
     bn, bv = _two_pass_blocks(blocks, n, v)
+    gemm = gemm_operands(blocks, jnp.promote_types(hidden.dtype, weight.dtype))
 
     def token_block(i, out):
         start_n, _ = _slide(i, bn, n)
@@ -76,7 +79,8 @@ def forward(hidden, weight, bias, first, *, softcap, need_sum, blocks: BlockSize
         def vocab_block(j, carry):
             m, s, total, best, s_excl = carry
             start, own = _slide(j, bv, v)
-            z = jnp.where(own, apply_softcap(_raw_tile(h, weight, bias, start, bv, layout), softcap), -jnp.inf)
+            z = jnp.where(own, apply_softcap(_raw_tile(h, weight, bias, start, bv, layout, gemm), softcap),
+                          -jnp.inf)
             blk_max = z.max(-1)
             new_m = jnp.maximum(m, blk_max)
             shift = jnp.where(jnp.isfinite(new_m), new_m, 0.0)  # a block of -inf logits: no NaN
@@ -101,7 +105,7 @@ def forward(hidden, weight, bias, first, *, softcap, need_sum, blocks: BlockSize
 def backward(hidden, weight, bias, lse, comp, g_lse, g_sum, ids, coef, *, softcap, blocks: BlockSizes,
              layout="vd"):
     """float32 (dhidden, dweight, dbias or None) for dz as in ``logit_stats.dz_tile``, each tile
-    recomputed once; the gradient matmuls take dz in float32 (never rounded to 16 bits)."""
+    recomputed once; dz is rounded once to the products' operand dtype (``gemm_operands``)."""
     n, ax = hidden.shape[0], vocab_axis(layout)
     v = weight.shape[ax]
     dh = jnp.zeros(hidden.shape, jnp.float32)
@@ -110,6 +114,7 @@ def backward(hidden, weight, bias, lse, comp, g_lse, g_sum, ids, coef, *, softca
     if n == 0:
         return dh, dw, db
     bn, bv = _two_pass_blocks(blocks, n, v)
+    gemm = cdt, prec = gemm_operands(blocks, jnp.promote_types(hidden.dtype, weight.dtype))
 
     def token_block(i, carry):
         dh, dw, db = carry
@@ -120,12 +125,13 @@ def backward(hidden, weight, bias, lse, comp, g_lse, g_sum, ids, coef, *, softca
         def vocab_block(j, carry):
             dh_blk, dw, db = carry
             start, own = _slide(j, bv, v)
-            z = apply_softcap(_raw_tile(h, weight, bias, start, bv, layout), softcap)
+            z = apply_softcap(_raw_tile(h, weight, bias, start, bv, layout, gemm), softcap)
             dz = dz_tile(z, start + jnp.arange(bv), l, cm, gl, gs, ii, cc, softcap)
             dz = jnp.where(own[None, :] & own_n[:, None], dz, 0.0)
-            dh_blk = dh_blk + head_back(dz, _rows(weight, start, bv, ax).astype(jnp.float32), layout)
+            dz_op = dz.astype(cdt)
+            dh_blk = dh_blk + head_back(dz_op, _rows(weight, start, bv, ax).astype(cdt), layout, prec)
             dw = jax.lax.dynamic_update_slice_in_dim(
-                dw, _rows(dw, start, bv, ax) + head_outer(dz, h.astype(jnp.float32), layout), start, ax)
+                dw, _rows(dw, start, bv, ax) + head_outer(dz_op, h.astype(cdt), layout, prec), start, ax)
             if db is not None:
                 db = jax.lax.dynamic_update_slice_in_dim(db, _rows(db, start, bv) + dz.sum(0), start, 0)
             return dh_blk, dw, db
@@ -142,7 +148,9 @@ logit_stats = two_pass(Backend(forward, backward))
 
 
 def _one_pass_block_n(blocks: BlockSizes, n, v):
-    return min(blocks.block_n or max(8, min(1024, ONE_PASS_TILE // v)), n)
+    """Tokens per one-pass chunk: ``blocks.block_n``, else as many as the tile budget holds (a
+    multiple of 8, at least 8), at most N."""
+    return min(blocks.block_n or max(8, tile_budget(blocks) // (4 * v) // 8 * 8), n)
 
 
 def _stats_and_loss(loss_of, hidden, weight, bias, ids, tw, rows, softcap, need_sum, blocks, layout):
@@ -167,15 +175,16 @@ def _one_pass_fwd(loss_of, hidden, weight, bias, ids, tw, rows, softcap, need_su
              jnp.zeros((v,), jnp.float32) if want_b else None, jnp.zeros(tw.shape, jnp.float32),
              jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32) if _is_float(x) else None, rows))
     bn = _one_pass_block_n(blocks, n, v)
-    w32 = weight.astype(jnp.float32)
+    cdt, prec = gemm_operands(blocks, jnp.promote_types(hidden.dtype, weight.dtype))
+    w_op = weight.astype(cdt)  # no copy unless "float32" operands for a 16-bit head
 
     def chunk(i, carry):
         loss, stats, (dh, dw, db, dtw, drows) = carry
         start, own = _slide(i, bn, n)
         h, ii, ww = (_rows(x, start, bn) for x in (hidden, ids, tw))
         r = jax.tree.map(lambda x: _rows(x, start, bn), rows)
-        h = h.astype(jnp.float32)
-        raw = head_logits(h, w32, layout)
+        h = h.astype(cdt)
+        raw = head_logits(h, w_op, layout, prec)
         z = apply_softcap(raw if bias is None else raw + bias.astype(jnp.float32), softcap)
         lse = jax.nn.logsumexp(z, axis=-1)
         z_t = jnp.take_along_axis(z, ii, axis=-1)
@@ -190,10 +199,11 @@ def _one_pass_fwd(loss_of, hidden, weight, bias, ids, tw, rows, softcap, need_su
         comp = jnp.exp(z - lse[:, None]).sum(-1, where=cols[None, :] != ii[:, :1])
         h_live, lse_live, comp, live = live_rows(h, lse, comp, g_lse, g_sum, coef)
         dz = jnp.where(live[:, None], dz_tile(z, cols, lse_live, comp, g_lse, g_sum, ii, coef, softcap), 0.0)
-        dh_c = head_back(dz, w32, layout).astype(dh.dtype)
+        dz_op = dz.astype(cdt)
+        dh_c = head_back(dz_op, w_op, layout, prec).astype(dh.dtype)
         dh = jax.lax.dynamic_update_slice_in_dim(dh, jnp.where(own[:, None], dh_c, _rows(dh, start, bn)), start, 0)
         if want_w:
-            dw = dw + head_outer(dz, h_live, layout)
+            dw = dw + head_outer(dz_op, h_live, layout, prec)
         if want_b:
             db = db + dz.sum(0)
         d_tw = g_t[:, None] * jnp.where((ww == 0) & jnp.isinf(z_t), 0.0, z_t)
