@@ -8,6 +8,7 @@ Padded vocabulary columns are masked inside the kernels (-inf logits, zero gradi
 token rows get zero cotangents.
 """
 
+import os
 from typing import NamedTuple, Optional
 
 import jax
@@ -55,7 +56,10 @@ class Plan(NamedTuple):
 
     @property
     def compiler_params(self):
-        return plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=self.num_stages)
+        """Triton's warps and stages; LS_JAX_NUM_WARPS / LS_JAX_NUM_STAGES override them (a
+        register or shared-memory failure on a GPU can be retried without an edit)."""
+        warps = int(os.environ.get("LS_JAX_NUM_WARPS", NUM_WARPS))
+        return plgpu.CompilerParams(num_warps=warps, num_stages=int(os.environ.get("LS_JAX_NUM_STAGES", self.num_stages)))
 
     def head(self, v, d) -> tuple:
         """``(v, d)`` (shape, index or block index) in the order of the head's axes."""

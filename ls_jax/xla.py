@@ -148,9 +148,12 @@ logit_stats = two_pass(Backend(forward, backward))
 
 
 def _one_pass_block_n(blocks: BlockSizes, n, v):
-    """Tokens per one-pass chunk: ``blocks.block_n``, else as many as the tile budget holds (a
-    multiple of 8, at least 8), at most N."""
-    return min(blocks.block_n or max(8, tile_budget(blocks) // (4 * v) // 8 * 8), n)
+    """Tokens per one-pass chunk: ``blocks.block_n``, else N split into the fewest equal chunks
+    (rounded up to a multiple of 8) whose float32 ``[chunk, V]`` tile fits the tile budget."""
+    if blocks.block_n:
+        return min(blocks.block_n, n)
+    chunks = -(-n // max(8, tile_budget(blocks) // (4 * v)))
+    return min(n, -(-n // chunks + 7) // 8 * 8)
 
 
 def _stats_and_loss(loss_of, hidden, weight, bias, ids, tw, rows, softcap, need_sum, blocks, layout):

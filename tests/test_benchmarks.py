@@ -31,3 +31,33 @@ def test_bench_loss_memory_small_shape():
             err = float(row[col])
             assert math.isfinite(err) and err < 1e-4, (arm, col, err)
         assert float(row["CPU s"]) >= 0 and float(row["XLA temp MiB"]) >= 0
+
+
+def test_gpu_first_light_smoke(tmp_path):
+    """benchmarks/gpu_first_light.py --smoke (tiny shapes, Pallas interpret mode, no peers) from a
+    plain checkout: every correctness arm agrees with the dense oracle, every timed arm has its
+    times, and the RESULTS.md section is written. The llama arms run the same child as quack's."""
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Measured figures\n\nkept\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "gpu_first_light.py"), "--smoke", "--only",
+         "check,quack,attention", "--out-dir", str(tmp_path / "out"), "--results", str(results)],
+        capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    run = json.loads((tmp_path / "out" / "first_light.json").read_text())
+    assert set(run["check"]) == {"bfloat16", "float32"}
+    for dtype, arms in run["check"].items():
+        assert len(arms) == 6
+        for name, r in arms.items():
+            assert "error" not in r and r["finite"], (dtype, name, r)
+            assert max(r["loss"], r["dhidden"], r["dweight"]) < (2e-2 if dtype == "bfloat16" else 1e-5), (name, r)
+    assert [r["a"] for r in run["rows"]] == [0.0, 0.1]
+    for r in run["rows"]:
+        assert "error" not in r and min(r["fwd_ms"], r["bwd_ms"], r["fwd_bwd_ms"]) > 0, r
+    assert all("error" not in r for r in run["attention"].values())
+    text = results.read_text()
+    assert text.startswith("# Measured figures\n\nkept\n") and "## GPU: first light" in text
+    assert (tmp_path / "out" / "RESULTS.md").read_text() == text
