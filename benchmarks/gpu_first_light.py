@@ -114,8 +114,16 @@ def child_matmul(m):
     k = jax.random.split(jax.random.key(1), 2)
     a = jax.random.normal(k[0], (m, m), jnp.bfloat16)
     b = jax.random.normal(k[1], (m, m), jnp.bfloat16)
-    ms = _median_ms(jax.jit(jnp.dot), a, b)
-    return {"rate": 2 * m**3 / (ms * 1e-3), "ms": ms}
+    rates = {"jax bf16": _median_ms(jax.jit(jnp.dot), a, b),
+             "jax f32 out": _median_ms(jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32)), a, b)}
+    try:
+        import torch
+        ta, tb = (torch.randn(m, m, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        rates["torch bf16"] = _median_ms(torch.matmul, ta, tb, sync=lambda _: torch.cuda.synchronize())
+    except Exception as e:  # no CUDA torch (CPU smoke): the JAX rates alone
+        rates["torch"] = f"{type(e).__name__}"
+    out = {k: 2 * m**3 / (ms * 1e-3) for k, ms in rates.items() if isinstance(ms, float)}
+    return {"rate": max(out.values()), "rates": out}
 
 
 def child_check(n, d, v, dtype):
@@ -168,7 +176,10 @@ def child_case(n, d, v, a, impl, precision=None, tile_bytes=None):
     h, w, y = _jax_inputs(n, d, v)
     loss = lambda h, w: linear_smoothed_cross_entropy(h, w, y, label_smoothing=a, impl=impl,
                                                       blocks=_blocks(precision, tile_bytes))
-    out = {"fwd_bwd_ms": _median_ms(jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), h, w)}
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(h, w).compile()
+    mem = step.memory_analysis()
+    out = {"fwd_bwd_ms": _median_ms(step, h, w), "temp_bytes": mem.temp_size_in_bytes,
+           "output_bytes": mem.output_size_in_bytes}
     stats = jax.local_devices()[0].memory_stats() or {}
     out["peak_bytes"] = stats.get("peak_bytes_in_use")  # fwd+bwd first: the process peak is its
     out["input_bytes"] = h.nbytes + w.nbytes + y.nbytes
@@ -295,37 +306,38 @@ def install_peers(out_dir):
     return target if proc.returncode == 0 else None
 
 
-def plan(smoke):
-    """The ordered list of (step, label, spec, timeout): most important first."""
+def plan(smoke, tiles=(1024, 4096, 8192)):
+    """The ordered list of (group, shape, label, spec, timeout): most important first. Groups (for
+    ``--only``): check, llama, peers, quack, tiles, extra, attention."""
     llama, quack = (SMOKE["llama"], SMOKE["quack"]) if smoke else (LLAMA, QUACK)
-    steps = []
-    for dtype in ("bfloat16", "float32"):
-        n, d, v = SMOKE["check"] if smoke else CHECK
-        steps.append(("check", dtype, {"kind": "check", "n": n, "d": d, "v": v, "dtype": dtype}, 240))
+    n, d, v = SMOKE["check"] if smoke else CHECK
+    steps = [("check", "check", dtype, {"kind": "check", "n": n, "d": d, "v": v, "dtype": dtype}, 240)
+             for dtype in ("bfloat16", "float32")]
     case = lambda shape, a, impl, **kw: {"kind": "case", "n": shape[0], "d": shape[1], "v": shape[2], "a": a,
                                          "impl": impl, **kw}
     peer = lambda shape, a, name, **kw: {"kind": "peer", "n": shape[0], "d": shape[1], "v": shape[2], "a": a,
                                          "peer": name, **kw}
-    llama_arms = [("xla", 0.0, {}), ("xla", 0.1, {}), ("pallas", 0.0, {}), ("pallas", 0.1, {}), ("reference", 0.0, {}),
-                  ("cce", 0.0, {}), ("cce [no filter]", 0.0, {"filter_eps": None}), ("liger", 0.0, {}),
-                  ("liger", 0.1, {}), ("pallas_xla", 0.0, {}), ("xla", 0.0, {"precision": "float32"})]
-    for name, a, kw in llama_arms:
-        if name.startswith(("cce", "liger")):
-            if not smoke:  # PyTorch peers need CUDA
-                steps.append(("llama", name, peer(llama, a, name.split()[0], **kw), 120))
-        else:
-            steps.append(("llama", _arm_label(name, **kw), case(llama, a, name, **kw), 120))
-    for a in (0.0, 0.1):
-        steps.append(("quack", "xla", case(quack, a, "xla"), 90))
+    for impl, a in (("xla", 0.0), ("xla", 0.1), ("pallas", 0.0), ("pallas", 0.1), ("reference", 0.0)):
+        steps.append(("llama", "llama", impl, case(llama, a, impl), 120))
+    if not smoke:  # PyTorch peers need CUDA
+        steps += [("peers", "llama", "cce", peer(llama, 0.0, "cce"), 120),
+                  ("peers", "llama", "cce [no filter]", peer(llama, 0.0, "cce", filter_eps=None), 120),
+                  ("peers", "llama", "liger", peer(llama, 0.0, "liger"), 120),
+                  ("peers", "llama", "liger", peer(llama, 0.1, "liger"), 120)]
+    steps += [("llama", "llama", "pallas_xla", case(llama, 0.0, "pallas_xla"), 120),
+              ("llama", "llama", "xla [float32]", case(llama, 0.0, "xla", precision="float32"), 120)]
+    steps += [("quack", "quack", "xla", case(quack, a, "xla"), 90) for a in (0.0, 0.1)]
     if not smoke:
-        steps += [("quack", "cce", peer(quack, 0.0, "cce"), 90), ("quack", "liger", peer(quack, 0.0, "liger"), 90),
-                  ("quack", "liger", peer(quack, 0.1, "liger"), 90)]
-    for bn in (1024, 4096, 8192):  # the one-pass chunk (tokens) through its byte budget; the default also ran
-        steps.append(("llama", f"xla [tile {bn}]", case(llama, 0.0, "xla", tile_bytes=4 * bn * llama[2]), 90))
-    steps += [("llama", "pallas_atomic", case(llama, 0.0, "pallas_atomic"), 120),
-              ("llama", "reference", case(llama, 0.1, "reference"), 120)]
+        steps += [("peers", "quack", "cce", peer(quack, 0.0, "cce"), 90),
+                  ("peers", "quack", "liger", peer(quack, 0.0, "liger"), 90),
+                  ("peers", "quack", "liger", peer(quack, 0.1, "liger"), 90)]
+    for name, shape in (("llama", llama), ("quack", quack)):  # the one-pass chunk (tokens) via its byte budget
+        steps += [("tiles", name, f"xla [tile {bn}]", case(shape, 0.0, "xla", tile_bytes=4 * bn * shape[2]), 90)
+                  for bn in tiles if bn <= shape[0]]
+    steps += [("extra", "llama", "pallas_atomic", case(llama, 0.0, "pallas_atomic"), 120),
+              ("extra", "llama", "reference", case(llama, 0.1, "reference"), 120)]
     b, t, hq, hkv, hd = SMOKE["attention"] if smoke else ATTENTION
-    steps.append(("attention", "dot_product_attention",
+    steps.append(("attention", "attention", "dot_product_attention",
                   {"kind": "attention", "b": b, "t": t, "hq": hq, "hkv": hkv, "hd": hd, "smoke": smoke}, 150))
     return steps
 
@@ -345,7 +357,9 @@ def report(run):
              f"{dev.get('jaxlib')}), Python {dev.get('python')}, torch {dev.get('torch')}, triton "
              f"{dev.get('triton')}, cut-cross-entropy {dev.get('cut_cross_entropy')}, liger-kernel "
              f"{dev.get('liger_kernel')}. Command: `{run['command']}`; {run['wall_s']:.0f} s in all.", "",
-             f"Measured bf16 matmul rate (8192^3): {_f(rate, 1e-12)} TFLOP/s; the floor is 6NDV FLOPs at that rate.", ""]
+             f"Measured bf16 matmul rate (8192^3, the best of "
+             + ", ".join(f"{k} {v * 1e-12:.0f}" for k, v in run.get("matmul", {}).get("rates", {}).items())
+             + f" TFLOP/s): {_f(rate, 1e-12)} TFLOP/s; the floor is 6NDV FLOPs at that rate.", ""]
     for dtype, res in run["check"].items():
         lines += [f"Correctness, {dtype}, N x D x V = {' x '.join(map(str, run['check_shape']))}, a = 0.1, 10% "
                   "masked, softcap 30; relative L2 error against the dense reference of the upcast inputs"
@@ -360,15 +374,15 @@ def report(run):
             lines.append(f"| {name} | {r['loss']:.1e} | {r['dhidden']:.1e} | {r['dweight']:.1e} | "
                          f"{_f(r.get('x bf16 dhidden'), digits=2)} | {_f(r.get('x bf16 dweight'), digits=2)} |")
         lines.append("")
-    lines += ["| shape | a | arm | fwd ms | bwd ms | fwd+bwd ms | x floor | vs a=0 | peak GB | peak - inputs GB |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| shape | a | arm | fwd ms | bwd ms | fwd+bwd ms | x floor | vs a=0 | peak GB | peak - inputs GB | "
+              "XLA temp GB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     rows = run["rows"]
     zero = {(r["shape"], r["arm"]): r for r in rows if r["a"] == 0.0 and "fwd_bwd_ms" in r}
     for r in rows:
         n, d, v = r["ndv"]
         shape = f"{r['shape']} {n}x{d}x{v}"
         if "error" in r:
-            lines.append(f"| {shape} | {r['a']} | {r['arm']} | {r['error']} |||||||")
+            lines.append(f"| {shape} | {r['a']} | {r['arm']} | {r['error']} ||||||||")
             continue
         floor = 6 * n * d * v / rate * 1e3 if rate else None
         z = zero.get((r["shape"], r["arm"]))
@@ -376,12 +390,14 @@ def report(run):
         lines.append(f"| {shape} | {r['a']} | {r['arm']} | {_f(r['fwd_ms'])} | {_f(r['bwd_ms'])} | "
                      f"{_f(r['fwd_bwd_ms'])} | {_f(floor and r['fwd_bwd_ms'] / floor, digits=2)} | "
                      f"{_f(z and r['fwd_bwd_ms'] / z['fwd_bwd_ms'], digits=3)} | {_f(r.get('peak_bytes'), 1e-9, 2)} | "
-                     f"{_f(extra, 1e-9, 2)} |")
+                     f"{_f(extra, 1e-9, 2)} | {_f(r.get('temp_bytes'), 1e-9, 2)} |")
     if rate:
         lines += ["", "Floors: " + ", ".join(f"{k} {6 * n * d * v / rate * 1e3:.1f} ms" for k, (n, d, v) in
                                              sorted({r["shape"]: r["ndv"] for r in rows}.items()))]
     att = run.get("attention", {})
-    if att:
+    if "error" in att:
+        lines += ["", f"Attention probe: {att['error']}"]
+    elif att:
         lines += ["", f"Attention probe (jax.nn.dot_product_attention, causal, GQA, bf16, B x T x Hq x Hkv x hd = "
                       f"{' x '.join(map(str, run['attention_shape']))}, fwd+bwd):", "",
                   "| implementation, options | fwd+bwd ms | temporaries GB |", "|---|---|---|"]
@@ -410,7 +426,9 @@ def main():
                     "also written to --out-dir)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on any backend; peers skipped")
     ap.add_argument("--budget", type=float, default=420.0, help="seconds for the whole run; later steps are skipped")
-    ap.add_argument("--only", default=None, help="comma-separated step names to run (check, llama, quack, attention)")
+    ap.add_argument("--only", default=None, help="comma-separated groups to run (check, llama, peers, quack, tiles, "
+                    "extra, attention); default: all")
+    ap.add_argument("--tiles", default="1024,4096,8192", help="one-pass chunks (tokens) of the tile sweep")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -438,18 +456,19 @@ def main():
     run["matmul"] = runner({"kind": "matmul", "m": 256 if args.smoke else 8192}, 120)
     print(f"matmul: {run['matmul']}", flush=True)
     only = None if args.only is None else set(args.only.split(","))
-    for step, label, spec, timeout in plan(args.smoke):
-        if only is not None and step not in only:
+    tiles = tuple(int(x) for x in args.tiles.split(","))
+    for group, shape, label, spec, timeout in plan(args.smoke, tiles):
+        if only is not None and group not in only:
             continue
         result = runner(dict(spec), timeout)
-        if step == "check":
+        if group == "check":
             run["check"][label] = result
-        elif step == "attention":
+        elif group == "attention":
             run["attention"] = result
         else:
-            run["rows"].append({"shape": step, "ndv": (spec["n"], spec["d"], spec["v"]), "a": spec["a"],
+            run["rows"].append({"shape": shape, "ndv": (spec["n"], spec["d"], spec["v"]), "a": spec["a"],
                                 "arm": label, **result})
-        print(f"[{time.time() - t0:5.0f} s] {step} {label} {json.dumps(spec)}: {json.dumps(result)}", flush=True)
+        print(f"[{time.time() - t0:5.0f} s] {group} {label} {json.dumps(spec)}: {json.dumps(result)}", flush=True)
     run["wall_s"] = time.time() - t0
     with open(os.path.join(args.out_dir, "first_light.json"), "w") as f:
         json.dump(run, f, indent=1)
