@@ -175,4 +175,4 @@ def test_s3ft_build_goes_on_after_hostile_rows(eos_model, monkeypatch):
                    allow_code_execution=True)
     assert [(r["s3ft_source"], r["s3ft_self_verdict"]) for r in result.rows] == \
         [("gold", "incorrect")] * 3 + [("self", "correct")]
-    assert "code judge ran in: " in result.table()
+    assert f"code judge ran in: {execution.best_isolation().describe()}" in result.table()

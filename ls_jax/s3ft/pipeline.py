@@ -120,8 +120,9 @@ def build(model, tokenizer, rows: Sequence[dict], *, judge="exact", paraphrase: 
     -> bool``; a row's ``"judge"`` field overrides it. paraphrase: False skips step 2 (rows the
     model gets wrong take the gold). where: each row's place for messages (default ``"row K"``,
     from 1). allow_code_execution: the user's opt-in to the ``code`` judge (runs model-written
-    code). Raises ValueError for an unknown ``judge`` name and
-    :class:`ls_jax.s3ft.judges.CodeExecutionRefused` for the ``code`` judge without the opt-in.
+    code). Raises ValueError for an unknown ``judge`` name,
+    :class:`ls_jax.s3ft.judges.CodeExecutionRefused` for the ``code`` judge without the opt-in and
+    RuntimeError when it cannot run a child here (all before generating).
     """
     if not callable(judge) and judge not in judges.NAMES:
         raise ValueError(f"unknown judge {judge!r}; known: {', '.join(judges.NAMES)} (or a callable)")
@@ -145,6 +146,9 @@ def build(model, tokenizer, rows: Sequence[dict], *, judge="exact", paraphrase: 
             skipped.append({"row": i, "reason": reason})
             continue
         usable.append((i, row, prompt or "", gold, judge_fn, ids))
+    # the code judge's protections, found (or found missing: RuntimeError) before anything is generated
+    uses_code = any(judges.chosen(judge, u[1]) == "code" for u in usable)
+    isolation = execution.best_isolation() if uses_code else None
     bar = tqdm(total=len(usable) * (2 if paraphrase else 1), desc="s3ft generate", disable=not progress)
     gens = generate(model, tokenizer, [u[5] for u in usable], max_new_tokens=max_new_tokens,
                     batch_size=batch_size, progress=bar.update)
@@ -173,8 +177,8 @@ def build(model, tokenizer, rows: Sequence[dict], *, judge="exact", paraphrase: 
         out.append({**with_target(row, target), "s3ft_row": i, "s3ft_source": source, "s3ft_self_verdict": verdict,
                      "s3ft_paraphrase_verdict": p_verdict, "s3ft_self": gen.text, "s3ft_paraphrase": p_text})
     notes = []
-    if any(judges.chosen(judge, u[1]) == "code" for u in usable):
-        notes.append(f"code judge ran in: {execution.best_isolation().describe()}")
+    if isolation is not None:
+        notes.append(f"code judge ran in: {isolation.describe()}")
     truncated = sum(r["s3ft_self_verdict"] == "truncated" for r in out)
     if truncated:
         notes.append(f"{truncated} self responses hit max_new_tokens={max_new_tokens} (not used as targets)")
