@@ -43,7 +43,7 @@ HOSTILE = {
     "endless output": "while True:\n    print('x' * 1000)",
     "sleep past the timeout": "import time\ntime.sleep(60)",
     "kill the parent": "import os\nos.kill(os.getppid() or {parent}, 9)",  # 0 in a PID namespace: its number
-    "read an environment secret": "import os\nprint(os.environ.get('SECRET'))\nassert os.environ['SECRET'] == 'hunter2'",
+    "read an environment secret": "import os\nprint(os.environ.get('SECRET'))\nassert os.environ['SECRET']",
 }
 
 

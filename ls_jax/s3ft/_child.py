@@ -55,7 +55,9 @@ def guard(workdir: str) -> None:
         sys.modules[name] = None
 
     def check(path, writes: bool) -> None:
-        if writes and not isinstance(path, int) and not os.fsdecode(os.path.realpath(path)).startswith(workdir + os.sep):
+        if not writes or isinstance(path, int):  # reading, or a descriptor already open
+            return
+        if not os.fsdecode(os.path.realpath(path)).startswith(workdir + os.sep):
             raise PermissionError(f"writing outside the working directory is disabled while judging code: {path}")
 
     real_open, real_os_open = io.open, posix.open
