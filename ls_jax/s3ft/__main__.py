@@ -2,8 +2,8 @@
 
 Writes the S3FT training set (each row's source and the judge's verdicts), the rows left out
 (``OUT.skipped.jsonl``) and ``OUT.meta.json``; prints the counts per source. Reuses OUT when it
-was built from the same inputs (``--force`` rebuilds). Exit status 2 with an ``error:`` line on
-bad input.
+was built from the same inputs (``--force`` rebuilds). The ``code`` judge runs model-written code
+and needs ``--allow-code-execution``. Exit status 2 with an ``error:`` line on bad input.
 """
 
 import argparse
