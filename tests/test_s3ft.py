@@ -11,6 +11,7 @@ import pytest
 from ls_jax.models import from_config, save_pretrained, tiny_llama_config
 from ls_jax.s3ft import build, exact_match, final_number, numeric_match, resolve, run_python_tests
 from ls_jax.s3ft.__main__ import main as s3ft_main
+from ls_jax.s3ft.judges import CodeExecutionRefused
 from ls_jax.tokenizer import train_bpe_tokenizer
 from ls_jax.train import main as train_main
 
@@ -52,11 +53,14 @@ def test_resolve_picks_the_rows_judge():
     assert resolve("numeric", {"prompt": "q", "judge": "exact"}) is exact_match
     stub = lambda p, g, c: True  # noqa: E731
     assert resolve(stub, {}) is stub
-    assert resolve("exact", {"judge": "code", "tests": "assert f() == 1"})("", "", "def f():\n    return 1")
+    code_row = {"judge": "code", "tests": "assert f() == 1"}
+    assert resolve("exact", code_row, allow_code_execution=True)("", "", "def f():\n    return 1")
+    with pytest.raises(CodeExecutionRefused, match="needs --allow-code-execution"):
+        resolve("exact", code_row)  # runs model-written code: only with the user's opt-in
     with pytest.raises(ValueError, match="unknown judge 'nope'"):
         resolve("nope", {})
     with pytest.raises(ValueError, match="needs the row's 'tests'"):
-        resolve("code", {"prompt": "q"})
+        resolve("code", {"prompt": "q"}, allow_code_execution=True)
 
 
 @pytest.fixture(scope="module")

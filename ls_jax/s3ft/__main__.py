@@ -2,8 +2,8 @@
 
 Writes the S3FT training set (each row's source and the judge's verdicts), the rows left out
 (``OUT.skipped.jsonl``) and ``OUT.meta.json``; prints the counts per source. Reuses OUT when it
-was built from the same inputs (``--force`` rebuilds). Exit status 2 with an ``error:`` line on
-bad input.
+was built from the same inputs (``--force`` rebuilds). The ``code`` judge runs model-written code
+and needs ``--allow-code-execution``. Exit status 2 with an ``error:`` line on bad input.
 """
 
 import argparse
@@ -31,6 +31,10 @@ def parse_args(argv):
                    help="ask the model to paraphrase the gold when its own response is wrong")
     p.add_argument("--template", default=PARAPHRASE_TEMPLATE, help="paraphrase request, with {prompt} and {gold}")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per code-judge run")
+    p.add_argument("--allow-code-execution", action="store_true",
+                   help="allow the code judge to run model-written Python code (with the rows' tests) on this "
+                        "machine, in a child process isolated and limited as far as the platform allows "
+                        "(not a sandbox for hostile code)")
     p.add_argument("--force", action="store_true", help="rebuild even when OUT is current")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
     return p.parse_args(argv)
@@ -38,11 +42,12 @@ def parse_args(argv):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    from ls_jax.s3ft.judges import NAMES
+    from ls_jax.s3ft.judges import NAMES, require_opt_in
 
     try:
         if args.judge not in NAMES:
             raise ValueError(f"unknown --judge {args.judge!r}; known: {', '.join(NAMES)}")
+        require_opt_in(args.judge, args.allow_code_execution)
         if args.max_new_tokens < 1 or args.batch_size < 1 or args.timeout <= 0:
             raise ValueError("--max-new-tokens and --batch-size must be >= 1, --timeout > 0")
         if "{gold}" not in args.template:
@@ -59,7 +64,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         check_pretrained(args.model)
         result = build_cached(args.out, lambda: from_pretrained(args.model), tokenizer, rows,
-                              checkpoint_id(args.model), force=args.force, where=where, judge=args.judge,
+                              checkpoint_id(args.model), force=args.force, where=where,
+                              allow_code_execution=args.allow_code_execution, judge=args.judge,
                               paraphrase=args.paraphrase, max_new_tokens=args.max_new_tokens,
                               batch_size=args.batch_size, template=args.template, timeout=args.timeout,
                               progress=args.progress)

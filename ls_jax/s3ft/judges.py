@@ -6,36 +6,34 @@ Every judge is a callable ``judge(prompt, gold, candidate) -> bool``:
 * ``numeric``: the final numbers agree within a tolerance; the final number of a text is the one
   after ``####`` (GSM8K style) if there is one, else its last number (``1,234`` and ``-0.5`` read).
 * ``code``: the candidate (the code of its first fenced block, or all of it) followed by the row's
-  ``tests`` (Python source, or a list of lines) runs in a fresh Python subprocess and exits 0
-  within ``timeout`` seconds. Sockets are disabled in the child; a failure, crash or timeout is
-  "incorrect", never an exception. This keeps mistakes of a model from reaching the network or
-  running forever; it is not a security sandbox for hostile code.
+  ``tests`` (Python source, or a list of lines) runs in a child process and exits 0 within
+  ``timeout`` seconds; a failure, crash, limit hit or timeout is "incorrect", never an exception.
+  It runs model-written code, so it needs the user's opt-in (``allow_code_execution=True``,
+  ``--allow-code-execution``); the child is isolated and limited as far as the platform allows
+  (:mod:`ls_jax.s3ft.execution`), which guards against a model's mistakes, not hostile code.
 * any user callable with that signature.
 
 A row picks its judge with a ``"judge"`` field; otherwise the default (``--judge``) applies.
 """
 
-import contextlib
-import os
 import re
-import signal
 import string
-import subprocess
-import sys
-import tempfile
 from typing import Callable, Optional
+
+from ls_jax.s3ft import execution
 
 Judge = Callable[[str, str, str], bool]
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _FENCE = re.compile(r"```[\w+-]*\n(.*?)```", re.S)
-# run before the candidate's code: no network from the child process
-_NO_NETWORK = (
-    "import socket as _s\n"
-    "def _blocked(*a, **k):\n    raise OSError('network access is disabled while judging code')\n"
-    "_s.socket = _s.create_connection = _s.getaddrinfo = _blocked\n"
-)
+REFUSAL = ("the 'code' judge runs model-written Python code on this machine and needs --allow-code-execution "
+           "(Python: allow_code_execution=True), which allows running it in a child process that is isolated and "
+           "limited as far as the platform allows (see ls_jax.s3ft.execution; not a sandbox for hostile code)")
+
+
+class CodeExecutionRefused(ValueError):
+    """The ``code`` judge was asked for without the user's opt-in."""
 
 
 def normalize(text: str) -> str:
@@ -81,43 +79,60 @@ def extract_code(text: str) -> str:
 
 
 def run_python_tests(code: str, tests, *, timeout: float = 10.0) -> bool:
-    """True when ``code`` then ``tests`` run in a fresh ``python -I`` process and exit 0 in time."""
+    """Whether ``code`` then ``tests`` run in an isolated, limited child and exit 0 in time.
+
+    Args:
+        code: a response (the code of its first fenced block, or all of it, runs).
+        tests: Python source, or a list of lines.
+        timeout: wall-clock seconds (also the child's CPU-seconds limit).
+
+    Returns:
+        True when the program exited 0 within ``timeout``; see :func:`ls_jax.s3ft.execution.run`.
+    """
     tests = "\n".join(tests) if isinstance(tests, (list, tuple)) else str(tests)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "judge.py")
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(_NO_NETWORK + extract_code(code) + "\n\n" + tests + "\n")
-        # its own process group, so a timeout also ends any process the code started
-        with subprocess.Popen([sys.executable, "-I", path], cwd=tmp, stdin=subprocess.DEVNULL,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                              env={"PATH": os.environ.get("PATH", "")}) as proc:
-            try:
-                return proc.wait(timeout=timeout) == 0
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-                return False
+    return execution.run(extract_code(code) + "\n\n" + tests + "\n", timeout).passed
 
 
 JUDGES = {"exact": exact_match, "numeric": numeric_match}
 NAMES = ("exact", "numeric", "code")
 
 
-def resolve(judge, row: dict, *, timeout: float = 10.0) -> Judge:
+def require_opt_in(judge, allow_code_execution: bool) -> None:
+    """Raise :class:`CodeExecutionRefused` when ``judge`` is ``"code"`` and ``allow_code_execution`` is False."""
+    if judge == "code" and not allow_code_execution:
+        raise CodeExecutionRefused(REFUSAL)
+
+
+def chosen(judge, row: dict):
+    """The judge ``row`` asks for: its ``"judge"`` field if set, else ``judge``."""
+    return row.get("judge") or judge
+
+
+def resolve(judge, row: dict, *, timeout: float = 10.0, allow_code_execution: bool = False) -> Judge:
     """The judge for ``row``: its ``"judge"`` field if set, else ``judge`` (a name or a callable).
 
-    ``code`` binds the row's ``tests``. Raises ValueError for an unknown name or a ``code`` row
-    without tests.
+    Args:
+        judge: the default judge, a name in :data:`NAMES` or a callable.
+        row: the row (its ``"judge"`` and, for ``code``, ``"tests"`` fields).
+        timeout: seconds per ``code`` run.
+        allow_code_execution: the user's opt-in to the ``code`` judge.
+
+    Returns:
+        A callable ``(prompt, gold, candidate) -> bool``; ``code`` binds the row's ``tests``.
+
+    Raises:
+        CodeExecutionRefused: ``code`` without ``allow_code_execution``.
+        ValueError: an unknown name, or a ``code`` row without tests.
     """
-    chosen = row.get("judge") or judge
-    if callable(chosen):
-        return chosen
-    if chosen == "code":
+    name = chosen(judge, row)
+    if callable(name):
+        return name
+    require_opt_in(name, allow_code_execution)
+    if name == "code":
         tests = row.get("tests")
         if not tests:
             raise ValueError("the code judge needs the row's 'tests' (Python source or a list of lines)")
         return lambda prompt, gold, candidate: run_python_tests(candidate, tests, timeout=timeout)
-    if chosen not in JUDGES:
-        raise ValueError(f"unknown judge {chosen!r}; known: {', '.join(NAMES)} (or a callable)")
-    return JUDGES[chosen]
+    if name not in JUDGES:
+        raise ValueError(f"unknown judge {name!r}; known: {', '.join(NAMES)} (or a callable)")
+    return JUDGES[name]

@@ -10,7 +10,9 @@ is the gold and gets replaced) and gain ``s3ft_row`` (the input row's number), `
 Verdicts: "correct", "incorrect", "truncated" (the generation hit ``max_new_tokens``: not used,
 judge not asked), "error" (the judge raised: counted as incorrect and reported) and "" (not run).
 Rows that cannot take part (no gold response, an unknown judge, a ``code`` row without tests)
-are kept out of the training set and listed with the reason in :attr:`S3FTSet.skipped`.
+are kept out of the training set and listed with the reason in :attr:`S3FTSet.skipped`. The
+``code`` judge runs model-written code and needs ``allow_code_execution=True``: without it a
+build that asks for it (by default or in a row) raises before anything is generated.
 """
 
 import contextlib
@@ -22,7 +24,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ls_jax import data
 from ls_jax.atomic import write_text
-from ls_jax.s3ft import judges
+from ls_jax.s3ft import execution, judges
 
 SOURCES = ("self", "paraphrase", "gold")
 PARAPHRASE_TEMPLATE = ("{prompt}\n\nHere is a correct response:\n{gold}\n\n"
@@ -110,13 +112,17 @@ def _verdict(judge, prompt, gold, gen, index, errors) -> str:
 
 def build(model, tokenizer, rows: Sequence[dict], *, judge="exact", paraphrase: bool = True,
           max_new_tokens: int = 128, batch_size: int = 16, template: str = PARAPHRASE_TEMPLATE,
-          timeout: float = 10.0, progress: bool = True, where: Optional[Sequence[str]] = None) -> S3FTSet:
+          timeout: float = 10.0, progress: bool = True, where: Optional[Sequence[str]] = None,
+          allow_code_execution: bool = False) -> S3FTSet:
     """The S3FT training set of ``rows`` for ``model`` (greedy generation, see the module doc).
 
     judge: a name in :data:`ls_jax.s3ft.judges.NAMES` or a callable ``(prompt, gold, candidate)
     -> bool``; a row's ``"judge"`` field overrides it. paraphrase: False skips step 2 (rows the
     model gets wrong take the gold). where: each row's place for messages (default ``"row K"``,
-    from 1). Raises ValueError for an unknown ``judge`` name.
+    from 1). allow_code_execution: the user's opt-in to the ``code`` judge (runs model-written
+    code). Raises ValueError for an unknown ``judge`` name,
+    :class:`ls_jax.s3ft.judges.CodeExecutionRefused` for the ``code`` judge without the opt-in and
+    RuntimeError when it cannot run a child here (all before generating).
     """
     if not callable(judge) and judge not in judges.NAMES:
         raise ValueError(f"unknown judge {judge!r}; known: {', '.join(judges.NAMES)} (or a callable)")
@@ -130,14 +136,19 @@ def build(model, tokenizer, rows: Sequence[dict], *, judge="exact", paraphrase: 
         reason = "no gold response" if gold is None else None
         if reason is None:
             try:
-                judge_fn = judges.resolve(judge, row, timeout=timeout)
+                judge_fn = judges.resolve(judge, row, timeout=timeout, allow_code_execution=allow_code_execution)
                 ids = data.prompt_ids(row, tokenizer, where[i] if where else f"row {i + 1}")
+            except judges.CodeExecutionRefused:
+                raise
             except ValueError as e:  # DataError is a ValueError
                 reason = str(e)
         if reason is not None:
             skipped.append({"row": i, "reason": reason})
             continue
         usable.append((i, row, prompt or "", gold, judge_fn, ids))
+    # the code judge's protections, found (or found missing: RuntimeError) before anything is generated
+    uses_code = any(judges.chosen(judge, u[1]) == "code" for u in usable)
+    isolation = execution.best_isolation() if uses_code else None
     bar = tqdm(total=len(usable) * (2 if paraphrase else 1), desc="s3ft generate", disable=not progress)
     gens = generate(model, tokenizer, [u[5] for u in usable], max_new_tokens=max_new_tokens,
                     batch_size=batch_size, progress=bar.update)
@@ -166,6 +177,8 @@ def build(model, tokenizer, rows: Sequence[dict], *, judge="exact", paraphrase: 
         out.append({**with_target(row, target), "s3ft_row": i, "s3ft_source": source, "s3ft_self_verdict": verdict,
                      "s3ft_paraphrase_verdict": p_verdict, "s3ft_self": gen.text, "s3ft_paraphrase": p_text})
     notes = []
+    if isolation is not None:
+        notes.append(f"code judge ran in: {isolation.describe()}")
     truncated = sum(r["s3ft_self_verdict"] == "truncated" for r in out)
     if truncated:
         notes.append(f"{truncated} self responses hit max_new_tokens={max_new_tokens} (not used as targets)")
@@ -219,14 +232,16 @@ def load_if_current(out: str, key: str) -> Optional[S3FTSet]:
 
 
 def build_cached(out: str, build_model: Callable, tokenizer, rows: Sequence[dict], model_id: str, *,
-                 force: bool = False, log=print, where: Optional[Sequence[str]] = None, **settings) -> S3FTSet:
-    """:func:`build` into ``out``, or the set already there when its inputs are unchanged."""
+                 force: bool = False, log=print, where: Optional[Sequence[str]] = None,
+                 allow_code_execution: bool = False, **settings) -> S3FTSet:
+    """:func:`build` into ``out``, or the set already there when its inputs are unchanged
+    (``allow_code_execution`` is not one of them: reusing a set runs no code)."""
     safe = {k: (v if not callable(v) else getattr(v, "__qualname__", repr(v))) for k, v in settings.items()}
     key = fingerprint(list(rows), model_id, tokenizer, safe)
     if not force and (cached := load_if_current(out, key)) is not None:
         log(f"s3ft: reusing {out} (built from the same data, model and settings)")
         return cached
-    result = build(build_model(), tokenizer, rows, where=where, **settings)
+    result = build(build_model(), tokenizer, rows, where=where, allow_code_execution=allow_code_execution, **settings)
     write(result, out, key)
     log(f"s3ft: wrote {out} ({len(result.rows)} rows)")
     return result

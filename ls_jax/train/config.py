@@ -99,6 +99,7 @@ class TrainConfig(LossOptions):
     judge: str = "exact"
     s3ft_paraphrase: bool = True
     s3ft_out: Optional[str] = None
+    allow_code_execution: bool = False
     # loss (the fields of LossOptions, plus)
     compare_smoothing: List[float] = field(default_factory=list)
     seeds: List[int] = field(default_factory=list)
@@ -177,6 +178,9 @@ _HELP = {
     "s3ft_paraphrase": "S3FT: ask the model to paraphrase the gold when its own response is wrong",
     "s3ft_out": "where the S3FT set is written (default: s3ft-cache/ next to --output-dir); reused while "
                 "the data, model and settings are unchanged",
+    "allow_code_execution": "S3FT: allow the code judge to run model-written Python code (with the rows' tests) on "
+                            "this machine, in a child process isolated and limited as far as the platform allows "
+                            "(not a sandbox for hostile code)",
     "lora_targets": "regular expression matched in full against module paths such as model/layers/0/self_attn/q_proj "
                     "(default: the attention and MLP projections)",
     "label_smoothing": "label smoothing a in [0, 1): target (1 - a) * onehot + a / V",

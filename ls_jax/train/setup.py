@@ -19,7 +19,7 @@ from ls_jax import data
 from ls_jax.dispatch import CHOICES
 from ls_jax.models.classification import SMOOTHING_CONVENTIONS
 from ls_jax.targets import check_options
-from ls_jax.s3ft.judges import NAMES as JUDGE_NAMES
+from ls_jax.s3ft import judges
 from ls_jax.train import sharding, synthetic
 from ls_jax.train.config import TrainConfig
 from ls_jax.train.optim import DECAYS
@@ -91,7 +91,7 @@ def check_config(c: TrainConfig) -> None:
         (c.lora_alpha is None or c.lora_alpha > 0, "--lora-alpha must be > 0"),
         (0 < c.eval_fraction < 1, "--eval-fraction must be in (0, 1)"),
         (c.max_length >= 2, "--max-length must be >= 2"),
-        (c.judge in JUDGE_NAMES, f"--judge must be one of {JUDGE_NAMES}, got {c.judge!r}"),
+        (c.judge in judges.NAMES, f"--judge must be one of {judges.NAMES}, got {c.judge!r}"),
         (c.data is not None or c.eval_data is None, "--eval-data needs --data (the generated data has its own held-out set)"),
         (c.base_steps >= 0 and c.answer_rows >= 0 and c.num_base >= 0, "--base-steps, --answer-rows and --num-base must be >= 0"),
         (c.data is None or not c.base_steps, "--base-steps needs the generated data (a checkpoint of your own is --model)"),
@@ -100,6 +100,10 @@ def check_config(c: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    try:
+        judges.require_opt_in(c.judge if c.s3ft else None, c.allow_code_execution)
+    except judges.CodeExecutionRefused as e:
+        raise ConfigError(str(e)) from None
     try:
         re.compile(c.lora_targets)
     except re.error as e:
@@ -242,10 +246,13 @@ def _s3ft_rows(c: TrainConfig, build, tokenizer, rows, where, log: List[str]):
     out = c.s3ft_out or os.path.join(os.path.dirname(os.path.abspath(c.output_dir or "runs/x")), "s3ft-cache",
                                      f"{os.path.basename(c.data or 'generated')}-{os.path.basename(c.model)}.jsonl")
     model_id = checkpoint_id(c.model) if os.path.isdir(c.model) else f"{c.model} seed={c.seed} {c.param_dtype}"
-    result = build_cached(out, build, tokenizer, rows, model_id, force=False, log=log.append, where=where,
-                          judge=c.judge,
-                          paraphrase=c.s3ft_paraphrase, max_new_tokens=c.max_length, batch_size=c.eval_batch_size,
-                          progress=c.progress)
+    try:
+        result = build_cached(out, build, tokenizer, rows, model_id, force=False, log=log.append, where=where,
+                              allow_code_execution=c.allow_code_execution, judge=c.judge,
+                              paraphrase=c.s3ft_paraphrase, max_new_tokens=c.max_length,
+                              batch_size=c.eval_batch_size, progress=c.progress)
+    except judges.CodeExecutionRefused as e:  # a row asks for the code judge
+        raise ConfigError(str(e)) from None
     log.extend(["s3ft targets (train rows):", *result.table().splitlines()])
     if not result.rows:
         raise data.DataError(f"s3ft: no training row left ({len(result.skipped)} left out; see {out}.skipped.jsonl)")
