@@ -121,3 +121,27 @@ def test_lora_classifier_run_and_its_report(tmp_path):
     log_p = np.asarray(jax.nn.log_softmax(jnp.asarray(logits)))
     assert final["accuracy"] == pytest.approx(np.mean(logits.argmax(-1) == q.argmax(-1)))
     assert final["log_loss"] == pytest.approx(-(q * log_p).sum(-1).mean(), rel=1e-4)
+
+
+# the smallest classification run of the command line (generated reviews)
+TINY_FLAGS = ["--task", "classification", "--num-train", "64", "--num-eval", "32", "--steps", "2", "--batch-size", "16",
+              "--eval-batch-size", "32", "--max-length", "24", "--no-progress"]
+
+
+def test_compare_smoothing_report(tmp_path, capsys, monkeypatch):
+    """--compare-smoothing 0,0.2 (README's command): both runs, then the combined table and
+    reliability diagrams, one panel per run titled for the classes with the smoothed run's
+    confidence ceiling 1 - a + a / K."""
+    from ls_jax import calibration
+
+    panels = []
+    draw = calibration.reliability_diagrams
+    monkeypatch.setattr(calibration, "reliability_diagrams", lambda grid, path: (panels.append(grid), draw(grid, path))[1])
+    out = tmp_path / "run"
+    assert main([*TINY_FLAGS, "--compare-smoothing", "0,0.2", "--output-dir", str(out)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in table[2:4]] == ["0.00", "0.20"], table
+    assert (out / "reliability.png").stat().st_size > 0
+    combined = panels[-1]
+    assert [(title, ceiling) for title, _, ceiling in combined[0]] == [
+        ("SFT a=0, 3 classes", None), ("SFT a=0.2, 3 classes", pytest.approx(0.8 + 0.2 / 3))]
