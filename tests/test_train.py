@@ -534,8 +534,8 @@ def killing_save(self, step, state, meta):
         self.manager.wait_until_finished()
         die()
 
-def killing_export(model, path):
-    save_pretrained(model, path)
+def killing_export(model, path, **kw):
+    save_pretrained(model, path, **kw)
     die()
 
 checkpoint.CheckpointStore.save = killing_save

@@ -65,6 +65,7 @@ class TrainConfig(LossOptions):
 
     # task, model, tokenizer and data
     task: str = "causal_lm"
+    classes: List[str] = field(default_factory=list)
     model: str = "tiny"
     data: Optional[str] = None
     eval_data: Optional[str] = None
@@ -136,6 +137,9 @@ EMBEDDED_DEFAULTS = {"compare_smoothing": [0.0, 0.1], "seeds": [0, 1], "base_ste
 _HELP = {
     "task": "causal_lm (prompt/response or messages rows, next-token loss) or classification (rows with 'text' "
             "and 'label': class index, class name or {name: probability}; a SequenceClassifier on the last token)",
+    "classes": "classification: the class names, comma-separated, in class order (a class index in the data "
+               "is a position in this list); a label naming another class is an error (default: the training "
+               "labels' names, sorted, or 0 .. the largest index)",
     "smoothing_convention": "classification: uniform ((1 - a) on the target + a / K on every class, as PyTorch / optax) "
                             "or others (1 - a on the target, a / (K - 1) on each other class)",
     "model": "a local Hugging Face checkpoint directory, or the name of a built-in tiny config",
@@ -224,6 +228,10 @@ def _floats(text: str) -> List[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _names(text: str) -> List[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
 def _softcap(text: str):
     return text if text == "model" else float(text)
 
@@ -251,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
         elif f.name in EMBEDDED_DEFAULTS:  # None: filled in by parse_args
             conv = {"seeds": _ints, "compare_smoothing": _floats}.get(f.name, int)
             p.add_argument(flag, type=conv, default=None, help=helptext)
+        elif f.name == "classes":
+            p.add_argument(flag, type=_names, default=[], help=helptext)
         else:
             t = str(f.type)  # int, float, str or Optional[...] of them
             conv = int if "int" in t else float if "float" in t else str

@@ -96,6 +96,9 @@ def check_config(c: TrainConfig) -> None:
         (c.base_steps >= 0 and c.answer_rows >= 0 and c.num_base >= 0, "--base-steps, --answer-rows and --num-base must be >= 0"),
         (c.data is None or not c.base_steps, "--base-steps needs the generated data (a checkpoint of your own is --model)"),
         (len(set(c.seeds)) == len(c.seeds), "--seeds repeats a seed"),
+        (c.task == "classification" or not c.classes, "--classes is for --task classification"),
+        (len(set(c.classes)) == len(c.classes), "--classes repeats a class"),
+        (len(c.classes) != 1, "--classes needs at least 2 classes"),
     ]
     for ok, message in checks:
         if not ok:
@@ -257,7 +260,7 @@ def _classification(c: TrainConfig, tokenizer, train_rows, held_rows, train_wher
 
     train_where = train_where or [f"row {i + 1}" for i in range(len(train_rows))]
     held_where = held_where or [f"row {i + 1}" for i in range(len(held_rows))]
-    classes = classification.label_classes(train_rows, train_where)
+    classes = classification.label_classes(train_rows, train_where, c.classes)
     if c.smoothing_convention == "others":
         for a in [c.label_smoothing, *c.compare_smoothing]:
             if a > (len(classes) - 1) / len(classes):
