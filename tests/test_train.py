@@ -462,6 +462,27 @@ def test_bad_inputs_of_issue_15(tmp_path, capsys):
         tmp_path, capsys, "--model", str(cut), "--data", str(good), "--batch-size", "2")
 
 
+@pytest.mark.parametrize("model_type", ["qwen2", "gemma2", "llama"])
+def test_checkpoint_without_tokenizer(tmp_path, capsys, model_type):
+    """A checkpoint directory without tokenizer files: transformers 5 builds an empty Qwen2
+    tokenizer (every text encodes to nothing), a Gemma one that knows only its special tokens,
+    and fails for Llama; each is one error line naming the missing files."""
+    from transformers import AutoConfig
+
+    from ls_jax.models import save_pretrained
+
+    model_dir = str(tmp_path / model_type)
+    save_pretrained(from_config(AutoConfig.for_model(
+        model_type, vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16)), model_dir)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"{i} + 1 = ", "response": str(i + 1)}) + "\n" for i in range(20)))
+    err = _bad(tmp_path, capsys, "--model", str(model_dir), "--data", str(rows))
+    assert err == (f"error: {model_dir} holds no tokenizer (none of tokenizer.json, tokenizer_config.json, "
+                   f"tokenizer.model, vocab.json, vocab.txt): save the model's tokenizer there "
+                   f"(tokenizer.save_pretrained)"), err
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write into any directory, so none is unwritable")
 def test_unwritable_output_dir(tmp_path, capsys):
     locked = tmp_path / "locked"

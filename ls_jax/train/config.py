@@ -142,7 +142,8 @@ _HELP = {
                "labels' names, sorted, or 0 .. the largest index)",
     "smoothing_convention": "classification: uniform ((1 - a) on the target + a / K on every class, as PyTorch / optax) "
                             "or others (1 - a on the target, a / (K - 1) on each other class)",
-    "model": "a local Hugging Face checkpoint directory, or the name of a built-in tiny config",
+    "model": "a local Hugging Face checkpoint directory holding its tokenizer files, or the name of a built-in "
+             "tiny config (its tokenizer: a byte-level BPE trained on the training rows)",
     "data": "training data: .jsonl / .json / .parquet file or a save_to_disk directory "
             "(rows with 'messages' or 'prompt'/'response'; 'text'/'label' for --task classification); "
             "default: generated arithmetic data (sentiment-like reviews for --task classification)",
