@@ -21,18 +21,12 @@ from ls_jax.models.classification import SMOOTHING_CONVENTIONS
 from ls_jax.targets import check_options
 from ls_jax.s3ft.judges import NAMES as JUDGE_NAMES
 from ls_jax.train import sharding, synthetic
-from ls_jax.train.config import TrainConfig
+from ls_jax.train.config import SMOOTHING_CONFLICT, TASKS, ConfigError, TrainConfig
 from ls_jax.train.optim import DECAYS
 
 # --model NAME -> overrides of ls_jax.models.tiny_llama_config (vocabulary from the tokenizer)
 TINY_MODELS = {"tiny": dict(hidden_size=64, num_hidden_layers=2)}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-TASKS = ("causal_lm", "classification")
-
-
-class ConfigError(ValueError):
-    """An invalid flag or model (one-line message)."""
-
 
 @dataclass
 class Prepared:
@@ -63,12 +57,16 @@ def check_config(c: TrainConfig) -> None:
     for name in positive:
         if getattr(c, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(c, name)}")
-    for a in [c.label_smoothing, *c.compare_smoothing]:
-        try:
-            check_options(a, c.z_loss, None if c.logit_softcap == "model" else c.logit_softcap, "mean")
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+    for flag, values in (("--label-smoothing", [c.label_smoothing]), ("--compare-smoothing", c.compare_smoothing)):
+        for a in values:
+            if not 0 <= a < 1:  # NaN fails too; a = 1 is a uniform target: nothing to learn
+                raise ConfigError(f"{flag} must be in [0, 1), got {a:g}")
+    try:
+        check_options(c.label_smoothing, c.z_loss, None if c.logit_softcap == "model" else c.logit_softcap, "mean")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     checks = [
+        (not (c.label_smoothing and c.compare_smoothing), SMOOTHING_CONFLICT),
         (c.decay in DECAYS, f"--decay must be one of {DECAYS}"),
         (c.task in TASKS, f"--task must be one of {TASKS}"),
         (c.smoothing_convention in SMOOTHING_CONVENTIONS, f"--smoothing-convention must be one of {SMOOTHING_CONVENTIONS}"),
