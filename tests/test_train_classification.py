@@ -146,7 +146,8 @@ def test_compare_smoothing_report(tmp_path, capsys, monkeypatch):
 
     panels = []
     draw = calibration.reliability_diagrams
-    monkeypatch.setattr(calibration, "reliability_diagrams", lambda grid, path: (panels.append(grid), draw(grid, path))[1])
+    monkeypatch.setattr(calibration, "reliability_diagrams",
+                        lambda grid, path: (panels.append(grid), draw(grid, path))[1])
     out = tmp_path / "run"
     assert main([*TINY_FLAGS, "--compare-smoothing", "0,0.2", "--output-dir", str(out)]) == 0
     table = capsys.readouterr().out.splitlines()

@@ -4,8 +4,8 @@ Rows: ``{"text": str, "label": L}`` where L is a class index (int), a class name
 soft label ``{"Positive": 0.6, "Neutral": 0.4}`` (non-negative, summing to 1). The classes are
 those declared (``--classes``, in class order: an index is a position in it, another name an
 error), else the names found in the training rows (sorted), or ``0 .. max index`` when the
-labels are indices. Each row becomes ``[bos] + tokens`` (cut to ``max_length``) and a target distribution
-``[K]`` float32. The embedded default (no ``--data``) is generated sentiment-like data.
+labels are indices. Each row becomes ``[bos] + tokens`` (cut to ``max_length``) and a target
+distribution ``[K]`` float32. The embedded default (no ``--data``) is generated sentiment-like data.
 """
 
 import numbers

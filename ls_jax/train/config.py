@@ -267,8 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
         helptext = _HELP.get(f.name)
         if f.type is not bool and f.default not in (None, dataclasses.MISSING) and "default" not in helptext:
             helptext += f" (default: {f.default})".replace("%", "%%")
-        later = f.name in (*EMBEDDED_DEFAULTS, *GENERATED_ONLY, "label_smoothing", "eval_fraction")
-        if f.type is bool and f.default:  # (argparse's help shows the default)
+        later = f.name in (*EMBEDDED_DEFAULTS, *GENERATED_ONLY, "label_smoothing", "eval_fraction")  # parse_args'
+        if f.type is bool and f.default:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=True, help=helptext)
         elif f.type is bool:
             p.add_argument(flag, action="store_true", help=helptext)

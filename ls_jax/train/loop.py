@@ -42,8 +42,8 @@ from ls_jax.train.step import accumulate, make_eval_step, make_train_step
 RESUME_FIELDS = ("model", "data", "eval_data", "split", "eval_fraction", "num_train", "num_eval", "max_length",
                  "packing", "steps", "batch_size", "grad_accum", "lr", "warmup_steps", "decay", "min_lr_ratio",
                  "weight_decay", "b1", "b2", "clip_norm", "seed", "compute_dtype", "param_dtype", "lora_rank",
-                 "lora_alpha", "lora_targets", "s3ft", "judge", "s3ft_paraphrase", "task", "classes", "smoothing_convention",
-                 "label_smoothing", "z_loss", "logit_softcap")
+                 "lora_alpha", "lora_targets", "s3ft", "judge", "s3ft_paraphrase", "task", "classes",
+                 "smoothing_convention", "label_smoothing", "z_loss", "logit_softcap")
 
 
 def check_resumable(meta: dict, config: TrainConfig) -> None:
