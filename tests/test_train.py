@@ -462,6 +462,27 @@ def test_bad_inputs_of_issue_15(tmp_path, capsys):
         tmp_path, capsys, "--model", str(cut), "--data", str(good), "--batch-size", "2")
 
 
+@pytest.mark.parametrize("model_type", ["qwen2", "gemma2", "llama"])
+def test_checkpoint_without_tokenizer(tmp_path, capsys, model_type):
+    """A checkpoint directory without tokenizer files: transformers 5 builds an empty Qwen2
+    tokenizer (every text encodes to nothing), a Gemma one that knows only its special tokens,
+    and fails for Llama; each is one error line naming the missing files."""
+    from transformers import AutoConfig
+
+    from ls_jax.models import save_pretrained
+
+    model_dir = str(tmp_path / model_type)
+    save_pretrained(from_config(AutoConfig.for_model(
+        model_type, vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16)), model_dir)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"{i} + 1 = ", "response": str(i + 1)}) + "\n" for i in range(20)))
+    err = _bad(tmp_path, capsys, "--model", str(model_dir), "--data", str(rows))
+    assert err == (f"error: {model_dir} holds no tokenizer (none of tokenizer.json, tokenizer_config.json, "
+                   f"tokenizer.model, vocab.json, vocab.txt): save the model's tokenizer there "
+                   f"(tokenizer.save_pretrained)"), err
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write into any directory, so none is unwritable")
 def test_unwritable_output_dir(tmp_path, capsys):
     locked = tmp_path / "locked"
@@ -517,6 +538,42 @@ def test_flags():
     assert [a.dest for a in build_parser()._actions if not a.help] == []  # --help documents every flag
 
 
+def test_flags_say_what_they_do(tmp_path, capsys):
+    """--help shows the defaults; --task has argparse choices; --logit-softcap is one option
+    (model / none / a number); a smoothing of 1 and a flag the others would ignore are refused
+    (one error line, exit status 2, nothing written)."""
+    from ls_jax.train import parse_args
+    from ls_jax.train.config import build_parser
+
+    helps = {a.option_strings[0]: a.help for a in build_parser()._actions}
+    for flag, default in (("--steps", 320), ("--lr", 0.003), ("--batch-size", 32), ("--max-length", 48),
+                          ("--eval-fraction", 0.1), ("--lora-rank", 0), ("--num-train", 256)):
+        assert helps[flag].endswith(f"(default: {default})"), (flag, helps[flag])
+    assert [a.choices for a in build_parser()._actions if a.dest == "task"] == [("causal_lm", "classification")]
+    assert [parse_args(["--logit-softcap", v]).logit_softcap for v in ("model", "none", "30")] == ["model", None, 30.0]
+    assert "--no-softcap" not in helps
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"{i} + 1 = ", "response": str(i + 1)}) + "\n" for i in range(20)))
+    both = "--label-smoothing with --compare-smoothing: each run takes its value from --compare-smoothing"
+    for flags, message in [(("--label-smoothing", "1.0"), "--label-smoothing must be in [0, 1), got 1"),
+                           (("--compare-smoothing", "0,1"), "--compare-smoothing must be in [0, 1), got 1"),
+                           (("--label-smoothing", "0.1", "--compare-smoothing", "0,0.2"), both),
+                           (("--label-smoothing", "0", "--compare-smoothing", "0,0.2"), both),
+                           (("--data", str(rows), "--num-train", "100"), "--num-train sizes the generated data"),
+                           (("--data", str(rows), "--num-eval", "10"), "--num-eval sizes the generated data"),
+                           (("--eval-fraction", "0.2",), "--eval-fraction holds out part of --data"),
+                           (("--data", str(rows), "--eval-data", str(rows), "--eval-fraction", "0.2"),
+                            "--eval-fraction holds out part of --data")]:
+        assert message in _bad(tmp_path, capsys, *flags), flags
+    with pytest.raises(ValueError, match="each run takes its value"):  # from the Python API too
+        run(_config(tmp_path / "out", label_smoothing=0.1, compare_smoothing=[0.0, 0.2]))
+    for flags, message in ((["--task", "regression"], "argument --task: invalid choice: 'regression'"),
+                           (["--logit-softcap", "off"], "expected 'model', 'none' or a number, got 'off'")):
+        with pytest.raises(SystemExit):  # argparse: the usage line, then the error
+            parse_args(flags)
+        assert message in capsys.readouterr().err.splitlines()[-1]
+
+
 # A train.py subprocess that SIGKILLs itself at a chosen moment: "commit:K" right after the
 # checkpoint of step K is on disk, "export" in the middle of the final export (weights
 # written, tokenizer not).
@@ -534,8 +591,8 @@ def killing_save(self, step, state, meta):
         self.manager.wait_until_finished()
         die()
 
-def killing_export(model, path):
-    save_pretrained(model, path)
+def killing_export(model, path, **kw):
+    save_pretrained(model, path, **kw)
     die()
 
 checkpoint.CheckpointStore.save = killing_save

@@ -85,10 +85,17 @@ def test_bad_soft_label_is_a_one_line_error(tmp_path, capsys):
     assert "at most 0.6667 on 3 classes" in capsys.readouterr().err
 
 
-def test_lora_classifier_run_and_its_report(tmp_path):
+def test_lora_classifier_run_and_its_report(tmp_path, monkeypatch):
     """A short run of the embedded example with LoRA: the score head and the adapters train, the
-    exported model (LoRA merged) gives the reported accuracy and log loss on the held-out rows."""
+    exported model (LoRA merged) gives the reported accuracy and log loss on the held-out rows;
+    its config.json names the classes; its reliability diagram is titled for them."""
+    from ls_jax.train import loop
     from ls_jax.train.classification import generate
+
+    titles = []
+    draw = loop.reliability_diagram
+    monkeypatch.setattr(loop, "reliability_diagram",
+                        lambda bins, path, title: (titles.append(title), draw(bins, path, title=title))[1])
 
     out = tmp_path / "run"
     config = TrainConfig(task="classification", num_train=128, num_eval=48, steps=12, batch_size=16,
@@ -99,7 +106,10 @@ def test_lora_classifier_run_and_its_report(tmp_path):
     assert final["classes"] == ["Negative", "Neutral", "Positive"] and final["examples"] == 48
     losses = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").open()) if r["kind"] == "train"]
     assert len(losses) == 12 and losses[-1] < losses[0]
-    assert (out / "reliability.png").stat().st_size > 0
+    assert (out / "reliability.png").stat().st_size > 0 and titles == ["smoothing 0.1, 3 classes"]
+    hf_config = json.loads((out / "hf" / "config.json").read_text())
+    assert hf_config["id2label"] == {"0": "Negative", "1": "Neutral", "2": "Positive"}
+    assert hf_config["label2id"] == {"Negative": 0, "Neutral": 1, "Positive": 2}
 
     from transformers import AutoTokenizer
 
@@ -121,3 +131,56 @@ def test_lora_classifier_run_and_its_report(tmp_path):
     log_p = np.asarray(jax.nn.log_softmax(jnp.asarray(logits)))
     assert final["accuracy"] == pytest.approx(np.mean(logits.argmax(-1) == q.argmax(-1)))
     assert final["log_loss"] == pytest.approx(-(q * log_p).sum(-1).mean(), rel=1e-4)
+
+
+# the smallest classification run of the command line (generated reviews)
+TINY_FLAGS = ["--task", "classification", "--num-train", "64", "--num-eval", "32", "--steps", "2", "--batch-size", "16",
+              "--eval-batch-size", "32", "--max-length", "24", "--no-progress"]
+
+
+def test_compare_smoothing_report(tmp_path, capsys, monkeypatch):
+    """--compare-smoothing 0,0.2 (README's command): both runs, then the combined table and
+    reliability diagrams, one panel per run titled for the classes with the smoothed run's
+    confidence ceiling 1 - a + a / K."""
+    from ls_jax import calibration
+
+    panels = []
+    draw = calibration.reliability_diagrams
+    monkeypatch.setattr(calibration, "reliability_diagrams",
+                        lambda grid, path: (panels.append(grid), draw(grid, path))[1])
+    out = tmp_path / "run"
+    assert main([*TINY_FLAGS, "--compare-smoothing", "0,0.2", "--output-dir", str(out)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in table[2:4]] == ["0.00", "0.20"], table
+    assert (out / "reliability.png").stat().st_size > 0
+    combined = panels[-1]
+    assert [(title, ceiling) for title, _, ceiling in combined[0]] == [
+        ("SFT a=0, 3 classes", None), ("SFT a=0.2, 3 classes", pytest.approx(0.8 + 0.2 / 3))]
+
+
+def test_declared_classes(tmp_path, capsys):
+    """--classes fixes the classes and their order: a misspelled label is an error listing them
+    (without it, it would become a fourth class); an index is a position in the list."""
+    from ls_jax.train.setup import prepare
+
+    data = tmp_path / "rows.jsonl"
+    rows = [{"text": f"review {i}", "label": ["neg", "neu", "pos"][i % 3]} for i in range(30)]
+    rows[7]["label"] = "posittive"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    flags = ["--task", "classification", "--data", str(data), "--batch-size", "4", "--no-progress",
+             "--output-dir", str(tmp_path / "out")]
+    assert main([*flags, "--classes", "pos,neu,neg"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {data} (") and err.endswith(
+        "line 8: label 'posittive' is not one of the classes (pos, neu, neg)"), err
+    assert prepare(TrainConfig(task="classification", data=str(data), batch_size=4)).classes == [
+        "neg", "neu", "pos", "posittive"]
+    data.write_text("".join(json.dumps({**r, "label": i % 3}) + "\n" for i, r in enumerate(rows)))
+    prep = prepare(TrainConfig(task="classification", data=str(data), batch_size=4, classes=["pos", "neu", "neg"]))
+    assert prep.classes == ["pos", "neu", "neg"] and all(r["targets"].shape == (3,) for r in prep.train)
+    for bad, message in ((["--classes", "a,b,a"], "--classes repeats a class"),
+                         (["--classes", "a"], "--classes needs at least 2 classes")):
+        assert main([*flags, *bad]) == 2
+        assert capsys.readouterr().err.strip() == f"error: {message}"
+    assert main(["--classes", "a,b", "--no-progress", "--output-dir", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip() == "error: --classes is for --task classification"

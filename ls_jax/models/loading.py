@@ -12,7 +12,7 @@ is checkpoint tensor ``model.layers.0.self_attn.q_proj.weight`` (transposed: nnx
 import contextlib
 import json
 import os
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Sequence
 
 import jax.numpy as jnp
 from flax import nnx
@@ -213,14 +213,16 @@ def from_pretrained(path: str, *, task: Optional[str] = None, num_labels: Option
     return nnx.merge(graphdef, nnx.from_flat_state(loaded))
 
 
-def save_pretrained(model, path: str, *, config=None) -> None:
+def save_pretrained(model, path: str, *, config=None, labels: Optional[Sequence[str]] = None) -> None:
     """Write ``model`` as a local Hugging Face checkpoint directory: ``config.json`` and
     ``model.safetensors`` (tensor names and ``[out, in]`` layouts as transformers expects;
     parameters in their own dtype; tied embeddings stored once, as ``model.embed_tokens.weight``).
 
     config: the transformers config to write; None uses the one the model was built from
     (``model.hf_config``, set by :func:`from_config` / :func:`from_pretrained`). A
-    :class:`SequenceClassifier` is written as ``*ForSequenceClassification`` with its ``num_labels``.
+    :class:`SequenceClassifier` is written as ``*ForSequenceClassification`` with its ``num_labels``;
+    ``labels``: its class names, in class order, written as ``id2label`` / ``label2id``
+    (default: transformers' ``LABEL_0``, ``LABEL_1``, ...).
     ``from_pretrained(path)`` and transformers' ``AutoModelForCausalLM`` (or
     ``AutoModelForSequenceClassification``) ``.from_pretrained(path)`` load it back. A LoRA-wrapped model must be merged first (see ``ls_jax.train.lora.merge_lora``).
     """
@@ -238,6 +240,13 @@ def save_pretrained(model, path: str, *, config=None) -> None:
         config = AutoConfig.for_model(**config.to_dict())  # a copy: the caller's config is left as it is
         config.architectures = [names[config.model_type]]
         config.num_labels = model.num_labels
+        if labels is not None:
+            if len(labels) != model.num_labels:
+                raise ValueError(f"{len(labels)} labels for a classifier of {model.num_labels} classes")
+            config.id2label = dict(enumerate(labels))
+            config.label2id = {name: i for i, name in enumerate(labels)}
+    elif labels is not None:
+        raise ValueError("labels= is for a SequenceClassifier")
     tensors = {}
     for key, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         if isinstance(var, nnx.LoRAParam):

@@ -2,9 +2,10 @@
 
 Rows: ``{"text": str, "label": L}`` where L is a class index (int), a class name (str), or a
 soft label ``{"Positive": 0.6, "Neutral": 0.4}`` (non-negative, summing to 1). The classes are
-the names found in the training rows (sorted), or ``0 .. max index`` when the labels are
-indices. Each row becomes ``[bos] + tokens`` (cut to ``max_length``) and a target distribution
-``[K]`` float32. The embedded default (no ``--data``) is generated sentiment-like data.
+those declared (``--classes``, in class order: an index is a position in it, another name an
+error), else the names found in the training rows (sorted), or ``0 .. max index`` when the
+labels are indices. Each row becomes ``[bos] + tokens`` (cut to ``max_length``) and a target
+distribution ``[K]`` float32. The embedded default (no ``--data``) is generated sentiment-like data.
 """
 
 import numbers
@@ -50,8 +51,11 @@ def generate(num_train: int, num_eval: int, seed: int = 0) -> Tuple[List[dict], 
     return [row(True) for _ in range(num_train)], [row(False) for _ in range(num_eval)]
 
 
-def label_classes(rows: Sequence[dict], where: Sequence[str]) -> List[str]:
-    """The class names of the training rows: their label names (sorted), or ``"0" .. "max"``."""
+def label_classes(rows: Sequence[dict], where: Sequence[str], declared: Sequence[str] = ()) -> List[str]:
+    """The class names: ``declared`` (``--classes``) when given, else the training rows' label
+    names (sorted), or ``"0" .. "max"``; every row's label is checked to be one of the three kinds.
+    A declared list makes a label naming another class an error (in :func:`target`): without it,
+    a misspelled name becomes a class of its own."""
     names, indices = set(), set()
     for r, w in zip(rows, where):
         label = r.get("label") if isinstance(r, dict) else None
@@ -67,6 +71,8 @@ def label_classes(rows: Sequence[dict], where: Sequence[str]) -> List[str]:
             raise DataError(f"{w}: label {label!r} is not a class index, class name or {{name: probability}}")
     if names and indices:
         raise DataError("labels mix class indices and class names: use one kind")
+    if declared:
+        return list(declared)
     classes = sorted(names) if names else [str(i) for i in range(max(indices) + 1)]
     if len(classes) < 2:
         raise DataError(f"classification needs at least 2 classes, the training labels have {classes}")

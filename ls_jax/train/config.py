@@ -11,6 +11,15 @@ from ls_jax.logit_stats import BlockSizes
 
 # module paths (regular expression, matched in full) that --lora-rank adapts: attention and MLP projections
 LORA_TARGETS = r".*/(q|k|v|o|gate|up|down)_proj"
+TASKS = ("causal_lm", "classification")
+# the generated data's sizes: refused with --data, which they would not size
+GENERATED_ONLY = ("num_train", "num_eval", "num_base")
+SMOOTHING_CONFLICT = ("--label-smoothing with --compare-smoothing: each run takes its value from --compare-smoothing; "
+                      "give one of the two")
+
+
+class ConfigError(ValueError):
+    """An invalid flag, combination of flags or model (one-line message)."""
 
 
 @dataclass
@@ -18,7 +27,7 @@ class LossOptions:
     """Keyword arguments of the fused loss (``ls_jax.lm_loss.causal_lm_loss``), one meaning each.
 
     logit_softcap: "model" (the model's own final-logit softcap), a float (overrides it) or
-    None (off; ``--no-softcap``), as in ``causal_lm_loss``. block_n / block_v / block_d: the
+    None (off; ``--logit-softcap none``), as in ``causal_lm_loss``. block_n / block_v / block_d: the
     loss' :class:`ls_jax.logit_stats.BlockSizes` (None: the implementation's defaults).
     """
 
@@ -65,6 +74,7 @@ class TrainConfig(LossOptions):
 
     # task, model, tokenizer and data
     task: str = "causal_lm"
+    classes: List[str] = field(default_factory=list)
     model: str = "tiny"
     data: Optional[str] = None
     eval_data: Optional[str] = None
@@ -137,18 +147,22 @@ EMBEDDED_DEFAULTS = {"compare_smoothing": [0.0, 0.1], "seeds": [0, 1], "base_ste
 _HELP = {
     "task": "causal_lm (prompt/response or messages rows, next-token loss) or classification (rows with 'text' "
             "and 'label': class index, class name or {name: probability}; a SequenceClassifier on the last token)",
+    "classes": "classification: the class names, comma-separated, in class order (a class index in the data "
+               "is a position in this list); a label naming another class is an error (default: the training "
+               "labels' names, sorted, or 0 .. the largest index)",
     "smoothing_convention": "classification: uniform ((1 - a) on the target + a / K on every class, as PyTorch / optax) "
                             "or others (1 - a on the target, a / (K - 1) on each other class)",
-    "model": "a local Hugging Face checkpoint directory, or the name of a built-in tiny config",
+    "model": "a local Hugging Face checkpoint directory holding its tokenizer files, or the name of a built-in "
+             "tiny config (its tokenizer: a byte-level BPE trained on the training rows)",
     "data": "training data: .jsonl / .json / .parquet file or a save_to_disk directory "
             "(rows with 'messages' or 'prompt'/'response'; 'text'/'label' for --task classification); "
             "default: generated arithmetic data (sentiment-like reviews for --task classification)",
     "eval_data": "held-out data (same formats); default: --eval-fraction of --data",
     "split": "split to read from a saved DatasetDict",
-    "eval_fraction": "fraction of --data held out when --eval-data is not given",
-    "num_train": "rows of generated data to train on (embedded default only)",
-    "num_eval": "rows of generated held-out data (embedded default only)",
-    "num_base": "rows of generated text the base model is pre-trained on (embedded default, with --base-steps)",
+    "eval_fraction": "fraction of --data held out (not with --eval-data)",
+    "num_train": "rows of generated data to train on (not with --data)",
+    "num_eval": "rows of generated held-out data (not with --data)",
+    "num_base": "rows of generated text the base model is pre-trained on (with --base-steps; not with --data)",
     "base_steps": "embedded default: first pre-train a base model for this many steps on --num-base generated "
                   "questions as plain text (loss on every token) into OUTPUT_DIR/base (--resume reuses a finished "
                   "one), then fine-tune it (0: fine-tune a fresh model; default 1000 for the generated data "
@@ -183,11 +197,12 @@ _HELP = {
                             "(not a sandbox for hostile code)",
     "lora_targets": "regular expression matched in full against module paths such as model/layers/0/self_attn/q_proj "
                     "(default: the attention and MLP projections)",
-    "label_smoothing": "label smoothing a in [0, 1): target (1 - a) * onehot + a / V",
+    "label_smoothing": "label smoothing a in [0, 1) of a single run (not with --compare-smoothing): "
+                       "target (1 - a) * onehot + a / V",
     "compare_smoothing": "comma-separated smoothing values, one run each, compared in the final tables "
                          "(default 0,0.1 for the generated data unless --label-smoothing is given; '' for one run)",
     "z_loss": "z-loss coefficient (adds z_loss * lse^2)",
-    "logit_softcap": "final-logit softcap: 'model' (the model's own, default) or a number overriding it",
+    "logit_softcap": "final-logit softcap: 'model' (the model's own, default), 'none' (off) or a number overriding it",
     "impl": "loss implementation: " + ", ".join(CHOICES),
     "block_n": "token block of the pallas kernel (default: its own)",
     "block_v": "vocabulary block of the xla and pallas implementations (default: their own)",
@@ -228,12 +243,24 @@ def _floats(text: str) -> List[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _names(text: str) -> List[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
 def _softcap(text: str):
-    return text if text == "model" else float(text)
+    if text in ("model", "none"):
+        return None if text == "none" else text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'model', 'none' or a number, got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """argparse flags for every :class:`TrainConfig` field."""
+    """argparse flags for every :class:`TrainConfig` field, each help showing the field's default
+    (unless it says it already). The flags that :func:`parse_args` fills in or checks against
+    the others (those of :data:`EMBEDDED_DEFAULTS` and :data:`GENERATED_ONLY`,
+    ``--label-smoothing``, ``--eval-fraction``) parse to None when not given."""
     p = argparse.ArgumentParser(
         prog="train.py",
         description="Supervised fine-tuning with the fused label-smoothed cross-entropy. "
@@ -242,35 +269,50 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         helptext = _HELP.get(f.name)
+        if f.type is not bool and f.default not in (None, dataclasses.MISSING) and "default" not in helptext:
+            helptext += f" (default: {f.default})".replace("%", "%%")
+        later = f.name in (*EMBEDDED_DEFAULTS, *GENERATED_ONLY, "label_smoothing", "eval_fraction")  # parse_args'
         if f.type is bool and f.default:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=True, help=helptext)
         elif f.type is bool:
             p.add_argument(flag, action="store_true", help=helptext)
-        elif f.name == "label_smoothing":
-            p.add_argument(flag, type=float, default=None, help=helptext)
+        elif f.name in ("seeds", "compare_smoothing", "classes"):
+            p.add_argument(flag, type={"seeds": _ints, "compare_smoothing": _floats, "classes": _names}[f.name],
+                           default=None if later else [], help=helptext)
         elif f.name == "logit_softcap":
             p.add_argument(flag, type=_softcap, default=f.default, help=helptext)
-            p.add_argument("--no-softcap", dest="logit_softcap", action="store_const", const=None,
-                           help="disable the model's final-logit softcap")
-        elif f.name in EMBEDDED_DEFAULTS:  # None: filled in by parse_args
-            conv = {"seeds": _ints, "compare_smoothing": _floats}.get(f.name, int)
-            p.add_argument(flag, type=conv, default=None, help=helptext)
         else:
             t = str(f.type)  # int, float, str or Optional[...] of them
             conv = int if "int" in t else float if "float" in t else str
-            p.add_argument(flag, type=conv, default=f.default, help=helptext)
+            p.add_argument(flag, type=conv, default=None if later else f.default, help=helptext,
+                           choices=TASKS if f.name == "task" else None)
     return p
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
-    """A :class:`TrainConfig` from command-line flags (``argv=None``: ``sys.argv[1:]``)."""
+    """A :class:`TrainConfig` from command-line flags (``argv=None``: ``sys.argv[1:]``).
+
+    Raises :class:`ConfigError` for a flag the others would make ignored: ``--label-smoothing``
+    with ``--compare-smoothing`` (each run has its value), the generated data's sizes
+    (:data:`GENERATED_ONLY`) with ``--data``, ``--eval-fraction`` without ``--data`` or with
+    ``--eval-data``.
+    """
     ns = vars(build_parser().parse_args(argv))
+    for name in GENERATED_ONLY:
+        if ns[name] is not None and ns["data"] is not None:
+            raise ConfigError(f"--{name.replace('_', '-')} sizes the generated data; with --data every row is used "
+                              f"(hold rows out with --eval-fraction or --eval-data)")
+    if ns["eval_fraction"] is not None and (ns["data"] is None or ns["eval_data"] is not None):
+        raise ConfigError("--eval-fraction holds out part of --data: it needs --data, and --eval-data replaces it")
+    if ns["label_smoothing"] is not None and ns["compare_smoothing"]:
+        raise ConfigError(SMOOTHING_CONFLICT)
     demo = ns["data"] is None and ns["label_smoothing"] is None  # else one run, as asked
     fresh = TrainConfig()
     for name, value in EMBEDDED_DEFAULTS.items():
         lm_only = name != "compare_smoothing"  # the base stage and seeds: the causal-LM demo only
         if ns[name] is None:
             ns[name] = value if demo and not (lm_only and ns["task"] != "causal_lm") else getattr(fresh, name)
-    if ns["label_smoothing"] is None:
-        ns["label_smoothing"] = TrainConfig.label_smoothing
+    for name in (*GENERATED_ONLY, "label_smoothing", "eval_fraction"):
+        if ns[name] is None:
+            ns[name] = getattr(fresh, name)
     return TrainConfig(**ns)

@@ -42,8 +42,8 @@ from ls_jax.train.step import accumulate, make_eval_step, make_train_step
 RESUME_FIELDS = ("model", "data", "eval_data", "split", "eval_fraction", "num_train", "num_eval", "max_length",
                  "packing", "steps", "batch_size", "grad_accum", "lr", "warmup_steps", "decay", "min_lr_ratio",
                  "weight_decay", "b1", "b2", "clip_norm", "seed", "compute_dtype", "param_dtype", "lora_rank",
-                 "lora_alpha", "lora_targets", "s3ft", "judge", "s3ft_paraphrase", "task", "smoothing_convention",
-                 "label_smoothing", "z_loss", "logit_softcap")
+                 "lora_alpha", "lora_targets", "s3ft", "judge", "s3ft_paraphrase", "task", "classes",
+                 "smoothing_convention", "label_smoothing", "z_loss", "logit_softcap")
 
 
 def check_resumable(meta: dict, config: TrainConfig) -> None:
@@ -220,8 +220,9 @@ def train(config: TrainConfig, prep: Prepared, out_dir: str, *, stop_at: Optiona
             final["vocab_size"] = int(model.unembedding().shape[0])
             final.update(_answer_level(config, prep, model, progress))
         with atomic_path(os.path.join(out_dir, "hf")) as tmp:
-            export_hf(graphdef, params, frozen, prep.tokenizer, tmp, lora_alpha=config.lora_alpha)
+            export_hf(graphdef, params, frozen, prep.tokenizer, tmp, lora_alpha=config.lora_alpha, classes=prep.classes)
+        level = "content tokens" if prep.classes is None else f"{len(prep.classes)} classes"
         with atomic_path(os.path.join(out_dir, "reliability.png")) as tmp:
-            reliability_diagram(result["bins"], tmp, title=f"smoothing {config.label_smoothing:g}, content tokens")
+            reliability_diagram(result["bins"], tmp, title=f"smoothing {config.label_smoothing:g}, {level}")
         write_text(os.path.join(out_dir, "final.json"), json.dumps(final, indent=2))
     return {"metrics": final, "losses": losses, "step": step}

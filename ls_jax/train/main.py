@@ -126,11 +126,11 @@ def run(config: TrainConfig, *, stop_at: Optional[int] = None) -> List[dict]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``python train.py [flags]``; returns the exit status."""
-    config = parse_args(argv)
-    resume_nowhere = config.resume and not config.output_dir
-    config = dataclasses.replace(config, output_dir=config.output_dir or default_output_dir())
     start = time.perf_counter()
     try:
+        config = parse_args(argv)
+        resume_nowhere = config.resume and not config.output_dir
+        config = dataclasses.replace(config, output_dir=config.output_dir or default_output_dir())
         if resume_nowhere:
             raise ConfigError("--resume needs the --output-dir of the run to continue")
         results = run(config)

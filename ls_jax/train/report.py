@@ -3,7 +3,7 @@
 import json
 import os
 import sys
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -162,29 +162,41 @@ def _pooled_bins(runs: Sequence[dict], key: str, kind: str = None):
     return CalibrationBins(total["count"], total["confidence_sum"], total["correct_sum"], np.float32(0), np.float32(np.nan))
 
 
+def _ceiling(run: dict, kind: Optional[str], num_options: int) -> Optional[float]:
+    """The highest confidence a run's smoothed training target allows at a level (``kind``: None
+    for tokens or classes, else a kind of answer); None without smoothing or for generated
+    answers. A classifier's ``1 - a + a / K`` on K classes (``1 - a`` under the "others"
+    convention); a token's ``1 - a + a / V``; the option letters', normalised over
+    ``num_options`` options, ``(1 - a + a / V) / (1 - a + num_options * a / V)``."""
+    a = run["label_smoothing"]
+    if a == 0 or kind == "generated":
+        return None
+    if "classes" in run:
+        return 1 - a if run["smoothing_convention"] == "others" else 1 - a + a / len(run["classes"])
+    top = 1 - a + a / run["vocab_size"]
+    return top if kind is None else top / (1 - a + num_options * a / run["vocab_size"])
+
+
 def stage_reliability(results: Sequence[dict], path: str, num_options: int) -> str:
     """One PNG of reliability diagrams, a column per stage (seeds pooled) and a row per level:
-    multiple-choice answers, generated answers, content tokens. A smoothed stage shows its
-    confidence ceiling: ``1 - a + a / V`` per token, and for the option letters, normalised
-    over ``num_options`` options, ``(1 - a + a / V) / (1 - a + num_options * a / V)``."""
+    multiple-choice answers (``num_options`` options), generated answers, content tokens; for
+    ``--task classification`` runs one row, the predicted class. A smoothed stage shows its
+    confidence ceiling (:func:`_ceiling`)."""
     from ls_jax.calibration import reliability_diagrams
 
     groups = by_stage(results)
-    levels = (("answer_bins", "multiple_choice", "multiple-choice answers"),
-              ("answer_bins", "generated", "generated answers"), ("token_bins", None, "content tokens"))
+    if any("classes" in r for r in results):
+        levels = (("token_bins", None, f"{len(results[0]['classes'])} classes"),)
+    else:
+        levels = (("answer_bins", "multiple_choice", "multiple-choice answers"),
+                  ("answer_bins", "generated", "generated answers"), ("token_bins", None, "content tokens"))
     grid = []
     for key, kind, title in levels:
         row = []
         for name, runs in groups.items():
             bins = _pooled_bins(runs, key, kind)
-            if bins is None:
-                continue
-            a, v = runs[0]["label_smoothing"], runs[0]["vocab_size"]
-            ceiling = None
-            if a > 0 and kind != "generated":
-                top = 1 - a + a / v
-                ceiling = top if kind is None else top / (1 - a + num_options * a / v)
-            row.append((f"{name}, {title}", bins, ceiling))
+            if bins is not None:
+                row.append((f"{name}, {title}", bins, _ceiling(runs[0], kind, num_options)))
         if row:
             grid.append(row)
     return reliability_diagrams(grid, path)

@@ -21,18 +21,12 @@ from ls_jax.models.classification import SMOOTHING_CONVENTIONS
 from ls_jax.targets import check_options
 from ls_jax.s3ft import judges
 from ls_jax.train import sharding, synthetic
-from ls_jax.train.config import TrainConfig
+from ls_jax.train.config import SMOOTHING_CONFLICT, TASKS, ConfigError, TrainConfig
 from ls_jax.train.optim import DECAYS
 
 # --model NAME -> overrides of ls_jax.models.tiny_llama_config (vocabulary from the tokenizer)
 TINY_MODELS = {"tiny": dict(hidden_size=64, num_hidden_layers=2)}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-TASKS = ("causal_lm", "classification")
-
-
-class ConfigError(ValueError):
-    """An invalid flag or model (one-line message)."""
-
 
 @dataclass
 class Prepared:
@@ -63,12 +57,16 @@ def check_config(c: TrainConfig) -> None:
     for name in positive:
         if getattr(c, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(c, name)}")
-    for a in [c.label_smoothing, *c.compare_smoothing]:
-        try:
-            check_options(a, c.z_loss, None if c.logit_softcap == "model" else c.logit_softcap, "mean")
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+    for flag, values in (("--label-smoothing", [c.label_smoothing]), ("--compare-smoothing", c.compare_smoothing)):
+        for a in values:
+            if not 0 <= a < 1:  # NaN fails too; a = 1 is a uniform target: nothing to learn
+                raise ConfigError(f"{flag} must be in [0, 1), got {a:g}")
+    try:
+        check_options(c.label_smoothing, c.z_loss, None if c.logit_softcap == "model" else c.logit_softcap, "mean")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     checks = [
+        (not (c.label_smoothing and c.compare_smoothing), SMOOTHING_CONFLICT),
         (c.decay in DECAYS, f"--decay must be one of {DECAYS}"),
         (c.task in TASKS, f"--task must be one of {TASKS}"),
         (c.smoothing_convention in SMOOTHING_CONVENTIONS, f"--smoothing-convention must be one of {SMOOTHING_CONVENTIONS}"),
@@ -96,6 +94,9 @@ def check_config(c: TrainConfig) -> None:
         (c.base_steps >= 0 and c.answer_rows >= 0 and c.num_base >= 0, "--base-steps, --answer-rows and --num-base must be >= 0"),
         (c.data is None or not c.base_steps, "--base-steps needs the generated data (a checkpoint of your own is --model)"),
         (len(set(c.seeds)) == len(c.seeds), "--seeds repeats a seed"),
+        (c.task == "classification" or not c.classes, "--classes is for --task classification"),
+        (len(set(c.classes)) == len(c.classes), "--classes repeats a class"),
+        (len(c.classes) != 1, "--classes needs at least 2 classes"),
     ]
     for ok, message in checks:
         if not ok:
@@ -158,13 +159,28 @@ def _tokenizer(c: TrainConfig, train_rows, saved_tokenizer: Optional[str]):
     return train_bpe_tokenizer([text(r) for r in train_rows])
 
 
+# the files transformers builds a tokenizer from (a directory with none of them holds no tokenizer)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
 def _auto_tokenizer(path: str):
+    """The tokenizer saved in ``path``. A directory without one is a :class:`ConfigError` naming
+    the missing files: transformers 5 would build an empty tokenizer from the config alone (every
+    text encoding to nothing, or to unknown tokens), or fail with a message about converters."""
     from transformers import AutoTokenizer
 
+    missing = (f"{path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save the model's tokenizer "
+               f"there (tokenizer.save_pretrained)")
+    has_files = any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES)
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot load a tokenizer from {path}: {str(e).splitlines()[0]}") from None
+        raise ConfigError(missing if not has_files else
+                          f"cannot load a tokenizer from {path}: {str(e).splitlines()[0]}") from None
+    ids = tok("The answer is 42.", add_special_tokens=False)["input_ids"]
+    if all(i == tok.unk_token_id for i in ids):
+        raise ConfigError(missing if not has_files else
+                          f"the tokenizer in {path} encodes text to {'unknown tokens only' if ids else 'nothing'}")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -264,7 +280,7 @@ def _classification(c: TrainConfig, tokenizer, train_rows, held_rows, train_wher
 
     train_where = train_where or [f"row {i + 1}" for i in range(len(train_rows))]
     held_where = held_where or [f"row {i + 1}" for i in range(len(held_rows))]
-    classes = classification.label_classes(train_rows, train_where)
+    classes = classification.label_classes(train_rows, train_where, c.classes)
     if c.smoothing_convention == "others":
         for a in [c.label_smoothing, *c.compare_smoothing]:
             if a > (len(classes) - 1) / len(classes):
