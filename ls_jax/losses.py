@@ -165,9 +165,9 @@ def linear_smoothed_cross_entropy(
     impl (ls_jax/dispatch.py): "xla" (blocked over tokens and the vocabulary; a scalar
     reduction, "mean" or "sum", makes its gradients in the forward sweep: 6NDV, holding the
     gradients from forward to backward; reduction="none" recomputes the logits in the backward),
-    "reference" (dense, materialises [N, V]: the oracle), "pallas" (the fused GPU kernels;
-    interpret mode elsewhere; also "pallas_atomic", "pallas_xla"), "auto" ("xla" everywhere
-    until the kernel is measured on a GPU). blocks: :class:`BlockSizes` (None: defaults).
+    "reference" (dense, materialises [N, V]: the oracle), "pallas" (the fused GPU forward kernel with
+    the blocked XLA backward; interpret mode elsewhere; "pallas_two_kernel" / "pallas_atomic":
+    the kernels' own backwards), "auto" ("xla", the fastest measured on GPU and CPU). blocks: :class:`BlockSizes` (None: defaults).
     Differentiable in hidden, weight, bias (and soft-label weights) in reverse mode; "reference"
     also in forward mode and to any order; "xla" twice with reduction="none"
     (jax.hessian of its sum). Default reduction: "mean" over valid tokens. ``weights`` / traced

@@ -27,6 +27,7 @@ IMPLS = {  # impl, reduction ("mean": the one-pass path of xla; "none": its two-
     "xla_one_pass_bf16_dots": ("xla", "mean", "input"),
     "xla_two_pass_bf16_dots": ("xla", "none", "input"),
     "pallas": ("pallas", "mean", None),
+    "pallas_two_kernel": ("pallas_two_kernel", "mean", None),
     "pallas_atomic": ("pallas_atomic", "mean", None),
 }
 BLOCKS = BlockSizes(block_n=256, block_v=128)

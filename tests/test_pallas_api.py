@@ -53,12 +53,12 @@ def test_pallas_all_tokens_masked_is_zero():
 
 # impl, dtype, options: every pallas impl in both dtypes, bias or not, over the options
 DV_CASES = [
-    ("pallas", jnp.float32, dict(label_smoothing=0.1, z_loss=1e-3, bias=True)),
-    ("pallas", jnp.bfloat16, dict(label_smoothing=0.2, logit_softcap=3.0, bias=False)),
+    ("pallas_two_kernel", jnp.float32, dict(label_smoothing=0.1, z_loss=1e-3, bias=True)),
+    ("pallas_two_kernel", jnp.bfloat16, dict(label_smoothing=0.2, logit_softcap=3.0, bias=False)),
     ("pallas_atomic", jnp.float32, dict(label_smoothing=0.2, logit_softcap=3.0, bias=False)),
     ("pallas_atomic", jnp.bfloat16, dict(label_smoothing=0.1, reduction="sum", soft=True, bias=True)),
-    ("pallas_xla", jnp.float32, dict(label_smoothing=0.1, reduction="sum", soft=True, bias=False)),
-    ("pallas_xla", jnp.bfloat16, dict(label_smoothing=0.1, z_loss=1e-3, bias=True)),
+    ("pallas", jnp.float32, dict(label_smoothing=0.1, reduction="sum", soft=True, bias=False)),
+    ("pallas", jnp.bfloat16, dict(label_smoothing=0.1, z_loss=1e-3, bias=True)),
 ]
 
 
