@@ -106,7 +106,7 @@ def param_spec(path, shape: Sequence[int], mesh: Mesh) -> P:
         declared = [None] * len(shape)
         if len(shape) >= 2:  # undeclared: fsdp over the largest dimension
             declared[max(range(len(shape)), key=lambda d: (shape[d], -d))] = "fsdp"
-    spec = [a if a is not None and mesh.shape[a] > 1 and shape[d] % mesh.shape[a] == 0 else None
+    spec = [a if a is not None and mesh.shape.get(a, 1) > 1 and shape[d] % mesh.shape[a] == 0 else None
             for d, a in enumerate(declared)]
     return P(*spec)
 

@@ -1,4 +1,4 @@
-"""Meshes as users make them (ls_jax/sharded.py): Auto or Explicit axes
+"""Meshes as users make them (ls_jax/sharded.py, ls_jax/lm_loss.py): Auto or Explicit axes
 (``jax.make_mesh``'s default), passed as ``mesh=``, made ambient by ``jax.set_mesh``, with the
 arrays placed on the mesh, or the legacy ``with mesh:`` context; fp32 and bf16.
 
@@ -7,15 +7,20 @@ within 2 bf16 ulps plus one of the largest entry, the float32 loss 1e-4).
 """
 
 import contextlib
+import functools
 import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from ls_jax import linear_smoothed_cross_entropy
+from ls_jax.lm_loss import causal_lm_loss
+from ls_jax.models import from_config, tiny_llama_config
+from ls_jax.train import sharding
 
 DTYPES = ("float32", "bfloat16")
 
@@ -68,4 +73,38 @@ def test_loss_on_a_mesh_of_either_axis_type(axis_type, dtype):
             lowered = step(m).lower(*a)
             got = lowered.compile()(*a)
         assert "sdy.manual_computation" in lowered.as_text(), form
+        _close(got, want, dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _lm(dtype: str):
+    """(graphdef, params, batch) of a 1-layer Llama (8 heads, V = 64) in ``dtype``, and its loss
+    and gradients on one device."""
+    config = tiny_llama_config(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=8,
+                               num_key_value_heads=8)
+    graphdef, params = nnx.split(from_config(config, seed=0, dtype=jnp.dtype(dtype)))
+    ids = jnp.asarray(np.random.RandomState(0).randint(3, 64, (4, 8)), jnp.int32)
+    batch = {"input_ids": ids, "labels": ids}
+    return graphdef, params, batch, jax.jit(jax.value_and_grad(_lm_loss(graphdef, None)))(params, batch)
+
+
+def _lm_loss(graphdef, mesh):
+    return lambda params, batch: causal_lm_loss(nnx.merge(graphdef, params), batch, label_smoothing=0.1,
+                                                mesh=mesh)[0]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])
+def test_causal_lm_loss_on_a_mesh_of_either_axis_type(axis_type, dtype):
+    """causal_lm_loss with the parameters placed as the trainer places them (vocabulary- and
+    column-parallel over tensor) and the batch over data, under jax.set_mesh and with mesh=: one
+    device's loss and gradients. (Explicit axes refused the models' placements before; bf16
+    with a tensor axis aborted XLA:CPU in the column-parallel input gradient's all-reduce.)"""
+    mesh = _mesh(axis_type)
+    graphdef, params, batch, want = _lm(dtype)
+    placed = (jax.device_put(params, sharding.tree_shardings(params, mesh)),
+              jax.device_put(batch, NamedSharding(mesh, P("data"))))
+    for context, m in ((lambda: jax.set_mesh(mesh), None), (contextlib.nullcontext, mesh)):
+        with context():
+            got = jax.jit(jax.value_and_grad(_lm_loss(graphdef, m)))(*placed)
         _close(got, want, dtype)
