@@ -117,14 +117,26 @@ def tree_shardings(tree, mesh: Mesh):
                                             tree)
 
 
-def on_mesh(fn: Callable, mesh: Mesh) -> Callable:
-    """``fn`` traced with ``mesh`` as the ambient (abstract) mesh: what the models'
-    :func:`ls_jax.models.parallel.column_parallel` reads (wrap a step before ``jax.jit``)."""
+def on_mesh(fn: Callable, mesh: Mesh, out_shardings) -> Callable:
+    """``fn`` traced with ``mesh`` as the ambient (abstract) mesh, which the models'
+    :func:`ls_jax.models.parallel.column_parallel` and the loss read (wrap a step before ``jax.jit``).
+
+    Inside, every axis is Auto (``jax.sharding.auto_axes``): the models leave their activations'
+    placement to XLA's partitioner, which a mesh with Explicit axes (``jax.make_mesh``'s default)
+    would refuse (e.g. the embedding lookup's gather); ``fn``'s outputs are resharded to
+    ``out_shardings``. With Auto axes this is plain tracing under ``mesh``.
+
+    Args:
+      fn: the step. mesh: its ``Mesh`` (Auto or Explicit axes).
+      out_shardings: ``fn``'s output shardings, as ``jax.jit`` takes them.
+    Returns:
+      The wrapped step.
+    """
 
     @functools.wraps(fn)
     def traced(*args, **kwargs):
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            return fn(*args, **kwargs)
+            return jax.sharding.auto_axes(fn, out_sharding=out_shardings)(*args, **kwargs)
 
     return traced
 
