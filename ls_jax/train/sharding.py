@@ -77,7 +77,9 @@ def parse_mesh(spec: str, num_devices: int) -> Dict[str, int]:
 
 
 def make_mesh(spec: str, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-    """The (data, fsdp, tensor) mesh with Auto axes over ``devices`` (default: all)."""
+    """The (data, fsdp, tensor) mesh with Auto axes over ``devices`` (default: all). The steps
+    also take a mesh with Explicit axes (:func:`on_mesh`); the trainer's other model calls
+    (answer-level evaluation, generation) need Auto ones."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = parse_mesh(spec, len(devices))
     return jax.make_mesh(tuple(sizes[a] for a in AXES), AXES, axis_types=(AxisType.Auto,) * len(AXES),
