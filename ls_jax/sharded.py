@@ -215,7 +215,7 @@ def resolve_mesh(mesh):
     if mesh is None:
         ambient = jax.sharding.get_abstract_mesh()
         mesh = _legacy_mesh() if ambient.empty else ambient
-    if mesh is None or mesh.empty or mesh_axes(mesh) == ((), None):
+    if mesh is None or mesh_axes(mesh) == ((), None):
         return None
     return mesh
 
