@@ -5,13 +5,16 @@ Works with any Flax NNX model following ``ls_jax.models.protocol`` (hidden state
 :func:`ls_jax.losses.linear_smoothed_cross_entropy`.
 """
 
+import contextlib
 from typing import Optional, Union
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from ls_jax.logit_stats import BlockSizes
 from ls_jax.losses import TokenStats, linear_smoothed_cross_entropy
+from ls_jax.sharded import context_mesh
 
 
 def next_token_targets(labels: jax.Array, attention_mask: Optional[jax.Array] = None,
@@ -63,26 +66,37 @@ def causal_lm_loss(model, batch: dict, *, label_smoothing: float = 0.0, z_loss: 
     reduction: "mean" over scored tokens or "sum" (e.g. for gradient accumulation).
     impl / blocks / mesh: passed to :func:`linear_smoothed_cross_entropy` (mesh: each device
     computes the loss of its own tokens and vocabulary shard). The unembedding is cast to
-    the hidden states' (compute) dtype, as the model's own matmuls.
+    the hidden states' (compute) dtype, as the model's own matmuls. Under a mesh with Explicit
+    axes (ambient, or carried by the placed parameters or batch) the model and loss run with
+    every axis Auto (``jax.sharding.auto_axes``), as the models are written for.
     Returns ``(loss float32 scalar, metrics)``, metrics from :func:`token_metrics`.
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    input_ids, labels = batch["input_ids"], batch["labels"]
-    attention_mask, segment_ids = batch.get("attention_mask"), batch.get("segment_ids")
-    hidden = model(input_ids, attention_mask, batch.get("positions"), segment_ids)
-    if shift_labels:
-        targets = next_token_targets(labels, attention_mask, segment_ids, ignore_index)
-    else:
-        targets = jnp.asarray(labels, jnp.int32)
-    if isinstance(logit_softcap, str):
-        if logit_softcap != "model":
-            raise ValueError(f"logit_softcap must be 'model', a float or None, got {logit_softcap!r}")
-        logit_softcap = model.final_logit_softcap
-    weight = model.unembedding().astype(hidden.dtype)  # compute dtype, as the model's own matmuls
-    loss, stats = linear_smoothed_cross_entropy(
-        hidden, weight, targets, label_smoothing=label_smoothing, ignore_index=ignore_index,
-        z_loss=z_loss, logit_softcap=logit_softcap, reduction=reduction, impl=impl, blocks=blocks, mesh=mesh,
-        return_stats=True,
-    )
-    return loss, token_metrics(stats, targets)
+    cap = logit_softcap
+    if isinstance(cap, str):
+        if cap != "model":
+            raise ValueError(f"logit_softcap must be 'model', a float or None, got {cap!r}")
+        cap = model.final_logit_softcap
+
+    def loss_and_metrics(model, batch):
+        input_ids, labels = batch["input_ids"], batch["labels"]
+        attention_mask, segment_ids = batch.get("attention_mask"), batch.get("segment_ids")
+        hidden = model(input_ids, attention_mask, batch.get("positions"), segment_ids)
+        if shift_labels:
+            targets = next_token_targets(labels, attention_mask, segment_ids, ignore_index)
+        else:
+            targets = jnp.asarray(labels, jnp.int32)
+        weight = model.unembedding().astype(hidden.dtype)  # compute dtype, as the model's own matmuls
+        loss, stats = linear_smoothed_cross_entropy(
+            hidden, weight, targets, label_smoothing=label_smoothing, ignore_index=ignore_index,
+            z_loss=z_loss, logit_softcap=cap, reduction=reduction, impl=impl, blocks=blocks, mesh=mesh,
+            return_stats=True,
+        )
+        return loss, token_metrics(stats, targets)
+
+    # the models leave their activations' placement to XLA's partitioner, which Explicit mesh axes
+    # (jax.make_mesh's default) refuse: every axis is Auto inside
+    context = context_mesh((model, batch))
+    with contextlib.nullcontext() if context is None else jax.sharding.use_abstract_mesh(context):
+        return jax.sharding.auto_axes(loss_and_metrics, out_sharding=P())(model, batch)

@@ -173,8 +173,9 @@ def linear_smoothed_cross_entropy(
     (jax.hessian of its sum). Default reduction: "mean" over valid tokens. ``weights`` / traced
     options as in :func:`smoothed_cross_entropy`.
     With ``return_stats`` returns ``(loss, TokenStats)``.
-    mesh: a ``jax.sharding.Mesh`` (or None: the ambient mesh of ``jax.set_mesh`` /
-    ``jax.sharding.use_mesh``, if any) with axes ``data`` / ``fsdp`` (tokens split over them,
+    mesh: a ``jax.sharding.Mesh`` with Auto or Explicit axes (or None: the ambient mesh of
+    ``jax.set_mesh`` / ``jax.sharding.use_mesh``, else that of a legacy ``with mesh:`` block, if
+    any) with axes ``data`` / ``fsdp`` (tokens split over them,
     the weight gathered) and ``tensor`` (the weight vocabulary-parallel): each device computes
     its own tokens and vocabulary shard, for every impl (ls_jax/sharded.py); "xla" with a scalar
     reduction takes the one-pass path per device when the mesh has no ``tensor`` axis, the

@@ -28,13 +28,19 @@ merged first, the gradient recomputed in the backward).
 Gradients are plain autodiff through shard_map (``check_vma=False``, which pallas_call needs):
 its transpose divides a replicated output's cotangent by the axis size and psums the inputs'
 cotangents over the axes they are replicated on, which is exactly right for these merges.
+
+Meshes (:func:`resolve_mesh`, :func:`_shard_map`): Auto or Explicit axes (``jax.make_mesh``'s
+default), passed as ``mesh=``, made ambient by ``jax.set_mesh``, or the legacy ``with mesh:``
+context, which is read like ``mesh=``. Under Explicit axes arrays carry their sharding in their
+types, which must equal shard_map's input specs: the inputs are resharded to them first.
 """
 
+import contextlib
 from typing import Callable, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
+from jax.sharding import AxisType, PartitionSpec as P
 
 from ls_jax import reference
 from ls_jax.logit_stats import LogitStats, head_index, vocab_axis
@@ -85,6 +91,55 @@ def _check_tokens(n: int, mesh, batch: Tuple[str, ...]) -> None:
                          f"{' x '.join(f'{a}={mesh.shape[a]}' for a in batch)} = {shards}")
 
 
+def context_mesh(tree):
+    """The mesh that traced code sees: the ambient one (``jax.set_mesh``), else the mesh whose
+    sharding the types of ``tree``'s arrays carry (arrays placed on a mesh with Explicit axes).
+
+    Args:
+      tree: a pytree of arrays.
+    Returns:
+      An ``AbstractMesh``, or None when there is neither.
+    """
+    typed = (jax.typeof(x).sharding.mesh for x in jax.tree.leaves(tree))
+    return next((m for m in (jax.sharding.get_abstract_mesh(), *typed) if not m.empty), None)
+
+
+def _shard_map(f: Callable, mesh, in_specs, out_specs, *args):
+    """``jax.shard_map(f, mesh=mesh, ...)(*args)`` (``check_vma=False``) whatever ``mesh``'s axis
+    types and wherever it comes from:
+
+    * under an ambient mesh of ``mesh``'s axes and sizes, on that one (as it types the axes: e.g.
+      all Auto inside ``jax.sharding.auto_axes``), which shard_map requires;
+    * with no mesh in the context nor in the arrays' types (arrays not placed), on ``mesh`` with
+      its axes made Auto;
+    * where the context (:func:`context_mesh`) has Explicit axes, ``args`` are first resharded
+      to ``in_specs`` along them, as shard_map requires the types to match its specs.
+
+    Args:
+      f: the per-device function. mesh: a ``Mesh`` or the ambient ``AbstractMesh``.
+      in_specs, out_specs: PartitionSpecs as ``jax.shard_map`` takes them (a None spec for a None
+        argument). args: ``f``'s arguments.
+    Returns:
+      ``f``'s outputs, assembled as ``out_specs`` say.
+    """
+    ambient, context = jax.sharding.get_abstract_mesh(), context_mesh(args)
+    if ambient.shape_tuple == mesh.shape_tuple:
+        mesh = ambient
+    elif context is None:
+        mesh = mesh.update(axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+    run = lambda *a: jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*a)
+    if context is None or not context.explicit_axes:
+        return run(*args)
+    explicit = set(context.explicit_axes)
+
+    def reshard(spec, x):
+        names = (tuple(a for a in (e if isinstance(e, tuple) else (e,)) if a in explicit) or None for e in spec)
+        return jax.sharding.reshard(x, P(*names))
+
+    with contextlib.nullcontext() if context is ambient else jax.sharding.use_abstract_mesh(context):
+        return run(*jax.tree.map(reshard, in_specs, args, is_leaf=lambda s: isinstance(s, P)))
+
+
 def sharded_logit_stats(stats_fn: Callable, hidden, weight, bias, ids, tw, *, mesh, layout: str = "vd",
                         **opts) -> LogitStats:
     """:class:`LogitStats` ``[N]`` of ``hidden [N, D]``, the head ``weight`` in ``layout`` (``[V, D]``
@@ -120,10 +175,8 @@ def sharded_logit_stats(stats_fn: Callable, hidden, weight, bias, ids, tw, *, me
         return s
 
     rest_spec = None if rest is None else (P(), None if bias is None else P())
-    f = jax.shard_map(local, mesh=mesh, check_vma=False,
-                      in_specs=(tokens, rows, None if bias is None else P(vocab), tokens, tokens, rest_spec),
-                      out_specs=LogitStats(*(tokens,) * len(LogitStats._fields)))
-    return f(hidden, even, even_bias, ids, tw, rest)
+    return _shard_map(local, mesh, (tokens, rows, None if bias is None else P(vocab), tokens, tokens, rest_spec),
+                      LogitStats(*(tokens,) * len(LogitStats._fields)), hidden, even, even_bias, ids, tw, rest)
 
 
 def sharded_one_pass(one_pass: Callable, loss_of: Callable, hidden, weight, bias, ids, tw, rows, *, mesh,
@@ -144,21 +197,33 @@ def sharded_one_pass(one_pass: Callable, loss_of: Callable, hidden, weight, bias
         loss, stats = one_pass(loss_of, h, w, b, ids, tw, rows, **opts)
         return (jax.lax.psum(loss, batch) if batch else loss), stats
 
-    f = jax.shard_map(local, mesh=mesh, check_vma=False,
-                      in_specs=(tokens, P(), None if bias is None else P(), tokens, tokens,
-                                jax.tree.map(lambda _: tokens, rows)),
-                      out_specs=(P(), LogitStats(*(tokens,) * len(LogitStats._fields))))
-    return f(hidden, weight, bias, ids, tw, rows)
+    in_specs = (tokens, P(), None if bias is None else P(), tokens, tokens, jax.tree.map(lambda _: tokens, rows))
+    return _shard_map(local, mesh, in_specs, (P(), LogitStats(*(tokens,) * len(LogitStats._fields))),
+                      hidden, weight, bias, ids, tw, rows)
 
 
 def resolve_mesh(mesh):
-    """``mesh`` itself, else the ambient one (``jax.set_mesh`` / ``jax.sharding.use_mesh``) when it
-    names a batch or vocabulary axis larger than 1; None means: no sharding."""
+    """The mesh a loss runs on.
+
+    Args:
+      mesh: a ``Mesh`` or None.
+    Returns:
+      ``mesh`` itself; without it the ambient mesh (``jax.set_mesh`` / ``jax.sharding.use_mesh``),
+      else that of the legacy ``with mesh:`` context (deprecated by JAX, which hands no other code
+      its mesh); None (no sharding) when the mesh names no batch or vocabulary axis larger than 1.
+    """
     if mesh is None:
         ambient = jax.sharding.get_abstract_mesh()
-        mesh = None if ambient.empty else ambient
+        mesh = _legacy_mesh() if ambient.empty else ambient
     if mesh is None or mesh_axes(mesh) == ((), None):
         return None
     return mesh
 
 
+def _legacy_mesh():
+    """The mesh of an enclosing legacy ``with mesh:`` block (empty when none), or None where this
+    JAX has no such context."""
+    from jax._src import mesh as mesh_lib  # no public accessor
+
+    resources = getattr(mesh_lib, "thread_resources", None)
+    return None if resources is None else resources.env.physical_mesh

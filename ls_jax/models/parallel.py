@@ -14,6 +14,7 @@ the single source of ``ls_jax.train.sharding``'s declared layouts.
 """
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
@@ -53,7 +54,8 @@ def column_parallel(x: jax.Array, *linears: nnx.Linear) -> tuple:
     out = P(*(None,) * (x.ndim - 1), TENSOR)
 
     def local(x, state):
-        x = jax.lax.pcast(x, TENSOR, to="varying")  # one use of x: its gradient is reduced once
+        # one use of x: its gradient is reduced once, in float32 (a bf16 all-reduce here aborts XLA:CPU)
+        x = jax.lax.pcast(x.astype(jnp.float32), TENSOR, to="varying").astype(x.dtype)
         return tuple(linear(x) for linear in nnx.merge(graphdef, state))
 
     return jax.shard_map(local, in_specs=(P(), specs), out_specs=(out,) * len(linears), axis_names={TENSOR})(x, state)

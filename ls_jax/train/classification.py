@@ -170,7 +170,7 @@ def make_eval_step(graphdef, opts: LossOptions, *, param_shardings, frozen_shard
         logits = model(batch["input_ids"], **model_inputs(batch))
         return {"logits": logits, "loss_sum": loss_sum(model, batch, opts)}
 
-    return jax.jit(sharding.on_mesh(evaluate, mesh),
+    return jax.jit(sharding.on_mesh(evaluate, mesh, sharding.replicated(mesh)),
                    in_shardings=(param_shardings, frozen_shardings, sharding.batch_sharding(mesh)),
                    out_shardings=sharding.replicated(mesh))
 

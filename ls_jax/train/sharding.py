@@ -77,7 +77,9 @@ def parse_mesh(spec: str, num_devices: int) -> Dict[str, int]:
 
 
 def make_mesh(spec: str, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-    """The (data, fsdp, tensor) mesh with Auto axes over ``devices`` (default: all)."""
+    """The (data, fsdp, tensor) mesh with Auto axes over ``devices`` (default: all). The steps
+    also take a mesh with Explicit axes (:func:`on_mesh`); the trainer's other model calls
+    (answer-level evaluation, generation) need Auto ones."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = parse_mesh(spec, len(devices))
     return jax.make_mesh(tuple(sizes[a] for a in AXES), AXES, axis_types=(AxisType.Auto,) * len(AXES),
@@ -106,7 +108,7 @@ def param_spec(path, shape: Sequence[int], mesh: Mesh) -> P:
         declared = [None] * len(shape)
         if len(shape) >= 2:  # undeclared: fsdp over the largest dimension
             declared[max(range(len(shape)), key=lambda d: (shape[d], -d))] = "fsdp"
-    spec = [a if a is not None and mesh.shape[a] > 1 and shape[d] % mesh.shape[a] == 0 else None
+    spec = [a if a is not None and mesh.shape.get(a, 1) > 1 and shape[d] % mesh.shape[a] == 0 else None
             for d, a in enumerate(declared)]
     return P(*spec)
 
@@ -117,14 +119,26 @@ def tree_shardings(tree, mesh: Mesh):
                                             tree)
 
 
-def on_mesh(fn: Callable, mesh: Mesh) -> Callable:
-    """``fn`` traced with ``mesh`` as the ambient (abstract) mesh: what the models'
-    :func:`ls_jax.models.parallel.column_parallel` reads (wrap a step before ``jax.jit``)."""
+def on_mesh(fn: Callable, mesh: Mesh, out_shardings) -> Callable:
+    """``fn`` traced with ``mesh`` as the ambient (abstract) mesh, which the models'
+    :func:`ls_jax.models.parallel.column_parallel` and the loss read (wrap a step before ``jax.jit``).
+
+    Inside, every axis is Auto (``jax.sharding.auto_axes``): the models leave their activations'
+    placement to XLA's partitioner, which a mesh with Explicit axes (``jax.make_mesh``'s default)
+    would refuse (e.g. the embedding lookup's gather); ``fn``'s outputs are resharded to
+    ``out_shardings``. With Auto axes this is plain tracing under ``mesh``.
+
+    Args:
+      fn: the step. mesh: its ``Mesh`` (Auto or Explicit axes).
+      out_shardings: ``fn``'s output shardings, as ``jax.jit`` takes them.
+    Returns:
+      The wrapped step.
+    """
 
     @functools.wraps(fn)
     def traced(*args, **kwargs):
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            return fn(*args, **kwargs)
+            return jax.sharding.auto_axes(fn, out_sharding=out_shardings)(*args, **kwargs)
 
     return traced
 

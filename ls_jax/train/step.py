@@ -85,10 +85,11 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, opts: LossOption
                    "tokens": count(batch), "real_tokens": (batch["segment_ids"] > 0).sum(), "finite": finite}
         return params, opt_state, metrics
 
+    out_shardings = (param_shardings, opt_shardings, sharding.replicated(mesh))
     return jax.jit(
-        sharding.on_mesh(step, mesh),
+        sharding.on_mesh(step, mesh, out_shardings),
         in_shardings=(param_shardings, frozen_shardings, opt_shardings, sharding.batch_sharding(mesh, leading=1)),
-        out_shardings=(param_shardings, opt_shardings, sharding.replicated(mesh)),
+        out_shardings=out_shardings,
         donate_argnums=(0, 2),
     )
 
@@ -128,7 +129,7 @@ def make_eval_step(graphdef, opts: LossOptions, *, param_shardings, frozen_shard
         return {"loss_sum": loss.sum(), "tokens": stats.valid.sum(), "answers": answered.sum(),
                 "answers_correct": (answered & ~wrong).sum(), **bins}
 
-    return jax.jit(sharding.on_mesh(evaluate, mesh),
+    return jax.jit(sharding.on_mesh(evaluate, mesh, sharding.replicated(mesh)),
                    in_shardings=(param_shardings, frozen_shardings, sharding.batch_sharding(mesh)),
                    out_shardings=sharding.replicated(mesh))
 
