@@ -153,7 +153,8 @@ def _one_pass_block_n(blocks: BlockSizes, n, v):
     if blocks.block_n:
         return min(blocks.block_n, n)
     chunks = -(-n // max(8, tile_budget(blocks) // (4 * v)))
-    return min(n, -(-n // chunks + 7) // 8 * 8)
+    per_chunk = -(-n // chunks)
+    return min(n, -(-per_chunk // 8) * 8)
 
 
 def _stats_and_loss(loss_of, hidden, weight, bias, ids, tw, rows, softcap, need_sum, blocks, layout):

@@ -14,6 +14,7 @@ import pytest
 
 from ls_jax import linear_smoothed_cross_entropy
 from ls_jax.logit_stats import BlockSizes, gemm_operands
+from ls_jax.xla import _one_pass_block_n
 from problems import make_problem
 
 # matrix products (a contraction; the scalar-times-gradient "dots" of the scalar loss's JVP are scaling)
@@ -110,3 +111,15 @@ def test_one_pass_temporaries_do_not_grow_with_n():
     small, large = (_temp_bytes(n, d, v, BlockSizes(tile_bytes=budget)) for n in (1024, 4096))
     assert large <= small * 1.05 + 2**16
     assert large <= v * d * 4 + 6 * budget
+
+
+def test_one_pass_chunks_split_n_evenly():
+    """The budget's chunk count splits N into equal chunks (no chunk slid back over its neighbour,
+    which would redo its tokens): 8192 tokens in 8 chunks of 1024 for a 1024-token tile, N itself
+    when it fits, and a multiple of 8 otherwise."""
+    v = 128256
+    assert _one_pass_block_n(BlockSizes(tile_bytes=4 * 1024 * v), 8192, v) == 1024
+    assert _one_pass_block_n(BlockSizes(tile_bytes=4 * 2093 * v), 8192, v) == 2048
+    assert _one_pass_block_n(BlockSizes(tile_bytes=2**25), 64, 8192) == 64
+    assert _one_pass_block_n(BlockSizes(tile_bytes=4 * 100 * v), 1000, v) == 104  # 10 chunks, the last slid back
+    assert _one_pass_block_n(BlockSizes(block_n=24), 1000, v) == 24
