@@ -9,14 +9,14 @@ jax / torch / triton; peer wheels carried in ``.whl/`` are installed into a temp
 Steps, each case in its own subprocess (peak memory per case; a crash or timeout is reported and
 the rest goes on), in this order:
 
-(a) correctness of xla (both precisions), pallas, pallas_atomic, pallas_xla (and pallas with the
+(a) correctness of xla (both precisions), pallas, pallas_two_kernel, pallas_atomic (and pallas with the
     head as [D, V]) against the dense reference of the upcast inputs at a ragged V (N=1024,
     D=2304, V=32064; bf16 and fp32; a = 0.1, 10% masked tokens, softcap 30): relative L2 errors of
     the loss, dhidden and dweight, and for bf16 their ratio to the error of the bf16 rounding of
     the reference ("x bf16").
 (b) fwd, bwd and fwd+bwd time and peak memory at the Llama-3 head (N=8192, D=4096, V=128256,
     bf16, a = 0 and 0.1) for xla (precision "input", the GPU default), xla ("float32"), pallas,
-    pallas_atomic, pallas_xla, the dense reference; the one-pass tile budget swept; the quack
+    pallas_two_kernel, pallas_atomic, the dense reference; the one-pass tile budget swept; the quack
     shape (N=4096); the 6NDV floor from a bf16 matmul timed in the same run.
 (c) Apple's cut-cross-entropy (its default gradient filter, and none; no label smoothing) and
     Liger's fused linear cross-entropy (a = 0 and 0.1) on the same shapes, in PyTorch.
@@ -32,6 +32,7 @@ repeated calls each synchronised (tens of ms against microseconds of overhead).
 import argparse
 import datetime
 import glob
+import importlib.metadata
 import json
 import os
 import platform
@@ -97,10 +98,11 @@ def child_device():
            "jax": jax.__version__, "python": platform.python_version()}
     import jaxlib
     out["jaxlib"] = jaxlib.__version__
-    for mod in ("torch", "triton", "cut_cross_entropy", "liger_kernel"):
+    for mod, dist in (("torch", "torch"), ("triton", "triton"), ("cut_cross_entropy", "cut-cross-entropy"),
+                      ("liger_kernel", "liger-kernel")):
         try:
-            m = __import__(mod)
-            out[mod] = getattr(m, "__version__", "?")
+            __import__(mod)
+            out[mod] = importlib.metadata.version(dist)
         except Exception as e:  # reported, not fatal: a missing peer skips its arm
             out[mod] = f"missing ({type(e).__name__})"
     return out
@@ -150,7 +152,7 @@ def child_check(n, d, v, dtype):
     floor = {"dhidden": rel(ref_h.astype(dtype), ref_h), "dweight": rel(ref_w.astype(dtype), ref_w)}
     out = {}
     arms = [("xla", "vd", "input"), ("xla", "vd", "float32"), ("pallas", "vd", None), ("pallas", "dv", None),
-            ("pallas_atomic", "vd", None), ("pallas_xla", "vd", None)]
+            ("pallas_two_kernel", "vd", None), ("pallas_atomic", "vd", None)]
     for impl, layout, precision in arms:
         name = impl + (f" [{precision}]" if precision else "") + (" [D, V]" if layout == "dv" else "")
         try:
@@ -324,7 +326,7 @@ def plan(smoke, tiles=(1024, 4096, 8192)):
                   ("peers", "llama", "cce [no filter]", peer(llama, 0.0, "cce", filter_eps=None), 120),
                   ("peers", "llama", "liger", peer(llama, 0.0, "liger"), 120),
                   ("peers", "llama", "liger", peer(llama, 0.1, "liger"), 120)]
-    steps += [("llama", "llama", "pallas_xla", case(llama, 0.0, "pallas_xla"), 120),
+    steps += [("llama", "llama", "pallas_two_kernel", case(llama, 0.0, "pallas_two_kernel"), 120),
               ("llama", "llama", "xla [float32]", case(llama, 0.0, "xla", precision="float32"), 120)]
     steps += [("quack", "quack", "xla", case(quack, a, "xla"), 90) for a in (0.0, 0.1)]
     if not smoke:
