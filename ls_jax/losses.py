@@ -34,6 +34,8 @@ class TokenStats(NamedTuple):
     target_logprob: float32 unsmoothed log-probability of the target, ``sum_k w_k log p_{i_k}``
     (``log p_y`` for a hard label; 0 on ignored tokens): ``-target_logprob`` is the true NLL
     (perplexity) whatever the smoothing. The top-class probability is :attr:`confidence`.
+    On ignored tokens (valid False) every field but valid is 0, whatever an implementation
+    computed for them (so confidence reads 1 there: use it where valid).
     """
 
     lse: jax.Array
@@ -72,6 +74,7 @@ def token_loss(stats: LogitStats, rows: LossRows) -> jax.Array:
 
 def _loss_rows(mass, valid, out_of_range, num_classes, label_smoothing, z_loss, reduction, weights) -> LossRows:
     a = jnp.asarray(label_smoothing, jnp.float32)
+    out_of_range = out_of_range | ~((a >= 0) & (a <= 1))  # a traced value outside [0, 1] (or NaN): NaN loss
     weight = jnp.where(valid, weights, 0.0)
     if reduction == "mean":  # over the valid tokens' weights; 0 when there are none
         total = weight.sum()
@@ -89,9 +92,8 @@ def _finish(per_token_or_sum, stats: LogitStats, mass, valid, batch_shape, reduc
         loss = per_token_or_sum if per_token_or_sum.ndim == 0 else per_token_or_sum.sum()
     if not return_stats:
         return loss
-    s = jax.tree.map(jax.lax.stop_gradient, stats)
-    logprob = jnp.where(valid, s.target - mass * s.lse, 0.0)
-    side = TokenStats(s.lse, s.max_logit, s.prediction, valid, logprob)
+    s = jax.tree.map(jax.lax.stop_gradient, jax.tree.map(lambda x: jnp.where(valid, x, jnp.zeros((), x.dtype)), stats))
+    side = TokenStats(s.lse, s.max_logit, s.prediction, valid, s.target - mass * s.lse)
     return loss, TokenStats(*(x.reshape(batch_shape) for x in side))
 
 
@@ -116,7 +118,8 @@ def smoothed_cross_entropy(
     ``z_loss`` adds ``z_loss * lse**2``; ``logit_softcap`` c applies ``c * tanh(z / c)`` first.
     ``weights``: float per-token weights ``[...]`` multiplying each token's loss ("mean" divides
     by the valid tokens' total weight); ``where`` is a boolean mask. label_smoothing and z_loss
-    may be traced values (jit arguments, vmap, schedules).
+    may be traced values (jit arguments, vmap, schedules); a traced label_smoothing outside
+    [0, 1] makes every token's loss NaN (a concrete one raises ValueError).
     Returns float32 losses ``[...]`` (reduction="none", the default, like optax) or a
     scalar ("sum"; "mean" over valid tokens, 0 when none); with ``return_stats`` also
     :class:`TokenStats`.
@@ -130,6 +133,9 @@ def smoothed_cross_entropy(
     n = logits.size // v
     z = logits.reshape(n, v).astype(jnp.float32)
     q = None
+    if not isinstance(labels, tuple) and np.ndim(labels) == logits.ndim and np.shape(labels) != logits.shape:
+        raise ValueError(f"labels have shape {np.shape(labels)}: class ids need shape {batch_shape}, a dense "
+                         f"target distribution the logits' shape {logits.shape} ([..., V])")
     if not isinstance(labels, tuple) and np.shape(labels) == logits.shape:
         q, valid, out_of_range = dense_targets(labels, batch_shape, where)
         mass = q.sum(-1)

@@ -8,7 +8,9 @@ Out-of-range ids (not ignored, outside ``[0, V)``; NumPy / Python ids are checke
 are cast to int32, so ``2**32 + 3`` is not taken for 3) and negative target weights: a
 ``ValueError`` when the labels are concrete; under ``jit`` the values cannot be inspected, and
 the affected tokens get a NaN loss (never a silently wrong finite one). Their gradient
-contribution is zero.
+contribution is zero. A traced ``label_smoothing`` outside [0, 1] (or NaN) is treated alike:
+every token's loss is NaN. ``where`` is a boolean mask, whatever its source (an int attention
+mask is refused with the cast to use).
 """
 
 import numbers
@@ -148,8 +150,9 @@ def where_mask(where, batch_shape) -> jax.Array:
     if where is None:
         return jnp.ones((n,), bool)
     where = jnp.asarray(where)
-    if jnp.issubdtype(where.dtype, jnp.floating):
-        raise TypeError(f"where must be a boolean mask, got dtype {where.dtype} (per-token weights go in weights=)")
+    if where.dtype != jnp.bool_:  # one rule for every dtype: ints (an attention mask) as well as floats
+        raise TypeError(f"where must be a boolean mask, got dtype {where.dtype} (pass mask.astype(bool); "
+                        "per-token weights go in weights=)")
     try:
         where = jnp.broadcast_to(where, batch_shape)
     except ValueError:
@@ -188,6 +191,9 @@ def sparse_targets(labels: Labels, batch_shape, num_classes: int, ignore_index: 
         ids, weights = ids[..., None], jnp.ones(ids.shape + (1,), jnp.float32)
     if not jnp.issubdtype(ids.dtype, jnp.integer):
         raise ValueError(f"class ids must be integers, got {ids.dtype}")
+    if ids.shape[-1] == 0:  # K = 0 entries per token: every token ignored (one padding entry each)
+        ids = jnp.full(batch_shape + (1,), ignore_index, ids.dtype)
+        weights = jnp.zeros(batch_shape + (1,), weights.dtype)
     k = ids.shape[-1]
     # the widest int available (int64 under jax_enable_x64) until checked: int32 could wrap int64 ids
     ids = ids.reshape(n, k).astype(jax.dtypes.canonicalize_dtype(jnp.int64))

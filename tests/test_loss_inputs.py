@@ -94,3 +94,53 @@ def test_options_must_be_real_numbers(loss):
     np.testing.assert_allclose(loss(Z, LABELS, label_smoothing=np.float32(0.25), reduction="none"),
                                optax.softmax_cross_entropy(Z, optax.smooth_labels(np.eye(5)[LABELS], 0.25)),
                                rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla", "pallas"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_traced_label_smoothing_outside_its_range_is_nan(impl, reduction):
+    """A traced label_smoothing outside [0, 1] (a concrete one raises) gives NaN, not a number."""
+    f = jax.jit(lambda a: linear_smoothed_cross_entropy(H, W, LABELS, label_smoothing=a, impl=impl,
+                                                        reduction=reduction))
+    for a in (1.5, -0.1, float("nan")):
+        assert np.isnan(np.asarray(f(a))).all(), a
+    assert np.isfinite(np.asarray(f(1.0))).all() and np.isfinite(np.asarray(f(0.0))).all()
+    dense = jax.jit(lambda a: smoothed_cross_entropy(Z, LABELS, label_smoothing=a))
+    assert np.isnan(np.asarray(dense(1.5))).all()
+
+
+@pytest.mark.parametrize("loss", LOSSES, ids=("dense", "fused"))
+def test_where_is_a_boolean_mask_whatever_its_dtype(loss):
+    for mask in (np.array([1, 0, 1]), np.array([1.0, 0.0, 1.0], np.float32)):
+        with pytest.raises(TypeError, match=r"where must be a boolean mask.*astype\(bool\)"):
+            loss(Z, LABELS, where=mask)
+    got = loss(Z, LABELS, where=np.array([True, False, True]), reduction="none")
+    assert float(got[1]) == 0.0 and float(got[0]) > 0
+
+
+def test_dense_target_of_the_wrong_class_count_names_the_dense_form():
+    with pytest.raises(ValueError, match=r"dense target distribution the logits' shape \(3, 5\)"):
+        smoothed_cross_entropy(Z, np.full((3, 4), 0.25, np.float32))
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla", "pallas"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_soft_labels_with_no_entries_are_an_empty_batch(impl, reduction):
+    """K = 0 entries per token: every token ignored, loss 0 and zero gradients (no IndexError)."""
+    labels = (np.zeros((3, 0), np.int32), np.zeros((3, 0), np.float32))
+    f = lambda h, w: linear_smoothed_cross_entropy(h, w, labels, label_smoothing=0.1, impl=impl,
+                                                   reduction=reduction).sum()
+    loss, grads = jax.value_and_grad(f, argnums=(0, 1))(H, W)
+    assert float(loss) == 0.0 and all(not np.asarray(g).any() for g in grads)
+
+
+def test_token_stats_of_ignored_tokens_are_zero_in_every_impl():
+    labels = np.array([3, -100, 4])
+    stats = [linear_smoothed_cross_entropy(H, W, labels, impl=impl, return_stats=True)[1]
+             for impl in ("reference", "xla", "pallas")]
+    for s in stats:
+        assert not bool(s.valid[1])
+        assert float(s.lse[1]) == float(s.max_logit[1]) == float(s.target_logprob[1]) == int(s.prediction[1]) == 0
+        np.testing.assert_allclose(s.lse, stats[0].lse, rtol=1e-5)
+    dense = smoothed_cross_entropy(Z, labels, return_stats=True)[1]
+    assert float(dense.lse[1]) == 0.0 and int(dense.prediction[1]) == 0
