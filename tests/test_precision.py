@@ -1,8 +1,8 @@
 """The loss's matrix products as an accelerator runs them (``BlockSizes.precision``,
 ``logit_stats.gemm_operands``) and the one-pass tile budget (``BlockSizes.tile_bytes``).
 
-The GPU's view is checked on CPU by lowering the training step for CUDA with the default backend
-reported as "gpu" (what a GPU process traces): every dot_general of the loss takes bf16 operands
+The accelerators' view is checked on CPU by lowering the training step for CUDA (and TPU) with
+the default backend reported as "gpu" ("tpu"), as such a process traces it: every dot_general of the loss takes bf16 operands
 into float32, and no float32 copy of the head is made."""
 
 import re
@@ -34,16 +34,17 @@ def _step_text(n, d, v, dtype, layout, reduction, blocks, backend, monkeypatch, 
         return out.sum()
 
     args = jax.ShapeDtypeStruct((n, d), dtype), jax.ShapeDtypeStruct((v, d) if layout == "vd" else (d, v), dtype)
-    platform = {"gpu": "cuda", "cpu": "cpu"}[backend]
+    platform = {"gpu": "cuda", "tpu": "tpu", "cpu": "cpu"}[backend]
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).trace(*args).lower(
         lowering_platforms=(platform,)).as_text()
 
 
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])  # the one-pass and the two-pass path
 @pytest.mark.parametrize("layout", ["vd", "dv"])
-def test_gpu_step_multiplies_bf16_into_float32(reduction, layout, monkeypatch):
+def test_accelerator_step_multiplies_bf16_into_float32(reduction, layout, backend, monkeypatch):
     text = _step_text(77, 96, 1000, jnp.bfloat16, layout, reduction, BlockSizes(block_n=32, block_v=256),
-                            "gpu", monkeypatch)
+                      backend, monkeypatch)
     dots = DOT.findall(text)
     assert len(dots) >= 3  # logits, dh, dW (two-pass: forward tile, backward tile products)
     for dot in dots:
