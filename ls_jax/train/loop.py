@@ -61,7 +61,7 @@ def check_resumable(meta: dict, config: TrainConfig) -> None:
 
 
 def _evaluate(evaluate, params, frozen, batches, mesh) -> Dict:
-    """Held-out metrics: loss (all response tokens), token-level accuracy, confidence, NLL, Brier
+    """Held-out metrics: loss (all response tokens, weighted as in training), token-level accuracy, confidence, NLL, Brier
     and ECE over the content tokens, the same accuracy / confidence over the special tokens
     (``special_``), teacher-forced answer accuracy; plus the content tokens' bins."""
     total = None
@@ -70,8 +70,8 @@ def _evaluate(evaluate, params, frozen, batches, mesh) -> Dict:
     total = jax.device_get(total)
     report = CalibrationReport.from_bins(total["bins"])
     special = CalibrationReport.from_bins(total["special_bins"])
-    tokens = max(int(total["tokens"]), 1)
-    metrics = {"loss": float(total["loss_sum"]) / tokens, "accuracy": report.accuracy, "nll": report.nll,
+    weight = float(total["weight"])
+    metrics = {"loss": float(total["loss_sum"]) / (weight if weight > 0 else 1.0), "accuracy": report.accuracy, "nll": report.nll,
                "brier": report.brier, "ece": report.ece, "rms_calibration_error": report.rms_calibration_error,
                "max_calibration_error": report.max_calibration_error, "mean_confidence": report.mean_confidence,
                "content_tokens": report.count, "special_tokens": special.count,
@@ -131,7 +131,7 @@ def train(config: TrainConfig, prep: Prepared, out_dir: str, *, stop_at: Optiona
     shardings = dict(param_shardings=param_sh, frozen_shardings=frozen_sh, mesh=mesh)
     if config.task == "classification":
         train_step = make_train_step(graphdef, tx, config, opt_shardings=opt_sh, loss_sum=classification.loss_sum,
-                                     count=classification.count, **shardings)
+                                     count=classification.count, total=classification.count, **shardings)
         evaluate = classification.make_eval_step(graphdef, config, **shardings)
         batches = classification.ClassificationBatches(prep.train, config.batch_size, seed=config.seed)
         held = classification.eval_batches(prep.held_out, config.eval_batch_size)

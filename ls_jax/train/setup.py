@@ -154,7 +154,9 @@ def _tokenizer(c: TrainConfig, train_rows, saved_tokenizer: Optional[str]):
 
     def text(r):
         turns = " ".join(str(m.get("content", "")) for m in (r.get("messages") or []) if isinstance(m, dict))
-        return str(r.get("prompt", "")) + str(r.get("response", "")) + turns + str(r.get("text", ""))
+        answers = r.get("responses") if isinstance(r.get("responses"), list) else []
+        answers = " ".join(str(a.get("text", "")) for a in answers if isinstance(a, dict))
+        return str(r.get("prompt", "")) + str(r.get("response", "")) + turns + answers + str(r.get("text", ""))
 
     return train_bpe_tokenizer([text(r) for r in train_rows])
 
@@ -297,14 +299,20 @@ def _classification(c: TrainConfig, tokenizer, train_rows, held_rows, train_wher
 
 
 def _prepare(c: TrainConfig, rows, tokenizer, name: str, where=None):
-    """:func:`ls_jax.data.prepare` of ``rows``; with several processes each tokenises its share."""
+    """:func:`ls_jax.data.prepare` of ``rows``, each answer of a ``responses`` row an example
+    weighted by its probability (:func:`ls_jax.data.expand_responses`); with several processes
+    each tokenises its share."""
+    try:
+        rows, where, weights = data.expand_responses(rows, where)
+    except data.DataError as e:
+        raise data.DataError(f"{name}: {e}") from None
     encoded = None
     if jax.process_count() > 1:
         from ls_jax.train.distributed import allgather  # (that module imports this one)
 
         encoded = data.encode_shared(rows, tokenizer, c.max_length, where, jax.process_index(), jax.process_count(),
                                      allgather)
-    return data.prepare(rows, tokenizer, c.max_length, name=name, where=where, encoded=encoded)
+    return data.prepare(rows, tokenizer, c.max_length, name=name, where=where, encoded=encoded, weights=weights)
 
 
 def prepare(c: TrainConfig, saved_tokenizer: Optional[str] = None) -> Prepared:

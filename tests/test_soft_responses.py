@@ -1,0 +1,90 @@
+"""Several weighted responses per prompt (sequence-level soft labels) in train.py's causal-LM data:
+the loss against dense per-response oracles (fp32, bf16), bad rows on the command line, and the
+answer-level scores of a prompt's answer against its distribution."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from ls_jax.data import IGNORE_INDEX, eval_batches, expand_responses, prepare
+from ls_jax.models import from_config, tiny_llama_config
+from ls_jax.tokenizer import train_bpe_tokenizer
+from ls_jax.train import main
+from ls_jax.train.config import TrainConfig
+from ls_jax.train.sharding import make_mesh, tree_shardings
+from ls_jax.train.step import make_train_step
+
+ROWS = [{"prompt": "Classify this review: It was not bad.\nAnswer: ",
+         "responses": [{"text": "Positive", "p": 0.6}, {"text": "Neutral", "p": 0.4}]},
+        {"prompt": "Classify this review: Awful.\nAnswer: ", "response": "Negative"},
+        {"messages": [{"role": "user", "content": "Classify: fine, I guess."}],
+         "responses": [{"text": "Neutral", "p": 0.7}, {"text": "Positive", "p": 0.2}, {"text": "Negative", "p": 0.1}]}]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_bpe_tokenizer(["Classify this review: It was not bad. Awful. fine, I guess. Answer: "
+                                "Positive Neutral Negative user assistant"])
+
+
+def _dense_losses(model, ids, labels, a):
+    """float64 per-token smoothed cross-entropy of one unpadded example from its dense logits
+    (numpy): the response tokens' losses."""
+    z = np.asarray(model.logits(jnp.asarray(ids)[None]), np.float64)[0, :-1]
+    logp = z - z.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    y = labels[1:]
+    keep = y != IGNORE_INDEX
+    return -((1 - a) * logp[np.arange(len(y)), np.where(keep, y, 0)] + a * logp.mean(-1))[keep]
+
+
+@pytest.mark.parametrize("dtype, rtol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_weighted_response_loss_is_the_weighted_sum_of_dense_losses(tok, dtype, rtol):
+    """The train step's loss on a batch of weighted answers (and one plain row) equals
+    sum_r p_r * (response r's summed dense loss) / sum_r p_r * (its tokens), smoothing on top."""
+    rows, _, weights = expand_responses(ROWS)
+    examples, _ = prepare(rows, tok, 48, weights=weights)
+    assert [w for *_, w in examples] == [0.6, 0.4, 1.0, 0.7, 0.2, 0.1]
+    (batch,) = eval_batches(examples, 6, 48, tok.pad_token_id)
+    model = from_config(tiny_llama_config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1), seed=0,
+                        dtype=dtype)
+    a = 0.1
+    per_response = [_dense_losses(model, ids, labels, a) for ids, labels, _ in examples]
+    want = (sum(w * l.sum() for (*_, w), l in zip(examples, per_response))
+            / sum(w * len(l) for (*_, w), l in zip(examples, per_response)))
+
+    graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
+    mesh = make_mesh("data=1,fsdp=1,tensor=1")
+    tx = optax.sgd(0.0)
+    step = make_train_step(graphdef, tx, TrainConfig(label_smoothing=a, impl="xla"),
+                           param_shardings=tree_shardings(params, mesh), frozen_shardings=tree_shardings(frozen, mesh),
+                           opt_shardings=tree_shardings(tx.init(params), mesh), mesh=mesh)
+    _, _, metrics = step(params, frozen, tx.init(params), {k: v[None] for k, v in batch.items()})
+    assert float(metrics["loss"]) == pytest.approx(want, rel=rtol)
+    assert int(metrics["tokens"]) == sum(len(l) for l in per_response)
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"p": 0.5}, "line 3: soft label {'Positive': 0.5, 'Neutral': 0.4} is not a distribution (sums to 0.9, not 1)"),
+    ({"p": -0.1}, "line 3: soft label probability -0.1 of 'Positive' is not a number >= 0"),
+])
+def test_bad_weighted_rows_are_refused_on_the_command_line(tok, tmp_path, capsys, bad, message):
+    rows = [ROWS[1]] * 10
+    rows[2] = {**ROWS[0], "responses": [{**ROWS[0]["responses"][0], **bad}, ROWS[0]["responses"][1]]}
+    data = _write(tmp_path / "rows.jsonl", rows)
+    held = _write(tmp_path / "held.jsonl", [ROWS[1]] * 2)
+    out = tmp_path / "out"
+    assert main(["--data", data, "--eval-data", held, "--output-dir", str(out), "--no-progress",
+                 "--batch-size", "2", "--steps", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {data} (train): {message}", err
+    assert not out.exists()
