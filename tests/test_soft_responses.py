@@ -88,3 +88,37 @@ def test_bad_weighted_rows_are_refused_on_the_command_line(tok, tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert err == f"error: {data} (train): {message}", err
     assert not out.exists()
+
+
+def test_answer_level_scores_against_the_answers_distribution():
+    """A row with weighted answers: NLL -sum_r p_r log p(r) (each reference's log-probability from
+    the full logits of its unpadded sequence), correct against the heaviest answer, Brier against
+    the probability the row gives the decoded answer; a one-answer row is scored as before."""
+    from ls_jax.answer_calibration import answer_calibration, generate_answers, reference_answers
+    from ls_jax.data import tokenize_example
+    from ls_jax.train import synthetic
+
+    train, held = synthetic.generate(200, 24, seed=3)
+    tok = train_bpe_tokenizer([r["prompt"] + r["response"] for r in train])
+    model = from_config(tiny_llama_config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1), seed=0)
+    plain = [r for r in held if r.get("choices") is None][:4]
+    rows = [{"prompt": r["prompt"], "responses": [{"text": r["response"], "p": 0.3}, {"text": "7", "p": 0.7}]}
+            for r in plain[:3]] + plain[3:]
+    out = generate_answers(model, tok, rows, batch_size=4)
+    prompts, answers, skipped = reference_answers(tok, rows)
+    assert skipped == 0 and [[p for _, p in a] for a in answers] == [[0.3, 0.7]] * 3 + [[1.0]]
+    for (p_ids, a), row in zip(zip(prompts, answers), expand_responses(rows)[0][::2] + [rows[3]]):
+        assert p_ids + a[0][0] == tokenize_example(row, tok)[0].tolist()  # as the trainer tokenises
+    s = out.scores()
+    for i, (p_ids, a) in enumerate(zip(prompts, answers)):
+        log_q = []
+        for ref, _ in a:
+            z = np.asarray(model.logits(jnp.asarray([p_ids + ref])), np.float64)[0, len(p_ids) - 1:-1]
+            log_q.append((z[np.arange(len(ref)), ref] - np.log(np.exp(z).sum(-1))).sum())
+        assert s.nll[i] == pytest.approx(-sum(p * lq for (_, p), lq in zip(a, log_q)), rel=1e-4)
+        heaviest = max(a, key=lambda x: x[1])[0]
+        assert out.correct[i] == (out.answers[i] == heaviest)
+        t = sum(p for ref, p in a if ref == out.answers[i])
+        assert s.brier[i] == pytest.approx((s.confidence[i] - t) ** 2)
+    result = answer_calibration(model, tok, rows, rows, batch_size=4)
+    assert set(result.metrics()) == {"generated", "generated_scaled"}
