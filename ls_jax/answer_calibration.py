@@ -21,7 +21,7 @@ Two kinds of question (rows as ``ls_jax.data`` reads them):
 
 Temperature scaling (the post-hoc reference): one temperature per kind, fitted on a
 calibration split by the NLL of the answers (option logits; the reference responses' token
-logits, a weighted row's heaviest answer), then applied to the scored split (greedy answers do not change with the temperature,
+logits, each weighted answer's tokens weighted by its probability), then applied to the scored split (greedy answers do not change with the temperature,
 their probabilities do).
 """
 
@@ -190,12 +190,20 @@ def generate_answers(model, tokenizer, rows: Sequence[dict], *, max_new_tokens: 
     decoded = [g.tokens for g in generate(model, tokenizer, prompts, max_new_tokens=limit, batch_size=batch_size)]
     correct = np.array([d == h for d, h in zip(decoded, heaviest)], bool)
     target = np.array([sum(p for ref, p in a if ref == d) for d, a in zip(decoded, answers)], np.float64)
-    row = np.array([i for i, a in enumerate(answers) for _ in a], np.int64)
-    ref_p = np.array([p for a in answers for _, p in a], np.float64)
     answer_logits = continuation_logits(model, prompts, decoded, pad_id=pad, batch_size=batch_size)
-    reference_logits = continuation_logits(model, [prompts[i] for i in row], [ref for a in answers for ref, _ in a],
-                                           pad_id=pad, batch_size=batch_size)
-    return GeneratedAnswers(decoded, correct, target, answer_logits, reference_logits, row, ref_p, skipped)
+    return GeneratedAnswers(decoded, correct, target, answer_logits,
+                            *_reference_logits(model, prompts, answers, pad, batch_size), skipped)
+
+
+def _reference_logits(model, prompts, answers, pad: int, batch_size: int
+                      ) -> Tuple[SequenceLogits, np.ndarray, np.ndarray]:
+    """Teacher-forced logits of every reference of :func:`reference_answers` (one continuation
+    each), with each reference's row ``[M]`` int64 and probability ``[M]`` float64."""
+    row = np.array([i for i, a in enumerate(answers) for _ in a], np.int64)
+    p = np.array([p for a in answers for _, p in a], np.float64)
+    logits = continuation_logits(model, [prompts[i] for i in row], [ref for a in answers for ref, _ in a],
+                                 pad_id=pad, batch_size=batch_size)
+    return logits, row, p
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,8 +225,8 @@ class AnswerCalibration:
         return out
 
 
-def _fit(logits, labels) -> float:
-    return float(fit_temperature(logits, labels)) if len(labels) else 1.0
+def _fit(logits, labels, weights=None) -> float:
+    return float(fit_temperature(logits, labels, weights=weights)) if len(labels) else 1.0
 
 
 def answer_calibration(model, tokenizer, rows: Sequence[dict], calibration_rows: Sequence[dict] = (), *,
@@ -241,11 +249,10 @@ def answer_calibration(model, tokenizer, rows: Sequence[dict], calibration_rows:
         test = generate_answers(model, tokenizer, gen, batch_size=batch_size)
         scores["generated"] = test.scores()
         t = None
-        if gen_cal:  # the token NLL of the calibration references, summed, is their sequence NLL
-            prompts, refs, _ = references(tokenizer, gen_cal)
+        if gen_cal:  # the token NLL of the calibration references, summed (weighted by p), is their sequence NLL
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-            ref = continuation_logits(model, prompts, refs, pad_id=pad, batch_size=batch_size)
-            t = _fit(ref.logits, ref.tokens)
+            ref, _, p = _reference_logits(model, *reference_answers(tokenizer, gen_cal)[:2], pad, batch_size)
+            t = _fit(ref.logits, ref.tokens, p[ref.row])
         temperature["generated"] = t
         scaled["generated"] = None if t is None else test.scores(t)
     return AnswerCalibration(scores, scaled, temperature)

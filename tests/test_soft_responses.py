@@ -10,6 +10,7 @@ import optax
 import pytest
 from flax import nnx
 
+from ls_jax import calibration as C
 from ls_jax.data import IGNORE_INDEX, eval_batches, expand_responses, prepare
 from ls_jax.models import from_config, tiny_llama_config
 from ls_jax.tokenizer import train_bpe_tokenizer
@@ -120,5 +121,16 @@ def test_answer_level_scores_against_the_answers_distribution():
         assert out.correct[i] == (out.answers[i] == heaviest)
         t = sum(p for ref, p in a if ref == out.answers[i])
         assert s.brier[i] == pytest.approx((s.confidence[i] - t) ** 2)
-    result = answer_calibration(model, tok, rows, rows, batch_size=4)
+    result = answer_calibration(model, tok, rows, rows, batch_size=4)  # T: each answer's tokens weigh its p
+    p = out.reference_p[out.reference_logits.row]
+    t = float(C.fit_temperature(out.reference_logits.logits, out.reference_logits.tokens, weights=p))
+    assert result.temperature["generated"] == pytest.approx(t)
     assert set(result.metrics()) == {"generated", "generated_scaled"}
+
+
+def test_weighted_temperature_fit_equals_repeated_samples():
+    rng = np.random.default_rng(0)
+    z, y = rng.normal(size=(40, 5)).astype(np.float32) * 2, rng.integers(0, 5, 40)
+    w = rng.integers(1, 3, 40)
+    assert float(C.fit_temperature(z, y, weights=w.astype(np.float32))) == pytest.approx(
+        float(C.fit_temperature(np.repeat(z, w, 0), np.repeat(y, w))), rel=1e-5)
