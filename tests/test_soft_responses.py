@@ -134,3 +134,18 @@ def test_weighted_temperature_fit_equals_repeated_samples():
     w = rng.integers(1, 3, 40)
     assert float(C.fit_temperature(z, y, weights=w.astype(np.float32))) == pytest.approx(
         float(C.fit_temperature(np.repeat(z, w, 0), np.repeat(y, w))), rel=1e-5)
+
+
+def test_a_run_on_weighted_answers(tmp_path):
+    """train.py end to end on rows with weighted answers (and messages): it trains, the held-out
+    loss is the weighted one, and the answer-level scores cover the weighted rows."""
+    rows = [ROWS[i % 3] for i in range(24)]
+    data, held = _write(tmp_path / "rows.jsonl", rows), _write(tmp_path / "held.jsonl", ROWS[:2] * 2)
+    out = tmp_path / "out"
+    assert main(["--data", data, "--eval-data", held, "--output-dir", str(out), "--no-progress", "--batch-size", "8",
+                 "--steps", "3", "--max-length", "48", "--answer-rows", "4", "--label-smoothing", "0.1",
+                 "--warmup-steps", "1", "--log-every", "1"]) == 0
+    final = json.loads((out / "final.json").read_text())
+    assert final["step"] == 3 and final["answers"]["generated"]["count"] == 2
+    losses = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").open()) if r["kind"] == "train"]
+    assert len(losses) == 3 and all(np.isfinite(losses))
