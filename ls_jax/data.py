@@ -398,13 +398,16 @@ def pack(examples: Sequence[Tuple[np.ndarray, np.ndarray]], max_length: int) -> 
     return rows
 
 
-def build_row(examples, members: Sequence[int], max_length: int, pad_id: int) -> Dict[str, np.ndarray]:
+def build_row(examples, members: Sequence[int], max_length: int, pad_id: int,
+              targets: Optional[Sequence[Dict[str, np.ndarray]]] = None) -> Dict[str, np.ndarray]:
     """One padded row ``[max_length]`` from the examples ``members`` placed end to end.
 
     input_ids, labels (IGNORE_INDEX on padding and on each segment's first token, so no
     token is predicted across a segment boundary), positions (restart at 0 per segment),
     segment_ids (1, 2, ... per example; 0 on padding): int32; weights: float32, each example's
-    weight on its tokens (0 on padding).
+    weight on its tokens (0 on padding). ``targets``: per example, arrays ``[T_i, ...]`` aligned
+    with its tokens (a teacher's sparse targets, :func:`ls_jax.distill.soft_targets`), placed
+    as the labels are (zeros, or IGNORE_INDEX for int arrays, elsewhere).
     """
     out = {
         "input_ids": np.full(max_length, pad_id, np.int32),
@@ -413,6 +416,9 @@ def build_row(examples, members: Sequence[int], max_length: int, pad_id: int) ->
         "segment_ids": np.zeros(max_length, np.int32),
         "weights": np.zeros(max_length, np.float32),
     }
+    for key, value in (targets[0] if targets else {}).items():
+        fill = IGNORE_INDEX if np.issubdtype(value.dtype, np.integer) else 0
+        out[key] = np.full((max_length,) + value.shape[1:], fill, value.dtype)
     at = 0
     for seg, i in enumerate(members, 1):
         ids, labels, weight = examples[i]
@@ -422,6 +428,8 @@ def build_row(examples, members: Sequence[int], max_length: int, pad_id: int) ->
         out["positions"][at:at + n] = np.arange(n)
         out["segment_ids"][at:at + n] = seg
         out["weights"][at:at + n] = weight
+        for key, value in (targets[i] if targets else {}).items():
+            out[key][at + 1:at + n] = value[1:]
         at += n
     return out
 
@@ -432,13 +440,14 @@ class Batches:
     ``batch(p)`` is batch number ``p`` counted from the start of training over all epochs:
     epoch ``p // per_epoch`` visits the rows in ``permutation(seed + epoch)`` order, and a
     trailing partial batch is skipped. The same ``p`` always gives the same batch, which is
-    what makes ``--resume`` exact. With ``packing`` rows hold several examples.
+    what makes ``--resume`` exact. With ``packing`` rows hold several examples; ``targets`` as in
+    :func:`build_row`.
     """
 
     def __init__(self, examples, batch_size: int, max_length: int, pad_id: int, *,
-                 seed: int = 0, packing: bool = False, shuffle: bool = True):
+                 seed: int = 0, packing: bool = False, shuffle: bool = True, targets=None):
         members = pack(examples, max_length) if packing else [[i] for i in range(len(examples))]
-        self.rows = [build_row(examples, m, max_length, pad_id) for m in members]
+        self.rows = [build_row(examples, m, max_length, pad_id, targets) for m in members]
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
         self.per_epoch = len(self.rows) // batch_size
         if self.per_epoch == 0:

@@ -43,7 +43,8 @@ RESUME_FIELDS = ("model", "data", "eval_data", "split", "eval_fraction", "num_tr
                  "packing", "steps", "batch_size", "grad_accum", "lr", "warmup_steps", "decay", "min_lr_ratio",
                  "weight_decay", "b1", "b2", "clip_norm", "seed", "compute_dtype", "param_dtype", "lora_rank",
                  "lora_alpha", "lora_targets", "s3ft", "judge", "s3ft_paraphrase", "task", "classes",
-                 "smoothing_convention", "label_smoothing", "z_loss", "logit_softcap")
+                 "smoothing_convention", "label_smoothing", "z_loss", "logit_softcap", "soft_targets",
+                 "distill_temperature", "distill_rest", "distill_hard_weight")
 
 
 def check_resumable(meta: dict, config: TrainConfig) -> None:
@@ -141,7 +142,7 @@ def train(config: TrainConfig, prep: Prepared, out_dir: str, *, stop_at: Optiona
         evaluate = make_eval_step(graphdef, config, special_ids=prep.tokenizer.all_special_ids, **shardings)
         pad = prep.tokenizer.pad_token_id
         batches = Batches(prep.train, config.batch_size, config.max_length, pad, seed=config.seed,
-                          packing=config.packing)
+                          packing=config.packing, targets=prep.targets)
         held = eval_batches(prep.held_out, config.eval_batch_size, config.max_length, pad)
         run_eval = _evaluate
 

@@ -35,11 +35,39 @@ def model_inputs(batch: Dict[str, jax.Array]) -> Dict[str, jax.Array]:
 
 def _loss_sum(model, batch, opts: LossOptions, mesh=None):
     """Summed smoothed loss over the batch's response tokens (the wrapper shifts the labels),
-    each device computing its own tokens and vocabulary shard on ``mesh``."""
+    each device computing its own tokens and vocabulary shard on ``mesh``; against the batch's
+    sparse targets when it has them (:func:`soft_loss_sum`)."""
+    if "target_ids" in batch:
+        return soft_loss_sum(model, batch, opts, mesh)
     loss, _ = causal_lm_loss(
         model, {"input_ids": batch["input_ids"], "labels": batch["labels"], "weights": batch["weights"],
                 **model_inputs(batch)},
         reduction="sum", mesh=mesh, **opts.loss_kwargs())
+    return loss
+
+
+def soft_loss_sum(model, batch, opts: LossOptions, mesh=None) -> jax.Array:
+    """float32 summed loss of the batch's response tokens against sparse soft targets, without
+    the student's logits: ``target_ids`` / ``target_weights [B, T, K]`` (int32 / float32, aligned
+    with the labels and shifted here like them; ``ls_jax.distill.soft_targets``) and, if present,
+    ``target_uniform [B, T]``, mass spread uniformly over the vocabulary. Per token the target is
+    ``(1 - a) (t_sparse + u / V) + a / V`` with smoothing a; each token weighs ``weights``. The
+    uniform part is a second vocabulary pass (smoothing 1 on zero-weight labels: ``lse - mean z``).
+    """
+    inputs = model_inputs(batch)
+    hidden = model(batch["input_ids"], **inputs)
+    weight = model.unembedding().astype(hidden.dtype)  # the compute dtype, as causal_lm_loss
+    scored = next_token_targets(batch["labels"], inputs["attention_mask"], inputs["segment_ids"]) != IGNORE_INDEX
+    shift = lambda x: jnp.concatenate([x[:, 1:], jnp.zeros_like(x[:, :1])], axis=1)  # noqa: E731
+    ids = jnp.where(scored[..., None], shift(batch["target_ids"]), IGNORE_INDEX)
+    token_weights = next_token_weights(batch["weights"])
+    kw = dict(opts.loss_kwargs(), logit_softcap=opts.softcap(model), reduction="sum", mesh=mesh)
+    loss = linear_smoothed_cross_entropy(hidden, weight, (ids, shift(batch["target_weights"])),
+                                         weights=token_weights, **kw)
+    if "target_uniform" in batch:
+        uniform = (1.0 - opts.label_smoothing) * shift(batch["target_uniform"]) * token_weights
+        loss += linear_smoothed_cross_entropy(hidden, weight, (ids, jnp.zeros(ids.shape, jnp.float32)),
+                                              weights=uniform, **{**kw, "label_smoothing": 1.0, "z_loss": 0.0})
     return loss
 
 
