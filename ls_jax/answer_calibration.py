@@ -21,8 +21,8 @@ Two kinds of question (rows as ``ls_jax.data`` reads them):
 
 Temperature scaling (the post-hoc reference): one temperature per kind, fitted on a
 calibration split by the NLL of the answers (option logits; the reference responses' token
-logits, each weighted answer's tokens weighted by its probability), then applied to the scored split (greedy answers do not change with the temperature,
-their probabilities do).
+logits, each weighted answer's tokens weighted by its probability), then applied to the
+scored split (greedy answers do not change with the temperature, their probabilities do).
 """
 
 import dataclasses

@@ -294,9 +294,10 @@ def fit_temperature(logits, labels, *, where=None, weights=None, bounds=(1e-2, 1
     """Temperature T > 0 (float32 scalar) minimising the mean NLL of ``softmax(logits / T)``.
 
     logits [N, K], labels [N] (held-out data); weights: float [N], each sample's weight in the
-    NLL (default 1; e.g. the tokens of a weighted answer, its probability). The NLL is convex in 1/T, so its derivative in
-    log T changes sign once: bisection on that sign over ``bounds`` (then clipped to them; a
-    perfectly separable set drives T to the lower bound). ``iters`` halvings of log-range.
+    NLL (default 1; e.g. the tokens of a weighted answer, its probability). The NLL is convex
+    in 1/T, so its derivative in log T changes sign once: bisection on that sign over
+    ``bounds`` (then clipped to them; a perfectly separable set drives T to the lower bound).
+    ``iters`` halvings of log-range.
     """
     z, labels, valid = _check(logits, labels, where)
     w = jnp.ones(labels.shape, jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)

@@ -53,7 +53,8 @@ def teacher_top_k(model, examples: Sequence[Example], k: int, *, pad_id: int, ma
         return ids.astype(jnp.int32), p
 
     out = []
-    for start, batch in zip(range(0, len(examples), batch_size), eval_batches(examples, batch_size, max_length, pad_id)):
+    batches = eval_batches(examples, batch_size, max_length, pad_id)
+    for start, batch in zip(range(0, len(examples), batch_size), batches):
         ids, p = jax.device_get(top(model, {key: jnp.asarray(v) for key, v in batch.items()}))
         for row, (_, labels, _) in enumerate(examples[start:start + batch_size]):
             at = np.flatnonzero(labels[1:] != IGNORE_INDEX) + 1
@@ -94,7 +95,8 @@ def read_targets(path: str, tokenizer) -> Dict[bytes, Dict[str, np.ndarray]]:
         raise DataError(f"--soft-targets {path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
     meta = (table.schema.metadata or {}).get(METADATA_KEY)
     if meta is None:
-        raise DataError(f"--soft-targets {path}: not written by python -m ls_jax.distill (no {METADATA_KEY.decode()} metadata)")
+        raise DataError(f"--soft-targets {path}: not written by python -m ls_jax.distill "
+                        f"(no {METADATA_KEY.decode()} metadata)")
     meta = json.loads(meta)
     if meta["tokenizer"] != tokenizer_fingerprint(tokenizer):
         raise DataError(f"--soft-targets {path}: the teacher's tokenizer ({meta['teacher']}) is not this run's: "
@@ -165,7 +167,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         model = from_pretrained(a.teacher)
         if a.top_k > model.spec.vocab_size:
             raise ConfigError(f"--top-k {a.top_k} is larger than the vocabulary ({model.spec.vocab_size})")
-    except (ConfigError, DataError, OSError, ValueError) as e:
+    except (ValueError, OSError) as e:  # ConfigError, DataError; a checkpoint that does not load
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     print(stats.log_line("data", a.max_length), file=sys.stderr)

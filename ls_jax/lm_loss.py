@@ -94,7 +94,7 @@ def causal_lm_loss(model, batch: dict, *, label_smoothing: float = 0.0, z_loss: 
     weight = model.unembedding().astype(hidden.dtype)  # compute dtype, as the model's own matmuls
     loss, stats = linear_smoothed_cross_entropy(
         hidden, weight, targets, label_smoothing=label_smoothing, ignore_index=ignore_index,
-        z_loss=z_loss, weights=weights, logit_softcap=logit_softcap, reduction=reduction, impl=impl, blocks=blocks, mesh=mesh,
-        return_stats=True,
+        z_loss=z_loss, weights=weights, logit_softcap=logit_softcap, reduction=reduction, impl=impl, blocks=blocks,
+        mesh=mesh, return_stats=True,
     )
     return loss, token_metrics(stats, targets)

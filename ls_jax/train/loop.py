@@ -62,9 +62,10 @@ def check_resumable(meta: dict, config: TrainConfig) -> None:
 
 
 def _evaluate(evaluate, params, frozen, batches, mesh) -> Dict:
-    """Held-out metrics: loss (all response tokens, weighted as in training), token-level accuracy, confidence, NLL, Brier
-    and ECE over the content tokens, the same accuracy / confidence over the special tokens
-    (``special_``), teacher-forced answer accuracy; plus the content tokens' bins."""
+    """Held-out metrics: loss (all response tokens, weighted as in training), token-level
+    accuracy, confidence, NLL, Brier and ECE over the content tokens, the same accuracy /
+    confidence over the special tokens (``special_``), teacher-forced answer accuracy; plus the
+    content tokens' bins."""
     total = None
     for b in batches:
         total = accumulate(total, evaluate(params, frozen, sharding.put_batch(b, mesh)))
@@ -72,7 +73,8 @@ def _evaluate(evaluate, params, frozen, batches, mesh) -> Dict:
     report = CalibrationReport.from_bins(total["bins"])
     special = CalibrationReport.from_bins(total["special_bins"])
     weight = float(total["weight"])
-    metrics = {"loss": float(total["loss_sum"]) / (weight if weight > 0 else 1.0), "accuracy": report.accuracy, "nll": report.nll,
+    metrics = {"loss": float(total["loss_sum"]) / (weight if weight > 0 else 1.0), "accuracy": report.accuracy,
+               "nll": report.nll,
                "brier": report.brier, "ece": report.ece, "rms_calibration_error": report.rms_calibration_error,
                "max_calibration_error": report.max_calibration_error, "mean_confidence": report.mean_confidence,
                "content_tokens": report.count, "special_tokens": special.count,
