@@ -40,16 +40,16 @@ def teacher_top_k(model, examples: Sequence[Example], k: int, *, pad_id: int, ma
                   batch_size: int = 16) -> List[Dict[str, np.ndarray]]:
     """Per example: ``positions [n]`` int32 (its response tokens' places), ``top_ids [n, k]``
     int32, ``top_p [n, k]`` float32 (the teacher's k most likely tokens at each, from the logits
-    one place earlier, descending) and ``rest [n]`` float32 (the probability outside them)."""
+    one place earlier, descending) and ``rest [n]`` float32 (the probability outside them).
+    The teacher's logits exist one row ``[max_length, V]`` at a time."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
     @nnx.jit
     def top(model, batch):
-        mask = batch["segment_ids"] > 0
-        logits = model.logits(batch["input_ids"], mask, batch["positions"], batch["segment_ids"])
-        p, ids = jax.lax.top_k(jax.nn.softmax(logits, axis=-1), k)
+        hidden = model(batch["input_ids"], batch["segment_ids"] > 0, batch["positions"], batch["segment_ids"])
+        p, ids = jax.lax.map(lambda h: jax.lax.top_k(jax.nn.softmax(model.project(h), axis=-1), k), hidden)
         return ids.astype(jnp.int32), p
 
     out = []

@@ -336,8 +336,11 @@ def _soft_targets(c: TrainConfig, tokenizer, examples) -> List[dict]:
         if target is None:
             raise data.DataError(f"--soft-targets {c.soft_targets} has no teacher targets for training example {i + 1} "
                                  f"(made from other data, or another --max-length?)")
-        out.append(distill.soft_targets(example, target, temperature=c.distill_temperature, rest=c.distill_rest,
-                                        hard_weight=c.distill_hard_weight))
+        try:
+            out.append(distill.soft_targets(example, target, temperature=c.distill_temperature, rest=c.distill_rest,
+                                            hard_weight=c.distill_hard_weight))
+        except data.DataError as e:
+            raise data.DataError(f"--soft-targets {c.soft_targets}: training example {i + 1}: {e}") from None
     return out
 
 
