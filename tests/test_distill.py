@@ -127,3 +127,18 @@ def test_distill_stores_the_teachers_top_k_and_train_resumes_on_it(tok, tmp_path
                  "--no-progress", "--batch-size", "8", "--max-length", "40"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"error: --soft-targets {out}: the teacher's tokenizer") and "must share it" in err, err
+
+
+def test_packed_rows_carry_each_examples_targets(tok):
+    """build_row places each example's targets as its labels: from its second token, within its
+    segment; IGNORE_INDEX / 0 elsewhere."""
+    examples, _ = prepare(ROWS[:2], tok, 40)
+    soft = [distill.soft_targets(e, t) for e, t in zip(examples, _random_targets(examples, len(tok),
+                                                                                 np.random.default_rng(1)))]
+    row = build_row(examples, [0, 1], 80, tok.pad_token_id, soft)
+    n0, n1 = len(examples[0][0]), len(examples[1][0])
+    for key in ("target_ids", "target_weights"):
+        np.testing.assert_array_equal(row[key][1:n0], soft[0][key][1:])
+        np.testing.assert_array_equal(row[key][n0 + 1:n0 + n1], soft[1][key][1:])
+    assert (row["target_ids"][[0, n0]] == IGNORE_INDEX).all() and (row["target_ids"][n0 + n1:] == IGNORE_INDEX).all()
+    assert (row["target_weights"][n0 + n1:] == 0).all()
