@@ -381,7 +381,7 @@ def prepare(rows, tokenizer, max_length: int, name: str = "data", where: Optiona
 # --------------------------------------------------------------------------- rows and batches
 
 
-def pack(examples: Sequence[Tuple[np.ndarray, np.ndarray]], max_length: int) -> List[List[int]]:
+def pack(examples: Sequence[Example], max_length: int) -> List[List[int]]:
     """Greedy first-fit packing: a list of rows, each the indices of the examples it holds."""
     rows: List[List[int]] = []
     room: List[int] = []
