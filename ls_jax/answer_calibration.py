@@ -13,11 +13,16 @@ Two kinds of question (rows as ``ls_jax.data`` reads them):
   the reference response's (end-of-sequence included). Confidence: the probability of the
   decoded sequence (the product of its tokens' probabilities); NLL: ``-log p(reference)``,
   teacher-forced; Brier: ``(confidence - correct)^2`` (top-label, as a binary event).
+  A row with several weighted answers (``responses``: ``{text, p}``, :mod:`ls_jax.data`) is
+  scored against its distribution t, as the classifier scores soft labels: correct when the
+  answer is the heaviest one (the first of equals), NLL ``-sum_r t_r log p(r)`` (teacher-forced),
+  Brier ``(confidence - t(answer))^2`` with ``t(answer)`` the probability the row gives the
+  decoded answer (0 for another). A one-answer row is the case t = 1.
 
 Temperature scaling (the post-hoc reference): one temperature per kind, fitted on a
 calibration split by the NLL of the answers (option logits; the reference responses' token
-logits), then applied to the scored split (greedy answers do not change with the temperature,
-their probabilities do).
+logits, each weighted answer's tokens weighted by its probability), then applied to the
+scored split (greedy answers do not change with the temperature, their probabilities do).
 """
 
 import dataclasses
@@ -29,7 +34,7 @@ import numpy as np
 from flax import nnx
 
 from ls_jax.calibration import CalibrationBins, bin_statistics, errors_from_bins, fit_temperature
-from ls_jax.data import IGNORE_INDEX, tokenize_example
+from ls_jax.data import IGNORE_INDEX, expand_responses, tokenize_example
 from ls_jax.evaluate import evaluate_multiple_choice, padded_batches
 from ls_jax.generation import generate
 
@@ -128,40 +133,77 @@ def _prompt_and_reference(row: dict, tokenizer, where: str) -> Optional[Tuple[Li
 @dataclasses.dataclass(frozen=True)
 class GeneratedAnswers:
     """Greedy answers of generated-answer rows: ``answers`` (token lists, end-of-sequence
-    included when reached), ``correct [N]``, the teacher-forced logits of the ``answers`` and of
-    the ``references``, ``skipped`` (rows without one end-of-sequence-terminated response)."""
+    included when reached), ``correct [N]`` (the answer is the row's heaviest reference),
+    ``target [N]`` float64 (the probability the row gives the answer), the teacher-forced
+    logits of the ``answers`` and of every reference (one continuation per reference:
+    ``reference_row [M]`` int, the row it belongs to, ``reference_p [M]`` float64, its
+    probability), ``skipped`` (rows without end-of-sequence-terminated responses)."""
 
     answers: List[List[int]]
     correct: np.ndarray
+    target: np.ndarray
     answer_logits: SequenceLogits
     reference_logits: SequenceLogits
+    reference_row: np.ndarray
+    reference_p: np.ndarray
     skipped: int
 
     def scores(self, temperature: float = 1.0) -> AnswerScores:
         confidence = np.exp(self.answer_logits.log_prob(temperature))
-        nll = -self.reference_logits.log_prob(temperature)
-        return AnswerScores(confidence, self.correct, nll, (confidence - self.correct) ** 2)
+        log_p = self.reference_logits.log_prob(temperature)
+        nll = -np.bincount(self.reference_row, weights=self.reference_p * log_p, minlength=len(self.answers))
+        return AnswerScores(confidence, self.correct, nll, (confidence - self.target) ** 2)
+
+
+def reference_answers(tokenizer, rows: Sequence[dict]
+                      ) -> Tuple[List[List[int]], List[List[Tuple[List[int], float]]], int]:
+    """(prompt ids, references, rows skipped) of generated-answer rows, tokenised as the trainer
+    tokenises them: a row's references are ``[(ids, p)]``, its one response with p = 1 or its
+    weighted ``responses``; a row with a response that does not end in end-of-sequence is skipped."""
+    prompts, answers, skipped = [], [], 0
+    for i, row in enumerate(rows):
+        singles, _, weights = expand_responses([row], [f"row {i + 1}"])
+        pairs = [_prompt_and_reference(r, tokenizer, f"row {i + 1}") for r in singles]
+        if any(p is None for p in pairs):
+            skipped += 1
+            continue
+        prompts.append(pairs[0][0])
+        answers.append([(ref, p) for (_, ref), p in zip(pairs, weights)])
+    return prompts, answers, skipped
 
 
 def references(tokenizer, rows: Sequence[dict]) -> Tuple[List[List[int]], List[List[int]], int]:
-    """(prompt ids, reference ids, rows skipped) of generated-answer rows, tokenised as the
-    trainer tokenises them; a row without one end-of-sequence-terminated response is skipped."""
-    pairs = [_prompt_and_reference(r, tokenizer, f"row {i + 1}") for i, r in enumerate(rows)]
-    kept = [p for p in pairs if p is not None]
-    return [p for p, _ in kept], [r for _, r in kept], len(pairs) - len(kept)
+    """(prompt ids, reference ids, rows skipped) of :func:`reference_answers`, the reference of a
+    row with weighted responses its heaviest (the first of equals)."""
+    prompts, answers, skipped = reference_answers(tokenizer, rows)
+    return prompts, [max(a, key=lambda ref_p: ref_p[1])[0] for a in answers], skipped
 
 
 def generate_answers(model, tokenizer, rows: Sequence[dict], *, max_new_tokens: Optional[int] = None,
                      batch_size: int = 64) -> GeneratedAnswers:
     """Greedy answers to generated-answer ``rows`` (:func:`ls_jax.generation.generate`),
     compared with their references. max_new_tokens: default the longest reference plus 8."""
-    prompts, refs, skipped = references(tokenizer, rows)
+    prompts, answers, skipped = reference_answers(tokenizer, rows)
+    heaviest = references(tokenizer, rows)[1]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    limit = max_new_tokens or (max(map(len, refs), default=0) + 8)
-    answers = [g.tokens for g in generate(model, tokenizer, prompts, max_new_tokens=limit, batch_size=batch_size)]
-    correct = np.array([a == r for a, r in zip(answers, refs)], bool)
-    logits = [continuation_logits(model, prompts, x, pad_id=pad, batch_size=batch_size) for x in (answers, refs)]
-    return GeneratedAnswers(answers, correct, *logits, skipped)
+    limit = max_new_tokens or (max((len(ref) for a in answers for ref, _ in a), default=0) + 8)
+    decoded = [g.tokens for g in generate(model, tokenizer, prompts, max_new_tokens=limit, batch_size=batch_size)]
+    correct = np.array([d == h for d, h in zip(decoded, heaviest)], bool)
+    target = np.array([sum(p for ref, p in a if ref == d) for d, a in zip(decoded, answers)], np.float64)
+    answer_logits = continuation_logits(model, prompts, decoded, pad_id=pad, batch_size=batch_size)
+    return GeneratedAnswers(decoded, correct, target, answer_logits,
+                            *_reference_logits(model, prompts, answers, pad, batch_size), skipped)
+
+
+def _reference_logits(model, prompts, answers, pad: int, batch_size: int
+                      ) -> Tuple[SequenceLogits, np.ndarray, np.ndarray]:
+    """Teacher-forced logits of every reference of :func:`reference_answers` (one continuation
+    each), with each reference's row ``[M]`` int64 and probability ``[M]`` float64."""
+    row = np.array([i for i, a in enumerate(answers) for _ in a], np.int64)
+    p = np.array([p for a in answers for _, p in a], np.float64)
+    logits = continuation_logits(model, [prompts[i] for i in row], [ref for a in answers for ref, _ in a],
+                                 pad_id=pad, batch_size=batch_size)
+    return logits, row, p
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,8 +225,8 @@ class AnswerCalibration:
         return out
 
 
-def _fit(logits, labels) -> float:
-    return float(fit_temperature(logits, labels)) if len(labels) else 1.0
+def _fit(logits, labels, weights=None) -> float:
+    return float(fit_temperature(logits, labels, weights=weights)) if len(labels) else 1.0
 
 
 def answer_calibration(model, tokenizer, rows: Sequence[dict], calibration_rows: Sequence[dict] = (), *,
@@ -207,11 +249,10 @@ def answer_calibration(model, tokenizer, rows: Sequence[dict], calibration_rows:
         test = generate_answers(model, tokenizer, gen, batch_size=batch_size)
         scores["generated"] = test.scores()
         t = None
-        if gen_cal:  # the token NLL of the calibration references, summed, is their sequence NLL
-            prompts, refs, _ = references(tokenizer, gen_cal)
+        if gen_cal:  # the token NLL of the calibration references, summed (weighted by p), is their sequence NLL
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-            ref = continuation_logits(model, prompts, refs, pad_id=pad, batch_size=batch_size)
-            t = _fit(ref.logits, ref.tokens)
+            ref, _, p = _reference_logits(model, *reference_answers(tokenizer, gen_cal)[:2], pad, batch_size)
+            t = _fit(ref.logits, ref.tokens, p[ref.row])
         temperature["generated"] = t
         scaled["generated"] = None if t is None else test.scores(t)
     return AnswerCalibration(scores, scaled, temperature)

@@ -290,18 +290,21 @@ def calibration_report(scores, labels, *, from_logits: bool = False, n_bins: int
 
 
 @_metric("iters")
-def fit_temperature(logits, labels, *, where=None, bounds=(1e-2, 1e2), iters: int = 64):
+def fit_temperature(logits, labels, *, where=None, weights=None, bounds=(1e-2, 1e2), iters: int = 64):
     """Temperature T > 0 (float32 scalar) minimising the mean NLL of ``softmax(logits / T)``.
 
-    logits [N, K], labels [N] (held-out data). The NLL is convex in 1/T, so its derivative in
-    log T changes sign once: bisection on that sign over ``bounds`` (then clipped to them; a
-    perfectly separable set drives T to the lower bound). ``iters`` halvings of log-range.
+    logits [N, K], labels [N] (held-out data); weights: float [N], each sample's weight in the
+    NLL (default 1; e.g. the tokens of a weighted answer, its probability). The NLL is convex
+    in 1/T, so its derivative in log T changes sign once: bisection on that sign over
+    ``bounds`` (then clipped to them; a perfectly separable set drives T to the lower bound).
+    ``iters`` halvings of log-range.
     """
     z, labels, valid = _check(logits, labels, where)
+    w = jnp.ones(labels.shape, jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
 
     def nll_sum(log_t):
         nll = _nll_per_sample(z * jnp.exp(-log_t), labels, True)
-        return jnp.where(valid, nll, 0.0).sum()
+        return jnp.where(valid, nll * w, 0.0).sum()
 
     def step(_, lo_hi):
         lo, hi = lo_hi

@@ -1,7 +1,12 @@
 """Supervised fine-tuning data: local files -> token ids with prompt masking -> batches.
 
 Input rows (through ``datasets``, offline) have either chat ``messages`` (a list of
-``{"role", "content"}``) or ``prompt`` / ``response`` strings.
+``{"role", "content"}``) or ``prompt`` / ``response`` strings. A row may give several weighted
+answers instead of one (sequence-level soft labels): ``"responses": [{"text": "Positive", "p": 0.6},
+{"text": "Neutral", "p": 0.4}]`` with a ``prompt`` (or with ``messages``, the conversation each
+answer continues as the last assistant message). :func:`expand_responses` makes one example per
+answer, weighted by its probability: each of its tokens counts ``p`` in the loss (the mean is
+over the total weight), so a row's answers together weigh as one response.
 
 * ``prompt``/``response``: the token ids are ``[bos] + tok(prompt) + tok(response) + [eos]``
   (bos only when the tokenizer has one); the loss covers the response and the eos.
@@ -18,6 +23,7 @@ resume exactly.
 """
 
 import json
+import numbers
 import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -123,6 +129,67 @@ def load_rows(path: str, split: str = "train") -> Tuple[List[dict], List[str]]:
     if not rows:
         raise DataError(f"{path}: the data set is empty")
     return rows, where
+
+
+# --------------------------------------------------------------------------- soft labels
+
+PROBABILITY_TOLERANCE = 1e-3
+
+
+def probabilities(pairs: Sequence[Tuple[str, object]], where: str, label) -> List[float]:
+    """The probabilities of ``(name, p)`` pairs, checked to be a distribution: each a real number
+    >= 0 (not a bool), summing to 1 within :data:`PROBABILITY_TOLERANCE`. ``label`` is shown in
+    the error. Raises :class:`DataError` (``"WHERE: ..."``) otherwise."""
+    for name, p in pairs:
+        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 <= p < float("inf"):
+            raise DataError(f"{where}: soft label probability {p!r} of {name!r} is not a number >= 0")
+    total = float(sum(float(p) for _, p in pairs))
+    if abs(total - 1.0) > PROBABILITY_TOLERANCE:
+        raise DataError(f"{where}: soft label {label} is not a distribution (sums to {total:g}, not 1)")
+    return [float(p) for _, p in pairs]
+
+
+def weighted_responses(row: dict, where: str) -> Optional[List[Tuple[str, float]]]:
+    """``[(text, p)]`` of a row's ``responses`` (validated, :func:`probabilities`), or None for a
+    row without them. Raises :class:`DataError` for a malformed list or a row that also has a
+    ``response``."""
+    answers = row.get("responses")
+    if answers is None:
+        return None
+    if row.get("response") is not None:
+        raise DataError(f"{where}: has both 'response' and 'responses': give one")
+    if not isinstance(answers, (list, tuple)) or not answers or not all(
+            isinstance(a, dict) and isinstance(a.get("text"), str) and "p" in a for a in answers):
+        raise DataError(f"{where}: 'responses' must be a non-empty list of {{'text': str, 'p': probability}} objects")
+    pairs = [(a["text"], a["p"]) for a in answers]
+    return list(zip((text for text, _ in pairs), probabilities(pairs, where, dict(pairs))))
+
+
+def expand_responses(rows: Sequence[dict], where: Optional[Sequence[str]] = None
+                     ) -> Tuple[List[dict], List[str], List[float]]:
+    """``(rows, where, weights)``: every row with ``responses`` replaced by one single-response row
+    per answer (``prompt`` + ``response``, or ``messages`` + a final assistant message) of weight
+    ``p``, its place ``"WHERE (response K)"``; other rows kept, weight 1. ``where`` as in
+    :func:`prepare`. Raises :class:`DataError` for a bad ``responses`` list."""
+    where = [f"row {i + 1}" for i in range(len(rows))] if where is None else where
+    out, out_where, weights = [], [], []
+    for row, w in zip(rows, where):
+        answers = weighted_responses(row, w) if isinstance(row, dict) else None
+        if answers is None:
+            out.append(row)
+            out_where.append(w)
+            weights.append(1.0)
+            continue
+        for k, (text, p) in enumerate(answers, 1):
+            single = {key: v for key, v in row.items() if key != "responses"}
+            if single.get("messages") is not None:
+                single["messages"] = list(single["messages"]) + [{"role": "assistant", "content": text}]
+            else:
+                single["response"] = text
+            out.append(single)
+            out_where.append(f"{w} (response {k})")
+            weights.append(p)
+    return out, out_where, weights
 
 
 # --------------------------------------------------------------------------- tokenisation
@@ -273,9 +340,16 @@ def encode_shared(rows, tokenizer, max_length: int, where: Optional[Sequence[str
     return lambda i: table[i] or encode_row(rows, i, tokenizer, max_length, where)
 
 
+Example = Tuple[np.ndarray, np.ndarray, float]  # (input_ids [T] int32, labels [T] int32, weight of its tokens)
+
+
 def prepare(rows, tokenizer, max_length: int, name: str = "data", where: Optional[Sequence[str]] = None,
-            encoded: Optional[Callable[[int], Encoded]] = None) -> Tuple[List[Tuple[np.ndarray, np.ndarray]], PrepareStats]:
+            encoded: Optional[Callable[[int], Encoded]] = None,
+            weights: Optional[Sequence[float]] = None) -> Tuple[List[Example], PrepareStats]:
     """Tokenise, truncate to ``max_length`` and drop examples without response tokens.
+
+    Returns the examples ``(input_ids, labels, weight)`` and the counts; ``weights``: each row's
+    weight (:func:`expand_responses`; default 1).
 
     Raises :class:`DataError` naming ``name`` and the row for a bad row (``where``: the rows'
     places in their source, default ``"row 1"``, ``"row 2"``, ...), and when nothing is left
@@ -294,7 +368,7 @@ def prepare(rows, tokenizer, max_length: int, name: str = "data", where: Optiona
             dropped += 1
             continue
         empty += not any(text.strip() for text in _responses(row))
-        examples.append((ids, labels))
+        examples.append((ids, labels, 1.0 if weights is None else float(weights[i])))
     stats = PrepareStats(len(rows), truncated, dropped, empty)
     if not examples:
         raise DataError(f"{name}: no example has a response token after truncation to {max_length} tokens "
@@ -307,12 +381,12 @@ def prepare(rows, tokenizer, max_length: int, name: str = "data", where: Optiona
 # --------------------------------------------------------------------------- rows and batches
 
 
-def pack(examples: Sequence[Tuple[np.ndarray, np.ndarray]], max_length: int) -> List[List[int]]:
+def pack(examples: Sequence[Example], max_length: int) -> List[List[int]]:
     """Greedy first-fit packing: a list of rows, each the indices of the examples it holds."""
     rows: List[List[int]] = []
     room: List[int] = []
-    for i, (ids, _) in enumerate(examples):
-        n = len(ids)
+    for i, example in enumerate(examples):
+        n = len(example[0])
         for r, free in enumerate(room):
             if free >= n:
                 rows[r].append(i)
@@ -324,27 +398,38 @@ def pack(examples: Sequence[Tuple[np.ndarray, np.ndarray]], max_length: int) -> 
     return rows
 
 
-def build_row(examples, members: Sequence[int], max_length: int, pad_id: int) -> Dict[str, np.ndarray]:
+def build_row(examples, members: Sequence[int], max_length: int, pad_id: int,
+              targets: Optional[Sequence[Dict[str, np.ndarray]]] = None) -> Dict[str, np.ndarray]:
     """One padded row ``[max_length]`` from the examples ``members`` placed end to end.
 
     input_ids, labels (IGNORE_INDEX on padding and on each segment's first token, so no
     token is predicted across a segment boundary), positions (restart at 0 per segment),
-    segment_ids (1, 2, ... per example; 0 on padding). All int32.
+    segment_ids (1, 2, ... per example; 0 on padding): int32; weights: float32, each example's
+    weight on its tokens (0 on padding). ``targets``: per example, arrays ``[T_i, ...]`` aligned
+    with its tokens (a teacher's sparse targets, :func:`ls_jax.distill.soft_targets`), placed
+    as the labels are (zeros, or IGNORE_INDEX for int arrays, elsewhere).
     """
     out = {
         "input_ids": np.full(max_length, pad_id, np.int32),
         "labels": np.full(max_length, IGNORE_INDEX, np.int32),
         "positions": np.zeros(max_length, np.int32),
         "segment_ids": np.zeros(max_length, np.int32),
+        "weights": np.zeros(max_length, np.float32),
     }
+    for key, value in (targets[0] if targets else {}).items():
+        fill = IGNORE_INDEX if np.issubdtype(value.dtype, np.integer) else 0
+        out[key] = np.full((max_length,) + value.shape[1:], fill, value.dtype)
     at = 0
     for seg, i in enumerate(members, 1):
-        ids, labels = examples[i]
+        ids, labels, weight = examples[i]
         n = len(ids)
         out["input_ids"][at:at + n] = ids
         out["labels"][at + 1:at + n] = labels[1:]
         out["positions"][at:at + n] = np.arange(n)
         out["segment_ids"][at:at + n] = seg
+        out["weights"][at:at + n] = weight
+        for key, value in (targets[i] if targets else {}).items():
+            out[key][at + 1:at + n] = value[1:]
         at += n
     return out
 
@@ -355,20 +440,21 @@ class Batches:
     ``batch(p)`` is batch number ``p`` counted from the start of training over all epochs:
     epoch ``p // per_epoch`` visits the rows in ``permutation(seed + epoch)`` order, and a
     trailing partial batch is skipped. The same ``p`` always gives the same batch, which is
-    what makes ``--resume`` exact. With ``packing`` rows hold several examples.
+    what makes ``--resume`` exact. With ``packing`` rows hold several examples; ``targets`` as in
+    :func:`build_row`.
     """
 
     def __init__(self, examples, batch_size: int, max_length: int, pad_id: int, *,
-                 seed: int = 0, packing: bool = False, shuffle: bool = True):
+                 seed: int = 0, packing: bool = False, shuffle: bool = True, targets=None):
         members = pack(examples, max_length) if packing else [[i] for i in range(len(examples))]
-        self.rows = [build_row(examples, m, max_length, pad_id) for m in members]
+        self.rows = [build_row(examples, m, max_length, pad_id, targets) for m in members]
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
         self.per_epoch = len(self.rows) // batch_size
         if self.per_epoch == 0:
             raise DataError(f"only {len(self.rows)} rows of data for a batch size of {batch_size}")
 
     def batch(self, position: int, rows: slice = slice(None)) -> Dict[str, np.ndarray]:
-        """Batch number ``position``: dict of int32 arrays ``[batch_size, max_length]``; with
+        """Batch number ``position``: dict of arrays ``[batch_size, max_length]`` (:func:`build_row`); with
         ``rows``, only those rows of it (a process's share of a batch split across processes)."""
         epoch, k = divmod(position, self.per_epoch)
         order = (np.random.default_rng(self.seed + epoch).permutation(len(self.rows))

@@ -37,6 +37,13 @@ def next_token_targets(labels: jax.Array, attention_mask: Optional[jax.Array] = 
     return jnp.where(keep, targets, ignore_index)
 
 
+def next_token_weights(weights: jax.Array) -> jax.Array:
+    """float32 ``[B, T]``: per-token weights ``[B, T]`` aligned with the labels, shifted as
+    :func:`next_token_targets` shifts them (position t gets ``weights[t + 1]``; 0 at the end)."""
+    weights = jnp.asarray(weights, jnp.float32)
+    return jnp.concatenate([weights[:, 1:], jnp.zeros((weights.shape[0], 1), jnp.float32)], axis=1)
+
+
 def token_metrics(stats: TokenStats, targets: jax.Array) -> dict:
     """Sums and means over the valid tokens: ``tokens``, ``correct``, ``confidence_sum`` (sum of
     top-class probabilities, for calibration), ``lse_sum``, and ``accuracy``, ``mean_confidence``,
@@ -59,9 +66,11 @@ def causal_lm_loss(model, batch: dict, *, label_smoothing: float = 0.0, z_loss: 
 
     batch: ``input_ids [B, T]`` int, ``labels [B, T]`` int (``ignore_index`` on prompt and
     padding tokens; usually a copy of input_ids), optional ``attention_mask``, ``positions``,
-    ``segment_ids [B, T]``. With ``shift_labels`` (default, as Hugging Face) ``labels[t + 1]`` is
-    the target of position t (:func:`next_token_targets`); with False, labels are taken as
-    already shifted and used as they are (``ignore_index`` still masks).
+    ``segment_ids [B, T]``, ``weights [B, T]`` float (each label's weight in the loss, e.g. a
+    weighted answer's probability: "mean" is over the scored tokens' total weight). With
+    ``shift_labels`` (default, as Hugging Face) ``labels[t + 1]`` is the target of position t
+    (:func:`next_token_targets`, weights shifted alike); with False, labels and weights are
+    taken as already shifted and used as they are (``ignore_index`` still masks).
     logit_softcap: "model" uses ``model.final_logit_softcap``; a float or None overrides it.
     reduction: "mean" over scored tokens or "sum" (e.g. for gradient accumulation).
     impl / blocks / mesh: passed to :func:`linear_smoothed_cross_entropy` (mesh: each device
@@ -87,10 +96,13 @@ def causal_lm_loss(model, batch: dict, *, label_smoothing: float = 0.0, z_loss: 
             targets = next_token_targets(labels, attention_mask, segment_ids, ignore_index)
         else:
             targets = jnp.asarray(labels, jnp.int32)
+        weights = batch.get("weights")
+        if weights is not None and shift_labels:
+            weights = next_token_weights(weights)
         weight = model.unembedding().astype(hidden.dtype)  # compute dtype, as the model's own matmuls
         loss, stats = linear_smoothed_cross_entropy(
             hidden, weight, targets, label_smoothing=label_smoothing, ignore_index=ignore_index,
-            z_loss=z_loss, logit_softcap=cap, reduction=reduction, impl=impl, blocks=blocks, mesh=mesh,
+            z_loss=z_loss, weights=weights, logit_softcap=cap, reduction=reduction, impl=impl, blocks=blocks, mesh=mesh,
             return_stats=True,
         )
         return loss, token_metrics(stats, targets)

@@ -7,8 +7,8 @@ import datasets
 import numpy as np
 import pytest
 
-from ls_jax.data import (IGNORE_INDEX, Batches, DataError, build_row, eval_batches, load_rows, pack, prepare,
-                         tokenize_example)
+from ls_jax.data import (IGNORE_INDEX, Batches, DataError, build_row, eval_batches, expand_responses, load_rows,
+                         pack, prepare, tokenize_example)
 from ls_jax.tokenizer import train_bpe_tokenizer
 from ls_jax.train import synthetic
 
@@ -95,7 +95,7 @@ def test_truncation_counts_and_drops(tok):
     long_resp = {"prompt": "Q: ", "response": "1 2 3 4 5 6 7 8 9 " * 3}  # cut inside the response: kept
     examples, stats = prepare([ROWS[0], long_prompt, long_resp], tok, max_length=m)
     assert (stats.rows, stats.truncated, stats.dropped) == (3, 2, 1)
-    assert [len(ids) for ids, _ in examples] == [m, m]
+    assert [len(ids) for ids, _, _ in examples] == [m, m]
     np.testing.assert_array_equal(examples[1][0], tokenize_example(long_resp, tok)[0][:m])
     assert "2 truncated to %d tokens, 1 dropped" % m in stats.log_line("train", m)
     with pytest.raises(DataError, match="no example has a response token after truncation"):
@@ -113,7 +113,7 @@ def test_packing_positions_segments_labels(tok):
         seg = row["segment_ids"]
         assert sorted(set(seg[seg > 0])) == list(range(1, len(g) + 1))
         for s, i in enumerate(g, 1):
-            ids, labels = examples[i]
+            ids, labels, _ = examples[i]
             at = np.flatnonzero(seg == s)
             assert len(at) == len(ids) and (np.diff(at) == 1).all()  # contiguous
             np.testing.assert_array_equal(row["input_ids"][at], ids)
@@ -131,7 +131,7 @@ def test_batches_deterministic_and_cover_each_epoch(tok):
     for p in (0, 3, 6, 13):
         for k, v in a.batch(p).items():
             np.testing.assert_array_equal(v, b.batch(p)[k])
-            assert v.shape == (8, 40) and v.dtype == np.int32
+            assert v.shape == (8, 40) and v.dtype == (np.float32 if k == "weights" else np.int32)
     key = lambda batch: [tuple(r) for r in batch["input_ids"]]  # noqa: E731
     epoch0 = sum((key(a.batch(p)) for p in range(len(a))), [])
     epoch1 = sum((key(a.batch(p)) for p in range(len(a), 2 * len(a))), [])
@@ -147,7 +147,7 @@ def test_eval_batches_cover_all_once(tok):
     assert len(batches) == 3
     got = np.concatenate([b["labels"] for b in batches])
     assert (got[21:] == IGNORE_INDEX).all()
-    for i, (_, labels) in enumerate(examples):
+    for i, (_, labels, _) in enumerate(examples):
         np.testing.assert_array_equal(got[i, 1:len(labels)], labels[1:])
 
 
@@ -291,7 +291,7 @@ def test_each_process_tokenises_only_its_share(tok, monkeypatch):
     assert shares == {q: [f"row {i + 1}" for i in range(q, len(rows), 3)] for q in range(3)}
     for examples, stats in out.values():
         assert stats == want_stats and len(examples) == len(want)
-        for (ids, labels), (want_ids, want_labels) in zip(examples, want):
+        for (ids, labels, _), (want_ids, want_labels, _) in zip(examples, want):
             np.testing.assert_array_equal(ids, want_ids)
             np.testing.assert_array_equal(labels, want_labels)
 
@@ -303,3 +303,44 @@ def test_a_bad_row_in_one_share_fails_every_process_alike(tok, monkeypatch):
         prepare(rows, tok, 64)
     out, _ = _shared(rows, tok, 64, 2, monkeypatch)
     assert "row 3" in str(want.value) and [str(e) for e in out.values()] == [str(want.value)] * 2
+
+
+SOFT = {"prompt": "Classify this review: It was not bad.\nAnswer: ",
+        "responses": [{"text": "Positive", "p": 0.6}, {"text": "Neutral", "p": 0.4}]}
+
+
+def test_weighted_responses_become_weighted_examples(tok):
+    """A row's answers become one example each (tokenised as a single-response row), weighted by
+    their probability on every token of the row; plain rows weigh 1; messages rows end in the answer."""
+    chat = {"messages": [{"role": "user", "content": "Say hi"}], "responses": [{"text": "hi", "p": 1.0}]}
+    rows, where, weights = expand_responses([ROWS[0], SOFT, chat], ["line 1", "line 2", "line 3"])
+    assert where == ["line 1", "line 2 (response 1)", "line 2 (response 2)", "line 3 (response 1)"]
+    assert weights == [1.0, 0.6, 0.4, 1.0]
+    assert rows[1] == {"prompt": SOFT["prompt"], "response": "Positive"}
+    assert rows[3]["messages"][-1] == {"role": "assistant", "content": "hi"}
+    examples, stats = prepare(rows, tok, 64, weights=weights)
+    assert stats.rows == 4 and [w for *_, w in examples] == weights
+    for (ids, labels, _), row in zip(examples, rows):
+        np.testing.assert_array_equal(ids, tokenize_example(row, tok)[0])
+    (batch,) = eval_batches(examples, 4, 64, tok.pad_token_id)
+    for i, (ids, _, w) in enumerate(examples):
+        np.testing.assert_array_equal(batch["weights"][i], np.where(np.arange(64) < len(ids), w, 0).astype(np.float32))
+
+
+@pytest.mark.parametrize("responses, message", [
+    ([{"text": "a", "p": 0.6}, {"text": "b", "p": 0.6}],
+     "line 4: soft label {'a': 0.6, 'b': 0.6} is not a distribution (sums to 1.2, not 1)"),
+    ([{"text": "a", "p": -0.5}, {"text": "b", "p": 1.5}],
+     "line 4: soft label probability -0.5 of 'a' is not a number >= 0"),
+    ([{"text": "a", "p": "1"}], "line 4: soft label probability '1' of 'a' is not a number >= 0"),
+    ([{"text": "a", "p": True}], "line 4: soft label probability True of 'a' is not a number >= 0"),
+    ([], "line 4: 'responses' must be a non-empty list"),
+    (["a"], "line 4: 'responses' must be a non-empty list"),
+    ([{"text": 3, "p": 1.0}], "line 4: 'responses' must be a non-empty list"),
+])
+def test_bad_weighted_responses_name_the_row(responses, message):
+    with pytest.raises(DataError) as e:
+        expand_responses([ROWS[0], {"prompt": "Q", "responses": responses}], ["line 3", "line 4"])
+    assert str(e.value).startswith(message), str(e.value)
+    with pytest.raises(DataError, match="line 1: has both 'response' and 'responses'"):
+        expand_responses([{"prompt": "Q", "response": "a", "responses": [{"text": "a", "p": 1}]}], ["line 1"])

@@ -1,7 +1,7 @@
 """``train.py --task classification``: rows of text and a label, a SequenceClassifier, its report.
 
 Rows: ``{"text": str, "label": L}`` where L is a class index (int), a class name (str), or a
-soft label ``{"Positive": 0.6, "Neutral": 0.4}`` (non-negative, summing to 1). The classes are
+soft label ``{"Positive": 0.6, "Neutral": 0.4}`` (:func:`ls_jax.data.probabilities`). The classes are
 those declared (``--classes``, in class order: an index is a position in it, another name an
 error), else the names found in the training rows (sorted), or ``0 .. max index`` when the
 labels are indices. Each row becomes ``[bos] + tokens`` (cut to ``max_length``) and a target
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ls_jax.calibration import calibration_report
-from ls_jax.data import Batches, DataError
+from ls_jax.data import Batches, DataError, probabilities
 from ls_jax.models.classification import sequence_classification_loss
 from ls_jax.train import sharding
 from ls_jax.train.config import LossOptions
@@ -90,14 +90,11 @@ def target(label, classes: Sequence[str], where: str) -> np.ndarray:
     elif isinstance(label, str) and label in classes:
         out[classes.index(label)] = 1.0
     elif isinstance(label, dict):
-        for name, p in label.items():
+        for name in label:
             if str(name) not in classes:
                 raise DataError(f"{where}: unknown class {name!r} (classes: {', '.join(classes)})")
-            if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 <= p < float("inf"):
-                raise DataError(f"{where}: soft label probability {p!r} of {name!r} is not a number >= 0")
+        for name, p in zip(label, probabilities(list(label.items()), where, label)):
             out[classes.index(str(name))] += p
-        if abs(out.sum() - 1.0) > 1e-3:
-            raise DataError(f"{where}: soft label {label} is not a distribution (sums to {out.sum():g}, not 1)")
     else:
         raise DataError(f"{where}: label {label!r} is not one of the classes ({', '.join(classes)})")
     return out

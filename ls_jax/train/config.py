@@ -110,6 +110,11 @@ class TrainConfig(LossOptions):
     s3ft_paraphrase: bool = True
     s3ft_out: Optional[str] = None
     allow_code_execution: bool = False
+    # distillation: a teacher's top-k targets (ls_jax.distill)
+    soft_targets: Optional[str] = None
+    distill_temperature: float = 1.0
+    distill_rest: str = "renormalise"
+    distill_hard_weight: float = 0.0
     # loss (the fields of LossOptions, plus)
     compare_smoothing: List[float] = field(default_factory=list)
     seeds: List[int] = field(default_factory=list)
@@ -197,6 +202,13 @@ _HELP = {
                             "(not a sandbox for hostile code)",
     "lora_targets": "regular expression matched in full against module paths such as model/layers/0/self_attn/q_proj "
                     "(default: the attention and MLP projections)",
+    "soft_targets": "a parquet file of a teacher's top-k next-token distributions over the training responses "
+                    "(python -m ls_jax.distill, same tokenizer and --max-length): train on them instead of the "
+                    "hard labels",
+    "distill_temperature": "--soft-targets: temperature of the teacher's top-k probabilities (renormalised over the k)",
+    "distill_rest": "--soft-targets: the teacher's mass outside its top k: renormalise (dropped) or uniform "
+                    "(spread over the vocabulary)",
+    "distill_hard_weight": "--soft-targets: weight b in [0, 1] of the hard label: b onehot + (1 - b) teacher",
     "label_smoothing": "label smoothing a in [0, 1) of a single run (not with --compare-smoothing): "
                        "target (1 - a) * onehot + a / V",
     "compare_smoothing": "comma-separated smoothing values, one run each, compared in the final tables "

@@ -43,7 +43,8 @@ RESUME_FIELDS = ("model", "data", "eval_data", "split", "eval_fraction", "num_tr
                  "packing", "steps", "batch_size", "grad_accum", "lr", "warmup_steps", "decay", "min_lr_ratio",
                  "weight_decay", "b1", "b2", "clip_norm", "seed", "compute_dtype", "param_dtype", "lora_rank",
                  "lora_alpha", "lora_targets", "s3ft", "judge", "s3ft_paraphrase", "task", "classes",
-                 "smoothing_convention", "label_smoothing", "z_loss", "logit_softcap")
+                 "smoothing_convention", "label_smoothing", "z_loss", "logit_softcap", "soft_targets",
+                 "distill_temperature", "distill_rest", "distill_hard_weight")
 
 
 def check_resumable(meta: dict, config: TrainConfig) -> None:
@@ -61,17 +62,19 @@ def check_resumable(meta: dict, config: TrainConfig) -> None:
 
 
 def _evaluate(evaluate, params, frozen, batches, mesh) -> Dict:
-    """Held-out metrics: loss (all response tokens), token-level accuracy, confidence, NLL, Brier
-    and ECE over the content tokens, the same accuracy / confidence over the special tokens
-    (``special_``), teacher-forced answer accuracy; plus the content tokens' bins."""
+    """Held-out metrics: loss (all response tokens, weighted as in training), token-level
+    accuracy, confidence, NLL, Brier and ECE over the content tokens, the same accuracy /
+    confidence over the special tokens (``special_``), teacher-forced answer accuracy; plus the
+    content tokens' bins."""
     total = None
     for b in batches:
         total = accumulate(total, evaluate(params, frozen, sharding.put_batch(b, mesh)))
     total = jax.device_get(total)
     report = CalibrationReport.from_bins(total["bins"])
     special = CalibrationReport.from_bins(total["special_bins"])
-    tokens = max(int(total["tokens"]), 1)
-    metrics = {"loss": float(total["loss_sum"]) / tokens, "accuracy": report.accuracy, "nll": report.nll,
+    weight = float(total["weight"])
+    metrics = {"loss": float(total["loss_sum"]) / (weight if weight > 0 else 1.0), "accuracy": report.accuracy,
+               "nll": report.nll,
                "brier": report.brier, "ece": report.ece, "rms_calibration_error": report.rms_calibration_error,
                "max_calibration_error": report.max_calibration_error, "mean_confidence": report.mean_confidence,
                "content_tokens": report.count, "special_tokens": special.count,
@@ -131,7 +134,7 @@ def train(config: TrainConfig, prep: Prepared, out_dir: str, *, stop_at: Optiona
     shardings = dict(param_shardings=param_sh, frozen_shardings=frozen_sh, mesh=mesh)
     if config.task == "classification":
         train_step = make_train_step(graphdef, tx, config, opt_shardings=opt_sh, loss_sum=classification.loss_sum,
-                                     count=classification.count, **shardings)
+                                     count=classification.count, total=classification.count, **shardings)
         evaluate = classification.make_eval_step(graphdef, config, **shardings)
         batches = classification.ClassificationBatches(prep.train, config.batch_size, seed=config.seed)
         held = classification.eval_batches(prep.held_out, config.eval_batch_size)
@@ -141,7 +144,7 @@ def train(config: TrainConfig, prep: Prepared, out_dir: str, *, stop_at: Optiona
         evaluate = make_eval_step(graphdef, config, special_ids=prep.tokenizer.all_special_ids, **shardings)
         pad = prep.tokenizer.pad_token_id
         batches = Batches(prep.train, config.batch_size, config.max_length, pad, seed=config.seed,
-                          packing=config.packing)
+                          packing=config.packing, targets=prep.targets)
         held = eval_batches(prep.held_out, config.eval_batch_size, config.max_length, pad)
         run_eval = _evaluate
 

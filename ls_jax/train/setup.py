@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from ls_jax import data
 from ls_jax.dispatch import CHOICES
+from ls_jax.distill import REST_MODES
 from ls_jax.models.classification import SMOOTHING_CONVENTIONS
 from ls_jax.targets import check_options
 from ls_jax.s3ft import judges
@@ -37,6 +38,8 @@ class Prepared:
     the user. ``classes``: the class names of ``--task classification`` (examples are then padded
     rows with targets), else None. ``held_rows``: the held-out rows themselves (for answer-level
     scoring). ``base``: tokenised plain-text examples of the base stage (``--base-steps``), else None.
+    ``targets``: with ``--soft-targets``, each training example's sparse targets
+    (:func:`ls_jax.distill.soft_targets`), else None.
     """
 
     tokenizer: object
@@ -48,6 +51,7 @@ class Prepared:
     classes: Optional[List[str]] = None
     held_rows: List[dict] = field(default_factory=list)
     base: Optional[List[Tuple]] = None
+    targets: Optional[List[dict]] = None
 
 
 def check_config(c: TrainConfig) -> None:
@@ -75,6 +79,11 @@ def check_config(c: TrainConfig) -> None:
         (c.task == "causal_lm" or not c.packing, "--packing is for --task causal_lm"),
         (c.task == "causal_lm" or not c.s3ft, "--s3ft is for --task causal_lm"),
         (c.task == "causal_lm" or not c.base_steps, "--base-steps is for --task causal_lm"),
+        (c.soft_targets is None or (c.task == "causal_lm" and not c.s3ft and not c.base_steps),
+         "--soft-targets is for --task causal_lm, without --s3ft or --base-steps"),
+        (0 < c.distill_temperature < math.inf, "--distill-temperature must be finite and > 0"),
+        (c.distill_rest in REST_MODES, f"--distill-rest must be one of {REST_MODES}"),
+        (0 <= c.distill_hard_weight <= 1, "--distill-hard-weight must be in [0, 1]"),
         (c.impl in CHOICES, f"--impl must be one of {CHOICES}"),
         (c.compute_dtype in DTYPES, f"--compute-dtype must be one of {tuple(DTYPES)}"),
         (c.param_dtype in DTYPES, f"--param-dtype must be one of {tuple(DTYPES)}"),
@@ -154,7 +163,9 @@ def _tokenizer(c: TrainConfig, train_rows, saved_tokenizer: Optional[str]):
 
     def text(r):
         turns = " ".join(str(m.get("content", "")) for m in (r.get("messages") or []) if isinstance(m, dict))
-        return str(r.get("prompt", "")) + str(r.get("response", "")) + turns + str(r.get("text", ""))
+        answers = r.get("responses") if isinstance(r.get("responses"), list) else []
+        answers = " ".join(str(a.get("text", "")) for a in answers if isinstance(a, dict))
+        return str(r.get("prompt", "")) + str(r.get("response", "")) + turns + answers + str(r.get("text", ""))
 
     return train_bpe_tokenizer([text(r) for r in train_rows])
 
@@ -297,14 +308,40 @@ def _classification(c: TrainConfig, tokenizer, train_rows, held_rows, train_wher
 
 
 def _prepare(c: TrainConfig, rows, tokenizer, name: str, where=None):
-    """:func:`ls_jax.data.prepare` of ``rows``; with several processes each tokenises its share."""
+    """:func:`ls_jax.data.prepare` of ``rows``, each answer of a ``responses`` row an example
+    weighted by its probability (:func:`ls_jax.data.expand_responses`); with several processes
+    each tokenises its share."""
+    try:
+        rows, where, weights = data.expand_responses(rows, where)
+    except data.DataError as e:
+        raise data.DataError(f"{name}: {e}") from None
     encoded = None
     if jax.process_count() > 1:
         from ls_jax.train.distributed import allgather  # (that module imports this one)
 
         encoded = data.encode_shared(rows, tokenizer, c.max_length, where, jax.process_index(), jax.process_count(),
                                      allgather)
-    return data.prepare(rows, tokenizer, c.max_length, name=name, where=where, encoded=encoded)
+    return data.prepare(rows, tokenizer, c.max_length, name=name, where=where, encoded=encoded, weights=weights)
+
+
+def _soft_targets(c: TrainConfig, tokenizer, examples) -> List[dict]:
+    """Each training example's sparse targets from ``--soft-targets`` (matched by its tokens);
+    :class:`ls_jax.data.DataError` when the file lacks one or was made with another tokenizer."""
+    from ls_jax import distill
+
+    table = distill.read_targets(c.soft_targets, tokenizer)
+    out = []
+    for i, example in enumerate(examples):
+        target = table.get(example[0].tobytes())
+        if target is None:
+            raise data.DataError(f"--soft-targets {c.soft_targets} has no teacher targets for training example {i + 1} "
+                                 f"(made from other data, or another --max-length?)")
+        try:
+            out.append(distill.soft_targets(example, target, temperature=c.distill_temperature, rest=c.distill_rest,
+                                            hard_weight=c.distill_hard_weight))
+        except data.DataError as e:
+            raise data.DataError(f"--soft-targets {c.soft_targets}: training example {i + 1}: {e}") from None
+    return out
 
 
 def prepare(c: TrainConfig, saved_tokenizer: Optional[str] = None) -> Prepared:
@@ -335,8 +372,9 @@ def prepare(c: TrainConfig, saved_tokenizer: Optional[str] = None) -> Prepared:
     if rows < c.batch_size:
         raise data.DataError(f"{len(train)} training examples ({rows} rows) are fewer than --batch-size {c.batch_size}")
     log += [train_stats.log_line("train", c.max_length), held_stats.log_line("held out", c.max_length)]
+    targets = None if c.soft_targets is None else _soft_targets(c, tokenizer, train)
     base = None
     if base_rows:
         base, base_stats = _prepare(c, base_rows, tokenizer, "generated (base)")
         log.insert(0, base_stats.log_line("base (plain text)", c.max_length))
-    return Prepared(tokenizer, train, held, build, mesh, log, held_rows=list(held_rows), base=base)
+    return Prepared(tokenizer, train, held, build, mesh, log, held_rows=list(held_rows), base=base, targets=targets)

@@ -5,10 +5,10 @@ only ``nnx.LoRAParam`` adapters) and ``frozen`` (everything else); the steps mer
 inside ``jit``. Placement is explicit: ``jax.jit`` with in/out NamedShardings (the mesh rules
 of :mod:`ls_jax.train.sharding`), so the same code runs on one device or many.
 
-A train batch is a dict of int32 arrays ``[grad_accum, B, T]`` (``ls_jax.data`` rows stacked):
-the gradient is accumulated over the ``grad_accum`` micro-batches with ``lax.scan``, each
-weighted by its share of the step's response tokens, so the update equals that of one batch
-of ``grad_accum * B`` rows (up to float rounding).
+A train batch is a dict of arrays ``[grad_accum, B, T]`` (``ls_jax.data`` rows stacked: int32
+ids, float32 token weights): the gradient is accumulated over the ``grad_accum`` micro-batches
+with ``lax.scan``, each weighted by its share of the step's (weighted) response tokens, so the
+update equals that of one batch of ``grad_accum * B`` rows (up to float rounding).
 """
 
 from functools import partial
@@ -21,7 +21,7 @@ from flax import nnx
 
 from ls_jax.calibration import token_bins, token_brier
 from ls_jax.data import IGNORE_INDEX
-from ls_jax.lm_loss import causal_lm_loss, next_token_targets
+from ls_jax.lm_loss import causal_lm_loss, next_token_targets, next_token_weights
 from ls_jax.losses import linear_smoothed_cross_entropy
 from ls_jax.train import sharding
 from ls_jax.train.config import LossOptions
@@ -35,10 +35,39 @@ def model_inputs(batch: Dict[str, jax.Array]) -> Dict[str, jax.Array]:
 
 def _loss_sum(model, batch, opts: LossOptions, mesh=None):
     """Summed smoothed loss over the batch's response tokens (the wrapper shifts the labels),
-    each device computing its own tokens and vocabulary shard on ``mesh``."""
+    each device computing its own tokens and vocabulary shard on ``mesh``; against the batch's
+    sparse targets when it has them (:func:`soft_loss_sum`)."""
+    if "target_ids" in batch:
+        return soft_loss_sum(model, batch, opts, mesh)
     loss, _ = causal_lm_loss(
-        model, {"input_ids": batch["input_ids"], "labels": batch["labels"], **model_inputs(batch)},
+        model, {"input_ids": batch["input_ids"], "labels": batch["labels"], "weights": batch["weights"],
+                **model_inputs(batch)},
         reduction="sum", mesh=mesh, **opts.loss_kwargs())
+    return loss
+
+
+def soft_loss_sum(model, batch, opts: LossOptions, mesh=None) -> jax.Array:
+    """float32 summed loss of the batch's response tokens against sparse soft targets, without
+    the student's logits: ``target_ids`` / ``target_weights [B, T, K]`` (int32 / float32, aligned
+    with the labels and shifted here like them; ``ls_jax.distill.soft_targets``) and, if present,
+    ``target_uniform [B, T]``, mass spread uniformly over the vocabulary. Per token the target is
+    ``(1 - a) (t_sparse + u / V) + a / V`` with smoothing a; each token weighs ``weights``. The
+    uniform part is a second vocabulary pass (smoothing 1 on zero-weight labels: ``lse - mean z``).
+    """
+    inputs = model_inputs(batch)
+    hidden = model(batch["input_ids"], **inputs)
+    weight = model.unembedding().astype(hidden.dtype)  # the compute dtype, as causal_lm_loss
+    scored = next_token_targets(batch["labels"], inputs["attention_mask"], inputs["segment_ids"]) != IGNORE_INDEX
+    shift = lambda x: jnp.concatenate([x[:, 1:], jnp.zeros_like(x[:, :1])], axis=1)  # noqa: E731
+    ids = jnp.where(scored[..., None], shift(batch["target_ids"]), IGNORE_INDEX)
+    token_weights = next_token_weights(batch["weights"])
+    kw = dict(opts.loss_kwargs(), logit_softcap=opts.softcap(model), reduction="sum", mesh=mesh)
+    loss = linear_smoothed_cross_entropy(hidden, weight, (ids, shift(batch["target_weights"])),
+                                         weights=token_weights, **kw)
+    if "target_uniform" in batch:
+        uniform = (1.0 - opts.label_smoothing) * shift(batch["target_uniform"]) * token_weights
+        loss += linear_smoothed_cross_entropy(hidden, weight, (ids, jnp.zeros(ids.shape, jnp.float32)),
+                                              weights=uniform, **{**kw, "label_smoothing": 1.0, "z_loss": 0.0})
     return loss
 
 
@@ -52,26 +81,37 @@ def lm_tokens(batch) -> jax.Array:
     return response_tokens(batch["labels"])
 
 
+def lm_weight(batch) -> jax.Array:
+    """float32 total weight of the response tokens a causal-LM batch scores (each token weighs
+    its example's weight: 1, or a weighted answer's probability)."""
+    scored = batch["labels"][..., 1:] != IGNORE_INDEX
+    return jnp.where(scored, batch["weights"][..., 1:], 0.0).sum()
+
+
 def make_train_step(graphdef, tx: optax.GradientTransformation, opts: LossOptions, *,
                     param_shardings, frozen_shardings, opt_shardings, mesh,
-                    loss_sum: Optional[Callable] = None, count: Callable = lm_tokens) -> Callable:
+                    loss_sum: Optional[Callable] = None, count: Callable = lm_tokens,
+                    total: Callable = lm_weight) -> Callable:
     """``step(params, frozen, opt_state, batch) -> (params, opt_state, metrics)``, jitted.
 
-    loss_sum(model, micro_batch, opts): the summed loss (default: the causal LM's, each device
-    computing its own tokens and vocabulary shard on ``mesh``); count(batch): int32 scored units (default:
-    the causal LM's response tokens; ``ls_jax.train.classification`` passes its rows).
-    metrics: float32 ``loss`` (the step's unit-weighted mean), ``grad_norm`` (before
+    loss_sum(model, micro_batch, opts): the summed (weighted) loss (default: the causal LM's, each
+    device computing its own tokens and vocabulary shard on ``mesh``); count(batch): int32 scored
+    units (default: the causal LM's response tokens; ``ls_jax.train.classification`` passes its
+    rows); total(batch): their float32 total weight, which the summed loss is divided by (default:
+    :func:`lm_weight`).
+    metrics: float32 ``loss`` (the step's weighted mean), ``grad_norm`` (before
     clipping), int32 ``tokens`` (units scored in the step), bool ``finite`` (every updated
     parameter is finite), ``real_tokens`` (all non-padding tokens). All replicated.
     """
 
     def step(params, frozen, opt_state, batch):
-        total = jnp.maximum(count(batch), 1).astype(jnp.float32)
+        weight = total(batch).astype(jnp.float32)
+        weight = jnp.where(weight > 0, weight, 1.0)
 
         def micro(acc, mb):
             def weighted(p):
                 model = nnx.merge(graphdef, p, frozen)
-                return (loss_sum or partial(_loss_sum, mesh=mesh))(model, mb, opts) / total
+                return (loss_sum or partial(_loss_sum, mesh=mesh))(model, mb, opts) / weight
 
             loss, grads = jax.value_and_grad(weighted)(params)
             return jax.tree.map(jnp.add, acc, grads), loss
@@ -100,7 +140,8 @@ def make_eval_step(graphdef, opts: LossOptions, *, param_shardings, frozen_shard
 
     One forward pass; the training loss' own path (same implementation, blocks and compute
     dtype) gives the loss and token statistics, one more vocabulary pass the Brier score. Sums
-    (add them over batches): ``loss_sum`` (the training loss, smoothing included), ``tokens``,
+    (add them over batches): ``loss_sum`` (the training loss, smoothing included, each token
+    weighted as in training), ``weight`` (their total weight, :func:`lm_weight`), ``tokens``,
     ``answers`` / ``answers_correct`` (rows with a response / rows whose response tokens are
     all argmax-correct under teacher forcing, i.e. greedy decoding reproduces the answer),
     ``bins``: token-level :class:`ls_jax.calibration.CalibrationBins` of the content tokens
@@ -118,7 +159,7 @@ def make_eval_step(graphdef, opts: LossOptions, *, param_shardings, frozen_shard
         targets = next_token_targets(batch["labels"], inputs["attention_mask"], inputs["segment_ids"])
         kw = dict(opts.loss_kwargs(), logit_softcap=opts.softcap(model))
         loss, stats = linear_smoothed_cross_entropy(hidden, weight, targets, reduction="none", return_stats=True,
-                                                    mesh=mesh, **kw)
+                                                    weights=next_token_weights(batch["weights"]), mesh=mesh, **kw)
         brier = token_brier(hidden, weight, targets, stats, logit_softcap=kw["logit_softcap"], impl=opts.impl,
                             blocks=kw["blocks"])
         special = jnp.isin(targets, special_ids)
@@ -126,7 +167,8 @@ def make_eval_step(graphdef, opts: LossOptions, *, param_shardings, frozen_shard
                 for name, keep in (("bins", ~special), ("special_bins", special))}
         wrong = (stats.valid & (stats.prediction != targets)).any(-1)
         answered = stats.valid.any(-1)
-        return {"loss_sum": loss.sum(), "tokens": stats.valid.sum(), "answers": answered.sum(),
+        return {"loss_sum": loss.sum(), "weight": lm_weight(batch), "tokens": stats.valid.sum(),
+                "answers": answered.sum(),
                 "answers_correct": (answered & ~wrong).sum(), **bins}
 
     return jax.jit(sharding.on_mesh(evaluate, mesh, sharding.replicated(mesh)),

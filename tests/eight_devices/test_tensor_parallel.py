@@ -32,7 +32,7 @@ from ls_jax.train.step import make_train_step
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 LAYERS, BATCH, LENGTH, D, VOCAB = 2, 4, 12, 64, 200
 BF16_ATOL = 0.03  # of the largest gradient entry (bf16 on one device: 0.013)
-KEYS = ("input_ids", "labels", "positions", "segment_ids")
+KEYS = ("input_ids", "labels", "positions", "segment_ids", "weights")
 
 
 def _group_size(line: str) -> int:
@@ -92,7 +92,7 @@ def test_tensor_parallel_step_communicates_what_megatron_needs(spec):
     tx = adamw(1e-3, weight_decay=0.01, b1=0.9, b2=0.98, clip_norm=1.0)
     mesh, step, params, frozen, param_sh, _, _ = _setup(spec, tx)
     assert all("tensor" in s.spec for s in jax.tree.leaves(param_sh) if len(s.spec) == 2)  # every matrix split
-    data = {k: jax.ShapeDtypeStruct((1, BATCH, LENGTH), jnp.int32) for k in KEYS}
+    data = {k: jax.ShapeDtypeStruct((1, BATCH, LENGTH), jnp.float32 if k == "weights" else jnp.int32) for k in KEYS}
     found = _collectives(step.lower(params, frozen, jax.eval_shape(tx.init, params), data).compile().as_text())
     t, dp, fsdp = mesh.shape["tensor"], mesh.shape["data"], mesh.shape["fsdp"]
     activation = BATCH // dp // fsdp * LENGTH * D  # one device's [tokens, hidden]
@@ -126,7 +126,7 @@ def _step_grads(spec: str, config: str = "llama", dtype: str = "float32", axis_t
     ids = r.randint(3, VOCAB, (1, BATCH, LENGTH)).astype(np.int32)
     labels = np.where(r.rand(*ids.shape) < 0.3, -100, ids).astype(np.int32)
     batch = {"input_ids": ids, "labels": labels, "positions": np.broadcast_to(np.arange(LENGTH), ids.shape).astype(np.int32),
-             "segment_ids": np.ones_like(ids)}
+             "segment_ids": np.ones_like(ids), "weights": np.ones(ids.shape, np.float32)}
     mesh, step, params, frozen, param_sh, frozen_sh, opt_sh = _setup(spec, _keep_gradients(), config, dtype, axis_type)
     placed = jax.device_put((params, frozen, _keep_gradients().init(params)), (param_sh, frozen_sh, opt_sh))
     _, grads, metrics = step(*placed, jax.device_put(batch, sharding.batch_sharding(mesh, leading=1)))
