@@ -157,25 +157,22 @@ def sliding_window_mask(mask: jax.Array, window: Optional[int], offset=0) -> jax
 
 
 class AttentionMask(NamedTuple):
-    """Which keys each query of a call may attend to, in one of two forms (a pytree).
+    """Which keys each query of a call may attend to (a pytree).
 
-    dense: bool ``[B, T, S]``: causal, real keys, same packed segment, the queries at slots
-    ``offset ..`` (from :func:`token_mask`; no sliding window yet), or None for the causal form:
-    query ``i`` sees keys ``j <= i`` with ``j < lengths[b]`` (every key when ``lengths`` is None)
-    - a right-padded or unpadded batch without a cache, which fused kernels express without a
-    ``[T, S]`` mask. offset: query 0's slot (int or int32 scalar; 0 in the causal form).
+    dense: bool ``[B, T, S]`` from :func:`token_mask` (causal, real keys, same packed segment,
+    queries at slots ``offset ..``; no sliding window yet), or None: plain causal attention
+    over the call's own tokens (S = T), the form fused kernels take without a ``[T, S]`` mask.
+    offset: query 0's slot, an int or int32 scalar (a KV cache's write index).
     """
 
     dense: Optional[jax.Array] = None
-    lengths: Optional[jax.Array] = None
     offset: object = 0
 
-    def as_dense(self, shape) -> jax.Array:
-        """The bool ``[B, T, S]`` mask of either form; ``shape`` is the queries' ``(B, T)``."""
-        if self.dense is not None:
-            return self.dense
-        keys = None if self.lengths is None else jnp.arange(shape[1])[None, :] < self.lengths[:, None]
-        return token_mask(keys, None, shape)
+    def with_window(self, shape, window: Optional[int]) -> jax.Array:
+        """bool ``[B, T, S]`` of either form with the sliding ``window`` applied; ``shape`` is
+        the queries' ``(B, T)``."""
+        dense = token_mask(None, None, shape) if self.dense is None else self.dense
+        return sliding_window_mask(dense, window, self.offset)
 
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "explicit", "xla", "cudnn")
@@ -225,7 +222,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, *, 
     Args:
       q: ``[B, T, H, Dh]``; query head ``h`` uses key/value head ``h // (H // K)``.
       k, v: ``[B, S, K, Dh]``, the dtype of ``q``.
-      mask: :class:`AttentionMask` (``[B, T, S]`` dense or the causal form).
+      mask: :class:`AttentionMask` (``[B, T, S]`` dense, or causal with S = T).
       scale: score scale. softcap: attention-logit softcap (``softcap * tanh(s / softcap)``).
       window: sliding window in tokens (a query sees keys less than ``window`` slots back) or None.
       implementation: see :func:`attention_path`.
@@ -235,7 +232,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, *, 
     b, t, heads, dh = q.shape
     path = attention_path(implementation, mask, softcap, q.dtype, dh)
     if path == "explicit":
-        dense = sliding_window_mask(mask.as_dense((b, t)), window, mask.offset)
+        dense = mask.with_window((b, t), window)
         k_heads = k.shape[2]
         qg = q.reshape(b, t, k_heads, heads // k_heads, dh)
         scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
@@ -244,11 +241,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, *, 
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, heads, dh)
     if mask.dense is not None:
-        dense = sliding_window_mask(mask.dense, window, mask.offset)
-        return jax.nn.dot_product_attention(q, k, v, mask=dense[:, None], scale=scale, implementation=path)
-    return jax.nn.dot_product_attention(
-        q, k, v, scale=scale, is_causal=True, key_value_seq_lengths=mask.lengths,
-        local_window_size=None if window is None else (window - 1, 0), implementation=path)
+        return jax.nn.dot_product_attention(q, k, v, mask=mask.with_window((b, t), window)[:, None],
+                                            scale=scale, implementation=path)
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation=path,
+                                        local_window_size=None if window is None else (window - 1, 0))
 
 
 class Attention(nnx.Module):

@@ -157,6 +157,11 @@ class Decoder(nnx.Module):
         or None (packed sequences: attention stays inside a segment). Returns ``[B, T, D]`` in
         the compute dtype, final norm applied.
 
+        Without a mask, segments or cache, attention is plain causal: the form cuDNN's fused
+        kernel takes on a GPU (:func:`~ls_jax.models.layers.attention_path`). Right-padded rows
+        may leave ``attention_mask`` out too: no real token attends to the padding after it, so
+        only the (unused) outputs at padding change.
+
         With a :class:`KVCache` the tokens continue the cached ones: they are written at slots
         ``cache.index ..`` and attend to every real cached token; default positions continue
         from the number of real cached tokens. Returns ``(hidden, updated cache)`` then.
@@ -178,7 +183,7 @@ class Decoder(nnx.Module):
             x = x * jnp.asarray(self.spec.hidden_size ** 0.5, x.dtype)
         cos, sin = rope_tables(positions, self.spec.rope, x.dtype)
         if cache is None and segment_ids is None and attention_mask is None:
-            mask = AttentionMask()  # causal: cuDNN's kernel can take it
+            mask = AttentionMask()  # plain causal: the form cuDNN's kernel takes
         else:
             mask = AttentionMask(dense=token_mask(key_mask, segment_ids, shape, offset), offset=offset)
         if cache is None:
