@@ -8,7 +8,7 @@ not separate code paths. Module attribute names mirror Hugging Face checkpoints:
 """
 
 from dataclasses import dataclass
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -106,6 +106,16 @@ def _run_block(block: DecoderBlock, x, cos, sin, mask):
     return block(x, cos, sin, mask)[0]
 
 
+# What the backward pass of a block keeps (the rest is recomputed): "none" keeps everything
+# (no remat); "full" only the block's input; "dots" also its matmul outputs without batch
+# dimensions (the projections and MLP; not the attention scores, whose dots are batched).
+REMAT = {
+    "none": None,
+    "full": nnx.remat(_run_block),
+    "dots": nnx.remat(_run_block, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
+}
+
+
 class KVCache(NamedTuple):
     """Keys and values of the tokens seen so far, for incremental decoding (a pytree).
 
@@ -130,12 +140,16 @@ class KVCache(NamedTuple):
 class Decoder(nnx.Module):
     """Token embedding, the blocks and the final norm: ids ``[B, T]`` -> hidden ``[B, T, D]``.
 
-    ``remat=True`` recomputes each block's activations in the backward pass (nnx.remat),
-    trading compute for memory in fine-tuning.
+    ``remat`` ("none", "full" or "dots", see :data:`REMAT`; True means "full", False "none")
+    recomputes each block's activations in the backward pass (nnx.remat), trading compute
+    for memory in fine-tuning.
     """
 
     def __init__(self, spec: DecoderSpec, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                 remat: bool = False, rngs: nnx.Rngs):
+                 remat: Union[bool, str] = False, rngs: nnx.Rngs):
+        remat = {True: "full", False: "none"}.get(remat, remat)
+        if remat not in REMAT:
+            raise ValueError(f"remat must be one of {tuple(REMAT)} (or a bool), got {remat!r}")
         self.spec = spec
         self.dtype = dtype
         self.remat = remat
@@ -187,7 +201,7 @@ class Decoder(nnx.Module):
         else:
             mask = AttentionMask(dense=token_mask(key_mask, segment_ids, shape, offset), offset=offset)
         if cache is None:
-            run = nnx.remat(_run_block) if self.remat else _run_block
+            run = REMAT[self.remat] or _run_block
             for layer in self.layers:
                 x = run(layer, x, cos, sin, mask)
             return self.norm(x)
@@ -206,7 +220,7 @@ class CausalLM(nnx.Module):
     """
 
     def __init__(self, spec: DecoderSpec, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                 remat: bool = False, rngs: nnx.Rngs):
+                 remat: Union[bool, str] = False, rngs: nnx.Rngs):
         self.model = Decoder(spec, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
         if not spec.tie_word_embeddings:
             init = nnx.initializers.normal(spec.initializer_range)
