@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from ls_jax.models import CausalLM, from_config, from_pretrained
+from ls_jax.models import layers
 from ls_jax.models.layers import AttentionMask, attention, attention_path, token_mask
 from ls_jax.train.config import LossOptions
 from ls_jax.train.step import _loss_sum, model_inputs
@@ -88,13 +89,13 @@ def test_attention_path():
     causal = AttentionMask()
     assert attention_path("auto", causal, 50.0, jnp.bfloat16, 128) == "explicit"  # softcap: Gemma 2
     assert attention_path("explicit", causal, None, jnp.bfloat16, 128) == "explicit"
-    assert attention_path("auto", causal, None, jnp.bfloat16, 128) == ("cudnn" if jax.default_backend() == "gpu" else "xla")
+    assert attention_path("auto", causal, None, jnp.bfloat16, 128) == ("cudnn" if layers.on_cuda() else "xla")
     with pytest.raises(ValueError, match="supported"):
         attention_path("flash", causal, None, jnp.bfloat16, 128)
 
 
 def test_auto_takes_cudnn_where_it_applies_on_a_gpu(monkeypatch):
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(layers, "on_cuda", lambda: True)
     causal, dense = AttentionMask(), AttentionMask(jnp.ones((1, 2, 2), bool))
     assert attention_path("auto", causal, None, jnp.bfloat16, 128) == "cudnn"
     assert attention_path("auto", causal, None, jnp.float16, 64) == "cudnn"

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import jax
+import jax.extend.backend
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -191,7 +192,7 @@ def attention_path(implementation: str, mask: AttentionMask, softcap: Optional[f
     left-padded mask or a KV cache's offset queries would reach cuDNN only as an additive
     ``[B, 1, T, S]`` bias), a CUDA GPU, bf16/fp16 and a head dim <= 128 that is a multiple of 8.
     "xla" is JAX's own XLA implementation (still ``[T, S]`` scores, per key/value head group).
-    "auto" takes "cudnn" where all of that holds on the default backend, else "xla".
+    "auto" takes "cudnn" where all of that holds on the default backend (:func:`on_cuda`), else "xla".
     ``jax.nn.dot_product_attention(implementation=None)`` does not do this choice itself: in
     JAX 0.10 it always means XLA.
 
@@ -211,7 +212,13 @@ def attention_path(implementation: str, mask: AttentionMask, softcap: Optional[f
         return implementation
     fits = (mask.dense is None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
             and head_dim <= 128 and head_dim % 8 == 0)
-    return "cudnn" if fits and jax.default_backend() == "gpu" else "xla"
+    return "cudnn" if fits and on_cuda() else "xla"
+
+
+def on_cuda() -> bool:
+    """Whether the default backend is a CUDA GPU (ROCm GPUs have no cuDNN)."""
+    backend = jax.extend.backend.get_backend()
+    return backend.platform == "gpu" and "cuda" in backend.platform_version.lower()
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, *, scale: float,
