@@ -1,8 +1,8 @@
 """The compiled train step's XLA temporaries per sequence length, per attention path and --remat.
 
 The step is train.py's own (``ls_jax.train.step.make_train_step``: fused smoothed loss,
-gradient, AdamW update) on one device, one unpacked row ``[1, T]`` of a tiny Llama (2 layers,
-D 64, 4 query / 2 key-value heads of 16, vocabulary 256). It is only compiled, never run:
+gradient, AdamW update) on one device, one unpacked row ``[1, T]`` of a tiny Llama (``--layers``
+layers, default 2; D 64, 4 query / 2 key-value heads of 16, vocabulary 256). It is only compiled, never run:
 the figure is ``compiled.memory_analysis().temp_size_in_bytes`` (buffers beyond inputs and
 outputs). ``growth`` is the ratio to the previous (half) T: about 2 is linear in T, about 4
 quadratic - the ``[B, heads, T, T]`` scores. ``f32 TxT``: the compiled step holds a float32
@@ -37,16 +37,17 @@ from ls_jax.train.step import make_train_step
 KEYS = ("input_ids", "labels", "positions", "segment_ids")
 
 
-def compiled_step(attention: str, remat: str, length: int, dtype):
+def compiled_step(attention: str, remat: str, length: int, dtype, layers: int = 2):
     """The train step compiled for the default backend at sequence length ``length``.
 
     Args:
       attention: ``DecoderSpec.attention`` ("explicit", "auto", "xla", "cudnn").
       remat: "none", "full" or "dots". length: T of the one row. dtype: compute dtype.
+      layers: decoder layers.
     Returns:
       the ``jax.stages.Compiled`` step.
     """
-    spec = dataclasses.replace(llama_spec(tiny_llama_config(vocab_size=256, hidden_size=64)), attention=attention)
+    spec = dataclasses.replace(llama_spec(tiny_llama_config(vocab_size=256, hidden_size=64, num_hidden_layers=layers)), attention=attention)
     model = nnx.eval_shape(lambda: CausalLM(spec, dtype=dtype, remat=remat, rngs=nnx.Rngs(0)))
     graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
     mesh = sharding.make_mesh("data=1,fsdp=1,tensor=1", jax.devices()[:1])
@@ -71,15 +72,16 @@ def main(argv=None):
     p.add_argument("--attention", default="explicit,auto", help="comma-separated DecoderSpec.attention values")
     p.add_argument("--remat", default="none,full,dots", help="comma-separated --remat choices")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--layers", type=int, default=2, help="decoder layers of the tiny model")
     a = p.parse_args(argv)
     lengths = [int(t) for t in a.lengths.split(",")]
-    print(f"backend {jax.default_backend()}, jax {jax.__version__}, compute dtype {a.dtype}")
+    print(f"backend {jax.default_backend()}, jax {jax.__version__}, compute dtype {a.dtype}, {a.layers} layers")
     print(f"{'attention':<10} {'remat':<6} {'T':>6} {'temp MiB':>10} {'growth':>7} {'f32 TxT':>8} {'cudnn':>6}")
     for attention in a.attention.split(","):
         for remat in a.remat.split(","):
             previous = None
             for length in lengths:
-                compiled = compiled_step(attention, remat, length, jnp.dtype(a.dtype))
+                compiled = compiled_step(attention, remat, length, jnp.dtype(a.dtype), a.layers)
                 temp, hlo = compiled.memory_analysis().temp_size_in_bytes, compiled.as_text()
                 growth = f"{temp / previous:.2f}" if previous else ""
                 square, cudnn = holds_square_f32(hlo, length), "__cudnn$fmha" in hlo
