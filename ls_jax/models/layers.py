@@ -187,11 +187,12 @@ def attention_path(implementation: str, mask: AttentionMask, softcap: Optional[f
     is the only path with an attention-logit softcap (Gemma 2), which neither cuDNN nor
     ``jax.nn.dot_product_attention`` offers, so a softcap always takes it. The others go
     through ``jax.nn.dot_product_attention``: "cudnn" is cuDNN's fused flash-attention kernel
-    (no ``[T, S]`` scores in memory), which needs the causal form of the mask (causal +
-    right-padding lengths + sliding window; a packed batch's block-diagonal mask, a
-    left-padded mask or a KV cache's offset queries would reach cuDNN only as an additive
-    ``[B, 1, T, S]`` bias), a CUDA GPU, bf16/fp16 and a head dim <= 128 that is a multiple of 8.
-    "xla" is JAX's own XLA implementation (still ``[T, S]`` scores, per key/value head group).
+    (no ``[T, S]`` scores in memory). "auto" gives it only the causal form of the mask
+    (``mask.dense`` None: causal and the sliding window are built into the kernel): a padding
+    mask, a packed batch's block-diagonal mask or a KV cache's offset queries would reach cuDNN
+    only as an additive ``[B, 1, T, S]`` bias, quadratic in T again, so those take "xla"; and
+    it needs a CUDA GPU, bf16/fp16 and a head dim <= 128 that is a multiple of 8. "xla" is
+    JAX's own implementation (still float32 ``[T, S]`` scores, per key/value head group).
     "auto" takes "cudnn" where all of that holds on the default backend (:func:`on_cuda`), else "xla".
     ``jax.nn.dot_product_attention(implementation=None)`` does not do this choice itself: in
     JAX 0.10 it always means XLA.
