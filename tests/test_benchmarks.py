@@ -61,3 +61,16 @@ def test_gpu_first_light_smoke(tmp_path):
     text = results.read_text()
     assert text.startswith("# Measured figures\n\nkept\n") and "## GPU: first light" in text
     assert (tmp_path / "out" / "RESULTS.md").read_text() == text
+
+
+def test_step_memory_small_lengths():
+    """benchmarks/step_memory.py: one row per (attention, remat, T); on a CPU both paths are XLA
+    and hold float32 [T, T] scores, and no cuDNN call."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (ROOT, os.environ.get("PYTHONPATH")))))
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "step_memory.py"), "--lengths", "32,64",
+         "--attention", "auto", "--remat", "dots"], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split() for line in proc.stdout.splitlines()[2:]]
+    assert [r[:3] for r in rows] == [["auto", "dots", "32"], ["auto", "dots", "64"]]
+    assert float(rows[1][4]) > 1 and rows[1][5:] == ["yes", "no"]

@@ -203,8 +203,12 @@ def test_remat_gives_the_same_gradients():
         model = from_config(tiny_llama_config(vocab_size=64, hidden_size=32), remat=remat)
         return nnx.jit(nnx.grad(lambda m: jnp.mean(m.logits(ids) ** 2)))(model)
 
-    for a, b in zip(jax.tree.leaves(grads(False)), jax.tree.leaves(grads(True))):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    ref = grads(False)
+    for remat in (True, "full", "dots"):
+        for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(grads(remat))):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="remat must be one of"):
+        from_config(tiny_llama_config(vocab_size=64, hidden_size=32), remat="some")
 
 
 def test_bf16_parameters_and_compute(tmp_path):

@@ -395,6 +395,7 @@ def test_bad_inputs(tmp_path, capsys):
         tmp_path, capsys, "--lora-rank", "2", "--lora-targets", "qproj")
     assert "is not a regular expression" in _bad(tmp_path, capsys, "--lora-targets", "(q")
     assert "--lora-alpha must be > 0" in _bad(tmp_path, capsys, "--lora-alpha", "0")
+    assert "--remat must be one of ('none', 'full', 'dots')" in _bad(tmp_path, capsys, "--remat", "all")
     assert "--eval-data needs --data" in _bad(tmp_path, capsys, "--eval-data", str(rows))
     bad_row = tmp_path / "bad_row.jsonl"  # line 14 lacks its response: named by its line in the file
     bad_row.write_text("".join(json.dumps({"prompt": "1 + 2 = ", **({} if i == 13 else {"response": "3"})}) + "\n"
@@ -532,6 +533,7 @@ def test_flags():
                     "--lora-alpha", "16", "--lora-targets", ".*/q_proj"])
     assert (c.compare_smoothing, c.progress, c.lora_rank, c.mesh) == ([0.0, 0.05], False, 8, "fsdp=-1")
     assert (c.lora_alpha, c.lora_targets, default.lora_alpha) == (16.0, ".*/q_proj", None)
+    assert (default.remat, parse_args(["--remat", "dots"]).remat) == ("none", "dots")
     assert TrainConfig.from_json(c.to_json()) == c
     from ls_jax.train.config import build_parser
 

@@ -5,7 +5,7 @@ non-padding token; :func:`sequence_classification_loss` trains it with the smoot
 cross-entropy, hard or soft labels.
 """
 
-from typing import Optional
+from typing import Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +39,7 @@ class SequenceClassifier(nnx.Module):
     """
 
     def __init__(self, spec: DecoderSpec, num_labels: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                 remat: bool = False, rngs: nnx.Rngs):
+                 remat: Union[bool, str] = False, rngs: nnx.Rngs):
         self.model = Decoder(spec, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
         self.score = nnx.Linear(spec.hidden_size, num_labels, use_bias=False, dtype=dtype,
                                 param_dtype=param_dtype,

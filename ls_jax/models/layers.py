@@ -8,9 +8,10 @@ Hugging Face (``q_proj``, ``gate_proj``, ...), so checkpoint keys map one to one
 import functools
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
+import jax.extend.backend
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -156,16 +157,116 @@ def sliding_window_mask(mask: jax.Array, window: Optional[int], offset=0) -> jax
     return mask & ((query[:, None] - jnp.arange(mask.shape[-1])[None, :]) < window)
 
 
+class AttentionMask(NamedTuple):
+    """Which keys each query of a call may attend to (a pytree).
+
+    dense: bool ``[B, T, S]`` from :func:`token_mask` (causal, real keys, same packed segment,
+    queries at slots ``offset ..``; no sliding window yet), or None: plain causal attention
+    over the call's own tokens (S = T), the form fused kernels take without a ``[T, S]`` mask.
+    offset: query 0's slot, an int or int32 scalar (a KV cache's write index).
+    """
+
+    dense: Optional[jax.Array] = None
+    offset: object = 0
+
+    def with_window(self, shape, window: Optional[int]) -> jax.Array:
+        """bool ``[B, T, S]`` of either form with the sliding ``window`` applied; ``shape`` is
+        the queries' ``(B, T)``."""
+        dense = token_mask(None, None, shape) if self.dense is None else self.dense
+        return sliding_window_mask(dense, window, self.offset)
+
+
+ATTENTION_IMPLEMENTATIONS = ("auto", "explicit", "xla", "cudnn")
+
+
+def attention_path(implementation: str, mask: AttentionMask, softcap: Optional[float], dtype,
+                   head_dim: int) -> str:
+    """The one place choosing how a call computes attention: "explicit", "xla" or "cudnn".
+
+    "explicit" is this module's einsum (float32 ``[B, heads, T, S]`` scores, materialised); it
+    is the only path with an attention-logit softcap (Gemma 2), which neither cuDNN nor
+    ``jax.nn.dot_product_attention`` offers, so a softcap always takes it. The others go
+    through ``jax.nn.dot_product_attention``: "cudnn" is cuDNN's fused flash-attention kernel
+    (no ``[T, S]`` scores in memory). "auto" gives it only the causal form of the mask
+    (``mask.dense`` None: causal and the sliding window are built into the kernel): a padding
+    mask, a packed batch's block-diagonal mask or a KV cache's offset queries would reach cuDNN
+    only as an additive ``[B, 1, T, S]`` bias, quadratic in T again, so those take "xla"; and
+    it needs a CUDA GPU, bf16/fp16 and a head dim <= 128 that is a multiple of 8. "xla" is
+    JAX's own implementation (still float32 ``[T, S]`` scores, per key/value head group).
+    "auto" takes "cudnn" where all of that holds on the default backend (:func:`on_cuda`), else "xla".
+    ``jax.nn.dot_product_attention(implementation=None)`` does not do this choice itself: in
+    JAX 0.10 it always means XLA.
+
+    Args:
+      implementation: "auto", "explicit", "xla" or "cudnn" (forced; "cudnn" raises where
+        cuDNN cannot run the call).
+      mask: the call's :class:`AttentionMask`. softcap: attention-logit softcap or None.
+      dtype: the queries' dtype. head_dim: Dh.
+    Returns:
+      "explicit", "xla" or "cudnn".
+    """
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {implementation!r}; supported: {ATTENTION_IMPLEMENTATIONS}")
+    if softcap is not None or implementation == "explicit":
+        return "explicit"
+    if implementation != "auto":
+        return implementation
+    fits = (mask.dense is None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+            and head_dim <= 128 and head_dim % 8 == 0)
+    return "cudnn" if fits and on_cuda() else "xla"
+
+
+def on_cuda() -> bool:
+    """Whether the default backend is a CUDA GPU (ROCm GPUs have no cuDNN)."""
+    backend = jax.extend.backend.get_backend()
+    return backend.platform == "gpu" and "cuda" in backend.platform_version.lower()
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, *, scale: float,
+              softcap: Optional[float] = None, window: Optional[int] = None,
+              implementation: str = "auto") -> jax.Array:
+    """Grouped-query attention on the path :func:`attention_path` picks.
+
+    Args:
+      q: ``[B, T, H, Dh]``; query head ``h`` uses key/value head ``h // (H // K)``.
+      k, v: ``[B, S, K, Dh]``, the dtype of ``q``.
+      mask: :class:`AttentionMask` (``[B, T, S]`` dense, or causal with S = T).
+      scale: score scale. softcap: attention-logit softcap (``softcap * tanh(s / softcap)``).
+      window: sliding window in tokens (a query sees keys less than ``window`` slots back) or None.
+      implementation: see :func:`attention_path`.
+    Returns:
+      ``[B, T, H, Dh]`` in the dtype of ``v``; scores and softmax in float32 on every path.
+    """
+    b, t, heads, dh = q.shape
+    path = attention_path(implementation, mask, softcap, q.dtype, dh)
+    if path == "explicit":
+        dense = mask.with_window((b, t), window)
+        k_heads = k.shape[2]
+        qg = q.reshape(b, t, k_heads, heads // k_heads, dh)
+        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+        scores = apply_softcap(scores, softcap)
+        scores = jnp.where(dense[:, None, None], scores, _MASKED)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, heads, dh)
+    if mask.dense is not None:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask.with_window((b, t), window)[:, None],
+                                            scale=scale, implementation=path)
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation=path,
+                                        local_window_size=None if window is None else (window - 1, 0))
+
+
 class Attention(nnx.Module):
-    """Grouped-query self-attention with RoPE, optional qkv/output bias and score softcap.
+    """Grouped-query self-attention with RoPE, optional qkv/output bias, score softcap and window.
 
     Params: ``q_proj [D, H*Dh]``, ``k_proj``/``v_proj [D, K*Dh]``, ``o_proj [H*Dh, D]``.
-    Scores ``scale * q.k`` (then ``softcap * tanh(s / softcap)``) and softmax in float32.
+    Scores ``scale * q.k`` (then ``softcap * tanh(s / softcap)``) and softmax in float32, on the
+    path :func:`attention_path` picks from ``implementation``.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                  scale: float, qkv_bias: bool = False, out_bias: bool = False,
-                 softcap: Optional[float] = None, dtype=jnp.float32, param_dtype=jnp.float32,
+                 softcap: Optional[float] = None, sliding_window: Optional[int] = None,
+                 implementation: str = "auto", dtype=jnp.float32, param_dtype=jnp.float32,
                  kernel_init=nnx.initializers.normal(0.02), rngs: nnx.Rngs):
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
@@ -177,10 +278,12 @@ class Attention(nnx.Module):
         self.o_proj = linear(num_heads * head_dim, hidden_size, use_bias=out_bias)
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale, self.softcap = scale, softcap
+        self.sliding_window, self.implementation = sliding_window, implementation
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: AttentionMask,
                  cache: Optional[tuple] = None, index=0) -> tuple:
-        """x ``[B, T, D]``, rope tables ``[B, T, Dh]``, bool mask ``[B, T, S]`` -> ``(out [B, T, D], cache)``.
+        """x ``[B, T, D]``, rope tables ``[B, T, Dh]``, :class:`AttentionMask` ->
+        ``(out [B, T, D], cache)``.
 
         Without a cache (``None``, returned as is) the keys are this call's tokens (S = T). With
         ``cache = (k, v)``, each ``[B, S, K, Dh]``, this call's keys and values are written at
@@ -188,21 +291,16 @@ class Attention(nnx.Module):
         allows); the updated ``(k, v)`` is returned.
         """
         b, t, _ = x.shape
-        k_heads, groups = self.num_kv_heads, self.num_heads // self.num_kv_heads
         q, k, v = column_parallel(x, self.q_proj, self.k_proj, self.v_proj)
         q = apply_rope(q.reshape(b, t, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(k.reshape(b, t, k_heads, self.head_dim), cos, sin)
-        v = v.reshape(b, t, k_heads, self.head_dim)
+        k = apply_rope(k.reshape(b, t, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
         if cache is not None:
             k, v = (jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (0, index, 0, 0))
                     for c, new in zip(cache, (k, v)))
             cache = (k, v)
-        q = q.reshape(b, t, k_heads, groups, self.head_dim)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * self.scale
-        scores = apply_softcap(scores, self.softcap)
-        scores = jnp.where(mask[:, None, None], scores, _MASKED)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+        out = attention(q, k, v, mask, scale=self.scale, softcap=self.softcap, window=self.sliding_window,
+                        implementation=self.implementation)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), cache
 
 

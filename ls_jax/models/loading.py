@@ -12,7 +12,7 @@ is checkpoint tensor ``model.layers.0.self_attn.q_proj.weight`` (transposed: nnx
 import contextlib
 import json
 import os
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence, Union
 
 import jax.numpy as jnp
 from flax import nnx
@@ -65,7 +65,7 @@ def _build(config, task, num_labels, dtype, param_dtype, remat, rngs):
 
 def from_config(config, *, task: Optional[str] = None, num_labels: Optional[int] = None, seed: int = 0,
                 rngs: Optional[nnx.Rngs] = None, dtype=jnp.float32, param_dtype=jnp.float32,
-                remat: bool = False):
+                remat: Union[bool, str] = False):
     """Randomly initialised model for a transformers config (``LlamaConfig``, ``MistralConfig``,
     ``Qwen2Config``, ``Gemma2Config``).
 
@@ -190,7 +190,7 @@ def check_pretrained(path: str, *, task: Optional[str] = None, num_labels: Optio
 
 
 def from_pretrained(path: str, *, task: Optional[str] = None, num_labels: Optional[int] = None,
-                    dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False, seed: int = 0):
+                    dtype=jnp.float32, param_dtype=jnp.float32, remat: Union[bool, str] = False, seed: int = 0):
     """Load a local Hugging Face checkpoint directory (config.json + safetensors) as an NNX model.
 
     The architecture comes from ``config.model_type`` (see :data:`ARCHITECTURES`), the task as in

@@ -8,7 +8,7 @@ not separate code paths. Module attribute names mirror Hugging Face checkpoints:
 """
 
 from dataclasses import dataclass
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +16,7 @@ from flax import nnx
 
 from ls_jax.logit_stats import dense_logits
 from ls_jax.models.layers import (
-    Attention, GatedMLP, RMSNorm, RopeConfig, default_positions, rope_tables, sliding_window_mask, token_mask,
+    Attention, AttentionMask, GatedMLP, RMSNorm, RopeConfig, default_positions, rope_tables, token_mask,
 )
 
 
@@ -29,6 +29,7 @@ class DecoderSpec:
     sandwich_norms: Gemma 2's extra norms after attention and after the MLP.
     embed_scale: multiply token embeddings by sqrt(hidden_size) (Gemma).
     query_scale: attention score scale (``head_dim ** -0.5``; Gemma 2: ``query_pre_attn_scalar ** -0.5``).
+    attention: "auto", "explicit", "xla" or "cudnn"; see :func:`ls_jax.models.layers.attention_path`.
     """
 
     vocab_size: int
@@ -53,6 +54,7 @@ class DecoderSpec:
     tie_word_embeddings: bool = False
     pad_token_id: Optional[int] = None
     initializer_range: float = 0.02
+    attention: str = "auto"
 
     @property
     def num_layers(self) -> int:
@@ -72,7 +74,7 @@ class DecoderBlock(nnx.Module):
         self.self_attn = Attention(
             spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim, scale=spec.query_scale,
             qkv_bias=spec.qkv_bias, out_bias=spec.out_bias, softcap=spec.attn_softcap,
-            dtype=dtype, param_dtype=param_dtype, kernel_init=init, rngs=rngs,
+            sliding_window=sliding_window, implementation=spec.attention, dtype=dtype, param_dtype=param_dtype, kernel_init=init, rngs=rngs,
         )
         self.mlp = GatedMLP(spec.hidden_size, spec.intermediate_size, activation=spec.activation,
                             use_bias=spec.mlp_bias, dtype=dtype, param_dtype=param_dtype,
@@ -87,11 +89,10 @@ class DecoderBlock(nnx.Module):
         if spec.sandwich_norms:
             self.pre_feedforward_layernorm = norm()
             self.post_feedforward_layernorm = norm()
-        self.sliding_window = sliding_window
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: AttentionMask,
                  cache: Optional[tuple] = None, index=0) -> tuple:
-        """x ``[B, T, D]``, rope tables ``[B, T, Dh]``, bool mask ``[B, T, S]`` ->
+        """x ``[B, T, D]``, rope tables ``[B, T, Dh]``, :class:`AttentionMask` ->
         ``(x [B, T, D], cache)``; ``cache``/``index``: this layer's ``(k, v)`` (see :class:`Attention`)."""
         attn, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, index)
         if self.sandwich_norms:
@@ -103,6 +104,16 @@ class DecoderBlock(nnx.Module):
 
 def _run_block(block: DecoderBlock, x, cos, sin, mask):
     return block(x, cos, sin, mask)[0]
+
+
+# What the backward pass of a block keeps (the rest is recomputed): "none" keeps everything
+# (no remat); "full" only the block's input; "dots" also its matmul outputs without batch
+# dimensions (the projections and MLP; not the attention scores, whose dots are batched).
+REMAT = {
+    "none": None,
+    "full": nnx.remat(_run_block),
+    "dots": nnx.remat(_run_block, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
+}
 
 
 class KVCache(NamedTuple):
@@ -129,12 +140,16 @@ class KVCache(NamedTuple):
 class Decoder(nnx.Module):
     """Token embedding, the blocks and the final norm: ids ``[B, T]`` -> hidden ``[B, T, D]``.
 
-    ``remat=True`` recomputes each block's activations in the backward pass (nnx.remat),
-    trading compute for memory in fine-tuning.
+    ``remat`` ("none", "full" or "dots", see :data:`REMAT`; True means "full", False "none")
+    recomputes each block's activations in the backward pass (nnx.remat), trading compute
+    for memory in fine-tuning.
     """
 
     def __init__(self, spec: DecoderSpec, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                 remat: bool = False, rngs: nnx.Rngs):
+                 remat: Union[bool, str] = False, rngs: nnx.Rngs):
+        remat = {True: "full", False: "none"}.get(remat, remat)
+        if remat not in REMAT:
+            raise ValueError(f"remat must be one of {tuple(REMAT)} (or a bool), got {remat!r}")
         self.spec = spec
         self.dtype = dtype
         self.remat = remat
@@ -156,6 +171,11 @@ class Decoder(nnx.Module):
         or None (packed sequences: attention stays inside a segment). Returns ``[B, T, D]`` in
         the compute dtype, final norm applied.
 
+        Without a mask, segments or cache, attention is plain causal: the form cuDNN's fused
+        kernel takes on a GPU (:func:`~ls_jax.models.layers.attention_path`). Right-padded rows
+        may leave ``attention_mask`` out too: no real token attends to the padding after it, so
+        only the (unused) outputs at padding change.
+
         With a :class:`KVCache` the tokens continue the cached ones: they are written at slots
         ``cache.index ..`` and attend to every real cached token; default positions continue
         from the number of real cached tokens. Returns ``(hidden, updated cache)`` then.
@@ -176,16 +196,18 @@ class Decoder(nnx.Module):
         if self.spec.embed_scale:
             x = x * jnp.asarray(self.spec.hidden_size ** 0.5, x.dtype)
         cos, sin = rope_tables(positions, self.spec.rope, x.dtype)
-        base = token_mask(key_mask, segment_ids, shape, offset)
-        masks = {w: sliding_window_mask(base, w, offset) for w in set(self.spec.sliding_windows)}
+        if cache is None and segment_ids is None and attention_mask is None:
+            mask = AttentionMask()  # plain causal: the form cuDNN's kernel takes
+        else:
+            mask = AttentionMask(dense=token_mask(key_mask, segment_ids, shape, offset), offset=offset)
         if cache is None:
-            run = nnx.remat(_run_block) if self.remat else _run_block
+            run = REMAT[self.remat] or _run_block
             for layer in self.layers:
-                x = run(layer, x, cos, sin, masks[layer.sliding_window])
+                x = run(layer, x, cos, sin, mask)
             return self.norm(x)
         layers = []
         for layer, kv in zip(self.layers, cache.layers):
-            x, kv = layer(x, cos, sin, masks[layer.sliding_window], kv, offset)
+            x, kv = layer(x, cos, sin, mask, kv, offset)
             layers.append(kv)
         return self.norm(x), KVCache(tuple(layers), key_mask, offset + shape[1])
 
@@ -198,7 +220,7 @@ class CausalLM(nnx.Module):
     """
 
     def __init__(self, spec: DecoderSpec, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                 remat: bool = False, rngs: nnx.Rngs):
+                 remat: Union[bool, str] = False, rngs: nnx.Rngs):
         self.model = Decoder(spec, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
         if not spec.tie_word_embeddings:
             init = nnx.initializers.normal(spec.initializer_range)

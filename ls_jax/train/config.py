@@ -101,6 +101,7 @@ class TrainConfig(LossOptions):
     seed: int = 0
     compute_dtype: str = "float32"
     param_dtype: str = "float32"
+    remat: str = "none"
     lora_rank: int = 0
     lora_alpha: Optional[float] = None
     lora_targets: str = LORA_TARGETS
@@ -189,6 +190,9 @@ _HELP = {
     "clip_norm": "clip gradients to this global norm (0: off)",
     "compute_dtype": "activation dtype: float32 or bfloat16",
     "param_dtype": "parameter dtype: float32 or bfloat16",
+    "remat": "recompute each block's activations in the backward pass: none, full (keep only the block's "
+             "input) or dots (also keep its matmul outputs without batch dimensions - projections and MLP, "
+             "not the attention scores: jax.checkpoint_policies.dots_with_no_batch_dims_saveable)",
     "lora_rank": "train only LoRA adapters (qwix) of this rank on the --lora-targets layers (0: full fine-tuning)",
     "lora_alpha": "LoRA scale numerator: adapters add (alpha / rank) * x @ A @ B (default: the rank, scale 1)",
     "s3ft": "selective self-to-supervised fine-tuning: replace each training response by the model's own "

@@ -140,8 +140,9 @@ def train(config: TrainConfig, prep: Prepared, out_dir: str, *, stop_at: Optiona
         held = classification.eval_batches(prep.held_out, config.eval_batch_size)
         run_eval = classification.evaluate
     else:
-        train_step = make_train_step(graphdef, tx, config, opt_shardings=opt_sh, **shardings)
-        evaluate = make_eval_step(graphdef, config, special_ids=prep.tokenizer.all_special_ids, **shardings)
+        train_step = make_train_step(graphdef, tx, config, opt_shardings=opt_sh, packed=config.packing, **shardings)
+        evaluate = make_eval_step(graphdef, config, special_ids=prep.tokenizer.all_special_ids,
+                                  packed=False, **shardings)  # eval_batches: one example a row
         pad = prep.tokenizer.pad_token_id
         batches = Batches(prep.train, config.batch_size, config.max_length, pad, seed=config.seed,
                           packing=config.packing, targets=prep.targets)

@@ -19,6 +19,7 @@ from ls_jax import data
 from ls_jax.dispatch import CHOICES
 from ls_jax.distill import REST_MODES
 from ls_jax.models.classification import SMOOTHING_CONVENTIONS
+from ls_jax.models.transformer import REMAT
 from ls_jax.targets import check_options
 from ls_jax.s3ft import judges
 from ls_jax.train import sharding, synthetic
@@ -87,6 +88,7 @@ def check_config(c: TrainConfig) -> None:
         (c.impl in CHOICES, f"--impl must be one of {CHOICES}"),
         (c.compute_dtype in DTYPES, f"--compute-dtype must be one of {tuple(DTYPES)}"),
         (c.param_dtype in DTYPES, f"--param-dtype must be one of {tuple(DTYPES)}"),
+        (c.remat in REMAT, f"--remat must be one of {tuple(REMAT)}"),
         (0 < c.lr < math.inf, "--lr must be finite and > 0"),
         (0 <= c.b1 < 1, "--b1 must be in [0, 1)"),
         (0 <= c.b2 < 1, "--b2 must be in [0, 1)"),
@@ -226,7 +228,7 @@ def _model_builder(c: TrainConfig, config, vocab: int, num_labels: Optional[int]
     from ls_jax.models import check_pretrained, from_config, tiny_llama_config
 
     task = dict(task="sequence_classification", num_labels=num_labels) if num_labels else {}
-    dtypes = dict(dtype=DTYPES[c.compute_dtype], param_dtype=DTYPES[c.param_dtype])
+    dtypes = dict(dtype=DTYPES[c.compute_dtype], param_dtype=DTYPES[c.param_dtype], remat=c.remat)
     if config is None:
         tiny = tiny_llama_config(vocab_size=vocab, **TINY_MODELS[c.model])
         _check_lora_targets(c, tiny, task)
@@ -246,7 +248,7 @@ def checkpoint_builder(c: TrainConfig, path: str, **task) -> Callable:
     the run's dtypes (the seed initialises only a fresh classification head)."""
     from ls_jax.models import from_pretrained
 
-    dtypes = dict(dtype=DTYPES[c.compute_dtype], param_dtype=DTYPES[c.param_dtype])
+    dtypes = dict(dtype=DTYPES[c.compute_dtype], param_dtype=DTYPES[c.param_dtype], remat=c.remat)
     return lambda seed=c.seed: from_pretrained(path, seed=seed, **task, **dtypes)
 
 

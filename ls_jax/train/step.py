@@ -27,13 +27,21 @@ from ls_jax.train import sharding
 from ls_jax.train.config import LossOptions
 
 
-def model_inputs(batch: Dict[str, jax.Array]) -> Dict[str, jax.Array]:
-    """The model's keyword inputs from a data batch: mask, positions and segments of each row."""
+def model_inputs(batch: Dict[str, jax.Array], packed: bool = True) -> Dict[str, Any]:
+    """The model's keyword inputs from a data batch: mask, positions and segments of each row.
+
+    ``packed=False`` (rows of one right-padded example each, ``--no-packing``) leaves out the
+    mask and segments: under causal attention no real token attends to the padding after it,
+    so real tokens' outputs (all the loss reads: padding labels are ignored) are the same, and
+    the model's attention keeps the plain causal form cuDNN's fused kernel takes on a GPU.
+    """
+    if not packed:
+        return {"attention_mask": None, "positions": batch["positions"], "segment_ids": None}
     return {"attention_mask": batch["segment_ids"] > 0, "positions": batch["positions"],
             "segment_ids": batch["segment_ids"]}
 
 
-def _loss_sum(model, batch, opts: LossOptions, mesh=None):
+def _loss_sum(model, batch, opts: LossOptions, mesh=None, packed: bool = True):
     """Summed smoothed loss over the batch's response tokens (the wrapper shifts the labels),
     each device computing its own tokens and vocabulary shard on ``mesh``; against the batch's
     sparse targets when it has them (:func:`soft_loss_sum`)."""
@@ -41,7 +49,7 @@ def _loss_sum(model, batch, opts: LossOptions, mesh=None):
         return soft_loss_sum(model, batch, opts, mesh)
     loss, _ = causal_lm_loss(
         model, {"input_ids": batch["input_ids"], "labels": batch["labels"], "weights": batch["weights"],
-                **model_inputs(batch)},
+                **model_inputs(batch, packed)},
         reduction="sum", mesh=mesh, **opts.loss_kwargs())
     return loss
 
@@ -91,14 +99,15 @@ def lm_weight(batch) -> jax.Array:
 def make_train_step(graphdef, tx: optax.GradientTransformation, opts: LossOptions, *,
                     param_shardings, frozen_shardings, opt_shardings, mesh,
                     loss_sum: Optional[Callable] = None, count: Callable = lm_tokens,
-                    total: Callable = lm_weight) -> Callable:
+                    total: Callable = lm_weight, packed: bool = True) -> Callable:
     """``step(params, frozen, opt_state, batch) -> (params, opt_state, metrics)``, jitted.
 
     loss_sum(model, micro_batch, opts): the summed (weighted) loss (default: the causal LM's, each
     device computing its own tokens and vocabulary shard on ``mesh``); count(batch): int32 scored
     units (default: the causal LM's response tokens; ``ls_jax.train.classification`` passes its
     rows); total(batch): their float32 total weight, which the summed loss is divided by (default:
-    :func:`lm_weight`).
+    :func:`lm_weight`). packed: rows may hold several examples (see :func:`model_inputs`; default
+    loss only).
     metrics: float32 ``loss`` (the step's weighted mean), ``grad_norm`` (before
     clipping), int32 ``tokens`` (units scored in the step), bool ``finite`` (every updated
     parameter is finite), ``real_tokens`` (all non-padding tokens). All replicated.
@@ -111,7 +120,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, opts: LossOption
         def micro(acc, mb):
             def weighted(p):
                 model = nnx.merge(graphdef, p, frozen)
-                return (loss_sum or partial(_loss_sum, mesh=mesh))(model, mb, opts) / weight
+                return (loss_sum or partial(_loss_sum, mesh=mesh, packed=packed))(model, mb, opts) / weight
 
             loss, grads = jax.value_and_grad(weighted)(params)
             return jax.tree.map(jnp.add, acc, grads), loss
@@ -135,7 +144,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, opts: LossOption
 
 
 def make_eval_step(graphdef, opts: LossOptions, *, param_shardings, frozen_shardings, mesh,
-                   special_ids: Sequence[int] = (), n_bins: int = 15) -> Callable:
+                   special_ids: Sequence[int] = (), n_bins: int = 15, packed: bool = True) -> Callable:
     """``evaluate(params, frozen, batch) -> sums`` for a batch ``[B, T]``, jitted.
 
     One forward pass; the training loss' own path (same implementation, blocks and compute
@@ -147,13 +156,14 @@ def make_eval_step(graphdef, opts: LossOptions, *, param_shardings, frozen_shard
     ``bins``: token-level :class:`ls_jax.calibration.CalibrationBins` of the content tokens
     (response tokens other than ``special_ids``: end-of-sequence and chat-template markers,
     whose confidence smoothing caps at ``1 - a + a / V`` by construction), and
-    ``special_bins``: the same over the ``special_ids`` response tokens alone.
+    ``special_bins``: the same over the ``special_ids`` response tokens alone. packed: as in
+    :func:`make_train_step`.
     """
     special_ids = jnp.asarray(sorted(set(special_ids)) or [-1], jnp.int32)
 
     def evaluate(params, frozen, batch):
         model = nnx.merge(graphdef, params, frozen)
-        inputs = model_inputs(batch)
+        inputs = model_inputs(batch, packed)
         hidden = model(batch["input_ids"], **inputs)
         weight = model.unembedding().astype(hidden.dtype)  # the compute dtype, as causal_lm_loss
         targets = next_token_targets(batch["labels"], inputs["attention_mask"], inputs["segment_ids"])
