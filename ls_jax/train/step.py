@@ -48,7 +48,7 @@ def _loss_sum(model, batch, opts: LossOptions, mesh=None, packed: bool = True):
     if "target_ids" in batch:
         return soft_loss_sum(model, batch, opts, mesh)
     loss, _ = causal_lm_loss(
-        model, {"input_ids": batch["input_ids"], "labels": batch["labels"], "weights": batch["weights"],
+        model, {"input_ids": batch["input_ids"], "labels": batch["labels"], "weights": batch.get("weights"),
                 **model_inputs(batch, packed)},
         reduction="sum", mesh=mesh, **opts.loss_kwargs())
     return loss
