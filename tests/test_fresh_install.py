@@ -30,6 +30,6 @@ def test_default_run_from_the_root(tmp_path):
 
 def test_classification_compare_smoothing_from_the_root(tmp_path):
     out = _train(tmp_path, "--task", "classification", "--compare-smoothing", "0,0.2")
-    rows = [line.split()[0] for line in out if line[:4] in ("0.00", "0.20")]
+    rows = [line.split()[0] for line in out if line.split()[:1] in (["0.00"], ["0.20"])]
     assert rows[-2:] == ["0.00", "0.20"], out[-20:]
     assert (tmp_path / "out" / "reliability.png").stat().st_size > 0

@@ -91,9 +91,10 @@ def lm_tokens(batch) -> jax.Array:
 
 def lm_weight(batch) -> jax.Array:
     """float32 total weight of the response tokens a causal-LM batch scores (each token weighs
-    its example's weight: 1, or a weighted answer's probability)."""
+    its example's weight: 1, or a weighted answer's probability; 1 when the batch has none)."""
     scored = batch["labels"][..., 1:] != IGNORE_INDEX
-    return jnp.where(scored, batch["weights"][..., 1:], 0.0).sum()
+    weights = batch.get("weights")
+    return jnp.where(scored, 1.0 if weights is None else weights[..., 1:], 0.0).sum()
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, opts: LossOptions, *,
