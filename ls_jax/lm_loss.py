@@ -17,6 +17,12 @@ from ls_jax.losses import TokenStats, linear_smoothed_cross_entropy
 from ls_jax.sharded import context_mesh
 
 
+def shift_left(x: jax.Array, fill=0) -> jax.Array:
+    """``[B, T, ...]`` aligned with the next token: position t gets ``x[:, t + 1]``, the last
+    ``fill``."""
+    return jnp.concatenate([x[:, 1:], jnp.full_like(x[:, :1], fill)], axis=1)
+
+
 def next_token_targets(labels: jax.Array, attention_mask: Optional[jax.Array] = None,
                        segment_ids: Optional[jax.Array] = None, ignore_index: int = -100) -> jax.Array:
     """Shift labels ``[B, T]`` so position t is scored on token t + 1 (Hugging Face convention).
@@ -25,23 +31,20 @@ def next_token_targets(labels: jax.Array, attention_mask: Optional[jax.Array] = 
     segment, and padding positions themselves get ``ignore_index``. int32 ``[B, T]``.
     """
     labels = jnp.asarray(labels, jnp.int32)
-    b = labels.shape[0]
-    targets = jnp.concatenate([labels[:, 1:], jnp.full((b, 1), ignore_index, jnp.int32)], axis=1)
+    targets = shift_left(labels, ignore_index)
     keep = jnp.ones(labels.shape, bool)
     if attention_mask is not None:
         real = attention_mask.astype(bool)
-        keep = keep & real & jnp.concatenate([real[:, 1:], jnp.zeros((b, 1), bool)], axis=1)
+        keep = keep & real & shift_left(real, False)
     if segment_ids is not None:
-        same = segment_ids[:, 1:] == segment_ids[:, :-1]
-        keep = keep & jnp.concatenate([same, jnp.zeros((b, 1), bool)], axis=1)
+        keep = keep & (shift_left(segment_ids) == segment_ids)
     return jnp.where(keep, targets, ignore_index)
 
 
 def next_token_weights(weights: jax.Array) -> jax.Array:
     """float32 ``[B, T]``: per-token weights ``[B, T]`` aligned with the labels, shifted as
     :func:`next_token_targets` shifts them (position t gets ``weights[t + 1]``; 0 at the end)."""
-    weights = jnp.asarray(weights, jnp.float32)
-    return jnp.concatenate([weights[:, 1:], jnp.zeros((weights.shape[0], 1), jnp.float32)], axis=1)
+    return shift_left(jnp.asarray(weights, jnp.float32))
 
 
 def token_metrics(stats: TokenStats, targets: jax.Array) -> dict:

@@ -21,7 +21,7 @@ from flax import nnx
 
 from ls_jax.calibration import token_bins, token_brier
 from ls_jax.data import IGNORE_INDEX
-from ls_jax.lm_loss import causal_lm_loss, next_token_targets, next_token_weights
+from ls_jax.lm_loss import causal_lm_loss, next_token_targets, next_token_weights, shift_left
 from ls_jax.losses import linear_smoothed_cross_entropy
 from ls_jax.train import sharding
 from ls_jax.train.config import LossOptions
@@ -66,14 +66,13 @@ def soft_loss_sum(model, batch, opts: LossOptions, mesh=None) -> jax.Array:
     hidden = model(batch["input_ids"], **inputs)
     weight = model.unembedding().astype(hidden.dtype)  # the compute dtype, as causal_lm_loss
     scored = next_token_targets(batch["labels"], inputs["attention_mask"], inputs["segment_ids"]) != IGNORE_INDEX
-    shift = lambda x: jnp.concatenate([x[:, 1:], jnp.zeros_like(x[:, :1])], axis=1)  # noqa: E731
-    ids = jnp.where(scored[..., None], shift(batch["target_ids"]), IGNORE_INDEX)
+    ids = jnp.where(scored[..., None], shift_left(batch["target_ids"]), IGNORE_INDEX)
     token_weights = next_token_weights(batch["weights"])
     kw = dict(opts.loss_kwargs(), logit_softcap=opts.softcap(model), reduction="sum", mesh=mesh)
-    loss = linear_smoothed_cross_entropy(hidden, weight, (ids, shift(batch["target_weights"])),
+    loss = linear_smoothed_cross_entropy(hidden, weight, (ids, shift_left(batch["target_weights"])),
                                          weights=token_weights, **kw)
     if "target_uniform" in batch:
-        uniform = (1.0 - opts.label_smoothing) * shift(batch["target_uniform"]) * token_weights
+        uniform = (1.0 - opts.label_smoothing) * shift_left(batch["target_uniform"]) * token_weights
         loss += linear_smoothed_cross_entropy(hidden, weight, (ids, jnp.zeros(ids.shape, jnp.float32)),
                                               weights=uniform, **{**kw, "label_smoothing": 1.0, "z_loss": 0.0})
     return loss
