@@ -153,12 +153,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--batch-size", type=int, default=16, help="examples per teacher batch (default: 16)")
     p.add_argument("--split", default="train", help="split of a saved DatasetDict (default: train)")
     a = p.parse_args(argv)
-    from ls_jax.train.setup import ConfigError, _auto_tokenizer
+    from ls_jax.tokenizer import load_tokenizer
+    from ls_jax.train.config import ConfigError
 
     try:
         if a.top_k < 1 or a.batch_size < 1 or a.max_length < 2:
             raise ConfigError("--top-k and --batch-size must be >= 1, --max-length >= 2")
-        tokenizer = _auto_tokenizer(a.teacher)
+        tokenizer = load_tokenizer(a.teacher)
         rows, where = load_rows(a.data, a.split)
         rows, where, weights = expand_responses(rows, where)
         examples, stats = prepare(rows, tokenizer, a.max_length, name=a.data, where=where, weights=weights)

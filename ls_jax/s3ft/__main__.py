@@ -55,10 +55,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not os.path.isfile(os.path.join(args.model, "config.json")):
             raise ValueError(f"--model {args.model}: not a checkpoint directory (no config.json)")
         from ls_jax.data import load_rows
-        from ls_jax.train.setup import _auto_tokenizer
+        from ls_jax.tokenizer import load_tokenizer
 
         rows, where = load_rows(args.data, args.split)
-        tokenizer = _auto_tokenizer(args.model)
+        tokenizer = load_tokenizer(args.model)
         from ls_jax.models import check_pretrained, from_pretrained
         from ls_jax.s3ft.pipeline import build_cached, checkpoint_id
 

@@ -77,10 +77,10 @@ def accuracy(model_dir: str, path: str, judge: str) -> Dict[str, float]:
     from ls_jax.generation import generate
     from ls_jax.models import from_pretrained
     from ls_jax.s3ft.judges import JUDGES
-    from ls_jax.train.setup import _auto_tokenizer
+    from ls_jax.tokenizer import load_tokenizer
 
     rows = [r for _, r in read_jsonl(path)]
-    model, tok = from_pretrained(model_dir), _auto_tokenizer(model_dir)
+    model, tok = from_pretrained(model_dir), load_tokenizer(model_dir)
     gens = generate(model, tok, [r["prompt"] for r in rows], max_new_tokens=32, batch_size=128)
     hits: Dict[str, List[bool]] = {}
     for r, g in zip(rows, gens):

@@ -157,11 +157,14 @@ def _rows(c: TrainConfig):
 
 def _tokenizer(c: TrainConfig, train_rows, saved_tokenizer: Optional[str]):
     """The run's tokenizer: a resumed run's, the checkpoint's, or a BPE trained on the train rows."""
-    if saved_tokenizer is not None:
-        return _auto_tokenizer(saved_tokenizer)
-    if os.path.isdir(c.model):
-        return _auto_tokenizer(c.model)
-    from ls_jax.tokenizer import train_bpe_tokenizer
+    from ls_jax.tokenizer import load_tokenizer, train_bpe_tokenizer
+
+    path = saved_tokenizer if saved_tokenizer is not None else c.model if os.path.isdir(c.model) else None
+    if path is not None:
+        try:
+            return load_tokenizer(path)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     def text(r):
         turns = " ".join(str(m.get("content", "")) for m in (r.get("messages") or []) if isinstance(m, dict))
@@ -170,33 +173,6 @@ def _tokenizer(c: TrainConfig, train_rows, saved_tokenizer: Optional[str]):
         return str(r.get("prompt", "")) + str(r.get("response", "")) + turns + answers + str(r.get("text", ""))
 
     return train_bpe_tokenizer([text(r) for r in train_rows])
-
-
-# the files transformers builds a tokenizer from (a directory with none of them holds no tokenizer)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
-
-
-def _auto_tokenizer(path: str):
-    """The tokenizer saved in ``path``. A directory without one is a :class:`ConfigError` naming
-    the missing files: transformers 5 would build an empty tokenizer from the config alone (every
-    text encoding to nothing, or to unknown tokens), or fail with a message about converters."""
-    from transformers import AutoTokenizer
-
-    missing = (f"{path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save the model's tokenizer "
-               f"there (tokenizer.save_pretrained)")
-    has_files = any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES)
-    try:
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise ConfigError(missing if not has_files else
-                          f"cannot load a tokenizer from {path}: {str(e).splitlines()[0]}") from None
-    ids = tok("The answer is 42.", add_special_tokens=False)["input_ids"]
-    if all(i == tok.unk_token_id for i in ids):
-        raise ConfigError(missing if not has_files else
-                          f"the tokenizer in {path} encodes text to {'unknown tokens only' if ids else 'nothing'}")
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
 
 
 def _model_config(c: TrainConfig):
