@@ -176,7 +176,12 @@ def references(tokenizer, rows: Sequence[dict]) -> Tuple[List[List[int]], List[L
     """(prompt ids, reference ids, rows skipped) of :func:`reference_answers`, the reference of a
     row with weighted responses its heaviest (the first of equals)."""
     prompts, answers, skipped = reference_answers(tokenizer, rows)
-    return prompts, [max(a, key=lambda ref_p: ref_p[1])[0] for a in answers], skipped
+    return prompts, _heaviest(answers), skipped
+
+
+def _heaviest(answers) -> List[List[int]]:
+    """Each row's heaviest reference (the first of equals) of :func:`reference_answers`'s lists."""
+    return [max(a, key=lambda ref_p: ref_p[1])[0] for a in answers]
 
 
 def generate_answers(model, tokenizer, rows: Sequence[dict], *, max_new_tokens: Optional[int] = None,
@@ -184,7 +189,7 @@ def generate_answers(model, tokenizer, rows: Sequence[dict], *, max_new_tokens: 
     """Greedy answers to generated-answer ``rows`` (:func:`ls_jax.generation.generate`),
     compared with their references. max_new_tokens: default the longest reference plus 8."""
     prompts, answers, skipped = reference_answers(tokenizer, rows)
-    heaviest = references(tokenizer, rows)[1]
+    heaviest = _heaviest(answers)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     limit = max_new_tokens or (max((len(ref) for a in answers for ref, _ in a), default=0) + 8)
     decoded = [g.tokens for g in generate(model, tokenizer, prompts, max_new_tokens=limit, batch_size=batch_size)]
