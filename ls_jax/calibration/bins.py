@@ -43,12 +43,41 @@ class CalibrationBins(NamedTuple):
     brier_sum: jax.Array
 
     def merge(self, other: "CalibrationBins") -> "CalibrationBins":
-        """Elementwise sum: the bins of the union of both sample sets."""
+        """Elementwise sum: the bins of the union of both sample sets.
+
+        Args:
+          other: bins with the same ``n_bins`` (equal-width bins; equal-mass bins do not merge).
+
+        Returns:
+          :class:`CalibrationBins`, each field the sum of both, shapes unchanged.
+
+        Examples:
+          >>> from ls_jax.calibration import bin_statistics
+          >>> a = bin_statistics([0.2, 0.9], [False, True], n_bins=2)
+          >>> b = bin_statistics([0.7], [False], n_bins=2)
+          >>> print(a.merge(b).count.tolist())
+          [1, 2, 0]
+        """
         return CalibrationBins(*(a + b for a, b in zip(self, other)))
 
 
 def bin_edges(n_bins: int) -> np.ndarray:
-    """float32 edges ``[n_bins + 1]``: ``k / n_bins`` correctly rounded."""
+    """The equal-width bin edges ``k / n_bins``, correctly rounded to float32.
+
+    Args:
+      n_bins: number of bins, a positive int.
+
+    Returns:
+      float32 ``[n_bins + 1]``: ``0, 1 / n_bins, ..., 1``.
+
+    Raises:
+      ValueError: ``n_bins`` is not a positive int.
+
+    Examples:
+      >>> from ls_jax.calibration import bin_edges
+      >>> print(bin_edges(4).tolist())
+      [0.0, 0.25, 0.5, 0.75, 1.0]
+    """
     if not isinstance(n_bins, int) or n_bins < 1:
         raise ValueError(f"n_bins must be a positive int, got {n_bins!r}")
     return (np.arange(n_bins + 1, dtype=np.float64) / n_bins).astype(np.float32)
@@ -57,11 +86,29 @@ def bin_edges(n_bins: int) -> np.ndarray:
 @partial(jax.jit, static_argnames=("n_bins", "binning"))
 def bin_statistics(confidence, correct, *, n_bins: int = 15, binning: str = "width", where=None,
                    nll=None, brier=None) -> CalibrationBins:
-    """:class:`CalibrationBins` of confidences [N] in [0, 1] and correct flags [N] (bool).
+    """Per-bin sums of top-label confidences and correctness (binning conventions: module docstring).
 
-    binning: "width" (mergeable across batches) or "mass" (equal counts, over the valid
-    samples of this call only). where: bool [N], samples to count. nll, brier: optional
-    per-sample float [N], summed over the valid samples.
+    Args:
+      confidence: float ``[N]`` in [0, 1] (clipped to it).
+      correct: bool ``[N]``, whether each prediction is right.
+      n_bins: number of bins (static).
+      binning: ``"width"`` (mergeable across batches) or ``"mass"`` (equal counts, over the valid
+        samples of this call only) (static).
+      where: bool ``[N]``, the samples to count (default all).
+      nll: optional float ``[N]``, per-sample NLL, summed over the valid samples.
+      brier: optional float ``[N]``, per-sample Brier score, summed over the valid samples.
+
+    Returns:
+      :class:`CalibrationBins` with ``[n_bins + 1]`` per-bin fields (the last: confidence exactly 1.0).
+
+    Raises:
+      ValueError: ``binning`` is not one of :data:`BINNINGS`, or ``n_bins`` is not a positive int.
+
+    Examples:
+      >>> from ls_jax.calibration import bin_statistics
+      >>> bins = bin_statistics([0.3, 0.6, 0.9, 1.0], [True, False, True, True], n_bins=2)
+      >>> print(bins.count.tolist(), bins.correct_sum.tolist())
+      [1, 2, 1] [1, 1, 1]
     """
     if binning not in BINNINGS:
         raise ValueError(f"binning must be one of {BINNINGS}, got {binning!r}")
@@ -94,9 +141,23 @@ def bin_statistics(confidence, correct, *, n_bins: int = 15, binning: str = "wid
 
 
 def errors_from_bins(bins: CalibrationBins) -> dict:
-    """float32 scalars from bins: ``ece`` (l1), ``rms`` (l2), ``mce`` (max over non-empty bins),
-    ``accuracy``, ``confidence`` (mean), ``nll`` (mean of the given NLL), ``brier`` (mean of
-    the given Brier scores, NaN when not given); all 0 with no samples."""
+    """Calibration errors and means of (e.g. accumulated) bins.
+
+    Args:
+      bins: :class:`CalibrationBins`, ``[n_bins + 1]`` per field.
+
+    Returns:
+      dict of float32 scalars: ``ece`` (l1), ``rms`` (l2), ``mce`` (max over non-empty bins),
+      ``accuracy``, ``confidence`` (mean), ``nll`` (mean of the given NLL), ``brier`` (mean of
+      the given Brier scores, NaN when not given); all 0 with no samples.
+
+    Examples:
+      >>> from ls_jax.calibration import bin_statistics, errors_from_bins
+      >>> bins = bin_statistics([0.3, 0.6, 0.9, 1.0], [True, False, True, True], n_bins=2)
+      >>> errors = errors_from_bins(bins)
+      >>> print(round(float(errors["ece"]), 4), round(float(errors["accuracy"]), 4))
+      0.3 0.75
+    """
     count = bins.count.astype(jnp.float32)
     total = jnp.maximum(count.sum(), 1.0)
     diff = bins.confidence_sum - bins.correct_sum.astype(jnp.float32)
