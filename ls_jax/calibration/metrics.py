@@ -54,7 +54,29 @@ def _log_probs(scores, from_logits: bool):
 
 
 def top_label(scores, labels, *, from_logits: bool = False):
-    """Top-label ``(confidence [N] float32, correct [N] bool)`` of scores [N, K], labels [N]."""
+    """Top-label confidence and correctness: the largest probability, and argmax == label.
+
+    Args:
+      scores: float ``[N, K]``, probabilities (or logits with ``from_logits``).
+      labels: int ``[N]``, class ids in ``[0, K)``.
+      from_logits: whether ``scores`` are logits (static).
+
+    Returns:
+      ``(confidence, correct)``: float32 ``[N]`` in [0, 1] and bool ``[N]`` (argmax: lowest index on ties).
+
+    Raises:
+      ValueError: ``scores`` is not ``[N, K]`` or ``labels`` not ``[N]`` integers, or a label (when
+        concrete: not under an outer jit) lies outside ``[0, K)``.
+
+    Examples:
+      >>> import numpy as np
+      >>> from ls_jax import calibration
+      >>> probs = np.array([[0.7, 0.2, 0.1], [0.4, 0.5, 0.1], [0.1, 0.1, 0.8], [0.3, 0.3, 0.4]])
+      >>> labels = np.array([0, 0, 2, 1])
+      >>> confidence, correct = calibration.top_label(probs, labels)
+      >>> print([round(float(c), 4) for c in confidence], np.asarray(correct).tolist())
+      [0.7, 0.5, 0.8, 0.4] [True, False, True, False]
+    """
     scores, labels, _ = _check(scores, labels, None)
     prediction = jnp.argmax(scores, axis=-1)
     if from_logits:
@@ -67,11 +89,36 @@ def top_label(scores, labels, *, from_logits: bool = False):
 @_metric("from_logits", "n_bins", "binning", "norm")
 def calibration_error(scores, labels, *, from_logits: bool = False, n_bins: int = 15,
                       binning: str = "width", norm: str = "l1", where=None):
-    """Top-label calibration error (float32 scalar) of scores [N, K] and labels [N].
+    """Top-label calibration error: ECE, RMS or maximum calibration error.
 
-    norm: "l1" = expected calibration error (ECE), "l2" = RMS calibration error (the square
-    root of the count-weighted mean squared gap, not debiased), "max" = maximum calibration
-    error over non-empty bins. binning: "width" or "mass" (module docstring).
+    Args:
+      scores: float ``[N, K]``, probabilities (or logits with ``from_logits``).
+      labels: int ``[N]``, class ids in ``[0, K)``.
+      from_logits: whether ``scores`` are logits (static).
+      n_bins: number of bins (static).
+      binning: ``"width"`` or ``"mass"`` (:mod:`ls_jax.calibration.bins`) (static).
+      norm: ``"l1"`` = expected calibration error (ECE), ``"l2"`` = RMS calibration error (the square
+        root of the count-weighted mean squared gap, not debiased), ``"max"`` = maximum calibration
+        error over non-empty bins (static).
+      where: bool ``[N]``, the samples to count (default all).
+
+    Returns:
+      float32 scalar.
+
+    Raises:
+      ValueError: ``scores`` is not ``[N, K]`` or ``labels`` not ``[N]`` integers, or a label (when
+        concrete: not under an outer jit) lies outside ``[0, K)``.
+      ValueError: ``norm`` is not one of :data:`NORMS` or ``binning`` not one of ``BINNINGS``.
+
+    Examples:
+      >>> import numpy as np
+      >>> from ls_jax import calibration
+      >>> probs = np.array([[0.7, 0.2, 0.1], [0.4, 0.5, 0.1], [0.1, 0.1, 0.8], [0.3, 0.3, 0.4]])
+      >>> labels = np.array([0, 0, 2, 1])
+      >>> print(round(float(calibration.calibration_error(probs, labels, n_bins=5)), 4))
+      0.35
+      >>> print(round(float(calibration.calibration_error(probs, labels, n_bins=5, norm="max")), 4))
+      0.45
     """
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
@@ -83,8 +130,31 @@ def calibration_error(scores, labels, *, from_logits: bool = False, n_bins: int 
 
 @_metric("from_logits", "n_bins")
 def classwise_calibration_error(scores, labels, *, from_logits: bool = False, n_bins: int = 15, where=None):
-    """Classwise ECE (Kull et al. 2019), float32: the mean over the K classes of the
-    equal-width l1 calibration error of ``p_k`` against ``labels == k``."""
+    """Classwise ECE (Kull et al. 2019): the mean over the K classes of the equal-width l1
+    calibration error of ``p_k`` against ``labels == k``.
+
+    Args:
+      scores: float ``[N, K]``, probabilities (or logits with ``from_logits``).
+      labels: int ``[N]``, class ids in ``[0, K)``.
+      from_logits: whether ``scores`` are logits (static).
+      n_bins: number of bins (static).
+      where: bool ``[N]``, the samples to count (default all).
+
+    Returns:
+      float32 scalar.
+
+    Raises:
+      ValueError: ``scores`` is not ``[N, K]`` or ``labels`` not ``[N]`` integers, or a label (when
+        concrete: not under an outer jit) lies outside ``[0, K)``.
+
+    Examples:
+      >>> import numpy as np
+      >>> from ls_jax import calibration
+      >>> probs = np.array([[0.7, 0.2, 0.1], [0.4, 0.5, 0.1], [0.1, 0.1, 0.8], [0.3, 0.3, 0.4]])
+      >>> labels = np.array([0, 0, 2, 1])
+      >>> print(round(float(calibration.classwise_calibration_error(probs, labels, n_bins=5)), 4))
+      0.3
+    """
     scores, labels, valid = _check(scores, labels, where)
     probs = jnp.exp(_log_probs(scores, from_logits))
     k = jnp.arange(probs.shape[1])
@@ -96,7 +166,29 @@ def classwise_calibration_error(scores, labels, *, from_logits: bool = False, n_
 
 @_metric("from_logits")
 def brier_score(scores, labels, *, from_logits: bool = False, where=None):
-    """Mean over samples of ``sum_k (p_k - onehot(label)_k)^2`` (range [0, 2]), float32."""
+    """Multi-class Brier score: the mean over samples of ``sum_k (p_k - onehot(label)_k)^2``.
+
+    Args:
+      scores: float ``[N, K]``, probabilities (or logits with ``from_logits``).
+      labels: int ``[N]``, class ids in ``[0, K)``.
+      from_logits: whether ``scores`` are logits (static).
+      where: bool ``[N]``, the samples to count (default all).
+
+    Returns:
+      float32 scalar in [0, 2].
+
+    Raises:
+      ValueError: ``scores`` is not ``[N, K]`` or ``labels`` not ``[N]`` integers, or a label (when
+        concrete: not under an outer jit) lies outside ``[0, K)``.
+
+    Examples:
+      >>> import numpy as np
+      >>> from ls_jax import calibration
+      >>> probs = np.array([[0.7, 0.2, 0.1], [0.4, 0.5, 0.1], [0.1, 0.1, 0.8], [0.3, 0.3, 0.4]])
+      >>> labels = np.array([0, 0, 2, 1])
+      >>> print(round(float(calibration.brier_score(probs, labels)), 4))
+      0.39
+    """
     scores, labels, valid = _check(scores, labels, where)
     probs = jnp.exp(_log_probs(scores, from_logits))
     per = jnp.square(probs - jax.nn.one_hot(labels, probs.shape[1])).sum(-1)
@@ -110,7 +202,31 @@ def _nll_per_sample(scores, labels, from_logits):
 
 @_metric("from_logits")
 def negative_log_likelihood(scores, labels, *, from_logits: bool = False, where=None):
-    """Mean ``-log p(label)`` over samples, float32."""
+    """Mean ``-log p(label)`` over samples (inf where a probability of a label is exactly 0).
+
+    Args:
+      scores: float ``[N, K]``, probabilities (or logits with ``from_logits``).
+      labels: int ``[N]``, class ids in ``[0, K)``.
+      from_logits: whether ``scores`` are logits (static).
+      where: bool ``[N]``, the samples to count (default all).
+
+    Returns:
+      float32 scalar.
+
+    Raises:
+      ValueError: ``scores`` is not ``[N, K]`` or ``labels`` not ``[N]`` integers, or a label (when
+        concrete: not under an outer jit) lies outside ``[0, K)``.
+
+    Examples:
+      >>> import numpy as np
+      >>> from ls_jax import calibration
+      >>> probs = np.array([[0.7, 0.2, 0.1], [0.4, 0.5, 0.1], [0.1, 0.1, 0.8], [0.3, 0.3, 0.4]])
+      >>> labels = np.array([0, 0, 2, 1])
+      >>> print(round(float(calibration.negative_log_likelihood(probs, labels)), 4))
+      0.675
+      >>> print(round(float(calibration.negative_log_likelihood(np.log(probs), labels, from_logits=True)), 4))
+      0.675
+    """
     scores, labels, valid = _check(scores, labels, where)
     nll = _nll_per_sample(scores, labels, from_logits)
     return jnp.where(valid, nll, 0.0).sum() / jnp.maximum(valid.sum(), 1)
@@ -118,7 +234,31 @@ def negative_log_likelihood(scores, labels, *, from_logits: bool = False, where=
 
 @_metric("from_logits")
 def accuracy(scores, labels, *, from_logits: bool = False, where=None):
-    """Fraction of samples whose argmax equals the label, float32."""
+    """Fraction of samples whose argmax (lowest index on ties) equals the label.
+
+    Args:
+      scores: float ``[N, K]``, probabilities (or logits with ``from_logits``).
+      labels: int ``[N]``, class ids in ``[0, K)``.
+      from_logits: whether ``scores`` are logits (static).
+      where: bool ``[N]``, the samples to count (default all).
+
+    Returns:
+      float32 scalar in [0, 1].
+
+    Raises:
+      ValueError: ``scores`` is not ``[N, K]`` or ``labels`` not ``[N]`` integers, or a label (when
+        concrete: not under an outer jit) lies outside ``[0, K)``.
+
+    Examples:
+      >>> import numpy as np
+      >>> from ls_jax import calibration
+      >>> probs = np.array([[0.7, 0.2, 0.1], [0.4, 0.5, 0.1], [0.1, 0.1, 0.8], [0.3, 0.3, 0.4]])
+      >>> labels = np.array([0, 0, 2, 1])
+      >>> print(round(float(calibration.accuracy(probs, labels)), 4))
+      0.5
+      >>> print(round(float(calibration.accuracy(probs, labels, where=[True, True, True, False])), 4))
+      0.6667
+    """
     scores, labels, valid = _check(scores, labels, where)
     hit = (jnp.argmax(scores, axis=-1) == labels) & valid
     return hit.sum() / jnp.maximum(valid.sum(), 1)
