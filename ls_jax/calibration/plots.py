@@ -43,19 +43,53 @@ def _draw_reliability(top, bottom, bins: CalibrationBins, title: Optional[str], 
 
 def reliability_diagram(bins: CalibrationBins, path, *, title: Optional[str] = None,
                         ceiling: Optional[float] = None) -> str:
-    """Write a reliability diagram PNG of equal-width ``bins`` to ``path``; returns the path.
+    """Write a reliability diagram PNG of equal-width bins.
 
     Top: per-bin accuracy bars over ``[k / n, (k + 1) / n)``, the gap to the mean confidence
-    in red, the diagonal; a non-empty "exactly 1.0" bin is a point at x = 1; ``ceiling``: a
-    vertical line at the highest confidence the training target allows (label smoothing:
-    ``1 - a + a / V``). Bottom: the sample count per bin. Title: the ECE (and ``title`` before it).
+    in red, the diagonal; a non-empty "exactly 1.0" bin is a point at x = 1. Bottom: the sample
+    count per bin. Title: the ECE (and ``title`` before it).
+
+    Args:
+      bins: :class:`CalibrationBins`, ``[n_bins + 1]`` per field (equal-width).
+      path: the PNG file to write.
+      title: optional text before the ECE in the title.
+      ceiling: optional vertical line at the highest confidence the training target allows
+        (label smoothing: ``1 - a + a / V``).
+
+    Returns:
+      ``str(path)``.
+
+    Examples:
+      >>> import os, tempfile
+      >>> from ls_jax.calibration import bin_statistics, reliability_diagram
+      >>> bins = bin_statistics([0.3, 0.6, 0.9, 1.0], [True, False, True, True], n_bins=5)
+      >>> path = reliability_diagram(bins, os.path.join(tempfile.mkdtemp(), "rel.png"), title="demo")
+      >>> os.path.basename(path), os.path.getsize(path) > 0
+      ('rel.png', True)
     """
     return reliability_diagrams([[(title, bins, ceiling)]], path)
 
 
 def reliability_diagrams(grid, path) -> str:
-    """Write a PNG of reliability diagrams side by side: ``grid`` is a list of rows, each a list
-    of ``(title, bins, ceiling)`` panels as in :func:`reliability_diagram`; returns the path."""
+    """Write a PNG of reliability diagrams side by side (panels as in :func:`reliability_diagram`).
+
+    Args:
+      grid: rows of panels, each a list of ``(title, bins, ceiling)`` (a shorter row leaves its
+        last cells blank).
+      path: the PNG file to write.
+
+    Returns:
+      ``str(path)``.
+
+    Examples:
+      >>> import os, tempfile
+      >>> from ls_jax.calibration import bin_statistics, reliability_diagrams
+      >>> bins = bin_statistics([0.3, 0.6, 0.9, 1.0], [True, False, True, True], n_bins=5)
+      >>> grid = [[("a = 0", bins, None), ("a = 0.1", bins, 0.9)]]
+      >>> path = reliability_diagrams(grid, os.path.join(tempfile.mkdtemp(), "both.png"))
+      >>> os.path.getsize(path) > 0
+      True
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
