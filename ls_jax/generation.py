@@ -45,7 +45,15 @@ class Generation:
 
     @property
     def logprob(self) -> float:
-        """Log-probability of the whole generated sequence (sum of :attr:`logprobs`)."""
+        """Log-probability of the whole generated sequence: the float64 sum of :attr:`logprobs`.
+
+        Examples:
+          >>> import numpy as np
+          >>> from ls_jax.generation import Generation
+          >>> g = Generation("4", [23, 2], np.log(np.array([0.5, 0.8], np.float32)), "eos")
+          >>> print(round(float(np.exp(g.logprob)), 4))
+          0.4
+        """
         return float(np.sum(self.logprobs, dtype=np.float64))
 
 
@@ -67,8 +75,25 @@ def _bucket(n: int, floor: int) -> int:
 
 
 def top_p_filter(logits: jax.Array, top_p) -> jax.Array:
-    """``logits [B, V]`` with every token outside the top-p nucleus set to -inf: the smallest set
-    of most likely tokens whose probability reaches ``top_p`` (ties with its last one kept)."""
+    """Nucleus (top-p) filtering: every token outside the top-p nucleus set to -inf.
+
+    The nucleus is the smallest set of most likely tokens whose probability reaches ``top_p``
+    (ties with its last one kept).
+
+    Args:
+      logits: float ``[B, V]``.
+      top_p: the probability mass kept, in (0, 1].
+
+    Returns:
+      ``logits`` with the tokens outside the nucleus at -inf, ``[B, V]``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from ls_jax.generation import top_p_filter
+      >>> logits = jnp.log(jnp.array([[0.5, 0.3, 0.2]]))
+      >>> print(jnp.isfinite(top_p_filter(logits, 0.7)).tolist())
+      [[True, True, False]]
+    """
     ordered = jnp.sort(logits, axis=-1)[:, ::-1]
     probs = jax.nn.softmax(ordered, axis=-1)
     before = jnp.cumsum(probs, axis=-1) - probs  # probability of the more likely tokens
@@ -153,16 +178,48 @@ def generate(model, tokenizer, prompts: Sequence[Union[str, Sequence[int]]], *, 
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (),
              eos_token_id: Union[None, int, Sequence[int]] = None, batch_size: int = 8, chunk: int = 16,
              progress=None) -> List[Generation]:
-    """Continue each prompt; returns one :class:`Generation` per prompt, in order.
+    """Continue each prompt, greedily or by sampling; one :class:`Generation` per prompt, in order.
 
-    model: a :class:`~ls_jax.models.CausalLM`. prompts: strings (encoded as
-    training encodes a prompt, :func:`ls_jax.data.prompt_ids`: bos + tokens) or token-id lists.
-    temperature 0 is greedy; > 0 samples from ``softmax(logits / temperature)`` restricted to
-    the ``top_p`` nucleus, reproducibly for a ``seed`` (and the same batching). A sequence ends
-    at an ``eos_token_id`` (default: the tokenizer's; a list for several), at a ``stop`` string
-    (checked every ``chunk`` tokens) or after ``max_new_tokens``. Prompts run ``batch_size`` at
-    a time, longest first. ``progress``: a callable taking the number of prompts just finished
-    (e.g. a tqdm bar's ``update``).
+    A sequence ends at an ``eos_token_id``, at a ``stop`` string or after ``max_new_tokens``.
+    Prompts run ``batch_size`` at a time, longest first.
+
+    Args:
+      model: a :class:`~ls_jax.models.CausalLM`.
+      tokenizer: its transformers tokenizer (decoding; default EOS and pad ids).
+      prompts: strings (encoded as training encodes a prompt, :func:`ls_jax.data.prompt_ids`:
+        bos + tokens) or token-id lists.
+      max_new_tokens: the most tokens generated per prompt, >= 1.
+      temperature: 0 is greedy (lowest-index argmax); > 0 samples from
+        ``softmax(logits / temperature)`` restricted to the ``top_p`` nucleus.
+      top_p: the nucleus mass, in (0, 1] (:func:`top_p_filter`).
+      seed: the sampling seed (reproducible for a seed and the same batching).
+      stop: strings that end a sequence (checked every ``chunk`` tokens, cut exactly).
+      eos_token_id: the end token (default: the tokenizer's), a list for several, ``[]`` for none.
+      batch_size: prompts per batch, >= 1.
+      chunk: decoding steps between stop-string checks, >= 1.
+      progress: optional callable taking the number of prompts just finished (e.g. a tqdm
+        bar's ``update``).
+
+    Returns:
+      list of :class:`Generation`, one per prompt.
+
+    Raises:
+      TypeError: ``prompts`` is one string instead of a sequence.
+      ValueError: a prompt has no tokens, or ``max_new_tokens``, ``temperature``, ``top_p``,
+        ``batch_size`` or ``chunk`` is out of range.
+
+    Examples:
+      >>> from ls_jax.generation import generate
+      >>> from ls_jax.models import from_config, tiny_llama_config
+      >>> from ls_jax.tokenizer import train_bpe_tokenizer
+      >>> tok = train_bpe_tokenizer(["hello world", "the answer is 42"])
+      >>> model = from_config(tiny_llama_config(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1))
+      >>> out = generate(model, tok, ["hello", "the answer is"], max_new_tokens=4, eos_token_id=[])
+      >>> print(len(out), [g.finish_reason for g in out], [len(g.tokens) for g in out], out[0].logprobs.shape)
+      2 ['length', 'length'] [4, 4] (4,)
+      >>> ids = [[tok.bos_token_id] + tok(p, add_special_tokens=False)["input_ids"] for p in ["hello", "the answer is"]]
+      >>> [g.tokens for g in generate(model, tok, ids, max_new_tokens=4, eos_token_id=[])] == [g.tokens for g in out]
+      True
     """
     _check(max_new_tokens, temperature, top_p, batch_size, chunk)
     encoded = _encode(prompts, tokenizer)

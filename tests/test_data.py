@@ -249,11 +249,11 @@ def _shared(rows, tok, max_length, count, monkeypatch):
     each one tokenised in encode_shared."""
     import threading
 
-    from ls_jax import data
+    from ls_jax.data import encoding
 
     tokenised, shares, parts, out = {}, {}, {}, {}
     barrier = threading.Barrier(count)
-    real = data.tokenize_example
+    real = encoding.tokenize_example
 
     def counting(row, tokenizer, where="row 1"):
         tokenised.setdefault(threading.current_thread().name, []).append(where)
@@ -265,14 +265,14 @@ def _shared(rows, tok, max_length, count, monkeypatch):
         return [parts[q] for q in range(count)]
 
     def process(index):
-        encoded = data.encode_shared(rows, tok, max_length, None, index, count, lambda a: all_gather(index, a))
+        encoded = encoding.encode_shared(rows, tok, max_length, None, index, count, lambda a: all_gather(index, a))
         shares[index] = list(tokenised.get(threading.current_thread().name, []))
         try:
             out[index] = prepare(rows, tok, max_length, encoded=encoded)
         except DataError as e:
             out[index] = e
 
-    monkeypatch.setattr(data, "tokenize_example", counting)
+    monkeypatch.setattr(encoding, "tokenize_example", counting)  # where encode_row looks it up
     threads = [threading.Thread(target=process, args=(q,), name=f"process {q}") for q in range(count)]
     for t in threads:
         t.start()

@@ -193,11 +193,43 @@ def from_pretrained(path: str, *, task: Optional[str] = None, num_labels: Option
                     dtype=jnp.float32, param_dtype=jnp.float32, remat: Union[bool, str] = False, seed: int = 0):
     """Load a local Hugging Face checkpoint directory (config.json + safetensors) as an NNX model.
 
-    The architecture comes from ``config.model_type`` (see :data:`ARCHITECTURES`), the task as in
-    :func:`from_config`. Loading a causal-LM checkpoint as "sequence_classification" keeps the
-    decoder and initialises the ``score`` head randomly (``seed``). Parameters are cast to
-    ``param_dtype``; ``dtype`` is the compute dtype. Raises ValueError for an unsupported
-    architecture or for missing / unexpected / mis-shaped tensors.
+    The architecture comes from ``config.model_type`` (see :data:`ARCHITECTURES`). Loading a
+    causal-LM checkpoint as "sequence_classification" keeps the decoder and initialises the
+    ``score`` head randomly (``seed``). Nothing is fetched from a hub.
+
+    Args:
+      path: a local directory with ``config.json`` and ``model.safetensors`` (or shards listed in
+        ``model.safetensors.index.json``).
+      task: "causal_lm", "sequence_classification" or None (as in :func:`from_config`).
+      num_labels: the classes of a classifier (default ``config.num_labels``).
+      dtype: the compute dtype of activations.
+      param_dtype: the parameters are cast to it.
+      remat: rematerialisation of the decoder layers, as in :func:`from_config`.
+      seed: initialises a fresh ``score`` head.
+
+    Returns:
+      :class:`CausalLM` or :class:`SequenceClassifier` with the checkpoint's weights (kernels
+      ``[in, out]``), keeping the config for :func:`save_pretrained`.
+
+    Raises:
+      FileNotFoundError: ``path`` is not a directory or lacks the safetensors files.
+      ValueError: an unsupported architecture or task, a truncated safetensors file, or missing /
+        unexpected / mis-shaped tensors.
+
+    Examples:
+      >>> import tempfile
+      >>> import numpy as np
+      >>> from flax import nnx
+      >>> from ls_jax.models import from_config, from_pretrained, save_pretrained, tiny_llama_config
+      >>> model = from_config(tiny_llama_config(vocab_size=64, hidden_size=16, num_hidden_layers=1))
+      >>> path = tempfile.mkdtemp()
+      >>> save_pretrained(model, path)
+      >>> loaded = from_pretrained(path)
+      >>> type(loaded).__name__
+      'CausalLM'
+      >>> pairs = zip(nnx.to_flat_state(nnx.state(model, nnx.Param)), nnx.to_flat_state(nnx.state(loaded, nnx.Param)))
+      >>> all(np.array_equal(a.get_value(), b.get_value()) for (_, a), (_, b) in pairs)
+      True
     """
     config, model, graphdef, state = _abstract(path, task, num_labels, dtype, param_dtype, remat, seed)
     init = nnx.initializers.normal(config.initializer_range)
@@ -215,16 +247,43 @@ def from_pretrained(path: str, *, task: Optional[str] = None, num_labels: Option
 
 def save_pretrained(model, path: str, *, config=None, labels: Optional[Sequence[str]] = None) -> None:
     """Write ``model`` as a local Hugging Face checkpoint directory: ``config.json`` and
-    ``model.safetensors`` (tensor names and ``[out, in]`` layouts as transformers expects;
-    parameters in their own dtype; tied embeddings stored once, as ``model.embed_tokens.weight``).
+    ``model.safetensors``.
 
-    config: the transformers config to write; None uses the one the model was built from
-    (``model.hf_config``, set by :func:`from_config` / :func:`from_pretrained`). A
-    :class:`SequenceClassifier` is written as ``*ForSequenceClassification`` with its ``num_labels``;
-    ``labels``: its class names, in class order, written as ``id2label`` / ``label2id``
-    (default: transformers' ``LABEL_0``, ``LABEL_1``, ...).
-    ``from_pretrained(path)`` and transformers' ``AutoModelForCausalLM`` (or
-    ``AutoModelForSequenceClassification``) ``.from_pretrained(path)`` load it back. A LoRA-wrapped model must be merged first (see ``ls_jax.train.lora.merge_lora``).
+    Tensor names and ``[out, in]`` layouts are those transformers expects; parameters keep their
+    own dtype; tied embeddings are stored once, as ``model.embed_tokens.weight``. A
+    :class:`SequenceClassifier` is written as ``*ForSequenceClassification`` with its
+    ``num_labels``. ``from_pretrained(path)`` and transformers' ``AutoModelForCausalLM`` (or
+    ``AutoModelForSequenceClassification``) ``.from_pretrained(path)`` load it back.
+
+    Args:
+      model: a :class:`CausalLM` or :class:`SequenceClassifier` (a LoRA-wrapped model must be
+        merged first, ``ls_jax.train.lora.merge_lora``).
+      path: the directory to write (created if absent).
+      config: the transformers config to write; None uses the one the model was built from
+        (``model.hf_config``, set by :func:`from_config` / :func:`from_pretrained`).
+      labels: a classifier's class names, in class order, written as ``id2label`` / ``label2id``
+        (default: transformers' ``LABEL_0``, ``LABEL_1``, ...).
+
+    Returns:
+      None.
+
+    Raises:
+      ValueError: the model carries no config and none is given; ``labels`` for a model that is
+        not a classifier, or not one per class; LoRA adapters not merged.
+
+    Examples:
+      >>> import json, os, tempfile
+      >>> from ls_jax.models import from_config, save_pretrained, tiny_llama_config
+      >>> config = tiny_llama_config(vocab_size=64, hidden_size=16, num_hidden_layers=1)
+      >>> classifier = from_config(config, task="sequence_classification", num_labels=2)
+      >>> path = tempfile.mkdtemp()
+      >>> save_pretrained(classifier, path, labels=["negative", "positive"])
+      >>> sorted(os.listdir(path))
+      ['config.json', 'model.safetensors']
+      >>> with open(os.path.join(path, "config.json")) as f:
+      ...     written = json.load(f)
+      >>> written["architectures"], written["id2label"]
+      (['LlamaForSequenceClassification'], {'0': 'negative', '1': 'positive'})
     """
     from safetensors.flax import save_file
     from transformers import AutoConfig  # deferred: importing transformers takes seconds
