@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ls_jax import distill
+from ls_jax import distill, teacher_targets
 from ls_jax.data import IGNORE_INDEX, build_row, prepare
 from ls_jax.models import from_config, from_pretrained, save_pretrained, tiny_llama_config
 from ls_jax.tokenizer import train_bpe_tokenizer
@@ -39,7 +39,7 @@ def _random_targets(examples, v, rng):
 
 
 @pytest.mark.parametrize("dtype, rtol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
-@pytest.mark.parametrize("rest", distill.REST_MODES)
+@pytest.mark.parametrize("rest", teacher_targets.REST_MODES)
 def test_top_k_loss_is_dense_cross_entropy_against_the_explicit_distribution(tok, dtype, rtol, rest):
     """soft_loss_sum / total weight equals -sum_v q_v log p_v averaged over the response tokens,
     q = (1 - a) (b onehot(y) + (1 - b) teacher) + a / V, the teacher's top k tempered and
@@ -50,7 +50,7 @@ def test_top_k_loss_is_dense_cross_entropy_against_the_explicit_distribution(tok
                         dtype=dtype)
     v = len(tok)
     teacher = _random_targets(examples, v, np.random.default_rng(0))
-    soft = [distill.soft_targets(e, t, temperature=temperature, rest=rest, hard_weight=b)
+    soft = [teacher_targets.soft_targets(e, t, temperature=temperature, rest=rest, hard_weight=b)
             for e, t in zip(examples, teacher)]
     rows = [build_row(examples, [i], 48, tok.pad_token_id, soft) for i in range(len(examples))]
     batch = {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}
@@ -94,7 +94,7 @@ def test_distill_stores_the_teachers_top_k_and_train_resumes_on_it(tok, tmp_path
     assert distill.main(["--teacher", teacher, "--data", data, "--top-k", str(K), "--out", out,
                          "--max-length", "40", "--batch-size", "16"]) == 0
     assert "48 examples" in capsys.readouterr().err
-    table = distill.read_targets(out, tok)
+    table = teacher_targets.read_targets(out, tok)
     examples, _ = prepare(ROWS, tok, 40)
     model = from_pretrained(teacher)
     for ids, labels, _ in examples[:3]:
@@ -133,7 +133,7 @@ def test_packed_rows_carry_each_examples_targets(tok):
     """build_row places each example's targets as its labels: from its second token, within its
     segment; IGNORE_INDEX / 0 elsewhere."""
     examples, _ = prepare(ROWS[:2], tok, 40)
-    soft = [distill.soft_targets(e, t) for e, t in zip(examples, _random_targets(examples, len(tok),
+    soft = [teacher_targets.soft_targets(e, t) for e, t in zip(examples, _random_targets(examples, len(tok),
                                                                                  np.random.default_rng(1)))]
     row = build_row(examples, [0, 1], 80, tok.pad_token_id, soft)
     n0, n1 = len(examples[0][0]), len(examples[1][0])

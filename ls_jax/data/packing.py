@@ -33,7 +33,7 @@ def build_row(examples, members: Sequence[int], max_length: int, pad_id: int,
     token is predicted across a segment boundary), positions (restart at 0 per segment),
     segment_ids (1, 2, ... per example; 0 on padding): int32; weights: float32, each example's
     weight on its tokens (0 on padding). ``targets``: per example, arrays ``[T_i, ...]`` aligned
-    with its tokens (a teacher's sparse targets, :func:`ls_jax.distill.soft_targets`), placed
+    with its tokens (a teacher's sparse targets, :func:`ls_jax.teacher_targets.soft_targets`), placed
     as the labels are (zeros, or IGNORE_INDEX for int arrays, elsewhere).
     """
     out = {

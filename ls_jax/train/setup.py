@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from ls_jax import data
 from ls_jax.dispatch import CHOICES
-from ls_jax.distill import REST_MODES
+from ls_jax.teacher_targets import REST_MODES
 from ls_jax.models.classification import SMOOTHING_CONVENTIONS
 from ls_jax.models.transformer import REMAT
 from ls_jax.targets import check_options
@@ -40,7 +40,7 @@ class Prepared:
     rows with targets), else None. ``held_rows``: the held-out rows themselves (for answer-level
     scoring). ``base``: tokenised plain-text examples of the base stage (``--base-steps``), else None.
     ``targets``: with ``--soft-targets``, each training example's sparse targets
-    (:func:`ls_jax.distill.soft_targets`), else None.
+    (:func:`ls_jax.teacher_targets.soft_targets`), else None.
     """
 
     tokenizer: object
@@ -305,9 +305,9 @@ def _prepare(c: TrainConfig, rows, tokenizer, name: str, where=None):
 def _soft_targets(c: TrainConfig, tokenizer, examples) -> List[dict]:
     """Each training example's sparse targets from ``--soft-targets`` (matched by its tokens);
     :class:`ls_jax.data.DataError` when the file lacks one or was made with another tokenizer."""
-    from ls_jax import distill
+    from ls_jax import teacher_targets
 
-    table = distill.read_targets(c.soft_targets, tokenizer)
+    table = teacher_targets.read_targets(c.soft_targets, tokenizer)
     out = []
     for i, example in enumerate(examples):
         target = table.get(example[0].tobytes())
@@ -315,8 +315,8 @@ def _soft_targets(c: TrainConfig, tokenizer, examples) -> List[dict]:
             raise data.DataError(f"--soft-targets {c.soft_targets} has no teacher targets for training example {i + 1} "
                                  f"(made from other data, or another --max-length?)")
         try:
-            out.append(distill.soft_targets(example, target, temperature=c.distill_temperature, rest=c.distill_rest,
-                                            hard_weight=c.distill_hard_weight))
+            out.append(teacher_targets.soft_targets(example, target, temperature=c.distill_temperature,
+                                                    rest=c.distill_rest, hard_weight=c.distill_hard_weight))
         except data.DataError as e:
             raise data.DataError(f"--soft-targets {c.soft_targets}: training example {i + 1}: {e}") from None
     return out

@@ -57,7 +57,7 @@ def _loss_sum(model, batch, opts: LossOptions, mesh=None, packed: bool = True):
 def soft_loss_sum(model, batch, opts: LossOptions, mesh=None) -> jax.Array:
     """float32 summed loss of the batch's response tokens against sparse soft targets, without
     the student's logits: ``target_ids`` / ``target_weights [B, T, K]`` (int32 / float32, aligned
-    with the labels and shifted here like them; ``ls_jax.distill.soft_targets``) and, if present,
+    with the labels and shifted here like them; ``ls_jax.teacher_targets.soft_targets``) and, if present,
     ``target_uniform [B, T]``, mass spread uniformly over the vocabulary. Per token the target is
     ``(1 - a) (t_sparse + u / V) + a / V`` with smoothing a; each token weighs ``weights``. The
     uniform part is a second vocabulary pass (smoothing 1 on zero-weight labels: ``lse - mean z``).
