@@ -39,30 +39,19 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from ls_jax.logit_stats import head_back, head_outer, vocab_axis
+from ls_jax.logit_stats import dz_tile, head_back, head_outer, vocab_axis
 from .tiles import Plan, dot_precision, head_block, logit_tile, present, with_absent
 
 
 def _dz_tile(h_ref, w_ref, b_ref, vec, h_row, w_row, w_col0, p: Plan):
-    """float32 dz ``[bn, bv]`` (zero on padded columns, all parts combined in float32, see
-    ``logit_stats.dz_tile``), and whether the tile counts: a traced bool when filtering (some
-    softmax value >= eps, or a target class in the tile), else None. ``vec``: the token rows'
-    lse, comp, g_lse, g_sum (None unless need_sum) ``[bn]``, and K-lists of ids and coef ``[bn]``."""
+    """float32 dz ``[bn, bv]`` of the recomputed logit tile (``logit_stats.dz_tile``; zero on padded
+    columns), and whether the tile counts: a traced bool when filtering (some softmax value >= eps,
+    or a target class in the tile), else None. ``vec``: the token rows' lse, comp, g_lse, g_sum
+    (None unless need_sum) ``[bn]``, and K-lists of ids and coef ``[bn]``."""
     lse, comp, g_lse, g_sum, ids, coef = vec
     z, valid = logit_tile(h_ref, w_ref, b_ref, h_row, w_row, w_col0, p)
-    prob = jnp.where(valid, jnp.exp(z - lse[:, None]), 0.0)
     cols = w_col0 + jax.lax.broadcasted_iota(jnp.int32, (1, p.bv), 1)
-    first = cols == ids[0][:, None]
-    dz = jnp.where(first, (g_lse + coef[0] - g_lse * comp)[:, None], g_lse[:, None] * prob)
-    if p.need_sum:
-        dz = dz + jnp.where(valid, g_sum[:, None], 0.0)
-    hit = first & (coef[0][:, None] != 0)
-    for k in range(1, len(ids)):
-        on = cols == ids[k][:, None]
-        dz = dz + jnp.where(on, coef[k][:, None], 0.0)
-        hit = hit | (on & (coef[k][:, None] != 0))
-    if p.softcap is not None:
-        dz = dz * (1.0 - jnp.square(z / p.softcap))
+    dz, prob, hit = dz_tile(z, cols, lse, comp, g_lse, g_sum, ids, coef, p.softcap, valid)
     if p.filter_eps is None:
         return dz, None
     keep = (prob.max(axis=1).max(axis=0) >= p.filter_eps) | (hit.astype(jnp.int32).max(axis=1).max(axis=0) > 0)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from ls_jax.logit_stats import excluded_lse
+from ls_jax.logit_stats import online_fold, online_init, online_result
 from .tiles import Plan, logit_tile, present, with_absent
 
 
@@ -24,33 +24,14 @@ def _kernel(p: Plan, h_ref, w_ref, b_ref, first_ref, lse_ref, sum_ref, max_ref, 
 
     first = first_ref[...]
 
-    def step(j, carry):
-        m, l, total, best, excl = carry
+    def step(j, state):
         w_row = j * p.bv
         z, valid = logit_tile(h_ref, w_ref, b_ref, 0, w_row, first_col + w_row, p)
-        z = jnp.where(valid, z, -jnp.inf)
-        tile_max = z.max(axis=1)
-        new_m = jnp.maximum(m, tile_max)
-        # -inf when every logit so far is -inf (-inf bias, or a split of padded columns only)
-        shift = jnp.where(jnp.isfinite(new_m), new_m, 0.0)
-        e, rescale = jnp.exp(z - shift[:, None]), jnp.exp(m - shift)
-        l = l * rescale + e.sum(axis=1)
-        cols = first_col + w_row + jax.lax.broadcasted_iota(jnp.int32, (1, p.bv), 1)
-        excl = excl * rescale + jnp.where(cols == first[:, None], 0.0, e).sum(axis=1)
-        if p.need_sum:
-            total = total + jnp.where(valid, z, 0.0).sum(axis=1)
-        tile_arg = first_col + w_row + jnp.argmax(z, axis=1).astype(jnp.int32)
-        best = jnp.where(tile_max > m, tile_arg, best)  # strict: lowest index wins ties
-        return new_m, l, total, best, excl
+        return online_fold(state, jnp.where(valid, z, -jnp.inf), valid, first_col + w_row, first, p.need_sum)
 
-    zeros = jnp.zeros((p.bn,), jnp.float32)
-    init = (jnp.full((p.bn,), -jnp.inf, jnp.float32), zeros, zeros, jnp.zeros((p.bn,), jnp.int32), zeros)
-    m, l, total, best, excl = jax.lax.fori_loop(0, per_split, step, init)
-    lse_ref[...] = m + jnp.log(l)
-    sum_ref[...] = total
-    max_ref[...] = m
-    arg_ref[...] = best
-    excl_ref[...] = excluded_lse(m, excl)
+    stats = online_result(jax.lax.fori_loop(0, per_split, step, online_init(p.bn)))
+    for ref, x in zip((lse_ref, sum_ref, max_ref, arg_ref, excl_ref), stats):
+        ref[...] = x
 
 
 def forward_partials(h, w, b, first, p: Plan):
