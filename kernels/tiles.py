@@ -5,7 +5,8 @@ bias ``[v_pad]``, zeros in the padding; except the head, ``[v, d]`` or ``[d, v]`
 (``Plan.layout`` "vd" / "dv": read in its own layout, its gradient written in it; ``head_block``
 masks the loads beyond V and D), its BlockSpecs sized as if it were ``p.head(v_pad, d_pad)``.
 Padded vocabulary columns are masked inside the kernels (-inf logits, zero gradient); padded
-token rows get zero cotangents.
+token rows get zero cotangents. In the kernels' docs, ``bn``, ``bv`` and ``bd`` are a kernel's
+``Plan.block_n``, ``block_v`` and ``block_d``.
 """
 
 import os
