@@ -14,43 +14,24 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from ls_jax.logit_stats import excluded_lse
-from .tiles import Plan, logit_tile, present, with_absent
+from ls_jax.logit_stats import online_fold, online_init, online_result
+from .tiles import Plan, logit_tile, spec_for
 
 
 def _kernel(p: Plan, h_ref, w_ref, b_ref, first_ref, lse_ref, sum_ref, max_ref, arg_ref, excl_ref):
-    per_split = p.v_pad // (p.splits * p.bv)
-    first_col = pl.program_id(1) * per_split * p.bv
+    per_split = p.v_pad // (p.splits * p.block_v)
+    first_col = pl.program_id(1) * per_split * p.block_v
 
     first = first_ref[...]
 
-    def step(j, carry):
-        m, l, total, best, excl = carry
-        w_row = j * p.bv
+    def step(j, state):
+        w_row = j * p.block_v
         z, valid = logit_tile(h_ref, w_ref, b_ref, 0, w_row, first_col + w_row, p)
-        z = jnp.where(valid, z, -jnp.inf)
-        tile_max = z.max(axis=1)
-        new_m = jnp.maximum(m, tile_max)
-        # -inf when every logit so far is -inf (-inf bias, or a split of padded columns only)
-        shift = jnp.where(jnp.isfinite(new_m), new_m, 0.0)
-        e, rescale = jnp.exp(z - shift[:, None]), jnp.exp(m - shift)
-        l = l * rescale + e.sum(axis=1)
-        cols = first_col + w_row + jax.lax.broadcasted_iota(jnp.int32, (1, p.bv), 1)
-        excl = excl * rescale + jnp.where(cols == first[:, None], 0.0, e).sum(axis=1)
-        if p.need_sum:
-            total = total + jnp.where(valid, z, 0.0).sum(axis=1)
-        tile_arg = first_col + w_row + jnp.argmax(z, axis=1).astype(jnp.int32)
-        best = jnp.where(tile_max > m, tile_arg, best)  # strict: lowest index wins ties
-        return new_m, l, total, best, excl
+        return online_fold(state, jnp.where(valid, z, -jnp.inf), valid, first_col + w_row, first, p.need_sum)
 
-    zeros = jnp.zeros((p.bn,), jnp.float32)
-    init = (jnp.full((p.bn,), -jnp.inf, jnp.float32), zeros, zeros, jnp.zeros((p.bn,), jnp.int32), zeros)
-    m, l, total, best, excl = jax.lax.fori_loop(0, per_split, step, init)
-    lse_ref[...] = m + jnp.log(l)
-    sum_ref[...] = total
-    max_ref[...] = m
-    arg_ref[...] = best
-    excl_ref[...] = excluded_lse(m, excl)
+    stats = online_result(jax.lax.fori_loop(0, per_split, step, online_init(p.block_n)))
+    for ref, x in zip((lse_ref, sum_ref, max_ref, arg_ref, excl_ref), stats):
+        ref[...] = x
 
 
 def forward_partials(h, w, b, first, p: Plan):
@@ -58,23 +39,22 @@ def forward_partials(h, w, b, first, p: Plan):
     and the lse without class ``first [n_pad]`` (int32) of padded hidden ``[n_pad, d_pad]``,
     weight ``p.head(v_pad, d_pad)``, bias ``[v_pad]`` or None."""
     per_split_rows = p.v_pad // p.splits
-    inputs = [h, w, b, first]
-    in_specs = [pl.BlockSpec((p.bn, p.d_pad), lambda i, s: (i, 0)),
+    in_specs = [pl.BlockSpec((p.block_n, p.d_pad), lambda i, s: (i, 0)),
                 pl.BlockSpec(p.head(per_split_rows, p.d_pad), lambda i, s: p.head(s, 0)),
-                pl.BlockSpec((per_split_rows,), lambda i, s: (s,)),
-                pl.BlockSpec((p.bn,), lambda i, s: (i,))]
-    part = pl.BlockSpec((None, p.bn), lambda i, s: (s, i))
+                spec_for(b, pl.BlockSpec((per_split_rows,), lambda i, s: (s,))),
+                pl.BlockSpec((p.block_n,), lambda i, s: (i,))]
+    part = pl.BlockSpec((None, p.block_n), lambda i, s: (s, i))
     f32 = jax.ShapeDtypeStruct((p.splits, p.n_pad), jnp.float32)
     return pl.pallas_call(
-        with_absent(partial(_kernel, p), inputs),
+        partial(_kernel, p),
         out_shape=(f32, f32, f32, jax.ShapeDtypeStruct((p.splits, p.n_pad), jnp.int32), f32),
-        grid=(p.n_pad // p.bn, p.splits),
-        in_specs=present(in_specs, inputs),
+        grid=(p.n_pad // p.block_n, p.splits),
+        in_specs=in_specs,
         out_specs=(part,) * 5,
         compiler_params=p.compiler_params,
         interpret=p.interpret,
         name="logit_stats_fwd",
-    )(*present(inputs, inputs))
+    )(h, w, b, first)
 
 
 def merge_splits(lse, total, mx, arg, excl):

@@ -5,7 +5,8 @@ bias ``[v_pad]``, zeros in the padding; except the head, ``[v, d]`` or ``[d, v]`
 (``Plan.layout`` "vd" / "dv": read in its own layout, its gradient written in it; ``head_block``
 masks the loads beyond V and D), its BlockSpecs sized as if it were ``p.head(v_pad, d_pad)``.
 Padded vocabulary columns are masked inside the kernels (-inf logits, zero gradient); padded
-token rows get zero cotangents.
+token rows get zero cotangents. In the kernels' docs, ``bn``, ``bv`` and ``bd`` are a kernel's
+``Plan.block_n``, ``block_v`` and ``block_d``.
 """
 
 import os
@@ -32,20 +33,25 @@ TARGET_PROGRAMS = 264
 
 
 class Plan(NamedTuple):
-    """Static description of one call: true sizes, block sizes, padded sizes, options (hashable)."""
+    """Static description of one call: true sizes, block sizes, padded sizes, options (hashable).
+
+    Blocks are named by kernel, as JAX's Pallas attention names its backward blocks: ``block_n``
+    x ``block_v`` is the tile of the forward and dh kernels, ``block_n_dw`` x ``block_v_dw`` the
+    tile of the dW kernel (:meth:`for_dw` gives the plan with that tile as ``block_n`` x ``block_v``).
+    """
 
     n: int
     v: int
     d: int
-    bn: int  # token rows per tile (forward and dh kernel)
-    bv: int  # vocabulary rows per tile (forward and dh kernel)
-    bd: int  # D chunk of every matmul
-    dw_bn: int  # token rows per tile in the dW kernel
-    dw_bv: int  # vocabulary rows per tile in the dW kernel
+    block_n: int  # token rows per tile (forward and dh kernel)
+    block_v: int  # vocabulary rows per tile (forward and dh kernel)
+    block_d: int  # D chunk of every matmul
+    block_n_dw: int  # token rows per tile in the dW kernel
+    block_v_dw: int  # vocabulary rows per tile in the dW kernel
     n_pad: int
     v_pad: int
     d_pad: int
-    splits: int  # forward vocabulary splits (grid axis 1); divides v_pad // bv
+    splits: int  # forward vocabulary splits (grid axis 1); divides v_pad // block_v
     softcap: Optional[float]
     need_sum: bool
     filter_eps: Optional[float]
@@ -59,15 +65,16 @@ class Plan(NamedTuple):
         """Triton's warps and stages; LS_JAX_NUM_WARPS / LS_JAX_NUM_STAGES override them (a
         register or shared-memory failure on a GPU can be retried without an edit)."""
         warps = int(os.environ.get("LS_JAX_NUM_WARPS", NUM_WARPS))
-        return plgpu.CompilerParams(num_warps=warps, num_stages=int(os.environ.get("LS_JAX_NUM_STAGES", self.num_stages)))
+        stages = int(os.environ.get("LS_JAX_NUM_STAGES", self.num_stages))
+        return plgpu.CompilerParams(num_warps=warps, num_stages=stages)
 
     def head(self, v, d) -> tuple:
         """``(v, d)`` (shape, index or block index) in the order of the head's axes."""
         return head_index(v, d, self.layout)
 
     def for_dw(self) -> "Plan":
-        """The plan as the dW kernel sees it (its tile is dw_bn x dw_bv)."""
-        return self._replace(bn=self.dw_bn, bv=self.dw_bv)
+        """The plan as the dW kernel sees it: its tile ``block_n_dw x block_v_dw`` as ``block_n x block_v``."""
+        return self._replace(block_n=self.block_n_dw, block_v=self.block_v_dw)
 
 
 def _block(requested, default, size, name):
@@ -78,22 +85,28 @@ def _block(requested, default, size, name):
     return min(b, max(MIN_BLOCK, pl.next_power_of_2(size)))
 
 
-def plan(n, v, d, *, block_n=None, block_v=None, block_d=None, softcap=None, need_sum=False,
-         filter_eps=None, interpret=False, backward="two_kernel", itemsize=2, layout="vd") -> Plan:
+def plan(n, v, d, *, block_n=None, block_v=None, block_d=None, block_n_dw=None, block_v_dw=None, softcap=None,
+         need_sum=False, filter_eps=None, interpret=False, backward="two_kernel", itemsize=2, layout="vd") -> Plan:
     """Blocks and padded sizes for hidden ``[n, d]`` and a head of ``v`` classes (``[v, d]`` or
     ``[d, v]`` by ``layout``) of ``itemsize`` bytes.
 
-    The forward and dh kernels use ``bn x bv`` tiles; the dW kernel swaps the roles (its own
-    vocabulary block is the small one, ``block_n`` rows, and it streams ``block_v`` tokens per
-    step), so both backward kernels re-read their fp32 accumulator slab equally rarely.
+    The forward and dh kernels use ``block_n x block_v`` tiles and stream vocabulary blocks. The
+    dW kernel streams token blocks, so its streamed block is the large one: by default its token
+    block ``block_n_dw`` is ``block_v`` and its vocabulary block ``block_v_dw`` is ``block_n``, and
+    both backward kernels re-read their fp32 accumulator slab equally rarely.
+
+    Raises:
+      ValueError: a block that is not a power of two, an unknown ``backward`` or ``layout``.
     """
     wide = itemsize >= 4
     block_v = (BLOCK_V_F32 if wide else BLOCK_V) if block_v is None else block_v
     block_d = (BLOCK_D_F32 if wide else BLOCK_D) if block_d is None else block_d
+    block_n_dw = block_v if block_n_dw is None else block_n_dw
+    block_v_dw = block_n if block_v_dw is None else block_v_dw
     bn, bv, bd = (_block(block_n, BLOCK_N, n, "block_n"), _block(block_v, BLOCK_V, v, "block_v"),
                   _block(block_d, BLOCK_D, d, "block_d"))
-    dw_bn, dw_bv = _block(block_v, BLOCK_V, n, "block_v"), _block(block_n, BLOCK_N, v, "block_n")
-    n_pad, v_pad = pl.cdiv(n, max(bn, dw_bn)) * max(bn, dw_bn), pl.cdiv(v, max(bv, dw_bv)) * max(bv, dw_bv)
+    bn_dw, bv_dw = _block(block_n_dw, BLOCK_V, n, "block_n_dw"), _block(block_v_dw, BLOCK_N, v, "block_v_dw")
+    n_pad, v_pad = pl.cdiv(n, max(bn, bn_dw)) * max(bn, bn_dw), pl.cdiv(v, max(bv, bv_dw)) * max(bv, bv_dw)
     d_pad = pl.cdiv(d, bd) * bd
     v_blocks, want = v_pad // bv, pl.cdiv(TARGET_PROGRAMS, n_pad // bn)
     splits = max(s for s in range(1, min(want, v_blocks) + 1) if v_blocks % s == 0)
@@ -101,25 +114,17 @@ def plan(n, v, d, *, block_n=None, block_v=None, block_d=None, softcap=None, nee
         raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    stages = 2 if wide else 3
-    return Plan(n, v, d, bn, bv, bd, dw_bn, dw_bv, n_pad, v_pad, d_pad, splits, softcap, need_sum,
-                filter_eps, interpret, backward, stages, layout)
+    return Plan(n=n, v=v, d=d, block_n=bn, block_v=bv, block_d=bd, block_n_dw=bn_dw, block_v_dw=bv_dw,
+                n_pad=n_pad, v_pad=v_pad, d_pad=d_pad, splits=splits, softcap=softcap, need_sum=need_sum,
+                filter_eps=filter_eps, interpret=interpret, backward=backward, num_stages=2 if wide else 3,
+                layout=layout)
 
 
-def present(items, inputs):
-    """The entries of ``items`` whose input (same position in ``inputs``) is not None."""
-    return [x for x, i in zip(items, inputs) if i is not None]
-
-
-def with_absent(kernel, inputs):
-    """``kernel`` as pallas_call calls it (refs of the present inputs, then the outputs), with
-    None in its signature's place for each absent (None) entry of ``inputs``."""
-
-    def call(*refs):
-        it = iter(refs)
-        return kernel(*(None if x is None else next(it) for x in inputs), *it)
-
-    return call
+def spec_for(x, spec):
+    """``spec`` for an input or output ``x``; None when ``x`` is None (absent: bias, the logit-sum
+    cotangent). pallas_call then passes None in the kernel's place for its ref, as JAX's Pallas
+    ops do for an absent input (e.g. segment ids in ``jax.experimental.pallas.ops.gpu.attention``)."""
+    return None if x is None else spec
 
 
 def dot_precision(dtype):
@@ -131,11 +136,11 @@ def head_block(w_ref, w_row, w_col0, cols, p: Plan):
     """The head's classes ``[w_row, w_row + bv)`` of the ref (``w_col0``: the global index of
     ``w_row``) x the D chunk ``cols``, ``p.head(bv, bd)`` as it lies. The head reaches the kernels
     unpadded: beyond V and D (a ragged last block) the load is masked to 0."""
-    at = p.head(pl.ds(w_row, p.bv), cols)
+    at = p.head(pl.ds(w_row, p.block_v), cols)
     if p.v == p.v_pad and p.d == p.d_pad:
         return w_ref[at]
-    in_v = w_col0 + jax.lax.iota(jnp.int32, p.bv) < p.v
-    in_d = cols.start + jax.lax.iota(jnp.int32, p.bd) < p.d
+    in_v = w_col0 + jax.lax.iota(jnp.int32, p.block_v) < p.v
+    in_d = cols.start + jax.lax.iota(jnp.int32, p.block_d) < p.d
     rows, columns = p.head(in_v, in_d)
     return plgpu.load(w_ref.at[at], mask=rows[:, None] & columns[None, :], other=0)
 
@@ -149,13 +154,13 @@ def logit_tile(h_ref, w_ref, b_ref, h_row, w_row, w_col0, p: Plan):
     prec = dot_precision(h_ref.dtype)
 
     def chunk(k, acc):
-        cols = pl.ds(pl.multiple_of(k * p.bd, p.bd), p.bd)
-        h = h_ref[pl.ds(h_row, p.bn), cols]
+        cols = pl.ds(pl.multiple_of(k * p.block_d, p.block_d), p.block_d)
+        h = h_ref[pl.ds(h_row, p.block_n), cols]
         return acc + head_logits(h, head_block(w_ref, w_row, w_col0, cols, p), p.layout, prec)
 
-    raw = jax.lax.fori_loop(0, p.d_pad // p.bd, chunk, jnp.zeros((p.bn, p.bv), jnp.float32))
+    raw = jax.lax.fori_loop(0, p.d_pad // p.block_d, chunk, jnp.zeros((p.block_n, p.block_v), jnp.float32))
     if b_ref is not None:
-        raw = raw + b_ref[pl.ds(w_row, p.bv)].astype(jnp.float32)[None, :]
+        raw = raw + b_ref[pl.ds(w_row, p.block_v)].astype(jnp.float32)[None, :]
     z = apply_softcap(raw, p.softcap)
-    valid = (w_col0 + jax.lax.broadcasted_iota(jnp.int32, (1, p.bv), 1)) < p.v
+    valid = (w_col0 + jax.lax.broadcasted_iota(jnp.int32, (1, p.block_v), 1)) < p.v
     return z, valid

@@ -18,17 +18,44 @@ from ls_jax.sharded import context_mesh
 
 
 def shift_left(x: jax.Array, fill=0) -> jax.Array:
-    """``[B, T, ...]`` aligned with the next token: position t gets ``x[:, t + 1]``, the last
-    ``fill``."""
+    """``x`` aligned with the next token.
+
+    Args:
+      x: ``[B, T, ...]``.
+      fill: the value of the last position.
+
+    Returns:
+      ``[B, T, ...]``, position t holding ``x[:, t + 1]``, the last ``fill``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> print(shift_left(jnp.array([[1, 2, 3]]), fill=-1))
+      [[ 2  3 -1]]
+    """
     return jnp.concatenate([x[:, 1:], jnp.full_like(x[:, :1], fill)], axis=1)
 
 
 def next_token_targets(labels: jax.Array, attention_mask: Optional[jax.Array] = None,
                        segment_ids: Optional[jax.Array] = None, ignore_index: int = -100) -> jax.Array:
-    """Shift labels ``[B, T]`` so position t is scored on token t + 1 (Hugging Face convention).
+    """Shift labels so position t is scored on token t + 1 (Hugging Face convention).
 
-    The last position, positions whose next token is padding or belongs to another packed
-    segment, and padding positions themselves get ``ignore_index``. int32 ``[B, T]``.
+    Args:
+      labels: int ``[B, T]``.
+      attention_mask: ``[B, T]`` (1 / True: a real token) or None.
+      segment_ids: int ``[B, T]`` of packed sequences, or None.
+      ignore_index: the label of a position that is not scored.
+
+    Returns:
+      int32 ``[B, T]``: ``labels[:, t + 1]``, and ``ignore_index`` at the last position, at
+      positions whose next token is padding or belongs to another packed segment, and at
+      padding positions themselves.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> print(next_token_targets(jnp.array([[5, 6, 7, 8]]), jnp.array([[1, 1, 1, 0]])))
+      [[   6    7 -100 -100]]
+      >>> print(next_token_targets(jnp.array([[5, 6, 7, 8]]), segment_ids=jnp.array([[1, 1, 2, 2]])))
+      [[   6 -100    8 -100]]
     """
     labels = jnp.asarray(labels, jnp.int32)
     targets = shift_left(labels, ignore_index)
@@ -42,15 +69,43 @@ def next_token_targets(labels: jax.Array, attention_mask: Optional[jax.Array] = 
 
 
 def next_token_weights(weights: jax.Array) -> jax.Array:
-    """float32 ``[B, T]``: per-token weights ``[B, T]`` aligned with the labels, shifted as
-    :func:`next_token_targets` shifts them (position t gets ``weights[t + 1]``; 0 at the end)."""
+    """Per-token weights aligned with the labels, shifted as :func:`next_token_targets` shifts them.
+
+    Args:
+      weights: float ``[B, T]``, each label's weight.
+
+    Returns:
+      float32 ``[B, T]``: position t gets ``weights[:, t + 1]``; 0 at the end.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> print(next_token_weights(jnp.array([[1.0, 0.5, 2.0]])))
+      [[0.5 2.  0. ]]
+    """
     return shift_left(jnp.asarray(weights, jnp.float32))
 
 
 def token_metrics(stats: TokenStats, targets: jax.Array) -> dict:
-    """Sums and means over the valid tokens: ``tokens``, ``correct``, ``confidence_sum`` (sum of
-    top-class probabilities, for calibration), ``lse_sum``, and ``accuracy``, ``mean_confidence``,
-    ``mean_lse``. All float32 scalars except ``tokens`` (int32)."""
+    """Sums and means over the valid tokens of a loss's side outputs.
+
+    Args:
+      stats: :class:`ls_jax.losses.TokenStats` ``[...]`` (``return_stats=True`` of a loss).
+      targets: int ``[...]``, the target of each token.
+
+    Returns:
+      dict of scalars: ``tokens`` (int32), ``correct``, ``confidence_sum`` (sum of top-class
+      probabilities, for calibration), ``lse_sum``, and ``accuracy``, ``mean_confidence``,
+      ``mean_lse`` (float32; the means are 0 without valid tokens).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from ls_jax.losses import smoothed_cross_entropy
+      >>> logits, targets = jnp.array([[2.0, 1.0, 0.0], [0.0, 0.0, 3.0]]), jnp.array([0, 1])
+      >>> _, stats = smoothed_cross_entropy(logits, targets, return_stats=True)
+      >>> metrics = token_metrics(stats, targets)
+      >>> print(int(metrics["tokens"]), round(float(metrics["accuracy"]), 3), round(float(metrics["mean_lse"]), 3))
+      2 0.5 2.751
+    """
     valid = stats.valid
     tokens = valid.sum().astype(jnp.int32)
     count = jnp.maximum(tokens, 1).astype(jnp.float32)
@@ -67,21 +122,44 @@ def causal_lm_loss(model, batch: dict, *, label_smoothing: float = 0.0, z_loss: 
                    blocks: Optional[BlockSizes] = None, mesh=None):
     """Label-smoothed next-token cross-entropy of ``model`` on ``batch``, and metrics.
 
-    batch: ``input_ids [B, T]`` int, ``labels [B, T]`` int (``ignore_index`` on prompt and
-    padding tokens; usually a copy of input_ids), optional ``attention_mask``, ``positions``,
-    ``segment_ids [B, T]``, ``weights [B, T]`` float (each label's weight in the loss, e.g. a
-    weighted answer's probability: "mean" is over the scored tokens' total weight). With
-    ``shift_labels`` (default, as Hugging Face) ``labels[t + 1]`` is the target of position t
-    (:func:`next_token_targets`, weights shifted alike); with False, labels and weights are
-    taken as already shifted and used as they are (``ignore_index`` still masks).
-    logit_softcap: "model" uses ``model.final_logit_softcap``; a float or None overrides it.
-    reduction: "mean" over scored tokens or "sum" (e.g. for gradient accumulation).
-    impl / blocks / mesh: passed to :func:`linear_smoothed_cross_entropy` (mesh: each device
-    computes the loss of its own tokens and vocabulary shard). The unembedding is cast to
-    the hidden states' (compute) dtype, as the model's own matmuls. Under a mesh with Explicit
-    axes (ambient, or carried by the placed parameters or batch) the model and loss run with
-    every axis Auto (``jax.sharding.auto_axes``), as the models are written for.
-    Returns ``(loss float32 scalar, metrics)``, metrics from :func:`token_metrics`.
+    The unembedding is cast to the hidden states' (compute) dtype, as the model's own matmuls.
+    Under a mesh with Explicit axes (ambient, or carried by the placed parameters or batch) the
+    model and loss run with every axis Auto (``jax.sharding.auto_axes``), as the models are
+    written for.
+
+    Args:
+      model: a Flax NNX causal LM following ``ls_jax.models.protocol`` (hidden states and
+        ``unembedding()``).
+      batch: ``input_ids [B, T]`` int, ``labels [B, T]`` int (``ignore_index`` on prompt and
+        padding tokens; usually a copy of input_ids), optional ``attention_mask``,
+        ``positions``, ``segment_ids [B, T]``, ``weights [B, T]`` float (each label's weight in
+        the loss, e.g. a weighted answer's probability: "mean" is over the scored tokens' total
+        weight).
+      label_smoothing, z_loss, ignore_index: as in :func:`ls_jax.losses.smoothed_cross_entropy`.
+      logit_softcap: "model" uses ``model.final_logit_softcap``; a float or None overrides it.
+      shift_labels: True (default, as Hugging Face): ``labels[t + 1]`` is the target of
+        position t (:func:`next_token_targets`, weights shifted alike); False: labels and
+        weights are already shifted and used as they are (``ignore_index`` still masks).
+      reduction: "mean" over scored tokens or "sum" (e.g. for gradient accumulation).
+      impl, blocks, mesh: passed to :func:`ls_jax.losses.linear_smoothed_cross_entropy` (mesh:
+        each device computes the loss of its own tokens and vocabulary shard).
+
+    Returns:
+      ``(loss, metrics)``: loss a float32 scalar, metrics from :func:`token_metrics`.
+
+    Raises:
+      ValueError: a reduction other than "mean" / "sum", or a logit_softcap string other than
+        "model"; and the loss's own (:func:`ls_jax.losses.linear_smoothed_cross_entropy`).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from ls_jax.models import from_config
+      >>> from ls_jax.models.llama import tiny_llama_config
+      >>> model = from_config(tiny_llama_config(vocab_size=32, hidden_size=16, num_hidden_layers=1))
+      >>> ids = jnp.array([[1, 2, 3, 4, 5]])
+      >>> loss, metrics = causal_lm_loss(model, {"input_ids": ids, "labels": ids}, label_smoothing=0.1)
+      >>> print(loss.shape, loss.dtype, int(metrics["tokens"]))  # 4 scored tokens: the last has no next
+      () float32 4
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")

@@ -187,26 +187,50 @@ def target_logits(hidden, weight, bias, ids, softcap, layout: str = "vd"):
     return apply_softcap(z, softcap)
 
 
-def dz_tile(z, cols, lse, comp, g_lse, g_sum, ids, coef, softcap):
+def dz_tile(z, cols, lse, comp, g_lse, g_sum, ids, coef, softcap, valid=None):
     """float32 gradient of the logit tile ``z [bn, bv]`` (capped, float32), whose columns are the
-    classes ``cols [bv]``: ``(g_lse p + g_sum + sum_k coef[:, k] [cols = ids[:, k]]) softcap'``,
-    everything combined in float32. lse, g_lse, g_sum: ``[bn]`` (g_sum None: no sum term);
-    ids, coef: ``[bn, K]`` (coef = g_target * target weight).
+    classes ``cols`` (``[bv]`` or ``[1, bv]``): ``(g_lse p + g_sum + sum_k coef[k] [cols = ids[k]])
+    softcap'``, everything combined in float32. The one source of dz: the XLA backends
+    (ls_jax/xla.py) and the Pallas kernels (kernels/backward.py) call it on their tiles, so it is
+    plain jnp on arrays, and takes the K targets as sequences of vectors (a Triton kernel cannot
+    slice a column out of a 2-D value).
+
+    Args:
+      z: float32 capped logits ``[bn, bv]``.
+      cols: int32 global class index of each column, ``[bv]`` or ``[1, bv]``.
+      lse, comp, g_lse: float32 ``[bn]``: log-sum-exp, the other classes' probability mass
+        (below), the lse cotangent.
+      g_sum: float32 ``[bn]`` logit-sum cotangent, or None (no sum term).
+      ids, coef: K-sequences of ``[bn]`` vectors: target class ids (int32) and their
+        coefficients (float32, g_target * target weight).
+      softcap: the logit softcap, or None.
+      valid: bool ``[1, bv]`` (False on padded columns, whose probability and sum term become 0),
+        or None (every column is a class).
+
+    Returns:
+      ``(dz, prob, hit)``: dz float32 ``[bn, bv]``; prob, the softmax ``[bn, bv]`` (0 on invalid
+      columns); hit, bool ``[bn, bv]``, True where a target with a nonzero coefficient lies
+      (the kernels' gradient filter keeps such tiles).
 
     At the first target's column ``g_lse p + coef`` is formed as ``(g_lse + coef) - g_lse comp``
     with ``comp = 1 - p = sum of the other classes' probabilities`` ``[bn]`` (accurate to float32
     relative precision, from the forward's :func:`excluded_lse`): for a confident token p - 1 is
     far below float32's resolution of p itself, and the first form would lose it."""
-    p = jnp.exp(z - lse[:, None])
-    first = cols[None, :] == ids[:, :1]
-    dz = jnp.where(first, (g_lse + coef[:, 0] - g_lse * comp)[:, None], g_lse[:, None] * p)
+    prob = jnp.exp(z - lse[:, None])
+    if valid is not None:
+        prob = jnp.where(valid, prob, 0.0)
+    first = cols == ids[0][:, None]
+    dz = jnp.where(first, (g_lse + coef[0] - g_lse * comp)[:, None], g_lse[:, None] * prob)
     if g_sum is not None:
-        dz = dz + g_sum[:, None]
-    for k in range(1, ids.shape[1]):
-        dz = dz + jnp.where(cols[None, :] == ids[:, k:k + 1], coef[:, k:k + 1], 0.0)
+        dz = dz + (g_sum[:, None] if valid is None else jnp.where(valid, g_sum[:, None], 0.0))
+    hit = first & (coef[0][:, None] != 0)
+    for k in range(1, len(ids)):
+        on = cols == ids[k][:, None]
+        dz = dz + jnp.where(on, coef[k][:, None], 0.0)
+        hit = hit | (on & (coef[k][:, None] != 0))
     if softcap is not None:
         dz = dz * (1.0 - jnp.square(z / softcap))
-    return dz
+    return dz, prob, hit
 
 
 def live_rows(hidden, lse, comp, g_lse, g_sum, coef):
@@ -223,6 +247,51 @@ def live_rows(hidden, lse, comp, g_lse, g_sum, coef):
 def excluded_lse(m, s_excl):
     """log of the online sum ``s_excl`` (rescaled to the running max ``m``), -inf when it is 0."""
     return jnp.where(s_excl > 0, m + jnp.log(s_excl), -jnp.inf)
+
+
+# The online log-sum-exp over vocabulary tiles, the one source of the forward statistics of the XLA
+# two-pass forward (ls_jax/xla.py) and the Pallas forward kernel (kernels/forward.py): plain jnp on
+# arrays, so it runs inside a kernel body. The running state is (max, sum of exp, logit sum,
+# argmax, sum of exp without the first target), each ``[bn]``, the sums rescaled to the max.
+def online_init(bn: int) -> tuple:
+    """The running state before any tile: max -inf, sums 0, argmax 0 (each ``[bn]``)."""
+    zeros = jnp.zeros((bn,), jnp.float32)
+    return jnp.full((bn,), -jnp.inf, jnp.float32), zeros, zeros, jnp.zeros((bn,), jnp.int32), zeros
+
+
+def online_fold(state: tuple, z, valid, col0, first, need_sum: bool) -> tuple:
+    """``state`` with the logit tile ``z [bn, bv]`` folded in.
+
+    Args:
+      state: the running state (:func:`online_init`).
+      z: float32 capped logits ``[bn, bv]``, -inf on columns that are not classes of this tile.
+      valid: bool ``[bv]`` or ``[1, bv]``, True on the tile's own classes (the logit sum counts them).
+      col0: int32 global class index of the tile's first column.
+      first: int32 ``[bn]`` first target class, left out of the excluded sum.
+      need_sum: whether to accumulate the logit sum (else it stays 0).
+
+    Returns:
+      The new state; the argmax keeps the lowest index on ties (a later tile must be strictly larger).
+    """
+    m, s, total, best, s_excl = state
+    tile_max = z.max(axis=1)
+    new_m = jnp.maximum(m, tile_max)
+    # -inf when every logit so far is -inf (-inf bias, or a tile of padded columns only): no NaN
+    shift = jnp.where(jnp.isfinite(new_m), new_m, 0.0)
+    e, rescale = jnp.exp(z - shift[:, None]), jnp.exp(m - shift)
+    s = s * rescale + e.sum(axis=1)
+    cols = col0 + jax.lax.broadcasted_iota(jnp.int32, (1, z.shape[1]), 1)
+    s_excl = s_excl * rescale + jnp.where(cols == first[:, None], 0.0, e).sum(axis=1)
+    if need_sum:
+        total = total + jnp.where(valid, z, 0.0).sum(axis=1)
+    best = jnp.where(tile_max > m, col0 + jnp.argmax(z, axis=1).astype(jnp.int32), best)
+    return new_m, s, total, best, s_excl
+
+
+def online_result(state: tuple) -> tuple:
+    """(lse, logit_sum, max_logit, prediction, lse_excl) ``[bn]`` of the final state."""
+    m, s, total, best, s_excl = state
+    return m + jnp.log(s), total, m, best, excluded_lse(m, s_excl)
 
 
 class Backend(NamedTuple):

@@ -1,6 +1,6 @@
 """Public losses: label-smoothed cross-entropy on logits, and fused on ``hidden @ W.T``.
 
-Per token (DESIGN.md, "The math"), with target distribution t and smoothing a over V classes,
+Per token (docs/design.md), with target distribution t and smoothing a over V classes,
 q = (1 - a) t + a / V and
 
     loss = (sum_v q_v) lse - sum_v q_v z_v + z_loss lse^2
@@ -63,8 +63,28 @@ class LossRows(NamedTuple):
 
 
 def token_loss(stats: LogitStats, rows: LossRows) -> jax.Array:
-    """float32 per-token loss ``[N]``, weighted by ``rows.weight``: exactly 0, with exactly 0
-    cotangents for its statistics (even NaN or inf ones), where the weight is 0."""
+    """The one place that combines the statistics into the loss (module docstring's formula).
+
+    Args:
+      stats: :class:`ls_jax.logit_stats.LogitStats` ``[N]`` (lse, logit_sum, target used).
+      rows: :class:`LossRows` ``[N]``, the per-token coefficients and weights.
+
+    Returns:
+      float32 per-token loss ``[N]``, weighted by ``rows.weight``: exactly 0, with exactly 0
+      cotangents for its statistics (even NaN or inf ones), where the weight is 0; NaN where
+      ``rows.nan``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from ls_jax.logit_stats import LogitStats
+      >>> one = lambda x: jnp.array([x])
+      >>> stats = LogitStats(lse=one(2.0), logit_sum=one(3.0), target=one(1.5), max_logit=one(1.5),
+      ...                    prediction=one(0))
+      >>> rows = LossRows(lse=one(1.0), target=one(0.9), logit_sum=one(0.1 / 3), z_loss=one(0.0),
+      ...                 weight=one(1.0), nan=one(False))
+      >>> print(token_loss(stats, rows).round(4))  # 2 - 0.9 * 1.5 - 0.1 / 3 * 3
+      [0.55]
+    """
     on = rows.weight != 0
     lse, target, total = (jnp.where(on, x, 0.0) for x in (stats.lse, stats.target, stats.logit_sum))
     loss = rows.lse * lse - rows.target * target - rows.logit_sum * total + rows.z_loss * jnp.square(lse)
@@ -109,20 +129,46 @@ def smoothed_cross_entropy(
     z_loss: float = 0.0, logit_softcap: Optional[float] = None, reduction: str = "none",
     return_stats: bool = False,
 ):
-    """Label-smoothed cross-entropy of materialised logits ``[..., V]`` (any float dtype).
+    """Label-smoothed cross-entropy of materialised logits (any float dtype).
 
-    labels: int class ids ``[...]``; a dense target distribution ``[..., V]`` (float); or
-    sparse soft labels ``(ids [..., K] int, weights [..., K] float)``. Tokens whose label is
-    ``ignore_index`` or where ``where`` is False contribute 0 and are not counted.
-    Target: ``(1 - a) * t + a / V`` over all V classes (PyTorch / optax convention).
-    ``z_loss`` adds ``z_loss * lse**2``; ``logit_softcap`` c applies ``c * tanh(z / c)`` first.
-    ``weights``: float per-token weights ``[...]`` multiplying each token's loss ("mean" divides
-    by the valid tokens' total weight); ``where`` is a boolean mask. label_smoothing and z_loss
-    may be traced values (jit arguments, vmap, schedules); a traced label_smoothing outside
-    [0, 1] makes every token's loss NaN (a concrete one raises ValueError).
-    Returns float32 losses ``[...]`` (reduction="none", the default, like optax) or a
-    scalar ("sum"; "mean" over valid tokens, 0 when none); with ``return_stats`` also
-    :class:`TokenStats`.
+    The target of a token is ``(1 - a) * t + a / V`` over all V classes (PyTorch / optax
+    convention), t its label's distribution and a ``label_smoothing``.
+
+    Args:
+      logits: float ``[..., V]``.
+      labels: int class ids ``[...]``; a dense target distribution ``[..., V]`` (float); or
+        sparse soft labels ``(ids [..., K] int, weights [..., K] float)``.
+      label_smoothing: a in [0, 1]; may be traced (jit argument, vmap, schedule): a traced value
+        outside [0, 1] makes every token's loss NaN.
+      ignore_index: a label id that contributes 0 and is not counted.
+      where: bool ``[...]`` or None; False tokens contribute 0 and are not counted.
+      weights: float ``[...]`` or None: each token's loss is multiplied by its weight ("mean"
+        divides by the valid tokens' total weight).
+      z_loss: adds ``z_loss * lse**2`` per token (may be traced).
+      logit_softcap: c applies ``c * tanh(z / c)`` to the logits first; None: no cap.
+      reduction: "none" (the default, like optax), "sum", or "mean" over the valid tokens (0
+        when there are none).
+      return_stats: also return :class:`TokenStats`.
+
+    Returns:
+      float32 losses ``[...]`` ("none") or a scalar; with ``return_stats``, ``(loss, TokenStats
+      [...])``. A label out of ``[0, V)`` (other than ``ignore_index``) gives a NaN loss.
+
+    Raises:
+      ValueError: labels of a shape that fits neither ids ``[...]`` nor ``[..., V]``, logits
+        without a class axis, or an invalid concrete option (label_smoothing outside [0, 1],
+        an unknown reduction).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> logits = jnp.array([[2.0, 1.0, 0.0], [0.0, 0.0, 3.0]])
+      >>> print(smoothed_cross_entropy(logits, jnp.array([0, 2])).round(4))
+      [0.4076 0.0949]
+      >>> print(smoothed_cross_entropy(logits, jnp.array([0, -100]), label_smoothing=0.1).round(4))
+      [0.5076 0.    ]
+      >>> loss, stats = smoothed_cross_entropy(logits, jnp.array([0, 2]), reduction="mean", return_stats=True)
+      >>> print(loss.round(4), stats.prediction)
+      0.2513 [0 2]
     """
     check_options(label_smoothing, z_loss, logit_softcap, reduction)
     logits = jnp.asarray(logits)
@@ -161,32 +207,63 @@ def linear_smoothed_cross_entropy(
 ):
     """``smoothed_cross_entropy(hidden @ weight.T + bias, labels, ...)`` without the logits.
 
-    hidden: ``[..., D]``; weight: ``[V, D]`` (``weight_layout="vd"``, the default: Hugging Face
-    lm_head / tied embedding) or ``[D, V]`` (``"dv"``: Tunix, MaxText, nnx.Linear kernels; read in
-    place by every impl, its gradient in the same layout, no transposed copy);
-    bias: ``[V]`` or None; labels: int ids ``[...]`` or sparse soft labels
-    ``(ids [..., K], weights [..., K])``. bf16 or fp32 in; every gradient part is combined in
-    float32 and rounded once to the input's dtype.
+    bf16 or fp32 in; every gradient part is combined in float32 and rounded once to the input's
+    dtype. Differentiable in hidden, weight, bias (and soft-label weights) in reverse mode;
+    "reference" also in forward mode and to any order; "xla" twice with reduction="none"
+    (jax.hessian of its sum).
 
-    impl (ls_jax/dispatch.py): "xla" (blocked over tokens and the vocabulary; a scalar
-    reduction, "mean" or "sum", makes its gradients in the forward sweep: 6NDV, holding the
-    gradients from forward to backward; reduction="none" recomputes the logits in the backward),
-    "reference" (dense, materialises [N, V]: the oracle), "pallas" (the fused GPU forward kernel with
-    the blocked XLA backward; interpret mode elsewhere; "pallas_two_kernel" / "pallas_atomic":
-    the kernels' own backwards), "auto" ("xla", the fastest measured on GPU and CPU). blocks: :class:`BlockSizes` (None: defaults).
-    Differentiable in hidden, weight, bias (and soft-label weights) in reverse mode; "reference"
-    also in forward mode and to any order; "xla" twice with reduction="none"
-    (jax.hessian of its sum). Default reduction: "mean" over valid tokens. ``weights`` / traced
-    options as in :func:`smoothed_cross_entropy`.
-    With ``return_stats`` returns ``(loss, TokenStats)``.
-    mesh: a ``jax.sharding.Mesh`` with Auto or Explicit axes (or None: the ambient mesh of
-    ``jax.set_mesh`` / ``jax.sharding.use_mesh``, else that of a legacy ``with mesh:`` block, if
-    any) with axes ``data`` / ``fsdp`` (tokens split over them,
-    the weight gathered) and ``tensor`` (the weight vocabulary-parallel): each device computes
-    its own tokens and vocabulary shard, for every impl (ls_jax/sharded.py); "xla" with a scalar
-    reduction takes the one-pass path per device when the mesh has no ``tensor`` axis, the
-    two-pass path (whose statistics are merged across the vocabulary shards) otherwise.
-    The tokens ``hidden.shape[:-1]`` must be divisible by the batch axes' size.
+    Args:
+      hidden: ``[..., D]``.
+      weight: the head, ``[V, D]`` (``weight_layout="vd"``, the default: Hugging Face lm_head /
+        tied embedding) or ``[D, V]`` (``"dv"``: Tunix, MaxText, nnx.Linear kernels; read in
+        place by every impl, its gradient in the same layout, no transposed copy).
+      labels: int ids ``[...]`` or sparse soft labels ``(ids [..., K], weights [..., K])``.
+      bias: ``[V]`` or None.
+      label_smoothing, ignore_index, where, weights, z_loss, logit_softcap: as in
+        :func:`smoothed_cross_entropy`.
+      reduction: "mean" (the default, over valid tokens), "sum" or "none".
+      impl: a name of the dispatch table (ls_jax/dispatch.py): "xla" (blocked over tokens and the
+        vocabulary; a scalar reduction makes its gradients in the forward sweep: 6NDV, holding
+        the gradients from forward to backward; reduction="none" recomputes the logits in the
+        backward), "reference" (dense, materialises ``[N, V]``: the oracle), "pallas" (the fused
+        GPU forward kernel with the blocked XLA backward; interpret mode elsewhere;
+        "pallas_two_kernel" / "pallas_atomic": the kernels' own backwards), "auto" ("xla", the
+        fastest measured on GPU and CPU).
+      blocks: :class:`ls_jax.logit_stats.BlockSizes` (None: the implementation's defaults).
+      weight_layout: "vd" or "dv" (see weight).
+      return_stats: also return :class:`TokenStats`.
+      mesh: a ``jax.sharding.Mesh`` with Auto or Explicit axes (None: the ambient mesh of
+        ``jax.set_mesh`` / ``jax.sharding.use_mesh``, else that of a legacy ``with mesh:`` block,
+        if any) with axes ``data`` / ``fsdp`` (tokens split over them, the weight gathered) and
+        ``tensor`` (the weight vocabulary-parallel): each device computes its own tokens and
+        vocabulary shard, for every impl (ls_jax/sharded.py); "xla" with a scalar reduction
+        takes the one-pass path per device when the mesh has no ``tensor`` axis, the two-pass
+        path (statistics merged across the vocabulary shards) otherwise. The tokens
+        ``hidden.shape[:-1]`` must be divisible by the batch axes' size.
+
+    Returns:
+      float32 loss: a scalar, or ``[...]`` for reduction="none"; with ``return_stats``,
+      ``(loss, TokenStats [...])``.
+
+    Raises:
+      ValueError: shapes that do not fit (hidden ``[..., D]``, weight in ``weight_layout``, bias
+        ``[V]``), float (dense) labels, an unknown impl or weight_layout, or an invalid option.
+      TypeError: ``blocks`` that is not a BlockSizes.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> hidden = jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+      >>> weight = jnp.array([[2.0, 0.0], [0.0, 1.0], [1.0, -1.0]])  # [V=3, D=2]
+      >>> labels = jnp.array([0, 1, -100])
+      >>> print(linear_smoothed_cross_entropy(hidden, weight, labels, label_smoothing=0.1).round(4))
+      0.5076
+      >>> print(smoothed_cross_entropy(hidden @ weight.T, labels, label_smoothing=0.1, reduction="mean").round(4))
+      0.5076
+      >>> print(linear_smoothed_cross_entropy(hidden, weight.T, labels, weight_layout="dv", reduction="none").round(4))
+      [0.4076 0.4076 0.    ]
+      >>> dh = jax.grad(linear_smoothed_cross_entropy)(hidden, weight, labels)
+      >>> print(dh.shape, dh[2])  # an ignored token: zero gradient
+      (3, 2) [0. 0.]
     """
     check_options(label_smoothing, z_loss, logit_softcap, reduction)
     impl = resolve(impl)

@@ -32,9 +32,9 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from ls_jax.logit_stats import (Backend, BlockSizes, LogitStats, apply_softcap, dz_tile, excluded_lse, gemm_operands,
-                                head_back, head_logits, head_outer, live_rows, tile_budget, two_pass, vocab_axis,
-                                weighted_sum)
+from ls_jax.logit_stats import (Backend, BlockSizes, LogitStats, apply_softcap, dz_tile, gemm_operands,
+                                head_back, head_logits, head_outer, live_rows, online_fold, online_init, online_result,
+                                tile_budget, two_pass, vocab_axis, weighted_sum)
 
 BLOCK_N, BLOCK_V = 1024, 2048  # two-pass tile
 
@@ -76,27 +76,13 @@ def forward(hidden, weight, bias, first, *, softcap, need_sum, blocks: BlockSize
         start_n, _ = _slide(i, bn, n)
         h, f = _rows(hidden, start_n, bn), _rows(first, start_n, bn)
 
-        def vocab_block(j, carry):
-            m, s, total, best, s_excl = carry
+        def vocab_block(j, state):
             start, own = _slide(j, bv, v)
             z = jnp.where(own, apply_softcap(_raw_tile(h, weight, bias, start, bv, layout, gemm), softcap),
                           -jnp.inf)
-            blk_max = z.max(-1)
-            new_m = jnp.maximum(m, blk_max)
-            shift = jnp.where(jnp.isfinite(new_m), new_m, 0.0)  # a block of -inf logits: no NaN
-            e, rescale = jnp.exp(z - shift[:, None]), jnp.exp(m - shift)
-            s = s * rescale + e.sum(-1)
-            cols = start + jnp.arange(bv)
-            s_excl = s_excl * rescale + jnp.where(cols[None, :] == f[:, None], 0.0, e).sum(-1)
-            if need_sum:
-                total = total + jnp.where(own, z, 0.0).sum(-1)
-            best = jnp.where(blk_max > m, start + jnp.argmax(z, -1).astype(jnp.int32), best)
-            return new_m, s, total, best, s_excl
+            return online_fold(state, z, own, start, f, need_sum)
 
-        init = (jnp.full((bn,), -jnp.inf, jnp.float32), jnp.zeros((bn,), jnp.float32),
-                jnp.zeros((bn,), jnp.float32), jnp.zeros((bn,), jnp.int32), jnp.zeros((bn,), jnp.float32))
-        m, s, total, best, s_excl = jax.lax.fori_loop(0, -(-v // bv), vocab_block, init)
-        new = (m + jnp.log(s), total, m, best, excluded_lse(m, s_excl))
+        new = online_result(jax.lax.fori_loop(0, -(-v // bv), vocab_block, online_init(bn)))
         return tuple(jax.lax.dynamic_update_slice_in_dim(o, x, start_n, 0) for o, x in zip(out, new))
 
     return jax.lax.fori_loop(0, -(-n // bn), token_block, out)
@@ -126,7 +112,7 @@ def backward(hidden, weight, bias, lse, comp, g_lse, g_sum, ids, coef, *, softca
             dh_blk, dw, db = carry
             start, own = _slide(j, bv, v)
             z = apply_softcap(_raw_tile(h, weight, bias, start, bv, layout, gemm), softcap)
-            dz = dz_tile(z, start + jnp.arange(bv), l, cm, gl, gs, ii, cc, softcap)
+            dz = dz_tile(z, start + jnp.arange(bv), l, cm, gl, gs, tuple(ii.T), tuple(cc.T), softcap)[0]
             dz = jnp.where(own[None, :] & own_n[:, None], dz, 0.0)
             dz_op = dz.astype(cdt)
             dh_blk = dh_blk + head_back(dz_op, _rows(weight, start, bv, ax).astype(cdt), layout, prec)
@@ -202,7 +188,8 @@ def _one_pass_fwd(loss_of, hidden, weight, bias, ids, tw, rows, softcap, need_su
         cols = jnp.arange(v)
         comp = jnp.exp(z - lse[:, None]).sum(-1, where=cols[None, :] != ii[:, :1])
         h_live, lse_live, comp, live = live_rows(h, lse, comp, g_lse, g_sum, coef)
-        dz = jnp.where(live[:, None], dz_tile(z, cols, lse_live, comp, g_lse, g_sum, ii, coef, softcap), 0.0)
+        dz = dz_tile(z, cols, lse_live, comp, g_lse, g_sum, tuple(ii.T), tuple(coef.T), softcap)[0]
+        dz = jnp.where(live[:, None], dz, 0.0)
         dz_op = dz.astype(cdt)
         dh_c = head_back(dz_op, w_op, layout, prec).astype(dh.dtype)
         dh = jax.lax.dynamic_update_slice_in_dim(dh, jnp.where(own[:, None], dh_c, _rows(dh, start, bn)), start, 0)

@@ -7,6 +7,7 @@ import optax
 import pytest
 
 from ls_jax import linear_smoothed_cross_entropy, smoothed_cross_entropy
+from ls_jax.dispatch import IMPLS
 
 RNG = np.random.RandomState(0)
 H = RNG.randn(3, 4).astype(np.float32)
@@ -96,7 +97,7 @@ def test_options_must_be_real_numbers(loss):
                                rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("impl", ["reference", "xla", "pallas"])
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_traced_label_smoothing_outside_its_range_is_nan(impl, reduction):
     """A traced label_smoothing outside [0, 1] (a concrete one raises) gives NaN, not a number."""
@@ -123,7 +124,7 @@ def test_dense_target_of_the_wrong_class_count_names_the_dense_form():
         smoothed_cross_entropy(Z, np.full((3, 4), 0.25, np.float32))
 
 
-@pytest.mark.parametrize("impl", ["reference", "xla", "pallas"])
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_soft_labels_with_no_entries_are_an_empty_batch(impl, reduction):
     """K = 0 entries per token: every token ignored, loss 0 and zero gradients (no IndexError)."""
@@ -137,7 +138,7 @@ def test_soft_labels_with_no_entries_are_an_empty_batch(impl, reduction):
 def test_token_stats_of_ignored_tokens_are_zero_in_every_impl():
     labels = np.array([3, -100, 4])
     stats = [linear_smoothed_cross_entropy(H, W, labels, impl=impl, return_stats=True)[1]
-             for impl in ("reference", "xla", "pallas")]
+             for impl in IMPLS]
     for s in stats:
         assert not bool(s.valid[1])
         assert float(s.lse[1]) == float(s.max_logit[1]) == float(s.target_logprob[1]) == int(s.prediction[1]) == 0

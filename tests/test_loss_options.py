@@ -9,10 +9,10 @@ import optax
 import pytest
 
 from ls_jax import linear_smoothed_cross_entropy, smoothed_cross_entropy
+from ls_jax.dispatch import IMPLS
 from ls_jax.logit_stats import BlockSizes
 from problems import IGNORE, make_problem
 
-IMPLS = ["reference", "xla", "pallas"]
 BLOCKS = BlockSizes(block_n=16, block_v=64, block_d=16)
 
 
@@ -86,7 +86,7 @@ def test_target_logprob_is_the_unsmoothed_log_probability(impl):
     np.testing.assert_allclose(stats.target_logprob, jnp.where(y == IGNORE, 0.0, logp), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("impl", IMPLS + ["pallas_two_kernel", "pallas_atomic"])
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_dv_head_layout_equals_vd(impl, reduction):
     """A [D, V] head (weight_layout="dv") gives the [V, D] head's loss, and its gradient in its
@@ -101,7 +101,7 @@ def test_dv_head_layout_equals_vd(impl, reduction):
     np.testing.assert_allclose(g_dv, g_vd.T, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("impl", ["reference", "xla", "pallas", "pallas_two_kernel", "pallas_atomic"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_dv_head_is_read_in_place(impl):
     """No transposed copy of a [D, V] head: the compiled loss + gradient's temporaries are those of
     the [V, D] head (XLA's buffer plan, within 1%; pallas in interpret mode here, its CUDA lowering

@@ -1,7 +1,7 @@
 """Device mesh and placements: a (data, fsdp, tensor) mesh from a flag, NamedShardings declared
 per parameter kind (Megatron-style tensor parallelism, FSDP), batches over the batch axes.
 
-Parameter layouts (:data:`LAYOUTS`; nnx ``Linear`` kernels are ``[in, out]``, qwix's LoRA
+Parameter layouts (:data:`PARAM_LAYOUTS`; nnx ``Linear`` kernels are ``[in, out]``, qwix's LoRA
 factors ``kernel_lora_a [in, r]``, ``kernel_lora_b [r, out]``), looked up by the parameter's module and name:
 
 * column-parallel (``q_proj``, ``k_proj``, ``v_proj``, ``gate_proj``, ``up_proj``): kernel
@@ -30,13 +30,13 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from ls_jax.models.parallel import COLUMN, ROW
+from ls_jax.sharded import BATCH_AXES
 
 AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
 
 _VOCAB = ("tensor", "fsdp")
 # (module name, parameter name) -> axis per dimension; module "" matches a bare parameter
-LAYOUTS = {
+PARAM_LAYOUTS = {
     **{(m, k): spec for m in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj") for k, spec in COLUMN.items()},
     **{(m, k): spec for m in ("o_proj", "down_proj") for k, spec in ROW.items()},
     ("embed_tokens", "embedding"): _VOCAB,
@@ -99,11 +99,12 @@ def _names(path) -> Tuple[str, ...]:
 
 def param_spec(path, shape: Sequence[int], mesh: Mesh) -> P:
     """PartitionSpec of a parameter-like array at pytree ``path`` (its module and name select a
-    layout of :data:`LAYOUTS`); axes of size 1 or that do not divide their dimension are left out."""
+    layout of :data:`PARAM_LAYOUTS`); axes of size 1 or that do not divide their dimension are left out."""
     names = _names(path)
     declared = None
     if names:
-        declared = LAYOUTS.get((names[-2] if len(names) > 1 else "", names[-1])) or LAYOUTS.get(("", names[-1]))
+        declared = (PARAM_LAYOUTS.get((names[-2] if len(names) > 1 else "", names[-1]))
+                    or PARAM_LAYOUTS.get(("", names[-1])))
     if declared is None or len(declared) != len(shape):
         declared = [None] * len(shape)
         if len(shape) >= 2:  # undeclared: fsdp over the largest dimension

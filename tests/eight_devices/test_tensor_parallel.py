@@ -1,7 +1,7 @@
 """Megatron-style tensor parallelism of the trainer's step: what the compiled step communicates,
 and that it computes what one device computes.
 
-With the declared layouts (ls_jax.train.sharding.LAYOUTS) and the models' column-parallel
+With the declared layouts (ls_jax.train.sharding.PARAM_LAYOUTS) and the models' column-parallel
 projections (ls_jax.models.parallel), a step on a mesh with a tensor axis must communicate
 exactly Megatron's activations: per layer one all-reduce of a [tokens, hidden] activation after
 o_proj and after down_proj forward, and one for the input gradient of q/k/v and of gate/up
