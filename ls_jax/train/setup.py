@@ -23,6 +23,7 @@ from ls_jax.models.transformer import REMAT
 from ls_jax.targets import check_options
 from ls_jax.s3ft import judges
 from ls_jax.train import sharding, synthetic
+from ls_jax.train.distributed import allgather
 from ls_jax.train.config import SMOOTHING_CONFLICT, TASKS, ConfigError, TrainConfig
 from ls_jax.train.optim import DECAYS
 
@@ -295,8 +296,6 @@ def _prepare(c: TrainConfig, rows, tokenizer, name: str, where=None):
         raise data.DataError(f"{name}: {e}") from None
     encoded = None
     if jax.process_count() > 1:
-        from ls_jax.train.distributed import allgather  # (that module imports this one)
-
         encoded = data.encode_shared(rows, tokenizer, c.max_length, where, jax.process_index(), jax.process_count(),
                                      allgather)
     return data.prepare(rows, tokenizer, c.max_length, name=name, where=where, encoded=encoded, weights=weights)
