@@ -30,21 +30,13 @@ from ls_jax.data import Batches, eval_batches
 from ls_jax.train import classification, sharding
 from ls_jax.train.checkpoint import CheckpointStore
 from ls_jax.train.distributed import is_main
-from ls_jax.train.config import TrainConfig
+from ls_jax.train.config import RESUME_FIELDS, ConfigError, TrainConfig
 from ls_jax.train.export import export_hf
 from ls_jax.train.lora import add_lora
 from ls_jax.train.optim import adamw, learning_rate
 from ls_jax.train.report import Diverged, MetricsLog, Progress
-from ls_jax.train.setup import ConfigError, Prepared
+from ls_jax.train.setup import Prepared
 from ls_jax.train.step import accumulate, make_eval_step, make_train_step
-
-# config fields that must match between a checkpoint and the run resuming it
-RESUME_FIELDS = ("model", "data", "eval_data", "split", "eval_fraction", "num_train", "num_eval", "max_length",
-                 "packing", "steps", "batch_size", "grad_accum", "lr", "warmup_steps", "decay", "min_lr_ratio",
-                 "weight_decay", "b1", "b2", "clip_norm", "seed", "compute_dtype", "param_dtype", "lora_rank",
-                 "lora_alpha", "lora_targets", "s3ft", "judge", "s3ft_paraphrase", "task", "classes",
-                 "smoothing_convention", "label_smoothing", "z_loss", "logit_softcap", "soft_targets",
-                 "distill_temperature", "distill_rest", "distill_hard_weight")
 
 
 def check_resumable(meta: dict, config: TrainConfig) -> None:

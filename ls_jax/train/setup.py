@@ -13,23 +13,16 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
 
 import jax
-import jax.numpy as jnp
 
 from ls_jax import data
-from ls_jax.dispatch import CHOICES
-from ls_jax.distill import REST_MODES
-from ls_jax.models.classification import SMOOTHING_CONVENTIONS
-from ls_jax.models.transformer import REMAT
 from ls_jax.targets import check_options
 from ls_jax.s3ft import judges
 from ls_jax.train import sharding, synthetic
 from ls_jax.train.distributed import allgather
-from ls_jax.train.config import SMOOTHING_CONFLICT, TASKS, ConfigError, TrainConfig
-from ls_jax.train.optim import DECAYS
+from ls_jax.train.config import DTYPES, SMOOTHING_CONFLICT, ConfigError, TrainConfig, check_choices
 
 # --model NAME -> overrides of ls_jax.models.tiny_llama_config (vocabulary from the tokenizer)
 TINY_MODELS = {"tiny": dict(hidden_size=64, num_hidden_layers=2)}
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 @dataclass
 class Prepared:
@@ -57,7 +50,9 @@ class Prepared:
 
 
 def check_config(c: TrainConfig) -> None:
-    """Raise :class:`ConfigError` for out-of-range or unknown flag values."""
+    """Raise :class:`ConfigError` for out-of-range or unknown flag values (the declared choices:
+    :func:`ls_jax.train.config.check_choices`) and for flags that contradict each other."""
+    check_choices(c)
     positive = ("steps", "batch_size", "grad_accum", "max_length", "save_every", "eval_every", "log_every",
                 "eval_batch_size", "keep_checkpoints", "num_train", "num_eval")
     for name in positive:
@@ -73,9 +68,6 @@ def check_config(c: TrainConfig) -> None:
         raise ConfigError(str(e)) from None
     checks = [
         (not (c.label_smoothing and c.compare_smoothing), SMOOTHING_CONFLICT),
-        (c.decay in DECAYS, f"--decay must be one of {DECAYS}"),
-        (c.task in TASKS, f"--task must be one of {TASKS}"),
-        (c.smoothing_convention in SMOOTHING_CONVENTIONS, f"--smoothing-convention must be one of {SMOOTHING_CONVENTIONS}"),
         (c.task == "classification" or c.smoothing_convention == "uniform",
          "--smoothing-convention others is for --task classification"),
         (c.task == "causal_lm" or not c.packing, "--packing is for --task causal_lm"),
@@ -84,12 +76,7 @@ def check_config(c: TrainConfig) -> None:
         (c.soft_targets is None or (c.task == "causal_lm" and not c.s3ft and not c.base_steps),
          "--soft-targets is for --task causal_lm, without --s3ft or --base-steps"),
         (0 < c.distill_temperature < math.inf, "--distill-temperature must be finite and > 0"),
-        (c.distill_rest in REST_MODES, f"--distill-rest must be one of {REST_MODES}"),
         (0 <= c.distill_hard_weight <= 1, "--distill-hard-weight must be in [0, 1]"),
-        (c.impl in CHOICES, f"--impl must be one of {CHOICES}"),
-        (c.compute_dtype in DTYPES, f"--compute-dtype must be one of {tuple(DTYPES)}"),
-        (c.param_dtype in DTYPES, f"--param-dtype must be one of {tuple(DTYPES)}"),
-        (c.remat in REMAT, f"--remat must be one of {tuple(REMAT)}"),
         (0 < c.lr < math.inf, "--lr must be finite and > 0"),
         (0 <= c.b1 < 1, "--b1 must be in [0, 1)"),
         (0 <= c.b2 < 1, "--b2 must be in [0, 1)"),
