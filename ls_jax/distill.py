@@ -154,11 +154,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--split", default="train", help="split of a saved DatasetDict (default: train)")
     a = p.parse_args(argv)
     from ls_jax.tokenizer import load_tokenizer
-    from ls_jax.train.config import ConfigError
 
     try:
         if a.top_k < 1 or a.batch_size < 1 or a.max_length < 2:
-            raise ConfigError("--top-k and --batch-size must be >= 1, --max-length >= 2")
+            raise ValueError("--top-k and --batch-size must be >= 1, --max-length >= 2")
         tokenizer = load_tokenizer(a.teacher)
         rows, where = load_rows(a.data, a.split)
         rows, where, weights = expand_responses(rows, where)
@@ -167,8 +166,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         model = from_pretrained(a.teacher)
         if a.top_k > model.spec.vocab_size:
-            raise ConfigError(f"--top-k {a.top_k} is larger than the vocabulary ({model.spec.vocab_size})")
-    except (ValueError, OSError) as e:  # ConfigError, DataError; a checkpoint that does not load
+            raise ValueError(f"--top-k {a.top_k} is larger than the vocabulary ({model.spec.vocab_size})")
+    except (ValueError, OSError) as e:  # bad flags, DataError; a checkpoint that does not load
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     print(stats.log_line("data", a.max_length), file=sys.stderr)

@@ -13,8 +13,7 @@ from typing import Callable, Optional
 
 from ls_jax import data
 from ls_jax.targets import check_options
-from ls_jax.s3ft import judges
-from ls_jax.train import sharding
+from ls_jax.train import sharding, sources
 from ls_jax.train.config import DTYPES, SMOOTHING_CONFLICT, ConfigError, TrainConfig, check_choices
 from ls_jax.train.tasks import Prepared, Rows, task_of
 
@@ -24,8 +23,9 @@ TINY_MODELS = {"tiny": dict(hidden_size=64, num_hidden_layers=2)}
 
 def check_config(c: TrainConfig) -> None:
     """Raise :class:`ConfigError` for out-of-range or unknown flag values (the declared choices:
-    :func:`ls_jax.train.config.check_choices`), for flags that contradict each other, and for flags
-    of another task (:meth:`ls_jax.train.tasks.Task.check`)."""
+    :func:`ls_jax.train.config.check_choices`), for flags that contradict each other, for flags of
+    another task (:meth:`ls_jax.train.tasks.Task.check`) and for the data sources' flags
+    (:func:`ls_jax.train.sources.check`)."""
     check_choices(c)
     task_of(c).check(c)
     positive = ("steps", "batch_size", "grad_accum", "max_length", "save_every", "eval_every", "log_every",
@@ -58,10 +58,12 @@ def check_config(c: TrainConfig) -> None:
         (c.lora_alpha is None or c.lora_alpha > 0, "--lora-alpha must be > 0"),
         (0 < c.eval_fraction < 1, "--eval-fraction must be in (0, 1)"),
         (c.max_length >= 2, "--max-length must be >= 2"),
-        (c.judge in judges.NAMES, f"--judge must be one of {judges.NAMES}, got {c.judge!r}"),
-        (c.data is not None or c.eval_data is None, "--eval-data needs --data (the generated data has its own held-out set)"),
-        (c.base_steps >= 0 and c.answer_rows >= 0 and c.num_base >= 0, "--base-steps, --answer-rows and --num-base must be >= 0"),
-        (c.data is None or not c.base_steps, "--base-steps needs the generated data (a checkpoint of your own is --model)"),
+        (c.data is not None or c.eval_data is None,
+         "--eval-data needs --data (the generated data has its own held-out set)"),
+        (c.base_steps >= 0 and c.answer_rows >= 0 and c.num_base >= 0,
+         "--base-steps, --answer-rows and --num-base must be >= 0"),
+        (c.data is None or not c.base_steps,
+         "--base-steps needs the generated data (a checkpoint of your own is --model)"),
         (len(set(c.seeds)) == len(c.seeds), "--seeds repeats a seed"),
         (len(set(c.classes)) == len(c.classes), "--classes repeats a class"),
         (len(c.classes) != 1, "--classes needs at least 2 classes"),
@@ -69,10 +71,7 @@ def check_config(c: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    try:
-        judges.require_opt_in(c.judge if c.s3ft else None, c.allow_code_execution)
-    except judges.CodeExecutionRefused as e:
-        raise ConfigError(str(e)) from None
+    sources.check(c)  # --s3ft's flags (ls_jax.s3ft)
     try:
         re.compile(c.lora_targets)
     except re.error as e:
@@ -156,7 +155,8 @@ def _model_builder(c: TrainConfig, config, vocab: int, num_labels: Optional[int]
         _check_lora_targets(c, tiny, task)
         return lambda seed=c.seed: from_config(tiny, seed=seed, **task, **dtypes)
     if config.vocab_size < vocab:
-        raise ConfigError(f"--model {c.model}: vocabulary of {config.vocab_size} is smaller than the tokenizer's {vocab}")
+        raise ConfigError(f"--model {c.model}: vocabulary of {config.vocab_size} is smaller than the tokenizer's "
+                          f"{vocab}")
     try:  # the weights' files, names and shapes (headers only), before the run writes anything
         check_pretrained(c.model, **task)
     except (OSError, ValueError) as e:

@@ -6,7 +6,6 @@ the same for every task; a :class:`Task` holds what differs. :func:`task_of` map
 :class:`Classification` (text / label rows, a SequenceClassifier).
 """
 
-import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
@@ -15,8 +14,7 @@ import jax
 from ls_jax import data
 from ls_jax.answer_calibration import answer_calibration
 from ls_jax.calibration import CalibrationReport
-from ls_jax.s3ft import judges
-from ls_jax.train import classification, report, sharding, synthetic
+from ls_jax.train import classification, report, sharding, sources, synthetic
 from ls_jax.train.config import TASKS, ConfigError, TrainConfig
 from ls_jax.train.distributed import allgather
 from ls_jax.train.step import accumulate, make_eval_step, make_train_step
@@ -136,8 +134,8 @@ class CausalLM(Task):
         name = "generated" if c.data is None else c.data
         held, held_stats = _encode(c, rows.held, tokenizer, f"{c.eval_data or name} (held out)", rows.held_where)
         log, train_rows, train_where = [], rows.train, rows.train_where
-        if c.s3ft:  # last: generation is the slow part (the held-out rows keep their gold responses)
-            train_rows, train_where = _s3ft_rows(c, build, tokenizer, train_rows, train_where, log)
+        # last: a source's generation (--s3ft) is the slow part; the held-out rows keep their gold responses
+        train_rows, train_where = sources.train_rows(c, build, tokenizer, train_rows, train_where, log)
         train, train_stats = _encode(c, train_rows, tokenizer, f"{name} (train)", train_where)
         packed = len(data.pack(train, c.max_length)) if c.packing else len(train)
         if packed < c.batch_size:
@@ -280,27 +278,6 @@ def _soft_targets(c: TrainConfig, tokenizer, examples) -> List[dict]:
     return out
 
 
-def _s3ft_rows(c: TrainConfig, build, tokenizer, rows, where, log: List[str]):
-    """The S3FT training rows (built, or reused when current) and their places in the data;
-    the counts per source go to ``log``. Rows left out are reported there, never silently."""
-    from ls_jax.s3ft.pipeline import build_cached, checkpoint_id
-
-    out = c.s3ft_out or os.path.join(os.path.dirname(os.path.abspath(c.output_dir or "runs/x")), "s3ft-cache",
-                                     f"{os.path.basename(c.data or 'generated')}-{os.path.basename(c.model)}.jsonl")
-    model_id = checkpoint_id(c.model) if os.path.isdir(c.model) else f"{c.model} seed={c.seed} {c.param_dtype}"
-    try:
-        result = build_cached(out, build, tokenizer, rows, model_id, force=False, log=log.append, where=where,
-                              allow_code_execution=c.allow_code_execution, judge=c.judge,
-                              paraphrase=c.s3ft_paraphrase, max_new_tokens=c.max_length,
-                              batch_size=c.eval_batch_size, progress=c.progress)
-    except judges.CodeExecutionRefused as e:  # a row asks for the code judge
-        raise ConfigError(str(e)) from None
-    log.extend(["s3ft targets (train rows):", *result.table().splitlines()])
-    if not result.rows:
-        raise data.DataError(f"s3ft: no training row left ({len(result.skipped)} left out; see {out}.skipped.jsonl)")
-    return result.rows, None if where is None else [where[r] for r in result.kept_rows()]
-
-
 def _evaluate(evaluate, params, frozen, batches, mesh) -> Dict:
     """Held-out metrics: loss (all response tokens, weighted as in training), token-level
     accuracy, confidence, NLL, Brier and ECE over the content tokens, the same accuracy /
@@ -337,4 +314,5 @@ def _answer_level(config: TrainConfig, prep: Prepared, model, progress: report.P
     except ValueError as e:  # e.g. option letters that are not single tokens of the tokenizer
         progress.note(f"answer-level scoring skipped: {str(e).splitlines()[0]}")
         return {}
-    return {"answers": result.metrics(), "answer_bins": {k: report.bins_json(v.bins()) for k, v in result.scores.items()}}
+    bins = {k: report.bins_json(v.bins()) for k, v in result.scores.items()}
+    return {"answers": result.metrics(), "answer_bins": bins}
