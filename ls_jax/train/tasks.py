@@ -15,7 +15,7 @@ from ls_jax import data
 from ls_jax.answer_calibration import answer_calibration
 from ls_jax.calibration import CalibrationReport
 from ls_jax.train import classification, report, sharding, sources, synthetic
-from ls_jax.train.config import TASKS, ConfigError, TrainConfig
+from ls_jax.train.config import ConfigError, TrainConfig
 from ls_jax.train.distributed import allgather
 from ls_jax.train.step import accumulate, make_eval_step, make_train_step
 
@@ -234,13 +234,13 @@ class Classification(Task):
         return report.summary_table(results, report.CLASSIFICATION_COLUMNS)
 
 
-_TASKS = {task.name: task for task in (CausalLM(), Classification())}
-assert tuple(_TASKS) == TASKS, "ls_jax.train.config.TASKS lists the tasks (--task's choices) in this order"
+# every task by name; ls_jax.train.config.TASKS (--task's choices) lists these names, in this order
+BY_NAME = {task.name: task for task in (CausalLM(), Classification())}
 
 
 def task_of(c: TrainConfig) -> Task:
     """The :class:`Task` of ``c.task`` (a name in :data:`ls_jax.train.config.TASKS`)."""
-    return _TASKS[c.task]
+    return BY_NAME[c.task]
 
 
 def _encode(c: TrainConfig, rows, tokenizer, name: str, where=None):
