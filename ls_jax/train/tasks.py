@@ -6,10 +6,12 @@ the same for every task; a :class:`Task` holds what differs. :func:`task_of` map
 :class:`Classification` (text / label rows, a SequenceClassifier).
 """
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import jax
+from flax import nnx
 
 from ls_jax import data
 from ls_jax.answer_calibration import answer_calibration
@@ -68,44 +70,42 @@ class Steps(NamedTuple):
     evaluate: Callable
 
 
-class Task:
+class Task(ABC):
     """The interface: one instance per ``--task`` value (:data:`ls_jax.train.config.TASKS`)."""
 
     name: str
     usage: str  # how the exported hf/ checkpoint is used, for the closing line of train.py
 
+    @abstractmethod
     def check(self, c: TrainConfig) -> None:
         """Raise :class:`ConfigError` for a flag that only another task takes."""
-        raise NotImplementedError
 
+    @abstractmethod
     def generate(self, c: TrainConfig) -> Rows:
         """The embedded default data (no ``--data``), sized by ``--num-train`` / ``--num-eval``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def prepare(self, c: TrainConfig, tokenizer, rows: Rows, mesh, model: Callable) -> Prepared:
         """Encode ``rows`` and choose the model's head: ``model(num_labels=None)`` returns the model
         builder (a SequenceClassifier with ``num_labels``). Raises :class:`ConfigError` /
         :class:`ls_jax.data.DataError` on bad input."""
-        raise NotImplementedError
 
     def trainable(self, lora: bool):
-        """The ``nnx`` filter of the trained parameters (``lora``: only the adapters, and a fresh head)."""
-        from flax import nnx
-
+        """The ``nnx`` filter of the trained parameters (``lora``: the LoRA adapters only)."""
         return nnx.LoRAParam if lora else nnx.Param
 
+    @abstractmethod
     def steps(self, c: TrainConfig, prep: Prepared, graphdef, tx, *, param_shardings, frozen_shardings,
               opt_shardings, mesh) -> Steps:
         """The jitted steps and the batches of a run on ``mesh``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def final(self, c: TrainConfig, prep: Prepared, model: Callable, progress: report.Progress) -> Dict:
         """``final.json``'s task-specific entries of a finished run; ``model()`` merges the trained model."""
-        raise NotImplementedError
 
+    @abstractmethod
     def summary(self, results: List[dict]) -> str:
         """The final held-out tables of every run (``final.json`` contents, one per run)."""
-        raise NotImplementedError
 
 
 class CausalLM(Task):
@@ -210,8 +210,6 @@ class Classification(Task):
 
     def trainable(self, lora: bool):
         """With LoRA, the adapters and the fresh ``score`` head."""
-        from flax import nnx
-
         if not lora:
             return nnx.Param
         return nnx.Any(nnx.LoRAParam, nnx.All(nnx.Param, nnx.PathContains("score")))
@@ -287,18 +285,18 @@ def _evaluate(evaluate, params, frozen, batches, mesh) -> Dict:
     for b in batches:
         total = accumulate(total, evaluate(params, frozen, sharding.put_batch(b, mesh)))
     total = jax.device_get(total)
-    report = CalibrationReport.from_bins(total["bins"])
+    content = CalibrationReport.from_bins(total["bins"])
     special = CalibrationReport.from_bins(total["special_bins"])
     weight = float(total["weight"])
-    metrics = {"loss": float(total["loss_sum"]) / (weight if weight > 0 else 1.0), "accuracy": report.accuracy,
-               "nll": report.nll,
-               "brier": report.brier, "ece": report.ece, "rms_calibration_error": report.rms_calibration_error,
-               "max_calibration_error": report.max_calibration_error, "mean_confidence": report.mean_confidence,
-               "content_tokens": report.count, "special_tokens": special.count,
+    metrics = {"loss": float(total["loss_sum"]) / (weight if weight > 0 else 1.0), "accuracy": content.accuracy,
+               "nll": content.nll,
+               "brier": content.brier, "ece": content.ece, "rms_calibration_error": content.rms_calibration_error,
+               "max_calibration_error": content.max_calibration_error, "mean_confidence": content.mean_confidence,
+               "content_tokens": content.count, "special_tokens": special.count,
                "special_accuracy": special.accuracy, "special_mean_confidence": special.mean_confidence,
                "answer_accuracy": int(total["answers_correct"]) / max(int(total["answers"]), 1),
                "tokens": int(total["tokens"])}
-    return {"metrics": metrics, "bins": report.bins}
+    return {"metrics": metrics, "bins": content.bins}
 
 
 def _answer_level(config: TrainConfig, prep: Prepared, model, progress: report.Progress) -> Dict:
