@@ -540,6 +540,22 @@ def test_flags():
     assert [a.dest for a in build_parser()._actions if not a.help] == []  # --help documents every flag
 
 
+def test_tasks_and_sources_sit_below_the_command(tmp_path):
+    """--task's choices name the task objects; the trainer imports nothing of ls_jax.s3ft, and
+    without it --s3ft is a one-line error (train.py, which imports it, trains with S3FT)."""
+    from ls_jax.train import config, tasks
+
+    assert tuple(tasks.BY_NAME) == config.TASKS
+    code = ("import sys; from ls_jax.train import main; import ls_jax.train.loop; "
+            "print(sorted(m for m in sys.modules if m.startswith('ls_jax.s3ft'))); "
+            f"sys.exit(main(['--s3ft', '--output-dir', {str(tmp_path / 'out')!r}]))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stdout.strip()) == (2, "[]")
+    assert proc.stderr.strip() == ("error: --s3ft: the S3FT data source is not loaded: import ls_jax.s3ft first "
+                                   "(train.py and python -m ls_jax.train do)")
+    assert not (tmp_path / "out").exists()
+
+
 def test_flags_say_what_they_do(tmp_path, capsys):
     """--help shows the defaults; --task has argparse choices; --logit-softcap is one option
     (model / none / a number); a smoothing of 1 and a flag the others would ignore are refused

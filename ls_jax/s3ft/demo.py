@@ -99,8 +99,7 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning peak learning rate")
     p.add_argument("--label-smoothing", type=float, default=0.1)
     args = p.parse_args(argv)
-    from ls_jax.train.config import TrainConfig
-    from ls_jax.train.main import run
+    from ls_jax.train import TrainConfig, run
 
     start = time.perf_counter()
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]

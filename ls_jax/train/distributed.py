@@ -15,7 +15,7 @@ from typing import List
 import jax
 import numpy as np
 
-from ls_jax.train.setup import ConfigError
+from ls_jax.train.config import ConfigError
 
 
 def initialize(c) -> None:

@@ -23,28 +23,17 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from ls_jax.answer_calibration import answer_calibration
 from ls_jax.atomic import atomic_path, write_text
-from ls_jax.calibration import CalibrationReport, reliability_diagram
-from ls_jax.data import Batches, eval_batches
-from ls_jax.train import classification, sharding
+from ls_jax.calibration import reliability_diagram
+from ls_jax.train import sharding
 from ls_jax.train.checkpoint import CheckpointStore
+from ls_jax.train.config import RESUME_FIELDS, ConfigError, TrainConfig
 from ls_jax.train.distributed import is_main
-from ls_jax.train.config import TrainConfig
 from ls_jax.train.export import export_hf
 from ls_jax.train.lora import add_lora
 from ls_jax.train.optim import adamw, learning_rate
-from ls_jax.train.report import Diverged, MetricsLog, Progress
-from ls_jax.train.setup import ConfigError, Prepared
-from ls_jax.train.step import accumulate, make_eval_step, make_train_step
-
-# config fields that must match between a checkpoint and the run resuming it
-RESUME_FIELDS = ("model", "data", "eval_data", "split", "eval_fraction", "num_train", "num_eval", "max_length",
-                 "packing", "steps", "batch_size", "grad_accum", "lr", "warmup_steps", "decay", "min_lr_ratio",
-                 "weight_decay", "b1", "b2", "clip_norm", "seed", "compute_dtype", "param_dtype", "lora_rank",
-                 "lora_alpha", "lora_targets", "s3ft", "judge", "s3ft_paraphrase", "task", "classes",
-                 "smoothing_convention", "label_smoothing", "z_loss", "logit_softcap", "soft_targets",
-                 "distill_temperature", "distill_rest", "distill_hard_weight")
+from ls_jax.train.report import Diverged, MetricsLog, Progress, bins_json
+from ls_jax.train.tasks import Prepared, task_of
 
 
 def check_resumable(meta: dict, config: TrainConfig) -> None:
@@ -61,48 +50,10 @@ def check_resumable(meta: dict, config: TrainConfig) -> None:
             f"{k} {saved[k]!r} -> {now[k]!r}" for k in changed))
 
 
-def _evaluate(evaluate, params, frozen, batches, mesh) -> Dict:
-    """Held-out metrics: loss (all response tokens, weighted as in training), token-level
-    accuracy, confidence, NLL, Brier and ECE over the content tokens, the same accuracy /
-    confidence over the special tokens (``special_``), teacher-forced answer accuracy; plus the
-    content tokens' bins."""
-    total = None
-    for b in batches:
-        total = accumulate(total, evaluate(params, frozen, sharding.put_batch(b, mesh)))
-    total = jax.device_get(total)
-    report = CalibrationReport.from_bins(total["bins"])
-    special = CalibrationReport.from_bins(total["special_bins"])
-    weight = float(total["weight"])
-    metrics = {"loss": float(total["loss_sum"]) / (weight if weight > 0 else 1.0), "accuracy": report.accuracy,
-               "nll": report.nll,
-               "brier": report.brier, "ece": report.ece, "rms_calibration_error": report.rms_calibration_error,
-               "max_calibration_error": report.max_calibration_error, "mean_confidence": report.mean_confidence,
-               "content_tokens": report.count, "special_tokens": special.count,
-               "special_accuracy": special.accuracy, "special_mean_confidence": special.mean_confidence,
-               "answer_accuracy": int(total["answers_correct"]) / max(int(total["answers"]), 1),
-               "tokens": int(total["tokens"])}
-    return {"metrics": metrics, "bins": report.bins}
 
 
-def _bins_json(bins) -> Dict[str, list]:
-    """The per-bin sums of equal-width bins as JSON lists (``count``, ``confidence_sum``, ``correct_sum``)."""
-    return {k: np.asarray(getattr(bins, k)).tolist() for k in ("count", "confidence_sum", "correct_sum")}
 
 
-def _answer_level(config: TrainConfig, prep: Prepared, model, progress: Progress) -> Dict:
-    """``answers`` (per kind of question: accuracy, confidence, ECE 15 / 10 bins, Brier, NLL,
-    and after temperature scaling) and ``answer_bins`` of the first ``answer_rows`` held-out
-    rows: the first half fits the temperatures, the second is scored. Empty when off."""
-    rows = prep.held_rows[:config.answer_rows]
-    if len(rows) < 2:
-        return {}
-    half = len(rows) // 2
-    try:
-        result = answer_calibration(model, prep.tokenizer, rows[half:], rows[:half], batch_size=config.eval_batch_size)
-    except ValueError as e:  # e.g. option letters that are not single tokens of the tokenizer
-        progress.note(f"answer-level scoring skipped: {str(e).splitlines()[0]}")
-        return {}
-    return {"answers": result.metrics(), "answer_bins": {k: _bins_json(v.bins()) for k, v in result.scores.items()}}
 
 
 def train(config: TrainConfig, prep: Prepared, out_dir: str, *, stop_at: Optional[int] = None) -> Dict:
@@ -118,10 +69,8 @@ def train(config: TrainConfig, prep: Prepared, out_dir: str, *, stop_at: Optiona
     if config.lora_rank:
         model = add_lora(model, config.lora_rank, alpha=config.lora_alpha, targets=config.lora_targets,
                          seed=config.seed)
-    trainable = nnx.LoRAParam if config.lora_rank else nnx.Param
-    if config.lora_rank and config.task == "classification":  # the fresh score head trains too
-        trainable = nnx.Any(nnx.LoRAParam, nnx.All(nnx.Param, nnx.PathContains("score")))
-    graphdef, params, frozen = nnx.split(model, trainable, ...)
+    task = task_of(config)
+    graphdef, params, frozen = nnx.split(model, task.trainable(bool(config.lora_rank)), ...)
     del model
     param_sh = sharding.tree_shardings(params, mesh)
     frozen_sh = sharding.tree_shardings(frozen, mesh)
@@ -131,23 +80,8 @@ def train(config: TrainConfig, prep: Prepared, out_dir: str, *, stop_at: Optiona
     opt_sh = sharding.tree_shardings(jax.eval_shape(tx.init, params), mesh)
     opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
 
-    shardings = dict(param_shardings=param_sh, frozen_shardings=frozen_sh, mesh=mesh)
-    if config.task == "classification":
-        train_step = make_train_step(graphdef, tx, config, opt_shardings=opt_sh, loss_sum=classification.loss_sum,
-                                     count=classification.count, total=classification.count, **shardings)
-        evaluate = classification.make_eval_step(graphdef, config, **shardings)
-        batches = classification.ClassificationBatches(prep.train, config.batch_size, seed=config.seed)
-        held = classification.eval_batches(prep.held_out, config.eval_batch_size)
-        run_eval = classification.evaluate
-    else:
-        train_step = make_train_step(graphdef, tx, config, opt_shardings=opt_sh, packed=config.packing, **shardings)
-        evaluate = make_eval_step(graphdef, config, special_ids=prep.tokenizer.all_special_ids,
-                                  packed=False, **shardings)  # eval_batches: one example a row
-        pad = prep.tokenizer.pad_token_id
-        batches = Batches(prep.train, config.batch_size, config.max_length, pad, seed=config.seed,
-                          packing=config.packing, targets=prep.targets)
-        held = eval_batches(prep.held_out, config.eval_batch_size, config.max_length, pad)
-        run_eval = _evaluate
+    train_step, batches, evaluate = task.steps(config, prep, graphdef, tx, param_shardings=param_sh,
+                                               frozen_shardings=frozen_sh, opt_shardings=opt_sh, mesh=mesh)
 
     main = is_main()
     store = CheckpointStore(os.path.join(out_dir, "checkpoints"), keep=config.keep_checkpoints)
@@ -199,7 +133,7 @@ def train(config: TrainConfig, prep: Prepared, out_dir: str, *, stop_at: Optiona
                                           "step_time_s": seconds})
             # evaluate before saving: a run killed after the save never has to redo this step's lines
             if step % config.eval_every == 0 or step == config.steps:
-                result, evaluated = run_eval(evaluate, params, frozen, held, mesh), step
+                result, evaluated = evaluate(params, frozen), step
                 log.write("eval", step, result["metrics"])
                 progress.note(f"step {step}: held-out " + ", ".join(
                     f"{k} {result['metrics'][k]:.4f}" for k in ("loss", "accuracy", "nll", "log_loss", "brier", "ece")
@@ -210,19 +144,16 @@ def train(config: TrainConfig, prep: Prepared, out_dir: str, *, stop_at: Optiona
         progress.close()
         store.close()  # waits for the last save
     if evaluated != step:  # stopped between evaluations, or resumed at the end (its eval line is logged)
-        result = run_eval(evaluate, params, frozen, held, mesh)
+        result = evaluate(params, frozen)
     throughput = float(np.median(rates)) if rates else float("nan")
     final = {"step": step, "label_smoothing": config.label_smoothing, "seed": config.seed, **result["metrics"],
-             "tokens_per_s": throughput, "token_bins": _bins_json(result["bins"])}
+             "tokens_per_s": throughput, "token_bins": bins_json(result["bins"])}
     if prep.classes is not None:
         final.update(smoothing_convention=config.smoothing_convention, classes=prep.classes)
     if step == config.steps and jax.process_count() > 1:  # every process sends its shards to the host
         params, frozen = multihost_utils.process_allgather((params, frozen), tiled=True)
     if step == config.steps and main:  # each output appears complete or not at all; final.json, last, marks the end
-        if config.task == "causal_lm":
-            model = nnx.merge(graphdef, params, frozen)
-            final["vocab_size"] = int(model.unembedding().shape[0])
-            final.update(_answer_level(config, prep, model, progress))
+        final.update(task.final(config, prep, lambda: nnx.merge(graphdef, params, frozen), progress))
         with atomic_path(os.path.join(out_dir, "hf")) as tmp:
             export_hf(graphdef, params, frozen, prep.tokenizer, tmp, lora_alpha=config.lora_alpha, classes=prep.classes)
         level = "content tokens" if prep.classes is None else f"{len(prep.classes)} classes"

@@ -15,11 +15,12 @@ from typing import List, Optional, Sequence
 
 from ls_jax.atomic import atomic_path, check_output_dir, write_text
 from ls_jax.data import DataError
-from ls_jax.train.config import TrainConfig, parse_args
 from ls_jax.train import distributed
-from ls_jax.train.setup import ConfigError, check_config, checkpoint_builder, prepare
+from ls_jax.train.config import ConfigError, TrainConfig, parse_args
+from ls_jax.train.setup import check_config, checkpoint_builder, prepare
 from ls_jax.train.sharding import MeshError
-from ls_jax.train.report import CLASSIFICATION_COLUMNS, Diverged, stage_reliability, summary_table, summary_tables
+from ls_jax.train.report import Diverged, stage_reliability
+from ls_jax.train.tasks import task_of
 
 BAD_INPUT = (ConfigError, DataError, MeshError)
 
@@ -143,9 +144,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not distributed.is_main():
         return 0
     print(f"\nheld-out results ({time.perf_counter() - start:.0f} s):", file=sys.stderr)
-    print(summary_table(results, CLASSIFICATION_COLUMNS) if config.task == "classification" else summary_tables(results))
-    use = ("a *ForSequenceClassification checkpoint" if config.task == "classification"
-           else "python -m ls_jax.evaluate --model RUN_DIR/hf")
+    task = task_of(config)
+    print(task.summary(results))
     print(f"checkpoints, metrics.jsonl, reliability.png and hf/ (the final model as a Hugging Face "
-          f"checkpoint: {use}) under {config.output_dir}")
+          f"checkpoint: {task.usage}) under {config.output_dir}")
     return 0

@@ -15,6 +15,11 @@ class Diverged(RuntimeError):
     """Training produced a non-finite loss, gradient norm or parameter (one-line message)."""
 
 
+def bins_json(bins) -> Dict[str, list]:
+    """The per-bin sums of equal-width bins as JSON lists (``count``, ``confidence_sum``, ``correct_sum``)."""
+    return {k: np.asarray(getattr(bins, k)).tolist() for k in ("count", "confidence_sum", "correct_sum")}
+
+
 class MetricsLog:
     """Appends one JSON object per line to ``path`` (``{"kind": "train" | "eval", "step": ..., ...}``);
     writes nothing when not ``enabled`` (a process other than 0 of a multi-process run)."""
