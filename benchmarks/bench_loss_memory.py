@@ -64,25 +64,32 @@ def loss_fn(arm: str, smoothing: float):
     if arm not in SMOOTHING and not arm.startswith("one_pass_bn") and smoothing:
         raise ValueError(f"{arm} takes no label smoothing")
     if arm == "one_pass" or arm.startswith("one_pass_bn"):
-        blocks = BlockSizes(block_n=int(arm[len("one_pass_bn"):])) if arm != "one_pass" else None
-        return lambda h, w, y: linear_smoothed_cross_entropy(h, w, y, label_smoothing=smoothing, impl="xla",
-                                                             blocks=blocks)
-    if arm == "two_pass":
+        blocks = BlockSizes(block_n=int(arm[len("one_pass_bn") :])) if arm != "one_pass" else None
         return lambda h, w, y: linear_smoothed_cross_entropy(
-            h, w, y, label_smoothing=smoothing, impl="xla", reduction="none").sum() / y.shape[0]
+            h, w, y, label_smoothing=smoothing, impl="xla", blocks=blocks
+        )
+    if arm == "two_pass":
+        return lambda h, w, y: (
+            linear_smoothed_cross_entropy(h, w, y, label_smoothing=smoothing, impl="xla", reduction="none").sum()
+            / y.shape[0]
+        )
     if arm == "reference":
         return lambda h, w, y: linear_smoothed_cross_entropy(h, w, y, label_smoothing=smoothing, impl="reference")
     if arm == "optax":
+
         def dense(h, w, y):
             logits = jnp.einsum("nd,vd->nv", h, w, preferred_element_type=jnp.float32)
-            return optax.softmax_cross_entropy(logits, optax.smooth_labels(jax.nn.one_hot(y, w.shape[0]),
-                                                                           smoothing)).mean()
+            return optax.softmax_cross_entropy(
+                logits, optax.smooth_labels(jax.nn.one_hot(y, w.shape[0]), smoothing)
+            ).mean()
+
         return dense
     if arm == "tokamax":
         import tokamax
 
-        return lambda h, w, y: tokamax.linear_softmax_cross_entropy_loss(h, y, w.T, reduction="mean",
-                                                                         implementation="xla")
+        return lambda h, w, y: tokamax.linear_softmax_cross_entropy_loss(
+            h, y, w.T, reduction="mean", implementation="xla"
+        )
     if arm == "jax_cce":
         import jax_cce
 
@@ -144,8 +151,14 @@ def run_arm(args) -> dict:
     peak = rss.peak - before if device.platform == "cpu" else device.memory_stats()["peak_bytes_in_use"]
     np.savez(args.out, loss=np.float32(loss), dh=np.asarray(dh, np.float32), dw=np.asarray(dw, np.float32))
     mid = len(walls) // 2
-    return {"arm": args.arm, "wall_s": sorted(walls)[mid], "cpu_s": sorted(cpus)[mid], "temp_bytes": temp,
-            "peak_bytes": peak, "device": f"{device.platform}: {device.device_kind}"}
+    return {
+        "arm": args.arm,
+        "wall_s": sorted(walls)[mid],
+        "cpu_s": sorted(cpus)[mid],
+        "temp_bytes": temp,
+        "peak_bytes": peak,
+        "device": f"{device.platform}: {device.device_kind}",
+    }
 
 
 def oracle(args, chunk: int = 256):
@@ -158,7 +171,11 @@ def oracle(args, chunk: int = 256):
     import jax.numpy as jnp
 
     h, w, y = inputs(args.n, args.d, args.v, jnp.dtype(args.dtype))
-    h, w, y = np.asarray(h.astype(jnp.float32), np.float64), np.asarray(w.astype(jnp.float32), np.float64), np.asarray(y)
+    h, w, y = (
+        np.asarray(h.astype(jnp.float32), np.float64),
+        np.asarray(w.astype(jnp.float32), np.float64),
+        np.asarray(y),
+    )
     n, v, a = args.n, args.v, args.smoothing
     cache = args.oracle_cache and os.path.join(args.oracle_cache, f"oracle_{n}_{args.d}_{v}_{args.dtype}.npz")
     if cache and os.path.exists(cache):
@@ -167,7 +184,7 @@ def oracle(args, chunk: int = 256):
     else:
         loss, dh, dw = 0.0, np.empty_like(h), np.zeros_like(w)
         for s in range(0, n, chunk):
-            hc, yc = h[s:s + chunk], y[s:s + chunk]
+            hc, yc = h[s : s + chunk], y[s : s + chunk]
             z = hc @ w.T
             m = z.max(1, keepdims=True)
             p = np.exp(z - m)
@@ -177,7 +194,7 @@ def oracle(args, chunk: int = 256):
             p /= se
             p[rows, yc] -= 1
             p /= n
-            dh[s:s + chunk] = p @ w
+            dh[s : s + chunk] = p @ w
             dw += p.T @ hc
         if cache:
             np.savez(cache, loss=loss, dh=dh, dw=dw)
@@ -208,10 +225,16 @@ def main():
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--smoothing", type=float, default=0.1)
     p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--arms", default=",".join(LS_ARMS + PEERS),
-                   help="comma list of " + ",".join(LS_ARMS + PEERS) + ",one_pass_bn<K>")
-    p.add_argument("--oracle-cache", default=None,
-                   help="folder to keep the float64 oracle's unsmoothed gradients in, reused by later runs")
+    p.add_argument(
+        "--arms",
+        default=",".join(LS_ARMS + PEERS),
+        help="comma list of " + ",".join(LS_ARMS + PEERS) + ",one_pass_bn<K>",
+    )
+    p.add_argument(
+        "--oracle-cache",
+        default=None,
+        help="folder to keep the float64 oracle's unsmoothed gradients in, reused by later runs",
+    )
     p.add_argument("--arm", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -238,7 +261,8 @@ def main():
         for arm in arms:
             out = os.path.join(tmp, f"{arm}.npz")
             cmd = [sys.executable, __file__, "--arm", arm, "--out", out] + [
-                f"--{k}={getattr(args, k)}" for k in ("n", "d", "v", "dtype", "smoothing", "repeats")]
+                f"--{k}={getattr(args, k)}" for k in ("n", "d", "v", "dtype", "smoothing", "repeats")
+            ]
             res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode != 0:
                 print(f"{arm}: failed\n{res.stderr[-2000:]}", file=sys.stderr)
@@ -262,8 +286,10 @@ def print_table(args, rows, skipped):
     """Markdown table of the rows, with ratios to optax and two_pass where those ran."""
     import jax
 
-    print(f"device: {rows[0]['device']}   jax {jax.__version__}   N={args.n} D={args.d} V={args.v} {args.dtype} "
-          f"label_smoothing={args.smoothing}   loss + grad(hidden, weight), median of {args.repeats}")
+    print(
+        f"device: {rows[0]['device']}   jax {jax.__version__}   N={args.n} D={args.d} V={args.v} {args.dtype} "
+        f"label_smoothing={args.smoothing}   loss + grad(hidden, weight), median of {args.repeats}"
+    )
     if skipped:
         print("not run: " + ", ".join(skipped))
     base = {b: next((r for r in rows if r["arm"] == b), None) for b in ("optax", "two_pass")}
@@ -271,14 +297,18 @@ def print_table(args, rows, skipped):
     def ratio(r, key, b):
         return f"{r[key] / base[b][key]:.2f}" if base[b] and r[key] and base[b][key] else "-"
 
-    print("| arm | wall s | CPU s | CPU x optax | CPU x two_pass | XLA temp MiB | temp x optax | "
-          "peak MiB | err loss | err dh | err dW |")
+    print(
+        "| arm | wall s | CPU s | CPU x optax | CPU x two_pass | XLA temp MiB | temp x optax | "
+        "peak MiB | err loss | err dh | err dW |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         temp = "-" if r["temp_bytes"] is None else f"{r['temp_bytes'] / 2**20:.1f}"
-        print(f"| {r['arm']} | {r['wall_s']:.2f} | {r['cpu_s']:.2f} | {ratio(r, 'cpu_s', 'optax')} | "
-              f"{ratio(r, 'cpu_s', 'two_pass')} | {temp} | {ratio(r, 'temp_bytes', 'optax')} | "
-              f"{r['peak_bytes'] / 2**20:.1f} | " + " | ".join(f"{e:.1e}" for e in r["err"]) + " |")
+        print(
+            f"| {r['arm']} | {r['wall_s']:.2f} | {r['cpu_s']:.2f} | {ratio(r, 'cpu_s', 'optax')} | "
+            f"{ratio(r, 'cpu_s', 'two_pass')} | {temp} | {ratio(r, 'temp_bytes', 'optax')} | "
+            f"{r['peak_bytes'] / 2**20:.1f} | " + " | ".join(f"{e:.1e}" for e in r["err"]) + " |"
+        )
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import re
 import subprocess
 import tempfile
 
-COMPILE = r'''
+COMPILE = r"""
 import glob, os, subprocess, sys, triton
 from triton.backends.compiler import GPUTarget
 ptxas = glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas*"))[0]
@@ -26,15 +26,15 @@ for path, warps, stages in zip(sys.argv[1::3], sys.argv[2::3], sys.argv[3::3]):
     used = " ".join(l.split("info    :")[-1].strip() for l in res.stderr.splitlines() if "registers" in l or "spill" in l)
     mma = "wgmma" if "wgmma" in k.asm["ptx"] else ("mma" if "mma.sync" in k.asm["ptx"] else "no tensor cores")
     print(f"{os.path.basename(path)[:-5]:34s} warps={warps} stages={stages} smem={k.metadata.shared // 1024} KB {mma}; {used}")
-'''
+"""
 
 
 def dump_triton_ir(n, d, v, dtype, backward, bias, softcap, need_sum, out_dir):
     """Write each kernel's Triton IR to ``out_dir``; [(path, num_warps, num_stages)]."""
+    from functools import partial
+
     import jax
     from jax._src.pallas.triton import pallas_call_registration as registration
-
-    from functools import partial
 
     from ls_jax import BlockSizes
     from ls_jax.kernels import fused
@@ -60,8 +60,11 @@ def dump_triton_ir(n, d, v, dtype, backward, bias, softcap, need_sum, out_dir):
         s = stats(h, w, b, ids, tw, softcap=softcap, need_sum=need_sum, blocks=BlockSizes())
         return (s.lse + s.logit_sum - s.target).sum()
 
-    args = (jax.ShapeDtypeStruct((n, d), dtype), jax.ShapeDtypeStruct((v, d), dtype),
-            jax.ShapeDtypeStruct((v,), dtype) if bias else None)
+    args = (
+        jax.ShapeDtypeStruct((n, d), dtype),
+        jax.ShapeDtypeStruct((v, d), dtype),
+        jax.ShapeDtypeStruct((v,), dtype) if bias else None,
+    )
     registration.lowering.lower_jaxpr_to_triton_module = keep
     try:
         lowered = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).trace(*args).lower(lowering_platforms=("cuda",))

@@ -47,16 +47,24 @@ def compiled_step(attention: str, remat: str, length: int, dtype, layers: int = 
     Returns:
       the ``jax.stages.Compiled`` step.
     """
-    spec = dataclasses.replace(llama_spec(tiny_llama_config(vocab_size=256, hidden_size=64, num_hidden_layers=layers)), attention=attention)
+    spec = dataclasses.replace(
+        llama_spec(tiny_llama_config(vocab_size=256, hidden_size=64, num_hidden_layers=layers)), attention=attention
+    )
     model = nnx.eval_shape(lambda: CausalLM(spec, dtype=dtype, remat=remat, rngs=nnx.Rngs(0)))
     graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
     mesh = sharding.make_mesh("data=1,fsdp=1,tensor=1", jax.devices()[:1])
     tx = adamw(1e-3, weight_decay=0.01, b1=0.9, b2=0.98, clip_norm=1.0)
     opt_state = jax.eval_shape(tx.init, params)
-    step = make_train_step(graphdef, tx, TrainConfig(label_smoothing=0.1), mesh=mesh, packed=False,
-                           param_shardings=sharding.tree_shardings(params, mesh),
-                           frozen_shardings=sharding.tree_shardings(frozen, mesh),
-                           opt_shardings=sharding.tree_shardings(opt_state, mesh))
+    step = make_train_step(
+        graphdef,
+        tx,
+        TrainConfig(label_smoothing=0.1),
+        mesh=mesh,
+        packed=False,
+        param_shardings=sharding.tree_shardings(params, mesh),
+        frozen_shardings=sharding.tree_shardings(frozen, mesh),
+        opt_shardings=sharding.tree_shardings(opt_state, mesh),
+    )
     batch = {k: jax.ShapeDtypeStruct((1, 1, length), jnp.int32) for k in KEYS}
     return step.lower(params, frozen, opt_state, batch).compile()
 
@@ -85,8 +93,11 @@ def main(argv=None):
                 temp, hlo = compiled.memory_analysis().temp_size_in_bytes, compiled.as_text()
                 growth = f"{temp / previous:.2f}" if previous else ""
                 square, cudnn = holds_square_f32(hlo, length), "__cudnn$fmha" in hlo
-                print(f"{attention:<10} {remat:<6} {length:>6} {temp / 2 ** 20:>10.1f} {growth:>7} "
-                      f"{'yes' if square else 'no':>8} {'yes' if cudnn else 'no':>6}", flush=True)
+                print(
+                    f"{attention:<10} {remat:<6} {length:>6} {temp / 2**20:>10.1f} {growth:>7} "
+                    f"{'yes' if square else 'no':>8} {'yes' if cudnn else 'no':>6}",
+                    flush=True,
+                )
                 previous = temp
 
 

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import sys
-from typing import Dict, List
 
 import numpy as np
 
@@ -30,7 +29,7 @@ LEVELS = (("mc", "multiple-choice answers"), ("add", "addition answers"), ("toke
 STAGES = ("base", "SFT a=0", "SFT a=0.1")
 
 
-def _ints(text: str) -> List[int]:
+def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
@@ -50,22 +49,23 @@ def checkpoint(out: str, vocab: int, hidden: int, tokenizer) -> str:
     return path
 
 
-def figures(result: dict, vocab: int, hidden: int) -> Dict:
+def figures(result: dict, vocab: int, hidden: int) -> dict:
     """One run's held-out accuracy / confidence / ECE per level (train.py's final metrics)."""
     from ls_jax.train.report import stage_name
 
     row = {"V": vocab, "D": hidden, "stage": stage_name(result), "seed": result["seed"]}
     answers = result["answers"]
     for key, found in (("mc", answers["multiple_choice"]), ("add", answers["generated"])):
-        row.update({f"{key}_accuracy": found["accuracy"], f"{key}_confidence": found["confidence"],
-                    f"{key}_ece": found["ece"]})
+        row.update(
+            {f"{key}_accuracy": found["accuracy"], f"{key}_confidence": found["confidence"], f"{key}_ece": found["ece"]}
+        )
     row.update(token_accuracy=result["accuracy"], token_confidence=result["mean_confidence"], token_ece=result["ece"])
     return row
 
 
-def stage_means(rows: List[Dict]) -> List[Dict]:
+def stage_means(rows: list[dict]) -> list[dict]:
     """Per (V, D, stage): the mean over seeds of every figure, and half the range (``<key>_spread``)."""
-    groups: Dict[tuple, List[Dict]] = {}
+    groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["V"], r["D"], r["stage"]), []).append(r)
     out = []
@@ -78,10 +78,13 @@ def stage_means(rows: List[Dict]) -> List[Dict]:
     return out
 
 
-def table(means: List[Dict]) -> str:
+def table(means: list[dict]) -> str:
     """A markdown table: V, D, V/D, stage, then accuracy / confidence / ECE per level."""
-    header = ["V", "D", "V/D", "stage"] + [f"{name} {what}" for key, name in (("mc", "MC"), ("add", "add"), ("token", "token"))
-                                          for what in ("acc", "conf", "ECE")]
+    header = ["V", "D", "V/D", "stage"] + [
+        f"{name} {what}"
+        for key, name in (("mc", "MC"), ("add", "add"), ("token", "token"))
+        for what in ("acc", "conf", "ECE")
+    ]
     lines = [" | ".join(header), " | ".join("---" for _ in header)]
     for m in means:
         cells = [str(m["V"]), str(m["D"]), f"{m['V'] / m['D']:.0f}", m["stage"]]
@@ -93,7 +96,7 @@ def table(means: List[Dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(means: List[Dict], path: str) -> None:
+def plot(means: list[dict], path: str) -> None:
     """ECE (top row) and mean confidence minus accuracy (bottom row) against V (log scale) per
     level, one line per (D, stage)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -111,10 +114,23 @@ def plot(means: List[Dict], path: str) -> None:
                 if not sel:
                     continue
                 vs = [m["V"] for m in sel]
-                axes[0, col].errorbar(vs, [m[f"{key}_ece"] for m in sel], yerr=[m[f"{key}_ece_spread"] for m in sel],
-                                      linestyle=styles[stage], color=color, marker="o", capsize=2, label=f"D={d}, {stage}")
-                axes[1, col].plot(vs, [m[f"{key}_confidence"] - m[f"{key}_accuracy"] for m in sel],
-                                  linestyle=styles[stage], color=color, marker="o")
+                axes[0, col].errorbar(
+                    vs,
+                    [m[f"{key}_ece"] for m in sel],
+                    yerr=[m[f"{key}_ece_spread"] for m in sel],
+                    linestyle=styles[stage],
+                    color=color,
+                    marker="o",
+                    capsize=2,
+                    label=f"D={d}, {stage}",
+                )
+                axes[1, col].plot(
+                    vs,
+                    [m[f"{key}_confidence"] - m[f"{key}_accuracy"] for m in sel],
+                    linestyle=styles[stage],
+                    color=color,
+                    marker="o",
+                )
         for row, ylabel in enumerate(("ECE", "confidence - accuracy")):
             ax = axes[row, col]
             ax.set_xscale("log", base=2)
@@ -127,7 +143,7 @@ def plot(means: List[Dict], path: str) -> None:
     fig.savefig(path, dpi=90)
 
 
-def main(argv=None) -> List[Dict]:
+def main(argv=None) -> list[dict]:
     from ls_jax.atomic import write_text
     from ls_jax.train import TrainConfig, run
     from ls_jax.train.config import EMBEDDED_DEFAULTS
@@ -148,9 +164,18 @@ def main(argv=None) -> List[Dict]:
     from ls_jax.train.setup import prepare
 
     os.makedirs(args.out, exist_ok=True)
-    common = dict(base_steps=args.base_steps, num_base=args.num_base, steps=args.steps, num_train=args.num_train,
-                  num_eval=args.num_eval, seeds=args.seeds, compare_smoothing=EMBEDDED_DEFAULTS["compare_smoothing"],
-                  progress=False, answer_rows=args.num_eval, eval_every=max(args.base_steps, args.steps))
+    common = dict(
+        base_steps=args.base_steps,
+        num_base=args.num_base,
+        steps=args.steps,
+        num_train=args.num_train,
+        num_eval=args.num_eval,
+        seeds=args.seeds,
+        compare_smoothing=EMBEDDED_DEFAULTS["compare_smoothing"],
+        progress=False,
+        answer_rows=args.num_eval,
+        eval_every=max(args.base_steps, args.steps),
+    )
     tokenizer = prepare(TrainConfig(**common)).tokenizer  # train.py's own: BPE on the base and train rows
     rows = []
     for hidden in args.hidden:

@@ -40,6 +40,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from ls_jax.logit_stats import dz_tile, head_back, head_outer, vocab_axis
+
 from .tiles import Plan, dot_precision, head_block, logit_tile, spec_for
 
 
@@ -61,8 +62,14 @@ def _dz_tile(h_ref, w_ref, b_ref, vec, h_row, w_row, w_col0, p: Plan):
 def _vectors(lse_ref, comp_ref, g_lse_ref, g_sum_ref, ids_ref, coef_ref, rows):
     """The per-token vectors of ``rows`` (a slice, or ``...`` for the whole block)."""
     k = range(ids_ref.shape[0])
-    return (lse_ref[rows], comp_ref[rows], g_lse_ref[rows], None if g_sum_ref is None else g_sum_ref[rows],
-            [ids_ref[i, rows] for i in k], [coef_ref[i, rows] for i in k])
+    return (
+        lse_ref[rows],
+        comp_ref[rows],
+        g_lse_ref[rows],
+        None if g_sum_ref is None else g_sum_ref[rows],
+        [ids_ref[i, rows] for i in k],
+        [coef_ref[i, rows] for i in k],
+    )
 
 
 def _d_axis(head: bool, p: Plan) -> int:
@@ -109,14 +116,16 @@ def _dh_kernel(p: Plan, h_ref, w_ref, b_ref, lse_ref, comp_ref, g_lse_ref, g_sum
         w_row = j * p.block_v
         dz, keep = _dz_tile(h_ref, w_ref, b_ref, vec, 0, w_row, w_row, p)
         dz = dz.astype(w_ref.dtype)
-        _add_chunks(dh_ref, lambda cols: head_back(dz, head_block(w_ref, w_row, w_row, cols, p), p.layout, prec),
-                    keep, False, p)
+        _add_chunks(
+            dh_ref, lambda cols: head_back(dz, head_block(w_ref, w_row, w_row, cols, p), p.layout, prec), keep, False, p
+        )
 
     jax.lax.fori_loop(0, p.v_pad // p.block_v, step, None)
 
 
-def _dw_kernel(p: Plan, h_ref, w_ref, b_ref, lse_ref, comp_ref, g_lse_ref, g_sum_ref, ids_ref, coef_ref,
-               dw_ref, db_ref):
+def _dw_kernel(
+    p: Plan, h_ref, w_ref, b_ref, lse_ref, comp_ref, g_lse_ref, g_sum_ref, ids_ref, coef_ref, dw_ref, db_ref
+):
     prec = dot_precision(h_ref.dtype)
     w_col0 = pl.program_id(0) * p.block_v
     _zero(dw_ref, True, p)
@@ -134,8 +143,24 @@ def _dw_kernel(p: Plan, h_ref, w_ref, b_ref, lse_ref, comp_ref, g_lse_ref, g_sum
         db_ref[...] = db
 
 
-def _atomic_kernel(p: Plan, h_ref, w_ref, b_ref, lse_ref, comp_ref, g_lse_ref, g_sum_ref, ids_ref, coef_ref,
-                   dh_in, dw_in, db_in, dh_ref, dw_ref, db_ref):
+def _atomic_kernel(
+    p: Plan,
+    h_ref,
+    w_ref,
+    b_ref,
+    lse_ref,
+    comp_ref,
+    g_lse_ref,
+    g_sum_ref,
+    ids_ref,
+    coef_ref,
+    dh_in,
+    dw_in,
+    db_in,
+    dh_ref,
+    dw_ref,
+    db_ref,
+):
     """dh_ref, dw_ref, db_ref: whole zero-initialised outputs aliased to dh_in, dw_in, db_in."""
     prec = dot_precision(h_ref.dtype)
     i, j = pl.program_id(0), pl.program_id(1)
@@ -146,8 +171,9 @@ def _atomic_kernel(p: Plan, h_ref, w_ref, b_ref, lse_ref, comp_ref, g_lse_ref, g
 
     def chunk(k, _):
         cols = pl.ds(pl.multiple_of(k * p.block_d, p.block_d), p.block_d)
-        plgpu.atomic_add(dh_ref, (rows, cols), head_back(dz_lo, head_block(w_ref, 0, j * p.block_v, cols, p), p.layout,
-                                                         prec))
+        plgpu.atomic_add(
+            dh_ref, (rows, cols), head_back(dz_lo, head_block(w_ref, 0, j * p.block_v, cols, p), p.layout, prec)
+        )
         plgpu.atomic_add(dw_ref, p.head(vrows, cols), head_outer(dz_lo, h_ref[:, cols], p.layout, prec))
 
     add = lambda: jax.lax.fori_loop(0, p.d_pad // p.block_d, chunk, None)
@@ -160,8 +186,11 @@ def _atomic_kernel(p: Plan, h_ref, w_ref, b_ref, lse_ref, comp_ref, g_lse_ref, g
 
 
 def _backward_atomic(h, w, b, vecs, p: Plan):
-    zeros = [jnp.zeros((p.n_pad, p.d_pad), jnp.float32), jnp.zeros(p.head(p.v_pad, p.d_pad), jnp.float32),
-             None if b is None else jnp.zeros((p.v_pad,), jnp.float32)]
+    zeros = [
+        jnp.zeros((p.n_pad, p.d_pad), jnp.float32),
+        jnp.zeros(p.head(p.v_pad, p.d_pad), jnp.float32),
+        None if b is None else jnp.zeros((p.v_pad,), jnp.float32),
+    ]
     lse, comp, g_lse, g_sum, ids, coef = vecs
     by_token = lambda shape: pl.BlockSpec(shape, lambda i, j: (i,) + (0,) * (len(shape) - 1))
     by_vocab = lambda shape: pl.BlockSpec(shape, lambda i, j: (j,) + (0,) * (len(shape) - 1))
@@ -169,9 +198,16 @@ def _backward_atomic(h, w, b, vecs, p: Plan):
     whole = lambda x: None if x is None else pl.BlockSpec(x.shape, lambda i, j: (0,) * x.ndim)  # absent: None
     inputs = [h, w, b, *vecs, *zeros]
     head_blocks = pl.BlockSpec(p.head(p.block_v, p.d_pad), lambda i, j: p.head(j, 0))
-    specs = [by_token((p.block_n, p.d_pad)), head_blocks, spec_for(b, by_vocab((p.block_v,))),
-             *[by_token((p.block_n,))] * 3, spec_for(g_sum, by_token((p.block_n,))), by_token_k, by_token_k,
-             *(whole(z) for z in zeros)]
+    specs = [
+        by_token((p.block_n, p.d_pad)),
+        head_blocks,
+        spec_for(b, by_vocab((p.block_v,))),
+        *[by_token((p.block_n,))] * 3,
+        spec_for(g_sum, by_token((p.block_n,))),
+        by_token_k,
+        by_token_k,
+        *(whole(z) for z in zeros),
+    ]
     n_in, n_out = sum(x is not None for x in inputs), sum(z is not None for z in zeros)
     return pl.pallas_call(
         partial(_atomic_kernel, p),
@@ -203,9 +239,14 @@ def backward(h, w, b, lse, comp, g_lse, g_sum, ids, coef, p: Plan):
         partial(_dh_kernel, p),
         out_shape=jax.ShapeDtypeStruct((p.n_pad, p.d_pad), jnp.float32),
         grid=(p.n_pad // p.block_n,),
-        in_specs=[blocked((p.block_n, p.d_pad)), whole(p.head(p.v_pad, p.d_pad)), spec_for(b, whole((p.v_pad,))),
-                  *[blocked((p.block_n,))] * 3, spec_for(g_sum, blocked((p.block_n,))),
-                  *[pl.BlockSpec((k, p.block_n), lambda i: (0, i))] * 2],
+        in_specs=[
+            blocked((p.block_n, p.d_pad)),
+            whole(p.head(p.v_pad, p.d_pad)),
+            spec_for(b, whole((p.v_pad,))),
+            *[blocked((p.block_n,))] * 3,
+            spec_for(g_sum, blocked((p.block_n,))),
+            *[pl.BlockSpec((k, p.block_n), lambda i: (0, i))] * 2,
+        ],
         out_specs=blocked((p.block_n, p.d_pad)),
         compiler_params=p.compiler_params,
         interpret=p.interpret,
@@ -216,11 +257,19 @@ def backward(h, w, b, lse, comp, g_lse, g_sum, ids, coef, p: Plan):
     head_blocks = pl.BlockSpec(q.head(q.block_v, q.d_pad), lambda i: q.head(i, 0))
     dw, db = pl.pallas_call(
         partial(_dw_kernel, q),
-        out_shape=(jax.ShapeDtypeStruct(q.head(q.v_pad, q.d_pad), jnp.float32),
-                   spec_for(b, jax.ShapeDtypeStruct((q.v_pad,), jnp.float32))),
+        out_shape=(
+            jax.ShapeDtypeStruct(q.head(q.v_pad, q.d_pad), jnp.float32),
+            spec_for(b, jax.ShapeDtypeStruct((q.v_pad,), jnp.float32)),
+        ),
         grid=(q.v_pad // q.block_v,),
-        in_specs=[whole((q.n_pad, q.d_pad)), head_blocks, spec_for(b, blocked((q.block_v,))),
-                  *[whole((q.n_pad,))] * 3, spec_for(g_sum, whole((q.n_pad,))), *[whole((k, q.n_pad))] * 2],
+        in_specs=[
+            whole((q.n_pad, q.d_pad)),
+            head_blocks,
+            spec_for(b, blocked((q.block_v,))),
+            *[whole((q.n_pad,))] * 3,
+            spec_for(g_sum, whole((q.n_pad,))),
+            *[whole((k, q.n_pad))] * 2,
+        ],
         out_specs=(head_blocks, spec_for(b, blocked((q.block_v,)))),
         compiler_params=q.compiler_params,
         interpret=q.interpret,

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from ls_jax.logit_stats import online_fold, online_init, online_result
+
 from .tiles import Plan, logit_tile, spec_for
 
 
@@ -39,10 +40,12 @@ def forward_partials(h, w, b, first, p: Plan):
     and the lse without class ``first [n_pad]`` (int32) of padded hidden ``[n_pad, d_pad]``,
     weight ``p.head(v_pad, d_pad)``, bias ``[v_pad]`` or None."""
     per_split_rows = p.v_pad // p.splits
-    in_specs = [pl.BlockSpec((p.block_n, p.d_pad), lambda i, s: (i, 0)),
-                pl.BlockSpec(p.head(per_split_rows, p.d_pad), lambda i, s: p.head(s, 0)),
-                spec_for(b, pl.BlockSpec((per_split_rows,), lambda i, s: (s,))),
-                pl.BlockSpec((p.block_n,), lambda i, s: (i,))]
+    in_specs = [
+        pl.BlockSpec((p.block_n, p.d_pad), lambda i, s: (i, 0)),
+        pl.BlockSpec(p.head(per_split_rows, p.d_pad), lambda i, s: p.head(s, 0)),
+        spec_for(b, pl.BlockSpec((per_split_rows,), lambda i, s: (s,))),
+        pl.BlockSpec((p.block_n,), lambda i, s: (i,)),
+    ]
     part = pl.BlockSpec((None, p.block_n), lambda i, s: (s, i))
     f32 = jax.ShapeDtypeStruct((p.splits, p.n_pad), jnp.float32)
     return pl.pallas_call(
@@ -61,5 +64,10 @@ def merge_splits(lse, total, mx, arg, excl):
     """Combine per-split partials ``[S, N]`` into (lse, logit_sum, max_logit, prediction,
     lse_excl) ``[N]`` (lowest argmax on ties)."""
     best_split = jnp.argmax(mx, axis=0)
-    return (jax.nn.logsumexp(lse, axis=0), total.sum(0), mx.max(0),
-            jnp.take_along_axis(arg, best_split[None], axis=0)[0], jax.nn.logsumexp(excl, axis=0))
+    return (
+        jax.nn.logsumexp(lse, axis=0),
+        total.sum(0),
+        mx.max(0),
+        jnp.take_along_axis(arg, best_split[None], axis=0)[0],
+        jax.nn.logsumexp(excl, axis=0),
+    )

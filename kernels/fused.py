@@ -17,12 +17,11 @@ Off-GPU the kernels run in Pallas interpret mode (which pads the head to its blo
 NaN: the tests would see an unmasked load).
 """
 
-from typing import Optional
-
 import jax
 import jax.numpy as jnp
 
 from ls_jax.logit_stats import BlockSizes, vocab_axis
+
 from .backward import backward as backward_kernels
 from .forward import forward_partials, merge_splits
 from .tiles import Plan, plan
@@ -45,7 +44,8 @@ def _first_order_only(kernels, plan_argnum):
     def no_jvp(p, primals, tangents):
         raise NotImplementedError(
             "impl='pallas' is differentiable once (jax.grad, jax.vjp); for jax.jvp or second-order "
-            "derivatives (jax.hessian, grad of grad) use impl='reference'")
+            "derivatives (jax.hessian, grad of grad) use impl='reference'"
+        )
 
     return f
 
@@ -61,13 +61,26 @@ def _plan(hidden, weight, softcap, need_sum, blocks: BlockSizes, backward, inter
     (n, d), v = hidden.shape, weight.shape[vocab_axis(layout)]
     dtype = jnp.float32 if blocks.precision == "float32" else jnp.promote_types(hidden.dtype, weight.dtype)
     interpret = jax.default_backend() != "gpu" if interpret is None else bool(interpret)
-    p = plan(n, v, d, block_n=blocks.block_n, block_v=blocks.block_v, block_d=blocks.block_d,
-             softcap=softcap, need_sum=need_sum,
-             filter_eps=None if need_sum or blocks.filter_eps is None else float(blocks.filter_eps),
-             interpret=interpret, backward=backward, itemsize=jnp.dtype(dtype).itemsize, layout=layout)
+    p = plan(
+        n,
+        v,
+        d,
+        block_n=blocks.block_n,
+        block_v=blocks.block_v,
+        block_d=blocks.block_d,
+        softcap=softcap,
+        need_sum=need_sum,
+        filter_eps=None if need_sum or blocks.filter_eps is None else float(blocks.filter_eps),
+        interpret=interpret,
+        backward=backward,
+        itemsize=jnp.dtype(dtype).itemsize,
+        layout=layout,
+    )
     if not interpret and max(p.n_pad, p.v_pad) * p.d_pad >= 2**31:
-        raise ValueError(f"the Triton kernels index with int32: need N * D and V * D < 2**31, got "
-                         f"N={n}, V={v}, D={d}; use impl='xla'")
+        raise ValueError(
+            f"the Triton kernels index with int32: need N * D and V * D < 2**31, got "
+            f"N={n}, V={v}, D={d}; use impl='xla'"
+        )
     return hidden.astype(dtype), weight.astype(dtype), p
 
 
@@ -76,8 +89,18 @@ def _padded(hidden, weight, bias, p: Plan):
     return _pad(hidden, (p.n_pad, p.d_pad)), weight, _pad(bias, (p.v_pad,))
 
 
-def forward(hidden, weight, bias, first, *, softcap: Optional[float], need_sum: bool, blocks: BlockSizes,
-            layout: str = "vd", interpret: Optional[bool] = None):
+def forward(
+    hidden,
+    weight,
+    bias,
+    first,
+    *,
+    softcap: float | None,
+    need_sum: bool,
+    blocks: BlockSizes,
+    layout: str = "vd",
+    interpret: bool | None = None,
+):
     """(lse, logit_sum, max_logit, prediction, lse_excl) ``[N]`` by the forward kernel (see
     forward.py); lse_excl leaves out class ``first [N]``; the head ``weight`` in ``layout``."""
     n = hidden.shape[0]
@@ -88,22 +111,34 @@ def forward(hidden, weight, bias, first, *, softcap: Optional[float], need_sum: 
     return tuple(x[:n] for x in parts)
 
 
-def backward_fn(kind: str, interpret: Optional[bool] = None):
+def backward_fn(kind: str, interpret: bool | None = None):
     """The float32 backward by ``kind``'s kernels: "two_kernel" (a dh and a dW kernel,
     deterministic) or "atomic" (one kernel, fp32 atomic adds); see backward.py. dW comes in the
     head's ``layout``."""
 
-    def backward(hidden, weight, bias, lse, comp, g_lse, g_sum, ids, coef, *, softcap, blocks: BlockSizes,
-                 layout: str = "vd"):
+    def backward(
+        hidden, weight, bias, lse, comp, g_lse, g_sum, ids, coef, *, softcap, blocks: BlockSizes, layout: str = "vd"
+    ):
         n, shape = hidden.shape[0], weight.shape
         if n == 0:
-            return (jnp.zeros(hidden.shape, jnp.float32), jnp.zeros(shape, jnp.float32),
-                    None if bias is None else jnp.zeros(bias.shape, jnp.float32))
+            return (
+                jnp.zeros(hidden.shape, jnp.float32),
+                jnp.zeros(shape, jnp.float32),
+                None if bias is None else jnp.zeros(bias.shape, jnp.float32),
+            )
         hidden, weight, p = _plan(hidden, weight, softcap, g_sum is not None, blocks, kind, interpret, layout)
         rows = lambda x, value=0: _pad(x, (p.n_pad,), value)
         cols = lambda x: _pad(x.T, (x.shape[1], p.n_pad))
-        dh, dw, db = _backward(*_padded(hidden, weight, bias, p), rows(lse, jnp.inf), rows(comp), rows(g_lse),
-                               None if g_sum is None else rows(g_sum), cols(ids), cols(coef), p)
-        return dh[:n, :p.d], dw[:shape[0], :shape[1]], None if bias is None else db[:p.v]
+        dh, dw, db = _backward(
+            *_padded(hidden, weight, bias, p),
+            rows(lse, jnp.inf),
+            rows(comp),
+            rows(g_lse),
+            None if g_sum is None else rows(g_sum),
+            cols(ids),
+            cols(coef),
+            p,
+        )
+        return dh[:n, : p.d], dw[: shape[0], : shape[1]], None if bias is None else db[: p.v]
 
     return backward

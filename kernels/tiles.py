@@ -10,7 +10,7 @@ token rows get zero cotangents. In the kernels' docs, ``bn``, ``bv`` and ``bd`` 
 """
 
 import os
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -52,9 +52,9 @@ class Plan(NamedTuple):
     v_pad: int
     d_pad: int
     splits: int  # forward vocabulary splits (grid axis 1); divides v_pad // block_v
-    softcap: Optional[float]
+    softcap: float | None
     need_sum: bool
-    filter_eps: Optional[float]
+    filter_eps: float | None
     interpret: bool
     backward: str  # one of BACKWARDS
     num_stages: int  # Triton software-pipelining depth (the atomic kernel uses 2)
@@ -85,8 +85,24 @@ def _block(requested, default, size, name):
     return min(b, max(MIN_BLOCK, pl.next_power_of_2(size)))
 
 
-def plan(n, v, d, *, block_n=None, block_v=None, block_d=None, block_n_dw=None, block_v_dw=None, softcap=None,
-         need_sum=False, filter_eps=None, interpret=False, backward="two_kernel", itemsize=2, layout="vd") -> Plan:
+def plan(
+    n,
+    v,
+    d,
+    *,
+    block_n=None,
+    block_v=None,
+    block_d=None,
+    block_n_dw=None,
+    block_v_dw=None,
+    softcap=None,
+    need_sum=False,
+    filter_eps=None,
+    interpret=False,
+    backward="two_kernel",
+    itemsize=2,
+    layout="vd",
+) -> Plan:
     """Blocks and padded sizes for hidden ``[n, d]`` and a head of ``v`` classes (``[v, d]`` or
     ``[d, v]`` by ``layout``) of ``itemsize`` bytes.
 
@@ -103,8 +119,11 @@ def plan(n, v, d, *, block_n=None, block_v=None, block_d=None, block_n_dw=None, 
     block_d = (BLOCK_D_F32 if wide else BLOCK_D) if block_d is None else block_d
     block_n_dw = block_v if block_n_dw is None else block_n_dw
     block_v_dw = block_n if block_v_dw is None else block_v_dw
-    bn, bv, bd = (_block(block_n, BLOCK_N, n, "block_n"), _block(block_v, BLOCK_V, v, "block_v"),
-                  _block(block_d, BLOCK_D, d, "block_d"))
+    bn, bv, bd = (
+        _block(block_n, BLOCK_N, n, "block_n"),
+        _block(block_v, BLOCK_V, v, "block_v"),
+        _block(block_d, BLOCK_D, d, "block_d"),
+    )
     bn_dw, bv_dw = _block(block_n_dw, BLOCK_V, n, "block_n_dw"), _block(block_v_dw, BLOCK_N, v, "block_v_dw")
     n_pad, v_pad = pl.cdiv(n, max(bn, bn_dw)) * max(bn, bn_dw), pl.cdiv(v, max(bv, bv_dw)) * max(bv, bv_dw)
     d_pad = pl.cdiv(d, bd) * bd
@@ -114,10 +133,27 @@ def plan(n, v, d, *, block_n=None, block_v=None, block_d=None, block_n_dw=None, 
         raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    return Plan(n=n, v=v, d=d, block_n=bn, block_v=bv, block_d=bd, block_n_dw=bn_dw, block_v_dw=bv_dw,
-                n_pad=n_pad, v_pad=v_pad, d_pad=d_pad, splits=splits, softcap=softcap, need_sum=need_sum,
-                filter_eps=filter_eps, interpret=interpret, backward=backward, num_stages=2 if wide else 3,
-                layout=layout)
+    return Plan(
+        n=n,
+        v=v,
+        d=d,
+        block_n=bn,
+        block_v=bv,
+        block_d=bd,
+        block_n_dw=bn_dw,
+        block_v_dw=bv_dw,
+        n_pad=n_pad,
+        v_pad=v_pad,
+        d_pad=d_pad,
+        splits=splits,
+        softcap=softcap,
+        need_sum=need_sum,
+        filter_eps=filter_eps,
+        interpret=interpret,
+        backward=backward,
+        num_stages=2 if wide else 3,
+        layout=layout,
+    )
 
 
 def spec_for(x, spec):

@@ -28,8 +28,23 @@ from ls_jax.logit_stats import BlockSizes, LogitStats
 from ls_jax.losses import TokenStats, linear_smoothed_cross_entropy, smoothed_cross_entropy
 
 __all__ = [
-    "BlockSizes", "CalibrationBins", "CalibrationReport", "LogitStats", "TokenStats", "accuracy", "apply_temperature",
-    "bin_statistics", "brier_score", "calibration_error", "calibration_report", "causal_lm_loss",
-    "classwise_calibration_error", "fit_temperature", "linear_smoothed_cross_entropy",
-    "negative_log_likelihood", "reliability_diagram", "smoothed_cross_entropy", "token_calibration",
+    "BlockSizes",
+    "CalibrationBins",
+    "CalibrationReport",
+    "LogitStats",
+    "TokenStats",
+    "accuracy",
+    "apply_temperature",
+    "bin_statistics",
+    "brier_score",
+    "calibration_error",
+    "calibration_report",
+    "causal_lm_loss",
+    "classwise_calibration_error",
+    "fit_temperature",
+    "linear_smoothed_cross_entropy",
+    "negative_log_likelihood",
+    "reliability_diagram",
+    "smoothed_cross_entropy",
+    "token_calibration",
 ]

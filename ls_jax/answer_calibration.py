@@ -26,7 +26,7 @@ scored split (greedy answers do not change with the temperature, their probabili
 """
 
 import dataclasses
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +37,7 @@ from ls_jax.calibration import CalibrationBins, bin_statistics, errors_from_bins
 from ls_jax.data import IGNORE_INDEX, expand_responses, tokenize_example
 from ls_jax.evaluate import evaluate_multiple_choice, padded_batches
 from ls_jax.generation import generate
+
 
 @dataclasses.dataclass(frozen=True)
 class AnswerScores:
@@ -69,7 +70,7 @@ class AnswerScores:
         """
         return bin_statistics(self.confidence, self.correct, n_bins=n_bins, nll=self.nll, brier=self.brier)
 
-    def metrics(self) -> Dict[str, float]:
+    def metrics(self) -> dict[str, float]:
         """The summary of the answers.
 
         Returns:
@@ -86,9 +87,15 @@ class AnswerScores:
           2 0.5 0.8392
         """
         e15, e10 = (errors_from_bins(self.bins(n)) for n in (15, 10))
-        return {"count": int(len(self.correct)), "accuracy": float(e15["accuracy"]),
-                "confidence": float(e15["confidence"]), "ece": float(e15["ece"]), "ece10": float(e10["ece"]),
-                "brier": float(e15["brier"]), "nll": float(e15["nll"])}
+        return {
+            "count": int(len(self.correct)),
+            "accuracy": float(e15["accuracy"]),
+            "confidence": float(e15["confidence"]),
+            "ece": float(e15["ece"]),
+            "ece10": float(e10["ece"]),
+            "brier": float(e15["brier"]),
+            "nll": float(e15["nll"]),
+        }
 
 
 def option_scores(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> AnswerScores:
@@ -159,8 +166,14 @@ def _position_logits(model, input_ids, attention_mask, positions):
     return model.project(jnp.take_along_axis(model(input_ids, attention_mask), positions[..., None], axis=1))
 
 
-def continuation_logits(model, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]], *,
-                        pad_id: int, batch_size: int = 64) -> SequenceLogits:
+def continuation_logits(
+    model,
+    prompts: Sequence[Sequence[int]],
+    continuations: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+    batch_size: int = 64,
+) -> SequenceLogits:
     """Teacher-forced logits of each continuation after its prompt, batched (right-padded).
 
     Args:
@@ -189,7 +202,7 @@ def continuation_logits(model, prompts: Sequence[Sequence[int]], continuations: 
         pos = np.zeros((len(ids), width), np.int32)
         for i, r in enumerate(rows):
             start = len(prompts[r]) - 1
-            pos[i, :len(continuations[r])] = np.arange(start, start + len(continuations[r]))
+            pos[i, : len(continuations[r])] = np.arange(start, start + len(continuations[r]))
         z = np.asarray(_position_logits(model, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pos)))
         for i, r in enumerate(rows):
             k = len(continuations[r])
@@ -200,7 +213,7 @@ def continuation_logits(model, prompts: Sequence[Sequence[int]], continuations: 
     return SequenceLogits(logits, tokens, row, len(seqs))
 
 
-def split_rows(rows: Sequence[dict]) -> Tuple[List[dict], List[dict]]:
+def split_rows(rows: Sequence[dict]) -> tuple[list[dict], list[dict]]:
     """The rows of each kind of question.
 
     Args:
@@ -220,15 +233,18 @@ def split_rows(rows: Sequence[dict]) -> Tuple[List[dict], List[dict]]:
     return [r for r, m in zip(rows, is_mc) if m], [r for r, m in zip(rows, is_mc) if not m]
 
 
-def _prompt_and_reference(row: dict, tokenizer, where: str) -> Optional[Tuple[List[int], List[int]]]:
+def _prompt_and_reference(row: dict, tokenizer, where: str) -> tuple[list[int], list[int]] | None:
     """(prompt ids, reference response ids) as the trainer tokenises ``row``, or None when the
     row has not exactly one response ending in end-of-sequence."""
     ids, labels = tokenize_example(row, tokenizer, where)
     response = np.flatnonzero(labels != IGNORE_INDEX)
-    if (len(response) == 0 or response[-1] - response[0] + 1 != len(response)
-            or ids[response[-1]] != tokenizer.eos_token_id):
+    if (
+        len(response) == 0
+        or response[-1] - response[0] + 1 != len(response)
+        or ids[response[-1]] != tokenizer.eos_token_id
+    ):
         return None
-    return ids[:response[0]].tolist(), ids[response[0]:response[-1] + 1].tolist()
+    return ids[: response[0]].tolist(), ids[response[0] : response[-1] + 1].tolist()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,7 +259,7 @@ class GeneratedAnswers:
     rows without end-of-sequence-terminated responses.
     """
 
-    answers: List[List[int]]
+    answers: list[list[int]]
     correct: np.ndarray
     target: np.ndarray
     answer_logits: SequenceLogits
@@ -268,8 +284,9 @@ class GeneratedAnswers:
         return AnswerScores(confidence, self.correct, nll, (confidence - self.target) ** 2)
 
 
-def reference_answers(tokenizer, rows: Sequence[dict]
-                      ) -> Tuple[List[List[int]], List[List[Tuple[List[int], float]]], int]:
+def reference_answers(
+    tokenizer, rows: Sequence[dict]
+) -> tuple[list[list[int]], list[list[tuple[list[int], float]]], int]:
     """Prompts and weighted references of generated-answer rows, tokenised as the trainer tokenises them.
 
     Args:
@@ -305,7 +322,7 @@ def reference_answers(tokenizer, rows: Sequence[dict]
     return prompts, answers, skipped
 
 
-def references(tokenizer, rows: Sequence[dict]) -> Tuple[List[List[int]], List[List[int]], int]:
+def references(tokenizer, rows: Sequence[dict]) -> tuple[list[list[int]], list[list[int]], int]:
     """:func:`reference_answers` with one reference per row, its heaviest (the first of equals).
 
     Args:
@@ -330,13 +347,14 @@ def references(tokenizer, rows: Sequence[dict]) -> Tuple[List[List[int]], List[L
     return prompts, _heaviest(answers), skipped
 
 
-def _heaviest(answers) -> List[List[int]]:
+def _heaviest(answers) -> list[list[int]]:
     """Each row's heaviest reference (the first of equals) of :func:`reference_answers`'s lists."""
     return [max(a, key=lambda ref_p: ref_p[1])[0] for a in answers]
 
 
-def generate_answers(model, tokenizer, rows: Sequence[dict], *, max_new_tokens: Optional[int] = None,
-                     batch_size: int = 64) -> GeneratedAnswers:
+def generate_answers(
+    model, tokenizer, rows: Sequence[dict], *, max_new_tokens: int | None = None, batch_size: int = 64
+) -> GeneratedAnswers:
     """Greedy answers to generated-answer rows (:func:`ls_jax.generation.generate`), compared with
     their references.
 
@@ -370,18 +388,21 @@ def generate_answers(model, tokenizer, rows: Sequence[dict], *, max_new_tokens: 
     correct = np.array([d == h for d, h in zip(decoded, heaviest)], bool)
     target = np.array([sum(p for ref, p in a if ref == d) for d, a in zip(decoded, answers)], np.float64)
     answer_logits = continuation_logits(model, prompts, decoded, pad_id=pad, batch_size=batch_size)
-    return GeneratedAnswers(decoded, correct, target, answer_logits,
-                            *_reference_logits(model, prompts, answers, pad, batch_size), skipped)
+    return GeneratedAnswers(
+        decoded, correct, target, answer_logits, *_reference_logits(model, prompts, answers, pad, batch_size), skipped
+    )
 
 
-def _reference_logits(model, prompts, answers, pad: int, batch_size: int
-                      ) -> Tuple[SequenceLogits, np.ndarray, np.ndarray]:
+def _reference_logits(
+    model, prompts, answers, pad: int, batch_size: int
+) -> tuple[SequenceLogits, np.ndarray, np.ndarray]:
     """Teacher-forced logits of every reference of :func:`reference_answers` (one continuation
     each), with each reference's row ``[M]`` int64 and probability ``[M]`` float64."""
     row = np.array([i for i, a in enumerate(answers) for _ in a], np.int64)
     p = np.array([p for a in answers for _, p in a], np.float64)
-    logits = continuation_logits(model, [prompts[i] for i in row], [ref for a in answers for ref, _ in a],
-                                 pad_id=pad, batch_size=batch_size)
+    logits = continuation_logits(
+        model, [prompts[i] for i in row], [ref for a in answers for ref, _ in a], pad_id=pad, batch_size=batch_size
+    )
     return logits, row, p
 
 
@@ -392,11 +413,11 @@ class AnswerCalibration:
     (None without one).
     """
 
-    scores: Dict[str, AnswerScores]
-    scaled: Dict[str, Optional[AnswerScores]]
-    temperature: Dict[str, Optional[float]]
+    scores: dict[str, AnswerScores]
+    scaled: dict[str, AnswerScores | None]
+    temperature: dict[str, float | None]
 
-    def metrics(self) -> Dict[str, dict]:
+    def metrics(self) -> dict[str, dict]:
         """The summary of every kind present.
 
         Returns:
@@ -415,8 +436,9 @@ def _fit(logits, labels, weights=None) -> float:
     return float(fit_temperature(logits, labels, weights=weights)) if len(labels) else 1.0
 
 
-def answer_calibration(model, tokenizer, rows: Sequence[dict], calibration_rows: Sequence[dict] = (), *,
-                       batch_size: int = 64) -> AnswerCalibration:
+def answer_calibration(
+    model, tokenizer, rows: Sequence[dict], calibration_rows: Sequence[dict] = (), *, batch_size: int = 64
+) -> AnswerCalibration:
     """Answer-level calibration of ``model`` on ``rows``, temperatures fitted on ``calibration_rows``.
 
     Args:

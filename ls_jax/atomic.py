@@ -9,7 +9,7 @@ replaces what a killed one left behind.
 import contextlib
 import os
 import shutil
-from typing import Iterator
+from collections.abc import Iterator
 
 
 def check_output_dir(path: str) -> None:

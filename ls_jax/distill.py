@@ -15,7 +15,7 @@ teacher's full logits.
 
 import argparse
 import sys
-from typing import Dict, List, Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -23,8 +23,9 @@ from ls_jax.data import IGNORE_INDEX, Example, eval_batches, expand_responses, l
 from ls_jax.teacher_targets import tokenizer_fingerprint, write_targets
 
 
-def teacher_top_k(model, examples: Sequence[Example], k: int, *, pad_id: int, max_length: int,
-                  batch_size: int = 16, mesh=None) -> List[Dict[str, np.ndarray]]:
+def teacher_top_k(
+    model, examples: Sequence[Example], k: int, *, pad_id: int, max_length: int, batch_size: int = 16, mesh=None
+) -> list[dict[str, np.ndarray]]:
     """The teacher's k most likely next tokens at every response token of every example.
 
     The model's parameters are placed as training places them on ``mesh`` (vocabulary- and
@@ -60,26 +61,36 @@ def teacher_top_k(model, examples: Sequence[Example], k: int, *, pad_id: int, ma
     def top(state, batch):
         model = nnx.merge(graphdef, state)
         hidden = model(batch["input_ids"], batch["segment_ids"] > 0, batch["positions"], batch["segment_ids"])
-        p, ids = jax.lax.map(lambda h: jax.lax.top_k(jax.nn.softmax(model.project(h), axis=-1), k),
-                             hidden.swapaxes(0, 1))  # one position [B, D] at a time
+        p, ids = jax.lax.map(
+            lambda h: jax.lax.top_k(jax.nn.softmax(model.project(h), axis=-1), k), hidden.swapaxes(0, 1)
+        )  # one position [B, D] at a time
         return ids.swapaxes(0, 1).astype(jax.numpy.int32), p.swapaxes(0, 1)
 
     out_sh = sharding.replicated(mesh)  # k numbers per token: every process reads them all
-    step = jax.jit(sharding.on_mesh(top, mesh, out_sh), in_shardings=(state_sh, sharding.batch_sharding(mesh)),
-                   out_shardings=out_sh)
+    step = jax.jit(
+        sharding.on_mesh(top, mesh, out_sh),
+        in_shardings=(state_sh, sharding.batch_sharding(mesh)),
+        out_shardings=out_sh,
+    )
     out = []
-    for start, batch in zip(range(0, len(examples), batch_size),
-                            eval_batches(examples, batch_size, max_length, pad_id)):
+    for start, batch in zip(
+        range(0, len(examples), batch_size), eval_batches(examples, batch_size, max_length, pad_id)
+    ):
         ids, p = jax.device_get(step(state, sharding.put_batch(batch, mesh)))
-        for row, (_, labels, _) in enumerate(examples[start:start + batch_size]):
+        for row, (_, labels, _) in enumerate(examples[start : start + batch_size]):
             at = np.flatnonzero(labels[1:] != IGNORE_INDEX) + 1
-            out.append({"positions": at.astype(np.int32), "top_ids": ids[row, at - 1],
-                        "top_p": p[row, at - 1].astype(np.float32),
-                        "rest": np.maximum(1.0 - p[row, at - 1].astype(np.float64).sum(-1), 0.0).astype(np.float32)})
+            out.append(
+                {
+                    "positions": at.astype(np.int32),
+                    "top_ids": ids[row, at - 1],
+                    "top_p": p[row, at - 1].astype(np.float32),
+                    "rest": np.maximum(1.0 - p[row, at - 1].astype(np.float64).sum(-1), 0.0).astype(np.float32),
+                }
+            )
     return out
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """``python -m ls_jax.distill``: exit status 0, or 2 with one ``error:`` line on bad input."""
     p = argparse.ArgumentParser(prog="python -m ls_jax.distill", description=__doc__.splitlines()[0])
     p.add_argument("--teacher", required=True, help="local Hugging Face checkpoint directory with its tokenizer")
@@ -87,10 +98,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--out", required=True, help="the parquet file to write")
     p.add_argument("--top-k", type=int, default=16, help="teacher tokens kept per position (default: 16)")
     p.add_argument("--max-length", type=int, default=48, help="as train.py's --max-length (default: 48)")
-    p.add_argument("--batch-size", type=int, default=16,
-                   help="examples per teacher batch, divisible by the mesh's data x fsdp (default: 16)")
-    p.add_argument("--mesh", default="data=-1,fsdp=1,tensor=1",
-                   help="device mesh sizes, as train.py's --mesh (default: data=-1,fsdp=1,tensor=1)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=16,
+        help="examples per teacher batch, divisible by the mesh's data x fsdp (default: 16)",
+    )
+    p.add_argument(
+        "--mesh",
+        default="data=-1,fsdp=1,tensor=1",
+        help="device mesh sizes, as train.py's --mesh (default: data=-1,fsdp=1,tensor=1)",
+    )
     p.add_argument("--split", default="train", help="split of a saved DatasetDict (default: train)")
     a = p.parse_args(argv)
     from ls_jax.tokenizer import load_tokenizer
@@ -114,14 +132,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     print(stats.log_line("data", a.max_length), file=sys.stderr)
-    targets = teacher_top_k(model, examples, a.top_k, pad_id=tokenizer.pad_token_id, max_length=a.max_length,
-                            batch_size=a.batch_size, mesh=mesh)
-    write_targets(a.out, examples, targets, {"teacher": a.teacher, "top_k": a.top_k, "max_length": a.max_length,
-                                             "tokenizer": tokenizer_fingerprint(tokenizer)})
+    targets = teacher_top_k(
+        model,
+        examples,
+        a.top_k,
+        pad_id=tokenizer.pad_token_id,
+        max_length=a.max_length,
+        batch_size=a.batch_size,
+        mesh=mesh,
+    )
+    write_targets(
+        a.out,
+        examples,
+        targets,
+        {
+            "teacher": a.teacher,
+            "top_k": a.top_k,
+            "max_length": a.max_length,
+            "tokenizer": tokenizer_fingerprint(tokenizer),
+        },
+    )
     tokens = sum(len(t["positions"]) for t in targets)
     rest = float(np.mean(np.concatenate([t["rest"] for t in targets])))
-    print(f"{a.out}: {len(examples)} examples, {tokens} response tokens, top {a.top_k} "
-          f"(mean mass outside it {rest:.4f})", file=sys.stderr)
+    print(
+        f"{a.out}: {len(examples)} examples, {tokens} response tokens, top {a.top_k} (mean mass outside it {rest:.4f})",
+        file=sys.stderr,
+    )
     return 0
 
 

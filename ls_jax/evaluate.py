@@ -20,7 +20,7 @@ import dataclasses
 import json
 import os
 import string
-from typing import Callable, List, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +41,7 @@ class Question:
     """One parsed record: the question, its choices, the 0-based answer index."""
 
     question: str
-    choices: List[str]
+    choices: list[str]
     answer: int
 
 
@@ -61,8 +61,11 @@ def parse_record(record, where: str) -> Question:
     question, choices, answer = record["question"], record["choices"], record["answer"]
     if not isinstance(question, str):
         raise ValueError(f"{where}: question must be a string")
-    if not isinstance(choices, list) or not 2 <= len(choices) <= len(LETTERS) \
-            or not all(isinstance(c, str) for c in choices):
+    if (
+        not isinstance(choices, list)
+        or not 2 <= len(choices) <= len(LETTERS)
+        or not all(isinstance(c, str) for c in choices)
+    ):
         raise ValueError(f"{where}: choices must be a list of 2 to {len(LETTERS)} strings")
     k = len(choices)
     if isinstance(answer, str) and len(answer.strip()) == 1 and answer.strip().upper() in LETTERS:
@@ -76,7 +79,7 @@ def parse_record(record, where: str) -> Question:
     return Question(question, list(choices), index)
 
 
-def load_questions(path_or_records: Union[str, os.PathLike, Sequence[dict]]) -> List[Question]:
+def load_questions(path_or_records: str | os.PathLike | Sequence[dict]) -> list[Question]:
     """Questions from a jsonl path (blank lines skipped) or from a sequence of dicts."""
     if isinstance(path_or_records, (str, os.PathLike)):
         path = os.fspath(path_or_records)
@@ -106,7 +109,8 @@ def option_token_ids(tokenizer, num_options: int, letter_prefix: str = " ") -> n
             raise ValueError(
                 f"the tokenizer does not encode {text!r} as one known token (got ids {pieces}, "
                 f"{tokenizer.convert_ids_to_tokens(pieces)}); multiple-choice scoring needs one token "
-                "per option letter: try another letter_prefix")
+                "per option letter: try another letter_prefix"
+            )
         ids.append(pieces[0])
     if len(set(ids)) != len(ids):
         raise ValueError(f"option letters share tokens: {dict(zip(LETTERS, ids))}")
@@ -124,7 +128,7 @@ def option_logits(model, input_ids, attention_mask, option_ids):
     return dense_logits(h, w.astype(h.dtype), None, model.final_logit_softcap)
 
 
-def padded_batches(prompts: List[List[int]], batch_size: int, pad_id: int, padding_side: str, multiple: int):
+def padded_batches(prompts: list[list[int]], batch_size: int, pad_id: int, padding_side: str, multiple: int):
     """(rows, input_ids [batch_size, T], attention_mask) with T a multiple of ``multiple``; a
     short last batch repeats its first row (dropped later) to keep shapes, hence compilations, few."""
     for start in range(0, len(prompts), batch_size):
@@ -161,16 +165,32 @@ class MultipleChoiceResult:
         lines = []
         for label, z, p in zip(self.labels, self.option_logits, self.probs):
             k = int(np.isfinite(z).sum())
-            lines.append(json.dumps({"answer": LETTERS[label], "prediction": LETTERS[int(p.argmax())],
-                                     "probs": [round(float(x), 6) for x in p[:k]]}) + "\n")
+            lines.append(
+                json.dumps(
+                    {
+                        "answer": LETTERS[label],
+                        "prediction": LETTERS[int(p.argmax())],
+                        "probs": [round(float(x), 6) for x in p[:k]],
+                    }
+                )
+                + "\n"
+            )
         write_text(paths["predictions.jsonl"], "".join(lines))
         return paths
 
 
-def evaluate_multiple_choice(model, tokenizer, path_or_records, *, batch_size: int = 8, n_bins: int = 15,
-                             padding_side: str = "right", letter_prefix: str = " ",
-                             prompt_fn: Callable[[str, Sequence[str]], str] = format_prompt,
-                             pad_to_multiple_of: int = 16) -> MultipleChoiceResult:
+def evaluate_multiple_choice(
+    model,
+    tokenizer,
+    path_or_records,
+    *,
+    batch_size: int = 8,
+    n_bins: int = 15,
+    padding_side: str = "right",
+    letter_prefix: str = " ",
+    prompt_fn: Callable[[str, Sequence[str]], str] = format_prompt,
+    pad_to_multiple_of: int = 16,
+) -> MultipleChoiceResult:
     """Score every question of ``path_or_records`` (jsonl path or dicts) with ``model``.
 
     tokenizer: a transformers tokenizer. prompt_fn(question, choices) -> prompt text, whose
@@ -186,8 +206,9 @@ def evaluate_multiple_choice(model, tokenizer, path_or_records, *, batch_size: i
     k_max = max(len(q.choices) for q in questions)
     option_ids = jnp.asarray(option_token_ids(tokenizer, k_max, letter_prefix))
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    prompts = [bos + tokenizer(prompt_fn(q.question, q.choices), add_special_tokens=False)["input_ids"]
-               for q in questions]
+    prompts = [
+        bos + tokenizer(prompt_fn(q.question, q.choices), add_special_tokens=False)["input_ids"] for q in questions
+    ]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     logits = np.empty((len(questions), k_max), np.float32)
     for rows, ids, mask in padded_batches(prompts, batch_size, pad_id, padding_side, pad_to_multiple_of):
@@ -200,7 +221,7 @@ def evaluate_multiple_choice(model, tokenizer, path_or_records, *, batch_size: i
     return MultipleChoiceResult(report, logits, probs, labels)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
+def main(argv: Sequence[str] | None = None) -> dict:
     """Command line: load a local checkpoint and tokenizer, evaluate, print (and save) metrics."""
     parser = argparse.ArgumentParser(prog="python -m ls_jax.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="local Hugging Face checkpoint dir (with tokenizer)")
@@ -228,8 +249,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     try:  # bad input (checkpoint, tokenizer, records, options): one "error:" line, exit status 2
         model = from_pretrained(args.model, dtype=dtype, param_dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
-        result = evaluate_multiple_choice(model, tokenizer, args.data, batch_size=args.batch_size, n_bins=args.n_bins,
-                                          padding_side=args.padding_side, letter_prefix=args.letter_prefix)
+        result = evaluate_multiple_choice(
+            model,
+            tokenizer,
+            args.data,
+            batch_size=args.batch_size,
+            n_bins=args.n_bins,
+            padding_side=args.padding_side,
+            letter_prefix=args.letter_prefix,
+        )
     except (OSError, ValueError) as e:
         parser.error(str(e).splitlines()[0])
     metrics = {k: v for k, v in result.report.to_dict().items() if k != "bins"}

@@ -15,8 +15,9 @@ included), usable as the confidence of an answer.
 """
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import List, NamedTuple, Optional, Sequence, Union
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +40,7 @@ class Generation:
     """
 
     text: str
-    tokens: List[int]
+    tokens: list[int]
     logprobs: np.ndarray
     finish_reason: str
 
@@ -60,13 +61,13 @@ class Generation:
 class _State(NamedTuple):
     """Decoding state carried between steps (a pytree; B rows, N output slots)."""
 
-    logits: jax.Array    # float32 [B, V]: next-token logits
+    logits: jax.Array  # float32 [B, V]: next-token logits
     cache: KVCache
-    tokens: jax.Array    # int32 [B, N]: generated ids (pad after a row is done)
+    tokens: jax.Array  # int32 [B, N]: generated ids (pad after a row is done)
     logprobs: jax.Array  # float32 [B, N]
-    done: jax.Array      # bool [B]
-    step: jax.Array      # int32 scalar: tokens generated so far
-    key: jax.Array       # PRNG key of the sampling
+    done: jax.Array  # bool [B]
+    step: jax.Array  # int32 scalar: tokens generated so far
+    key: jax.Array  # PRNG key of the sampling
 
 
 def _bucket(n: int, floor: int) -> int:
@@ -115,8 +116,15 @@ def _prefill(graphdef, params, ids, mask, out_slots: int, key):
     b, p = ids.shape
     cache = KVCache.empty(model.spec, b, p + out_slots, model.model.dtype)
     hidden, cache = model(ids, mask, cache=cache)
-    return _State(model.project(hidden[:, -1]), cache, jnp.zeros((b, out_slots), jnp.int32),
-                  jnp.zeros((b, out_slots), jnp.float32), ~mask.any(-1), jnp.zeros((), jnp.int32), key)
+    return _State(
+        model.project(hidden[:, -1]),
+        cache,
+        jnp.zeros((b, out_slots), jnp.int32),
+        jnp.zeros((b, out_slots), jnp.float32),
+        ~mask.any(-1),
+        jnp.zeros((), jnp.int32),
+        key,
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sample"), donate_argnames=("state",))
@@ -133,9 +141,15 @@ def _decode(graphdef, params, state: _State, until, eos_ids, pad_id, temperature
         token = jnp.where(s.done, pad_id, token)
         logprob = jnp.where(s.done, 0.0, logprob)
         hidden, cache = model(token[:, None], (~s.done)[:, None].astype(jnp.int32), cache=s.cache)
-        return _State(model.project(hidden[:, 0]), cache, s.tokens.at[:, s.step].set(token),
-                      s.logprobs.at[:, s.step].set(logprob), s.done | jnp.isin(token, eos_ids),
-                      s.step + 1, s.key)
+        return _State(
+            model.project(hidden[:, 0]),
+            cache,
+            s.tokens.at[:, s.step].set(token),
+            s.logprobs.at[:, s.step].set(logprob),
+            s.done | jnp.isin(token, eos_ids),
+            s.step + 1,
+            s.key,
+        )
 
     return jax.lax.while_loop(running, step, state)
 
@@ -151,7 +165,7 @@ def _check(max_new_tokens, temperature, top_p, batch_size, chunk):
         raise ValueError(f"batch_size and chunk must be >= 1, got {batch_size!r} and {chunk!r}")
 
 
-def _encode(prompts, tokenizer) -> List[np.ndarray]:
+def _encode(prompts, tokenizer) -> list[np.ndarray]:
     if isinstance(prompts, str):
         raise TypeError("prompts must be a sequence of prompts (strings or token-id lists), not one string")
     out = []
@@ -163,21 +177,35 @@ def _encode(prompts, tokenizer) -> List[np.ndarray]:
     return out
 
 
-def _cut_at_stop(gen_tokens, tokenizer, stop) -> Optional[tuple]:
+def _cut_at_stop(gen_tokens, tokenizer, stop) -> tuple | None:
     """(text, token count) of the shortest prefix whose text holds a stop string, or None."""
     text = tokenizer.decode(gen_tokens, skip_special_tokens=True)
     if not any(s in text for s in stop):
         return None
-    n = next(n for n in range(1, len(gen_tokens) + 1)
-             if any(s in tokenizer.decode(gen_tokens[:n], skip_special_tokens=True) for s in stop))
+    n = next(
+        n
+        for n in range(1, len(gen_tokens) + 1)
+        if any(s in tokenizer.decode(gen_tokens[:n], skip_special_tokens=True) for s in stop)
+    )
     text = tokenizer.decode(gen_tokens[:n], skip_special_tokens=True)
-    return text[:min(text.index(s) for s in stop if s in text)], n
+    return text[: min(text.index(s) for s in stop if s in text)], n
 
 
-def generate(model, tokenizer, prompts: Sequence[Union[str, Sequence[int]]], *, max_new_tokens: int = 64,
-             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (),
-             eos_token_id: Union[None, int, Sequence[int]] = None, batch_size: int = 8, chunk: int = 16,
-             progress=None) -> List[Generation]:
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str | Sequence[int]],
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    stop: Sequence[str] = (),
+    eos_token_id: None | int | Sequence[int] = None,
+    batch_size: int = 8,
+    chunk: int = 16,
+    progress=None,
+) -> list[Generation]:
     """Continue each prompt, greedily or by sampling; one :class:`Generation` per prompt, in order.
 
     A sequence ends at an ``eos_token_id``, at a ``stop`` string or after ``max_new_tokens``.
@@ -226,25 +254,26 @@ def generate(model, tokenizer, prompts: Sequence[Union[str, Sequence[int]]], *, 
     eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
     eos = [] if eos is None else np.atleast_1d(eos).tolist()
     eos_ids = np.full(_bucket(len(eos), 4), -1, np.int32)  # padded with an id no token has: one shape
-    eos_ids[:len(eos)] = eos
+    eos_ids[: len(eos)] = eos
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     stop = [s for s in ([stop] if isinstance(stop, str) else stop) if s]
     graphdef, params = nnx.split(model)
     rows = min(batch_size, _bucket(len(encoded), 1))
     out_slots = _bucket(max_new_tokens, chunk)
     key = jax.random.key(seed)
-    results: List[Optional[Generation]] = [None] * len(encoded)
+    results: list[Generation | None] = [None] * len(encoded)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     for start in range(0, len(order), rows):
-        members = order[start:start + rows]
+        members = order[start : start + rows]
         width = _bucket(max(len(encoded[i]) for i in members), 8)
         ids = np.full((rows, width), pad_id, np.int32)
         mask = np.zeros((rows, width), np.int32)
         for r, i in enumerate(members):
-            ids[r, width - len(encoded[i]):] = encoded[i]
-            mask[r, width - len(encoded[i]):] = 1
-        state = _prefill(graphdef, params, jnp.asarray(ids), jnp.asarray(mask), out_slots,
-                         jax.random.fold_in(key, start))
+            ids[r, width - len(encoded[i]) :] = encoded[i]
+            mask[r, width - len(encoded[i]) :] = 1
+        state = _prefill(
+            graphdef, params, jnp.asarray(ids), jnp.asarray(mask), out_slots, jax.random.fold_in(key, start)
+        )
         args = (jnp.asarray(eos_ids), pad_id, jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p), temperature > 0)
         while True:
             until = min(int(state.step) + chunk, max_new_tokens) if stop else max_new_tokens
@@ -252,15 +281,16 @@ def generate(model, tokenizer, prompts: Sequence[Union[str, Sequence[int]]], *, 
             steps, done = int(state.step), np.asarray(state.done)
             if stop:  # end the rows whose text holds a stop string (cut exactly in _finish)
                 tokens = np.asarray(state.tokens)
-                hit = [not d and any(s in tokenizer.decode(t[:steps].tolist(), skip_special_tokens=True)
-                                         for s in stop) for d, t in zip(done, tokens)]
+                hit = [
+                    not d and any(s in tokenizer.decode(t[:steps].tolist(), skip_special_tokens=True) for s in stop)
+                    for d, t in zip(done, tokens)
+                ]
                 state = state._replace(done=jnp.asarray(done | np.asarray(hit)))
             if steps >= max_new_tokens or bool(state.done.all()):
                 break
         tokens, logprobs = np.asarray(state.tokens), np.asarray(state.logprobs)
         for r, i in enumerate(members):
-            results[i] = _finish(tokens[r, :steps], logprobs[r, :steps], set(eos),
-                                 stop, tokenizer)
+            results[i] = _finish(tokens[r, :steps], logprobs[r, :steps], set(eos), stop, tokenizer)
         if progress is not None:
             progress(len(members))
     return results
@@ -270,10 +300,11 @@ def _finish(tokens: np.ndarray, logprobs: np.ndarray, eos: set, stop, tokenizer)
     """The :class:`Generation` of one row's generated slots."""
     ends = [k for k, t in enumerate(tokens.tolist()) if t in eos]
     n, reason = (ends[0] + 1, "eos") if ends else (len(tokens), "length")
-    body = tokens[:n - 1] if ends else tokens[:n]
+    body = tokens[: n - 1] if ends else tokens[:n]
     cut = _cut_at_stop(body.tolist(), tokenizer, stop) if stop else None
     if cut is not None:
         text, n = cut
         return Generation(text, tokens[:n].tolist(), logprobs[:n].copy(), "stop")
-    return Generation(tokenizer.decode(body.tolist(), skip_special_tokens=True), tokens[:n].tolist(),
-                      logprobs[:n].copy(), reason)
+    return Generation(
+        tokenizer.decode(body.tolist(), skip_special_tokens=True), tokens[:n].tolist(), logprobs[:n].copy(), reason
+    )

@@ -6,7 +6,6 @@ Works with any Flax NNX model following ``ls_jax.models.protocol`` (hidden state
 """
 
 import contextlib
-from typing import Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -35,8 +34,12 @@ def shift_left(x: jax.Array, fill=0) -> jax.Array:
     return jnp.concatenate([x[:, 1:], jnp.full_like(x[:, :1], fill)], axis=1)
 
 
-def next_token_targets(labels: jax.Array, attention_mask: Optional[jax.Array] = None,
-                       segment_ids: Optional[jax.Array] = None, ignore_index: int = -100) -> jax.Array:
+def next_token_targets(
+    labels: jax.Array,
+    attention_mask: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    ignore_index: int = -100,
+) -> jax.Array:
     """Shift labels so position t is scored on token t + 1 (Hugging Face convention).
 
     Args:
@@ -112,14 +115,31 @@ def token_metrics(stats: TokenStats, targets: jax.Array) -> dict:
     correct = ((stats.prediction == targets) & valid).sum().astype(jnp.float32)
     confidence = jnp.where(valid, stats.confidence, 0.0).sum()
     lse = jnp.where(valid, stats.lse, 0.0).sum()
-    return {"tokens": tokens, "correct": correct, "confidence_sum": confidence, "lse_sum": lse,
-            "accuracy": correct / count, "mean_confidence": confidence / count, "mean_lse": lse / count}
+    return {
+        "tokens": tokens,
+        "correct": correct,
+        "confidence_sum": confidence,
+        "lse_sum": lse,
+        "accuracy": correct / count,
+        "mean_confidence": confidence / count,
+        "mean_lse": lse / count,
+    }
 
 
-def causal_lm_loss(model, batch: dict, *, label_smoothing: float = 0.0, z_loss: float = 0.0,
-                   ignore_index: int = -100, logit_softcap: Union[str, float, None] = "model",
-                   shift_labels: bool = True, reduction: str = "mean", impl: str = "auto",
-                   blocks: Optional[BlockSizes] = None, mesh=None):
+def causal_lm_loss(
+    model,
+    batch: dict,
+    *,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    ignore_index: int = -100,
+    logit_softcap: str | float | None = "model",
+    shift_labels: bool = True,
+    reduction: str = "mean",
+    impl: str = "auto",
+    blocks: BlockSizes | None = None,
+    mesh=None,
+):
     """Label-smoothed next-token cross-entropy of ``model`` on ``batch``, and metrics.
 
     The unembedding is cast to the hidden states' (compute) dtype, as the model's own matmuls.
@@ -182,8 +202,18 @@ def causal_lm_loss(model, batch: dict, *, label_smoothing: float = 0.0, z_loss: 
             weights = next_token_weights(weights)
         weight = model.unembedding().astype(hidden.dtype)  # compute dtype, as the model's own matmuls
         loss, stats = linear_smoothed_cross_entropy(
-            hidden, weight, targets, label_smoothing=label_smoothing, ignore_index=ignore_index,
-            z_loss=z_loss, weights=weights, logit_softcap=cap, reduction=reduction, impl=impl, blocks=blocks, mesh=mesh,
+            hidden,
+            weight,
+            targets,
+            label_smoothing=label_smoothing,
+            ignore_index=ignore_index,
+            z_loss=z_loss,
+            weights=weights,
+            logit_softcap=cap,
+            reduction=reduction,
+            impl=impl,
+            blocks=blocks,
+            mesh=mesh,
             return_stats=True,
         )
         return loss, token_metrics(stats, targets)

@@ -25,8 +25,9 @@ can meet a matmul.
 """
 
 import dataclasses
+from collections.abc import Callable
 from functools import partial
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -74,12 +75,12 @@ class BlockSizes:
       hidden and head). CPU's default: there bf16 products are no faster.
     """
 
-    block_n: Optional[int] = None
-    block_v: Optional[int] = None
-    block_d: Optional[int] = None
-    filter_eps: Optional[float] = None
-    tile_bytes: Optional[int] = None
-    precision: Optional[str] = None
+    block_n: int | None = None
+    block_v: int | None = None
+    block_d: int | None = None
+    filter_eps: float | None = None
+    tile_bytes: int | None = None
+    precision: str | None = None
 
     def __post_init__(self):
         for name in ("block_n", "block_v", "block_d", "tile_bytes"):
@@ -118,7 +119,7 @@ def gemm_operands(blocks: BlockSizes, dtype) -> tuple:
     return jnp.dtype(dtype), None
 
 
-def apply_softcap(raw: jax.Array, softcap: Optional[float]) -> jax.Array:
+def apply_softcap(raw: jax.Array, softcap: float | None) -> jax.Array:
     """``softcap * tanh(raw / softcap)``, or ``raw`` when ``softcap`` is None. Any shape."""
     if softcap is None:
         return raw
@@ -140,8 +141,9 @@ def head_index(v, d, layout: str) -> tuple:
 
 
 def _dot(a, b, a_axis, b_axis, precision):
-    return jax.lax.dot_general(a, b, (((a_axis,), (b_axis,)), ((), ())), precision=precision,
-                               preferred_element_type=jnp.float32)
+    return jax.lax.dot_general(
+        a, b, (((a_axis,), (b_axis,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
+    )
 
 
 # The three products with a head (or a slice of V' classes) in ``layout``: the layout goes into the
@@ -312,8 +314,9 @@ class Backend(NamedTuple):
 
 
 def _two_pass_forward(backend, hidden, weight, bias, ids, tw, softcap, need_sum, blocks, layout):
-    lse, total, mx, arg, lse_excl = backend.forward(hidden, weight, bias, ids[:, 0], softcap=softcap,
-                                                    need_sum=need_sum, blocks=blocks, layout=layout)
+    lse, total, mx, arg, lse_excl = backend.forward(
+        hidden, weight, bias, ids[:, 0], softcap=softcap, need_sum=need_sum, blocks=blocks, layout=layout
+    )
     z_t = target_logits(hidden, weight, bias, ids, softcap, layout)
     return LogitStats(lse, total, weighted_sum(tw, z_t), mx, arg), (z_t, jnp.exp(lse_excl - lse))
 
@@ -324,8 +327,7 @@ def _two_pass(backend, hidden, weight, bias, ids, tw, softcap, need_sum, blocks,
 
 
 def _two_pass_fwd(backend, hidden, weight, bias, ids, tw, softcap, need_sum, blocks, layout):
-    stats, (z_t, comp) = _two_pass_forward(backend, hidden, weight, bias, ids, tw, softcap, need_sum, blocks,
-                                           layout)
+    stats, (z_t, comp) = _two_pass_forward(backend, hidden, weight, bias, ids, tw, softcap, need_sum, blocks, layout)
     return stats, (hidden, weight, bias, ids, tw, stats.lse, comp, z_t)
 
 
@@ -336,11 +338,17 @@ def _two_pass_bwd(backend, softcap, need_sum, blocks, layout, res, ct):
     g_t = ct.target.astype(jnp.float32)
     coef = g_t[:, None] * tw
     h, lse, comp, _ = live_rows(hidden, lse, comp, g_lse, g_sum, coef)
-    dh, dw, db = backend.backward(h, weight, bias, lse, comp, g_lse, g_sum, ids, coef, softcap=softcap,
-                                  blocks=blocks, layout=layout)
+    dh, dw, db = backend.backward(
+        h, weight, bias, lse, comp, g_lse, g_sum, ids, coef, softcap=softcap, blocks=blocks, layout=layout
+    )
     d_tw = g_t[:, None] * jnp.where((tw == 0) & jnp.isinf(z_t), 0.0, z_t)
-    return (dh.astype(hidden.dtype), dw.astype(weight.dtype),
-            None if bias is None else db.astype(bias.dtype), None, d_tw.astype(tw.dtype))
+    return (
+        dh.astype(hidden.dtype),
+        dw.astype(weight.dtype),
+        None if bias is None else db.astype(bias.dtype),
+        None,
+        d_tw.astype(tw.dtype),
+    )
 
 
 _two_pass.defvjp(_two_pass_fwd, _two_pass_bwd)

@@ -12,7 +12,7 @@ the implementations compute (ls_jax/logit_stats.py, the dispatch table in ls_jax
 :func:`token_loss` is the one place that combines them.
 """
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,8 +22,15 @@ from ls_jax.dispatch import ONE_PASS, logit_stats_fn, resolve
 from ls_jax.logit_stats import LAYOUTS, BlockSizes, LogitStats, apply_softcap, vocab_axis, weighted_sum
 from ls_jax.reference import stats_from_logits
 from ls_jax.sharded import mesh_axes, resolve_mesh, sharded_logit_stats, sharded_one_pass
-from ls_jax.targets import (Labels, check_arrays, check_options, dense_targets, is_static_zero, sparse_targets,
-                            token_weights)
+from ls_jax.targets import (
+    Labels,
+    check_arrays,
+    check_options,
+    dense_targets,
+    is_static_zero,
+    sparse_targets,
+    token_weights,
+)
 
 
 class TokenStats(NamedTuple):
@@ -100,8 +107,7 @@ def _loss_rows(mass, valid, out_of_range, num_classes, label_smoothing, z_loss, 
         total = weight.sum()
         weight = weight / jnp.where(total == 0, 1.0, total)
     full = lambda x: jnp.broadcast_to(jnp.asarray(x, jnp.float32), mass.shape)
-    return LossRows((1.0 - a) * mass + a, full(1.0 - a), full(a / num_classes), full(z_loss), weight,
-                    out_of_range)
+    return LossRows((1.0 - a) * mass + a, full(1.0 - a), full(a / num_classes), full(z_loss), weight, out_of_range)
 
 
 def _finish(per_token_or_sum, stats: LogitStats, mass, valid, batch_shape, reduction, return_stats):
@@ -125,8 +131,16 @@ def _zero_ignored(x, valid):
 
 
 def smoothed_cross_entropy(
-    logits, labels, *, label_smoothing: float = 0.0, ignore_index: int = -100, where=None, weights=None,
-    z_loss: float = 0.0, logit_softcap: Optional[float] = None, reduction: str = "none",
+    logits,
+    labels,
+    *,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+    where=None,
+    weights=None,
+    z_loss: float = 0.0,
+    logit_softcap: float | None = None,
+    reduction: str = "none",
     return_stats: bool = False,
 ):
     """Label-smoothed cross-entropy of materialised logits (any float dtype).
@@ -180,8 +194,10 @@ def smoothed_cross_entropy(
     z = logits.reshape(n, v).astype(jnp.float32)
     q = None
     if not isinstance(labels, tuple) and np.ndim(labels) == logits.ndim and np.shape(labels) != logits.shape:
-        raise ValueError(f"labels have shape {np.shape(labels)}: class ids need shape {batch_shape}, a dense "
-                         f"target distribution the logits' shape {logits.shape} ([..., V])")
+        raise ValueError(
+            f"labels have shape {np.shape(labels)}: class ids need shape {batch_shape}, a dense "
+            f"target distribution the logits' shape {logits.shape} ([..., V])"
+        )
     if not isinstance(labels, tuple) and np.shape(labels) == logits.shape:
         q, valid, out_of_range = dense_targets(labels, batch_shape, where)
         mass = q.sum(-1)
@@ -194,16 +210,30 @@ def smoothed_cross_entropy(
     else:
         target = weighted_sum(q, z)
     stats = stats_from_logits(z, target, need_sum=not is_static_zero(label_smoothing))
-    rows = _loss_rows(mass, valid, out_of_range, v, label_smoothing, z_loss, reduction,
-                      token_weights(weights, batch_shape))
+    rows = _loss_rows(
+        mass, valid, out_of_range, v, label_smoothing, z_loss, reduction, token_weights(weights, batch_shape)
+    )
     return _finish(token_loss(stats, rows), stats, mass, valid, batch_shape, reduction, return_stats)
 
 
 def linear_smoothed_cross_entropy(
-    hidden, weight, labels: Labels, *, bias=None, label_smoothing: float = 0.0,
-    ignore_index: int = -100, where=None, weights=None, z_loss: float = 0.0,
-    logit_softcap: Optional[float] = None, reduction: str = "mean", impl: str = "auto",
-    blocks: Optional[BlockSizes] = None, weight_layout: str = "vd", return_stats: bool = False, mesh=None,
+    hidden,
+    weight,
+    labels: Labels,
+    *,
+    bias=None,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+    where=None,
+    weights=None,
+    z_loss: float = 0.0,
+    logit_softcap: float | None = None,
+    reduction: str = "mean",
+    impl: str = "auto",
+    blocks: BlockSizes | None = None,
+    weight_layout: str = "vd",
+    return_stats: bool = False,
+    mesh=None,
 ):
     """``smoothed_cross_entropy(hidden @ weight.T + bias, labels, ...)`` without the logits.
 
@@ -278,13 +308,16 @@ def linear_smoothed_cross_entropy(
     ax = vocab_axis(weight_layout)
     if weight.ndim != 2 or hidden.ndim < 1 or hidden.shape[-1] != weight.shape[1 - ax]:
         want = "[V, D]" if ax == 0 else "[D, V]"
-        raise ValueError(f"need hidden [..., D] and weight {want} (weight_layout={weight_layout!r}); got "
-                         f"{hidden.shape} and {weight.shape}")
+        raise ValueError(
+            f"need hidden [..., D] and weight {want} (weight_layout={weight_layout!r}); got "
+            f"{hidden.shape} and {weight.shape}"
+        )
     v, d = weight.shape[ax], weight.shape[1 - ax]
     if bias is not None and jnp.shape(bias) != (v,):
         raise ValueError(f"bias must have shape ({v},), got {jnp.shape(bias)}")
     if not isinstance(labels, tuple) and jnp.issubdtype(  # NumPy's dtype: jnp.asarray would wrap int64 ids
-            labels.dtype if hasattr(labels, "dtype") else np.asarray(labels).dtype, jnp.floating):
+        labels.dtype if hasattr(labels, "dtype") else np.asarray(labels).dtype, jnp.floating
+    ):
         raise ValueError("linear_smoothed_cross_entropy takes int labels or sparse (ids, weights) soft labels")
     batch_shape = hidden.shape[:-1]
     h = hidden.reshape(-1, d)
@@ -292,16 +325,18 @@ def linear_smoothed_cross_entropy(
     cap = None if logit_softcap is None else float(logit_softcap)
     need_sum = not is_static_zero(label_smoothing)
     mass = t.weights.sum(-1)
-    rows = _loss_rows(mass, t.valid, t.out_of_range, v, label_smoothing, z_loss, reduction,
-                      token_weights(weights, batch_shape))
+    rows = _loss_rows(
+        mass, t.valid, t.out_of_range, v, label_smoothing, z_loss, reduction, token_weights(weights, batch_shape)
+    )
     opts = dict(softcap=cap, need_sum=need_sum, blocks=blocks, layout=weight_layout)
     mesh = resolve_mesh(mesh)
     if impl == "reference" or mesh is not None:  # dense autodiff: the reference, or a ragged V's rest on a mesh
         h = _zero_ignored(h, t.valid)
     one_pass = reduction != "none" and impl in ONE_PASS
     if mesh is not None and one_pass and mesh_axes(mesh)[1] is None:
-        loss, stats = sharded_one_pass(ONE_PASS[impl], token_loss, h, weight, bias, t.ids, t.weights, rows,
-                                       mesh=mesh, **opts)
+        loss, stats = sharded_one_pass(
+            ONE_PASS[impl], token_loss, h, weight, bias, t.ids, t.weights, rows, mesh=mesh, **opts
+        )
     elif mesh is not None:
         stats = sharded_logit_stats(logit_stats_fn(impl), h, weight, bias, t.ids, t.weights, mesh=mesh, **opts)
         loss = token_loss(stats, rows)

@@ -19,8 +19,7 @@ def stats_from_logits(z, target, need_sum: bool) -> LogitStats:
     return LogitStats(lse, logit_sum, target, zs.max(-1), jnp.argmax(zs, axis=-1).astype(jnp.int32))
 
 
-def logit_stats(hidden, weight, bias, ids, tw, *, softcap=None, need_sum=False, blocks=None,
-                layout="vd") -> LogitStats:
+def logit_stats(hidden, weight, bias, ids, tw, *, softcap=None, need_sum=False, blocks=None, layout="vd") -> LogitStats:
     """LogitStats ``[N]`` of ``softcap(hidden [N, D] @ W.T + bias [V])``, W the head ``weight`` in
     ``layout`` ([V, D] "vd" or [D, V] "dv"), with targets ``ids [N, K]``, ``tw [N, K]``;
     ``blocks`` is ignored (nothing is blocked)."""

@@ -12,8 +12,8 @@ rows):
   ``V // t`` classes, computes :class:`LogitStats` over them, and the statistics are merged exactly
   across the axis (:func:`merge_across`: max with pmax, lse by a shifted psum of exp, the logit
   sum and the target term by psum, the prediction as the lowest index reaching the max); each
-  device scores only the target ids its classes own (the others' weights masked to 0). When t does not divide V, the last
-  ``V mod t`` (< t) classes are computed densely by every device and merged in (no class is ever
+  device scores only the target ids its classes own (the others' weights masked to 0). When t does not divide V, the
+  last ``V mod t`` (< t) classes are computed densely by every device and merged in (no class is ever
   dropped). dW comes out in W's layout and sharded like W; no device holds ``[N, V]`` or a
   gathered head.
 
@@ -36,11 +36,12 @@ types, which must equal shard_map's input specs: the inputs are resharded to the
 """
 
 import contextlib
-from typing import Callable, Optional, Tuple
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import AxisType, PartitionSpec as P
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
 
 from ls_jax import reference
 from ls_jax.logit_stats import LogitStats, head_index, vocab_axis
@@ -52,9 +53,13 @@ VOCAB_AXIS = "tensor"
 def merge_pair(a: LogitStats, b: LogitStats) -> LogitStats:
     """Statistics over the union of two vocabulary ranges, all of ``a``'s classes before ``b``'s
     (argmax ties go to ``a``: the lowest index)."""
-    return LogitStats(jnp.logaddexp(a.lse, b.lse), a.logit_sum + b.logit_sum, a.target + b.target,
-                      jnp.maximum(a.max_logit, b.max_logit), jnp.where(b.max_logit > a.max_logit, b.prediction,
-                                                                       a.prediction))
+    return LogitStats(
+        jnp.logaddexp(a.lse, b.lse),
+        a.logit_sum + b.logit_sum,
+        a.target + b.target,
+        jnp.maximum(a.max_logit, b.max_logit),
+        jnp.where(b.max_logit > a.max_logit, b.prediction, a.prediction),
+    )
 
 
 def merge_across(s: LogitStats, axis: str) -> LogitStats:
@@ -75,20 +80,22 @@ def _rows_stats(stats_fn, h, w, b, ids, tw, start, rows, opts) -> LogitStats:
     return s._replace(prediction=s.prediction + start)
 
 
-def mesh_axes(mesh) -> Tuple[Tuple[str, ...], Optional[str]]:
+def mesh_axes(mesh) -> tuple[tuple[str, ...], str | None]:
     """(batch axes, vocabulary axis or None) of ``mesh`` that are present and larger than 1."""
     batch = tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
     return batch, (VOCAB_AXIS if mesh.shape.get(VOCAB_AXIS, 1) > 1 else None)
 
 
-def _check_tokens(n: int, mesh, batch: Tuple[str, ...]) -> None:
+def _check_tokens(n: int, mesh, batch: tuple[str, ...]) -> None:
     """ValueError unless the batch axes' size divides the ``n`` tokens."""
     shards = 1
     for a in batch:
         shards *= mesh.shape[a]
     if n % shards:
-        raise ValueError(f"hidden has {n} tokens, not divisible by the mesh's batch axes "
-                         f"{' x '.join(f'{a}={mesh.shape[a]}' for a in batch)} = {shards}")
+        raise ValueError(
+            f"hidden has {n} tokens, not divisible by the mesh's batch axes "
+            f"{' x '.join(f'{a}={mesh.shape[a]}' for a in batch)} = {shards}"
+        )
 
 
 def context_mesh(tree):
@@ -140,8 +147,9 @@ def _shard_map(f: Callable, mesh, in_specs, out_specs, *args):
         return run(*jax.tree.map(reshard, in_specs, args, is_leaf=lambda s: isinstance(s, P)))
 
 
-def sharded_logit_stats(stats_fn: Callable, hidden, weight, bias, ids, tw, *, mesh, layout: str = "vd",
-                        **opts) -> LogitStats:
+def sharded_logit_stats(
+    stats_fn: Callable, hidden, weight, bias, ids, tw, *, mesh, layout: str = "vd", **opts
+) -> LogitStats:
     """:class:`LogitStats` ``[N]`` of ``hidden [N, D]``, the head ``weight`` in ``layout`` (``[V, D]``
     "vd" or ``[D, V]`` "dv"), ``bias [V]`` or None and targets ``ids [N, K]`` (in ``[0, V)``),
     ``tw [N, K]``, computed on ``mesh`` as the module describes; ``stats_fn`` is an implementation
@@ -175,12 +183,23 @@ def sharded_logit_stats(stats_fn: Callable, hidden, weight, bias, ids, tw, *, me
         return s
 
     rest_spec = None if rest is None else (P(), None if bias is None else P())
-    return _shard_map(local, mesh, (tokens, rows, None if bias is None else P(vocab), tokens, tokens, rest_spec),
-                      LogitStats(*(tokens,) * len(LogitStats._fields)), hidden, even, even_bias, ids, tw, rest)
+    return _shard_map(
+        local,
+        mesh,
+        (tokens, rows, None if bias is None else P(vocab), tokens, tokens, rest_spec),
+        LogitStats(*(tokens,) * len(LogitStats._fields)),
+        hidden,
+        even,
+        even_bias,
+        ids,
+        tw,
+        rest,
+    )
 
 
-def sharded_one_pass(one_pass: Callable, loss_of: Callable, hidden, weight, bias, ids, tw, rows, *, mesh,
-                     **opts) -> Tuple[jax.Array, LogitStats]:
+def sharded_one_pass(
+    one_pass: Callable, loss_of: Callable, hidden, weight, bias, ids, tw, rows, *, mesh, **opts
+) -> tuple[jax.Array, LogitStats]:
     """``one_pass`` (an entry of ls_jax/dispatch.py's ONE_PASS, same arguments) on ``mesh``, whose
     ``tensor`` axis must be absent or of size 1: tokens (``hidden [N, D]``, ``ids``, ``tw`` and the
     ``[N]``-leading leaves of ``rows``) split over the batch axes, the weight and bias whole on every
@@ -198,8 +217,18 @@ def sharded_one_pass(one_pass: Callable, loss_of: Callable, hidden, weight, bias
         return (jax.lax.psum(loss, batch) if batch else loss), stats
 
     in_specs = (tokens, P(), None if bias is None else P(), tokens, tokens, jax.tree.map(lambda _: tokens, rows))
-    return _shard_map(local, mesh, in_specs, (P(), LogitStats(*(tokens,) * len(LogitStats._fields))),
-                      hidden, weight, bias, ids, tw, rows)
+    return _shard_map(
+        local,
+        mesh,
+        in_specs,
+        (P(), LogitStats(*(tokens,) * len(LogitStats._fields))),
+        hidden,
+        weight,
+        bias,
+        ids,
+        tw,
+        rows,
+    )
 
 
 def resolve_mesh(mesh):

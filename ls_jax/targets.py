@@ -14,13 +14,13 @@ mask is refused with the cast to use).
 """
 
 import numbers
-from typing import NamedTuple, Tuple, Union
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-Labels = Union[jax.Array, Tuple[jax.Array, jax.Array]]
+Labels = jax.Array | tuple[jax.Array, jax.Array]
 
 
 class SparseTargets(NamedTuple):
@@ -42,9 +42,13 @@ def is_concrete(x) -> bool:
 def _real(name: str, value):
     """``value`` as a float (a traced scalar stays as it is); TypeError naming ``name`` unless it
     is a real number (not a bool or a string)."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.ndarray, jax.Array)) \
-            or np.ndim(value) != 0 or not jnp.issubdtype(jnp.result_type(value), jnp.number) \
-            or jnp.issubdtype(jnp.result_type(value), jnp.complexfloating):
+    if (
+        isinstance(value, (bool, np.bool_))
+        or not isinstance(value, (numbers.Real, np.ndarray, jax.Array))
+        or np.ndim(value) != 0
+        or not jnp.issubdtype(jnp.result_type(value), jnp.number)
+        or jnp.issubdtype(jnp.result_type(value), jnp.complexfloating)
+    ):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
     return float(value) if is_concrete(value) else value
 
@@ -62,8 +66,10 @@ def check_options(label_smoothing, z_loss, logit_softcap, reduction) -> None:
     label_smoothing, z_loss = _real("label_smoothing", label_smoothing), _real("z_loss", z_loss)
     if logit_softcap is not None:
         if not is_concrete(logit_softcap):
-            raise TypeError("logit_softcap must be a concrete Python number (it is compiled into the loss), "
-                            "not a traced value; pass it as a static argument")
+            raise TypeError(
+                "logit_softcap must be a concrete Python number (it is compiled into the loss), "
+                "not a traced value; pass it as a static argument"
+            )
         logit_softcap = _real("logit_softcap", logit_softcap)
     if is_concrete(label_smoothing) and not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
@@ -107,12 +113,13 @@ def _class_ids(x, num_classes: int, ignore_index: int) -> jax.Array:
             info = np.iinfo(np.int32)
             wide = (host < info.min) | (host > info.max)
             if wide.any():
-                raise ValueError(f"label {int(host[wide][0])} is outside [0, {num_classes}) and is not "
-                                 f"ignore_index={ignore_index}")
+                raise ValueError(
+                    f"label {int(host[wide][0])} is outside [0, {num_classes}) and is not ignore_index={ignore_index}"
+                )
     return jnp.asarray(x)
 
 
-def dense_targets(labels, batch_shape, where) -> Tuple[jax.Array, jax.Array, jax.Array]:
+def dense_targets(labels, batch_shape, where) -> tuple[jax.Array, jax.Array, jax.Array]:
     """A dense target distribution ``[..., V]`` (float) as ``(q [N, V] float32, valid [N] bool,
     invalid [N] bool)``: q is 0 where ``where`` is False; invalid marks tokens with a negative
     entry (ValueError when concrete; a NaN loss under jit)."""
@@ -139,8 +146,9 @@ def token_weights(weights, batch_shape) -> jax.Array:
     try:
         weights = jnp.broadcast_to(weights, batch_shape)
     except ValueError:
-        raise ValueError(f"weights has shape {weights.shape}, not broadcastable to the labels' shape "
-                         f"{tuple(batch_shape)}") from None
+        raise ValueError(
+            f"weights has shape {weights.shape}, not broadcastable to the labels' shape {tuple(batch_shape)}"
+        ) from None
     return weights.reshape(n).astype(jnp.float32)
 
 
@@ -151,8 +159,10 @@ def where_mask(where, batch_shape) -> jax.Array:
         return jnp.ones((n,), bool)
     where = jnp.asarray(where)
     if where.dtype != jnp.bool_:  # one rule for every dtype: ints (an attention mask) as well as floats
-        raise TypeError(f"where must be a boolean mask, got dtype {where.dtype} (pass mask.astype(bool); "
-                        "per-token weights go in weights=)")
+        raise TypeError(
+            f"where must be a boolean mask, got dtype {where.dtype} (pass mask.astype(bool); "
+            "per-token weights go in weights=)"
+        )
     try:
         where = jnp.broadcast_to(where, batch_shape)
     except ValueError:
@@ -179,8 +189,7 @@ def sparse_targets(labels: Labels, batch_shape, num_classes: int, ignore_index: 
         ids, weights = _class_ids(labels[0], num_classes, ignore_index), jnp.asarray(labels[1])
         if ids.shape != weights.shape or ids.shape[:-1] != batch_shape:
             raise ValueError(
-                f"soft-label ids {ids.shape} and weights {weights.shape} must both have shape "
-                f"{batch_shape} + (K,)"
+                f"soft-label ids {ids.shape} and weights {weights.shape} must both have shape {batch_shape} + (K,)"
             )
         if not jnp.issubdtype(weights.dtype, jnp.floating):
             raise ValueError(f"soft-label weights must be floating point, got {weights.dtype}")
@@ -203,9 +212,7 @@ def sparse_targets(labels: Labels, batch_shape, num_classes: int, ignore_index: 
     bad = live & ((ids < 0) | (ids >= num_classes))
     if is_concrete(bad) and bool(bad.any()):
         first = np.asarray(ids)[np.asarray(bad)][0]
-        raise ValueError(
-            f"label {int(first)} is outside [0, {num_classes}) and is not ignore_index={ignore_index}"
-        )
+        raise ValueError(f"label {int(first)} is outside [0, {num_classes}) and is not ignore_index={ignore_index}")
     weights = jnp.where(live, weights.reshape(n, k).astype(jnp.float32), 0.0)
     negative = weights < 0
     if is_concrete(negative) and bool(negative.any()):

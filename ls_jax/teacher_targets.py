@@ -10,7 +10,7 @@ fingerprint (:func:`tokenizer_fingerprint`): a student with another tokenizer is
 
 import hashlib
 import json
-from typing import Dict, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -27,25 +27,30 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps([vocab, special]).encode()).hexdigest()
 
 
-def write_targets(path: str, examples: Sequence[Example], targets: Sequence[Dict[str, np.ndarray]],
-                  metadata: dict) -> None:
+def write_targets(
+    path: str, examples: Sequence[Example], targets: Sequence[dict[str, np.ndarray]], metadata: dict
+) -> None:
     """One parquet row per example (see the module docstring); ``metadata`` as JSON in the schema."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from ls_jax.atomic import atomic_path
 
-    table = pa.table({"input_ids": [e[0].tolist() for e in examples],
-                      "positions": [t["positions"].tolist() for t in targets],
-                      "top_ids": [t["top_ids"].tolist() for t in targets],
-                      "top_p": [t["top_p"].tolist() for t in targets],
-                      "rest": [t["rest"].tolist() for t in targets]})
+    table = pa.table(
+        {
+            "input_ids": [e[0].tolist() for e in examples],
+            "positions": [t["positions"].tolist() for t in targets],
+            "top_ids": [t["top_ids"].tolist() for t in targets],
+            "top_p": [t["top_p"].tolist() for t in targets],
+            "rest": [t["rest"].tolist() for t in targets],
+        }
+    )
     table = table.replace_schema_metadata({METADATA_KEY: json.dumps(metadata).encode()})
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
 
 
-def read_targets(path: str, tokenizer) -> Dict[bytes, Dict[str, np.ndarray]]:
+def read_targets(path: str, tokenizer) -> dict[bytes, dict[str, np.ndarray]]:
     """The targets of ``path`` keyed by their example's ``input_ids`` (int32 bytes). Raises
     :class:`DataError` when the file is not one ``python -m ls_jax.distill`` wrote, or was made with another
     tokenizer than ``tokenizer``."""
@@ -58,24 +63,34 @@ def read_targets(path: str, tokenizer) -> Dict[bytes, Dict[str, np.ndarray]]:
         raise DataError(f"--soft-targets {path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
     meta = (table.schema.metadata or {}).get(METADATA_KEY)
     if meta is None:
-        raise DataError(f"--soft-targets {path}: not written by python -m ls_jax.distill "
-                        f"(no {METADATA_KEY.decode()} metadata)")
+        raise DataError(
+            f"--soft-targets {path}: not written by python -m ls_jax.distill (no {METADATA_KEY.decode()} metadata)"
+        )
     meta = json.loads(meta)
     if meta["tokenizer"] != tokenizer_fingerprint(tokenizer):
-        raise DataError(f"--soft-targets {path}: the teacher's tokenizer ({meta['teacher']}) is not this run's: "
-                        f"the student must share it (--model a checkpoint with the same tokenizer)")
+        raise DataError(
+            f"--soft-targets {path}: the teacher's tokenizer ({meta['teacher']}) is not this run's: "
+            f"the student must share it (--model a checkpoint with the same tokenizer)"
+        )
     out = {}
     for row in table.to_pylist():
         out[np.asarray(row["input_ids"], np.int32).tobytes()] = {
             "positions": np.asarray(row["positions"], np.int32),
             "top_ids": np.asarray(row["top_ids"], np.int32).reshape(-1, meta["top_k"]),
             "top_p": np.asarray(row["top_p"], np.float32).reshape(-1, meta["top_k"]),
-            "rest": np.asarray(row["rest"], np.float32)}
+            "rest": np.asarray(row["rest"], np.float32),
+        }
     return out
 
 
-def soft_targets(example: Example, target: Dict[str, np.ndarray], *, temperature: float = 1.0,
-                 rest: str = "renormalise", hard_weight: float = 0.0) -> Dict[str, np.ndarray]:
+def soft_targets(
+    example: Example,
+    target: dict[str, np.ndarray],
+    *,
+    temperature: float = 1.0,
+    rest: str = "renormalise",
+    hard_weight: float = 0.0,
+) -> dict[str, np.ndarray]:
     """The sparse target of every token of one example, aligned with its ``input_ids [T]``:
     ``target_ids [T, k + 1]`` int32 (the teacher's top k, then the hard label; ``IGNORE_INDEX``
     where no token is scored), ``target_weights [T, k + 1]`` float32 and, with ``rest="uniform"``,
@@ -94,11 +109,14 @@ def soft_targets(example: Example, target: Dict[str, np.ndarray], *, temperature
     p /= p.sum(-1, keepdims=True)
     kept = 1.0 - target["rest"].astype(np.float64) if rest == "uniform" else 1.0
     at, k = target["positions"], p.shape[-1]
-    out = {"target_ids": np.full((len(ids), k + 1), IGNORE_INDEX, np.int32),
-           "target_weights": np.zeros((len(ids), k + 1), np.float32)}
+    out = {
+        "target_ids": np.full((len(ids), k + 1), IGNORE_INDEX, np.int32),
+        "target_weights": np.zeros((len(ids), k + 1), np.float32),
+    }
     out["target_ids"][at] = np.concatenate([target["top_ids"], labels[at, None]], axis=-1)
-    out["target_weights"][at] = np.concatenate([(1 - hard_weight) * np.reshape(kept, (-1, 1)) * p,
-                                                np.full((len(at), 1), hard_weight)], axis=-1)
+    out["target_weights"][at] = np.concatenate(
+        [(1 - hard_weight) * np.reshape(kept, (-1, 1)) * p, np.full((len(at), 1), hard_weight)], axis=-1
+    )
     if rest == "uniform":
         out["target_uniform"] = np.zeros(len(ids), np.float32)
         out["target_uniform"][at] = (1 - hard_weight) * (1.0 - kept)

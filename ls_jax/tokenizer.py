@@ -7,7 +7,7 @@ before the byte-level step, so numbers stay readable to a small model. Special t
 """
 
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -23,7 +23,10 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 256 + 64) -> Pre
     """
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
@@ -53,18 +56,24 @@ def load_tokenizer(path: str):
     """
     from transformers import AutoTokenizer
 
-    missing = (f"{path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save the model's tokenizer "
-               f"there (tokenizer.save_pretrained)")
+    missing = (
+        f"{path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save the model's tokenizer "
+        f"there (tokenizer.save_pretrained)"
+    )
     has_files = any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES)
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
-        raise ValueError(missing if not has_files else
-                         f"cannot load a tokenizer from {path}: {str(e).splitlines()[0]}") from None
+        raise ValueError(
+            missing if not has_files else f"cannot load a tokenizer from {path}: {str(e).splitlines()[0]}"
+        ) from None
     ids = tok("The answer is 42.", add_special_tokens=False)["input_ids"]
     if all(i == tok.unk_token_id for i in ids):
-        raise ValueError(missing if not has_files else
-                         f"the tokenizer in {path} encodes text to {'unknown tokens only' if ids else 'nothing'}")
+        raise ValueError(
+            missing
+            if not has_files
+            else f"the tokenizer in {path} encodes text to {'unknown tokens only' if ids else 'nothing'}"
+        )
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok

@@ -26,15 +26,31 @@ The last block of each axis is slid back to end at the axis' end (nothing is pad
 copied); rows it shares with the previous block are masked, so every row counts once.
 """
 
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
-from ls_jax.logit_stats import (Backend, BlockSizes, LogitStats, apply_softcap, dz_tile, gemm_operands,
-                                head_back, head_logits, head_outer, live_rows, online_fold, online_init, online_result,
-                                tile_budget, two_pass, vocab_axis, weighted_sum)
+from ls_jax.logit_stats import (
+    Backend,
+    BlockSizes,
+    LogitStats,
+    apply_softcap,
+    dz_tile,
+    gemm_operands,
+    head_back,
+    head_logits,
+    head_outer,
+    live_rows,
+    online_fold,
+    online_init,
+    online_result,
+    tile_budget,
+    two_pass,
+    vocab_axis,
+    weighted_sum,
+)
 
 BLOCK_N, BLOCK_V = 1024, 2048  # two-pass tile
 
@@ -78,8 +94,7 @@ def forward(hidden, weight, bias, first, *, softcap, need_sum, blocks: BlockSize
 
         def vocab_block(j, state):
             start, own = _slide(j, bv, v)
-            z = jnp.where(own, apply_softcap(_raw_tile(h, weight, bias, start, bv, layout, gemm), softcap),
-                          -jnp.inf)
+            z = jnp.where(own, apply_softcap(_raw_tile(h, weight, bias, start, bv, layout, gemm), softcap), -jnp.inf)
             return online_fold(state, z, own, start, f, need_sum)
 
         new = online_result(jax.lax.fori_loop(0, -(-v // bv), vocab_block, online_init(bn)))
@@ -88,8 +103,7 @@ def forward(hidden, weight, bias, first, *, softcap, need_sum, blocks: BlockSize
     return jax.lax.fori_loop(0, -(-n // bn), token_block, out)
 
 
-def backward(hidden, weight, bias, lse, comp, g_lse, g_sum, ids, coef, *, softcap, blocks: BlockSizes,
-             layout="vd"):
+def backward(hidden, weight, bias, lse, comp, g_lse, g_sum, ids, coef, *, softcap, blocks: BlockSizes, layout="vd"):
     """float32 (dhidden, dweight, dbias or None) for dz as in ``logit_stats.dz_tile``, each tile
     recomputed once; dz is rounded once to the products' operand dtype (``gemm_operands``)."""
     n, ax = hidden.shape[0], vocab_axis(layout)
@@ -117,13 +131,13 @@ def backward(hidden, weight, bias, lse, comp, g_lse, g_sum, ids, coef, *, softca
             dz_op = dz.astype(cdt)
             dh_blk = dh_blk + head_back(dz_op, _rows(weight, start, bv, ax).astype(cdt), layout, prec)
             dw = jax.lax.dynamic_update_slice_in_dim(
-                dw, _rows(dw, start, bv, ax) + head_outer(dz_op, h.astype(cdt), layout, prec), start, ax)
+                dw, _rows(dw, start, bv, ax) + head_outer(dz_op, h.astype(cdt), layout, prec), start, ax
+            )
             if db is not None:
                 db = jax.lax.dynamic_update_slice_in_dim(db, _rows(db, start, bv) + dz.sum(0), start, 0)
             return dh_blk, dw, db
 
-        dh_blk, dw, db = jax.lax.fori_loop(0, -(-v // bv), vocab_block,
-                                           (jnp.zeros(h.shape, jnp.float32), dw, db))
+        dh_blk, dw, db = jax.lax.fori_loop(0, -(-v // bv), vocab_block, (jnp.zeros(h.shape, jnp.float32), dw, db))
         dh_blk = jnp.where(own_n[:, None], dh_blk, _rows(dh, start_n, bn))
         return jax.lax.dynamic_update_slice_in_dim(dh, dh_blk, start_n, 0), dw, db
 
@@ -161,9 +175,13 @@ def _one_pass_fwd(loss_of, hidden, weight, bias, ids, tw, rows, softcap, need_su
     ids, tw, rows = ids.value, tw.value, jax.tree.map(lambda x: x.value, rows)
     n, v = hidden.shape[0], weight.shape[vocab_axis(layout)]
     stats = LogitStats(*(jnp.zeros((n,), jnp.float32),) * 4, jnp.zeros((n,), jnp.int32))
-    grads = (jnp.zeros(hidden.shape, hidden.dtype), jnp.zeros(weight.shape, jnp.float32) if want_w else None,
-             jnp.zeros((v,), jnp.float32) if want_b else None, jnp.zeros(tw.shape, jnp.float32),
-             jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32) if _is_float(x) else None, rows))
+    grads = (
+        jnp.zeros(hidden.shape, hidden.dtype),
+        jnp.zeros(weight.shape, jnp.float32) if want_w else None,
+        jnp.zeros((v,), jnp.float32) if want_b else None,
+        jnp.zeros(tw.shape, jnp.float32),
+        jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32) if _is_float(x) else None, rows),
+    )
     bn = _one_pass_block_n(blocks, n, v)
     cdt, prec = gemm_operands(blocks, jnp.promote_types(hidden.dtype, weight.dtype))
     w_op = weight.astype(cdt)  # no copy unless "float32" operands for a 16-bit head
@@ -178,10 +196,16 @@ def _one_pass_fwd(loss_of, hidden, weight, bias, ids, tw, rows, softcap, need_su
         z = apply_softcap(raw if bias is None else raw + bias.astype(jnp.float32), softcap)
         lse = jax.nn.logsumexp(z, axis=-1)
         z_t = jnp.take_along_axis(z, ii, axis=-1)
-        s = LogitStats(lse, z.sum(-1) if need_sum else jnp.zeros_like(lse), weighted_sum(ww, z_t),
-                       z.max(-1), jnp.argmax(z, -1).astype(jnp.int32))
-        per_token, vjp = jax.vjp(lambda l, t, u, r: loss_of(s._replace(lse=l, logit_sum=t, target=u), r),
-                                 s.lse, s.logit_sum, s.target, r)
+        s = LogitStats(
+            lse,
+            z.sum(-1) if need_sum else jnp.zeros_like(lse),
+            weighted_sum(ww, z_t),
+            z.max(-1),
+            jnp.argmax(z, -1).astype(jnp.int32),
+        )
+        per_token, vjp = jax.vjp(
+            lambda l, t, u, r: loss_of(s._replace(lse=l, logit_sum=t, target=u), r), s.lse, s.logit_sum, s.target, r
+        )
         g_lse, g_sum, g_t, g_r = vjp(own.astype(jnp.float32))
         g_sum = g_sum if need_sum else None
         coef = g_t[:, None] * ww
@@ -199,17 +223,25 @@ def _one_pass_fwd(loss_of, hidden, weight, bias, ids, tw, rows, softcap, need_su
             db = db + dz.sum(0)
         d_tw = g_t[:, None] * jnp.where((ww == 0) & jnp.isinf(z_t), 0.0, z_t)
         put = lambda acc, x: jax.lax.dynamic_update_slice_in_dim(
-            acc, jnp.where(own.reshape(own.shape + (1,) * (x.ndim - 1)), x, _rows(acc, start, bn)), start, 0)
+            acc, jnp.where(own.reshape(own.shape + (1,) * (x.ndim - 1)), x, _rows(acc, start, bn)), start, 0
+        )
         dtw = put(dtw, d_tw)
-        drows = jax.tree.map(lambda acc, x: None if acc is None else put(acc, x), drows, g_r,
-                             is_leaf=lambda x: x is None)
+        drows = jax.tree.map(
+            lambda acc, x: None if acc is None else put(acc, x), drows, g_r, is_leaf=lambda x: x is None
+        )
         stats = LogitStats(*(put(o, x) for o, x in zip(stats, s)))
         return loss + jnp.where(own, per_token, 0.0).sum(), stats, (dh, dw, db, dtw, drows)
 
     loss, stats, (dh, dw, db, dtw, drows) = jax.lax.fori_loop(
-        0, -(-n // bn) if n else 0, chunk, (jnp.zeros((), jnp.float32), stats, grads))
-    grads = (dh, None if dw is None else dw.astype(weight.dtype), None if db is None else db.astype(bias.dtype),
-             dtw.astype(tw.dtype), drows)
+        0, -(-n // bn) if n else 0, chunk, (jnp.zeros((), jnp.float32), stats, grads)
+    )
+    grads = (
+        dh,
+        None if dw is None else dw.astype(weight.dtype),
+        None if db is None else db.astype(bias.dtype),
+        dtw.astype(tw.dtype),
+        drows,
+    )
     return (loss, stats), grads
 
 
@@ -241,17 +273,22 @@ def _scalar_loss_jvp(loss_of, softcap, need_sum, blocks, layout, primals, tangen
     (loss, stats), vjp = jax.vjp(f, hidden, weight, bias, tw, rows)
     grads = vjp((jnp.ones((), loss.dtype), jax.tree.map(jnp.zeros_like, stats)))
     t_h, t_w, t_b, _, t_tw, t_rows = tangents
-    dot = lambda g, t: 0.0 if g is None or t is None or g.dtype == jax.dtypes.float0 \
-        or t.dtype == jax.dtypes.float0 else jnp.vdot(g.astype(jnp.float32), t.astype(jnp.float32))
+    dot = lambda g, t: (
+        0.0
+        if g is None or t is None or g.dtype == jax.dtypes.float0 or t.dtype == jax.dtypes.float0
+        else jnp.vdot(g.astype(jnp.float32), t.astype(jnp.float32))
+    )
     pairs = list(zip(grads[:4], (t_h, t_w, t_b, t_tw))) + list(zip(grads[4], t_rows))
     t_loss = sum(dot(g, t) for g, t in pairs)
-    zero_stats = jax.tree.map(lambda x: jnp.zeros(x.shape, jax.dtypes.float0) if x.dtype == jnp.int32
-                              else jnp.zeros_like(x), stats)
+    zero_stats = jax.tree.map(
+        lambda x: jnp.zeros(x.shape, jax.dtypes.float0) if x.dtype == jnp.int32 else jnp.zeros_like(x), stats
+    )
     return (loss, stats), (jnp.asarray(t_loss, loss.dtype), zero_stats)
 
 
-def one_pass_loss(loss_of: Callable, hidden, weight, bias, ids, tw, rows, *, softcap, need_sum,
-                  blocks: BlockSizes, layout: str = "vd"):
+def one_pass_loss(
+    loss_of: Callable, hidden, weight, bias, ids, tw, rows, *, softcap, need_sum, blocks: BlockSizes, layout: str = "vd"
+):
     """Scalar ``sum_n loss_of(stats, rows)[n]`` and its :class:`LogitStats` ``[N]`` (no gradient),
     with the gradients made in the forward sweep when differentiated (reverse or forward mode;
     twice, e.g. jax.hessian, through the sweep's own autodiff).

@@ -7,7 +7,12 @@ import pytest
 
 from ls_jax import calibration as C
 from ls_jax.answer_calibration import (
-    answer_calibration, continuation_logits, generate_answers, option_scores, references, split_rows,
+    answer_calibration,
+    continuation_logits,
+    generate_answers,
+    option_scores,
+    references,
+    split_rows,
 )
 from ls_jax.data import IGNORE_INDEX, tokenize_example
 from ls_jax.evaluate import evaluate_multiple_choice, option_token_ids
@@ -36,8 +41,9 @@ def test_generated_multiple_choice_rows_share_the_evaluate_format(setup):
         ids, labels = tokenize_example(row, tok)
         response = ids[labels != IGNORE_INDEX].tolist()
         assert response == [letters[row["answer"]], tok.eos_token_id]
-        prompt = [tok.bos_token_id] + tok(synthetic.format_prompt(row["question"], row["choices"]),
-                                          add_special_tokens=False)["input_ids"]
+        prompt = [tok.bos_token_id] + tok(
+            synthetic.format_prompt(row["question"], row["choices"]), add_special_tokens=False
+        )["input_ids"]
         assert ids[labels == IGNORE_INDEX].tolist() == prompt
 
 
@@ -55,7 +61,9 @@ def test_option_scores_match_numpy():
     m = s.metrics()
     scaled = C.apply_temperature(logits, 1.7)
     assert m["ece"] == pytest.approx(float(C.calibration_error(scaled, labels, from_logits=True)), abs=1e-6)
-    assert m["ece10"] == pytest.approx(float(C.calibration_error(scaled, labels, from_logits=True, n_bins=10)), abs=1e-6)
+    assert m["ece10"] == pytest.approx(
+        float(C.calibration_error(scaled, labels, from_logits=True, n_bins=10)), abs=1e-6
+    )
     assert m["brier"] == pytest.approx(float(C.brier_score(scaled, labels, from_logits=True)), rel=1e-5)
 
 
@@ -66,7 +74,7 @@ def test_continuation_logits_equal_unpadded_full_logits(setup):
     got = continuation_logits(model, prompts, refs, pad_id=tok.pad_token_id, batch_size=5)
     for i, (p, r) in enumerate(zip(prompts, refs)):
         full = np.asarray(model.logits(np.asarray([p + r])))[0]
-        np.testing.assert_allclose(got.logits[got.row == i], full[len(p) - 1:len(p) + len(r) - 1], atol=2e-5)
+        np.testing.assert_allclose(got.logits[got.row == i], full[len(p) - 1 : len(p) + len(r) - 1], atol=2e-5)
         np.testing.assert_array_equal(got.tokens[got.row == i], r)
 
 

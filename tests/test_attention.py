@@ -9,14 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_models import CONFIGS, TOL, V, hf_logits, padded_batch, perturbed_nnx, save_hf
 
-from ls_jax.models import CausalLM, from_config, from_pretrained
-from ls_jax.models import layers
+from ls_jax.models import CausalLM, from_config, from_pretrained, layers
 from ls_jax.models.layers import AttentionMask, attention, attention_path, token_mask
 from ls_jax.train.config import LossOptions
 from ls_jax.train.step import _loss_sum, model_inputs
-
-from test_models import CONFIGS, TOL, V, hf_logits, padded_batch, perturbed_nnx, save_hf
 
 B, T, H, K, DH = 3, 10, 4, 2, 8
 
@@ -24,8 +22,11 @@ B, T, H, K, DH = 3, 10, 4, 2, 8
 def qkv(dtype, s=T, seed=0):
     """Random q ``[B, T, H, Dh]`` and k, v ``[B, s, K, Dh]`` in ``dtype``."""
     kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
-    return (jax.random.normal(kq, (B, T, H, DH)).astype(dtype), jax.random.normal(kk, (B, s, K, DH)).astype(dtype),
-            jax.random.normal(kv, (B, s, K, DH)).astype(dtype))
+    return (
+        jax.random.normal(kq, (B, T, H, DH)).astype(dtype),
+        jax.random.normal(kk, (B, s, K, DH)).astype(dtype),
+        jax.random.normal(kv, (B, s, K, DH)).astype(dtype),
+    )
 
 
 def padding():
@@ -49,13 +50,15 @@ MASKS = {
 def test_dot_product_attention_equals_the_explicit_path(kind, window, dtype, tol):
     q, k, v = qkv(dtype)
     mask = MASKS[kind]()
-    run = jax.jit(lambda q, k, v, impl: attention(q, k, v, mask, scale=0.3, window=window, implementation=impl),
-                  static_argnums=3)
+    run = jax.jit(
+        lambda q, k, v, impl: attention(q, k, v, mask, scale=0.3, window=window, implementation=impl), static_argnums=3
+    )
     fused, explicit = run(q, k, v, "auto"), run(q, k, v, "explicit")
     assert fused.dtype == dtype and fused.shape == (B, T, H, DH)
     real = np.asarray(padding(), bool) if kind != "causal" else np.ones((B, T), bool)
-    np.testing.assert_allclose(np.asarray(fused, np.float32)[real], np.asarray(explicit, np.float32)[real],
-                               atol=tol, rtol=0)
+    np.testing.assert_allclose(
+        np.asarray(fused, np.float32)[real], np.asarray(explicit, np.float32)[real], atol=tol, rtol=0
+    )
 
 
 def test_causal_form_equals_the_dense_causal_mask_and_gradients_match():
@@ -63,8 +66,10 @@ def test_causal_form_equals_the_dense_causal_mask_and_gradients_match():
     dense = AttentionMask(token_mask(None, None, (B, T)))
 
     def loss(impl, mask):
-        return jax.grad(lambda q, k, v: jnp.sum(jnp.sin(attention(q, k, v, mask, scale=0.3, window=4,
-                                                                  implementation=impl))), argnums=(0, 1, 2))(q, k, v)
+        return jax.grad(
+            lambda q, k, v: jnp.sum(jnp.sin(attention(q, k, v, mask, scale=0.3, window=4, implementation=impl))),
+            argnums=(0, 1, 2),
+        )(q, k, v)
 
     ref = loss("explicit", dense)
     for impl, mask in (("auto", AttentionMask()), ("xla", dense), ("explicit", AttentionMask())):
@@ -81,7 +86,9 @@ def test_cache_offset_queries(window):
     keys[2, :2] = 0
     mask = AttentionMask(token_mask(jnp.asarray(keys), None, (B, 3), jnp.int32(offset)), jnp.int32(offset))
     q = q[:, :3]
-    out = {impl: attention(q, k, v, mask, scale=0.3, window=window, implementation=impl) for impl in ("auto", "explicit")}
+    out = {
+        impl: attention(q, k, v, mask, scale=0.3, window=window, implementation=impl) for impl in ("auto", "explicit")
+    }
     np.testing.assert_allclose(out["auto"], out["explicit"], atol=1e-5)
 
 
@@ -99,7 +106,7 @@ def test_auto_takes_cudnn_where_it_applies_on_a_gpu(monkeypatch):
     causal, dense = AttentionMask(), AttentionMask(jnp.ones((1, 2, 2), bool))
     assert attention_path("auto", causal, None, jnp.bfloat16, 128) == "cudnn"
     assert attention_path("auto", causal, None, jnp.float16, 64) == "cudnn"
-    assert attention_path("auto", dense, None, jnp.bfloat16, 128) == "xla"   # padding / packing / cache
+    assert attention_path("auto", dense, None, jnp.bfloat16, 128) == "xla"  # padding / packing / cache
     assert attention_path("auto", causal, None, jnp.float32, 128) == "xla"
     assert attention_path("auto", causal, None, jnp.bfloat16, 256) == "xla"
     assert attention_path("auto", causal, 50.0, jnp.bfloat16, 128) == "explicit"
@@ -144,11 +151,17 @@ def test_unpacked_train_inputs_give_the_same_loss_and_gradients():
     seg[2, -1:] = 0
     labels = np.where(seg > 0, ids, -100)
     labels[:, 0] = -100
-    batch = {"input_ids": jnp.asarray(ids), "labels": jnp.asarray(labels), "segment_ids": jnp.asarray(seg),
-             "positions": jnp.asarray(np.maximum(np.cumsum(seg, -1) - 1, 0))}
+    batch = {
+        "input_ids": jnp.asarray(ids),
+        "labels": jnp.asarray(labels),
+        "segment_ids": jnp.asarray(seg),
+        "positions": jnp.asarray(np.maximum(np.cumsum(seg, -1) - 1, 0)),
+    }
     assert model_inputs(batch, packed=False)["attention_mask"] is None
     opts = LossOptions(label_smoothing=0.1)
-    grads = {p: nnx.jit(nnx.value_and_grad(lambda m: _loss_sum(m, batch, opts, packed=p)))(model) for p in (True, False)}
+    grads = {
+        p: nnx.jit(nnx.value_and_grad(lambda m: _loss_sum(m, batch, opts, packed=p)))(model) for p in (True, False)
+    }
     np.testing.assert_allclose(grads[True][0], grads[False][0], rtol=1e-6)
     for a, b in zip(jax.tree.leaves(grads[True][1]), jax.tree.leaves(grads[False][1])):
         np.testing.assert_allclose(a, b, atol=1e-6)

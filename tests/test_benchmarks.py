@@ -14,16 +14,36 @@ ARMS = ("one_pass", "two_pass", "reference", "optax")
 def test_bench_loss_memory_small_shape():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (ROOT, os.environ.get("PYTHONPATH")))))
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "bench_loss_memory.py"), "--n", "96", "--d", "16",
-         "--v", "300", "--smoothing", "0.1", "--arms", ",".join(ARMS)],
-        capture_output=True, text=True, env=env, timeout=600)
+        [
+            sys.executable,
+            os.path.join(ROOT, "benchmarks", "bench_loss_memory.py"),
+            "--n",
+            "96",
+            "--d",
+            "16",
+            "--v",
+            "300",
+            "--smoothing",
+            "0.1",
+            "--arms",
+            ",".join(ARMS),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("device: ") and "N=96 D=16 V=300 float32 label_smoothing=0.1" in lines[0]
     header = [c.strip() for c in next(l for l in lines if l.startswith("| arm")).strip("|").split("|")]
-    rows = {cells[0]: dict(zip(header, cells)) for cells in
-            ([c.strip() for c in l.strip("|").split("|")] for l in lines if l.startswith("| ") and "---" not in l)
-            if cells[0] != "arm"}
+    rows = {
+        cells[0]: dict(zip(header, cells))
+        for cells in (
+            [c.strip() for c in l.strip("|").split("|")] for l in lines if l.startswith("| ") and "---" not in l
+        )
+        if cells[0] != "arm"
+    }
     assert set(rows) == set(ARMS)
     assert rows["optax"]["CPU x optax"] == "1.00" and rows["two_pass"]["CPU x two_pass"] == "1.00"
     for arm, row in rows.items():
@@ -41,9 +61,23 @@ def test_gpu_first_light_smoke(tmp_path):
     results.write_text("# Measured figures\n\nkept\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "gpu_first_light.py"), "--smoke", "--only",
-         "check,quack,attention", "--out-dir", str(tmp_path / "out"), "--results", str(results)],
-        capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
+        [
+            sys.executable,
+            os.path.join(ROOT, "benchmarks", "gpu_first_light.py"),
+            "--smoke",
+            "--only",
+            "check,quack,attention",
+            "--out-dir",
+            str(tmp_path / "out"),
+            "--results",
+            str(results),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     import json
 
@@ -68,8 +102,21 @@ def test_step_memory_small_lengths():
     and hold float32 [T, T] scores, and no cuDNN call."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (ROOT, os.environ.get("PYTHONPATH")))))
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "step_memory.py"), "--lengths", "32,64",
-         "--attention", "auto", "--remat", "dots"], capture_output=True, text=True, env=env, timeout=600)
+        [
+            sys.executable,
+            os.path.join(ROOT, "benchmarks", "step_memory.py"),
+            "--lengths",
+            "32,64",
+            "--attention",
+            "auto",
+            "--remat",
+            "dots",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line.split() for line in proc.stdout.splitlines()[2:]]
     assert [r[:3] for r in rows] == [["auto", "dots", "32"], ["auto", "dots", "64"]]

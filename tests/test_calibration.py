@@ -82,14 +82,17 @@ def assert_close(actual, expected, tol=2e-6):
 @pytest.mark.parametrize("norm", ["l1", "l2", "max"])
 def test_top_label_errors_match_torchmetrics(n_bins, norm):
     z, p, y = random_problem(400, 7, seed=n_bins)
-    expected = multiclass_calibration_error(torch.tensor(p, dtype=torch.float32), torch.tensor(y), 7,
-                                            n_bins=n_bins, norm=norm)
+    expected = multiclass_calibration_error(
+        torch.tensor(p, dtype=torch.float32), torch.tensor(y), 7, n_bins=n_bins, norm=norm
+    )
     p32, z32 = p.astype(np.float32), z.astype(np.float32)
     assert_close(C.calibration_error(p32, y, n_bins=n_bins, norm=norm), float(expected))
     assert_close(C.calibration_error(z32, y, n_bins=n_bins, norm=norm, from_logits=True), float(expected), 1e-5)
     conf, hit = top_label64(p, y)
-    assert_close(C.calibration_error(p32, y, n_bins=n_bins, norm=norm),
-                 oracle_errors(conf, hit, oracle_width_bins(conf, hit, n_bins))[NORMS_AT[norm]])
+    assert_close(
+        C.calibration_error(p32, y, n_bins=n_bins, norm=norm),
+        oracle_errors(conf, hit, oracle_width_bins(conf, hit, n_bins))[NORMS_AT[norm]],
+    )
 
 
 def test_edge_confidences_follow_torchmetrics_bins():
@@ -107,8 +110,9 @@ def test_edge_confidences_follow_torchmetrics_bins():
         assert bins.count[k] >= 2
     e = C.errors_from_bins(bins)
     for norm, key in [("l1", "ece"), ("l2", "rms"), ("max", "mce")]:
-        expected = binary_calibration_error(torch.tensor(conf), torch.tensor(hit.astype(np.int64)),
-                                            n_bins=n_bins, norm=norm)
+        expected = binary_calibration_error(
+            torch.tensor(conf), torch.tensor(hit.astype(np.int64)), n_bins=n_bins, norm=norm
+        )
         assert_close(e[key], float(expected))
         assert_close(e[key], oracle_errors(conf, hit, groups)[NORMS_AT[norm]])
 
@@ -142,10 +146,12 @@ def test_classwise_brier_nll_accuracy_match_oracles():
     z, p, y = random_problem(300, 6, seed=11)
     p32, z32 = p.astype(np.float32), z.astype(np.float32)
     classwise = np.mean([oracle_errors(p[:, k], y == k, oracle_width_bins(p[:, k], y == k, 15))[0] for k in range(6)])
-    torch_classwise = np.mean([
-        float(binary_calibration_error(torch.tensor(p32[:, k]), torch.tensor((y == k).astype(np.int64)), n_bins=15))
-        for k in range(6)
-    ])
+    torch_classwise = np.mean(
+        [
+            float(binary_calibration_error(torch.tensor(p32[:, k]), torch.tensor((y == k).astype(np.int64)), n_bins=15))
+            for k in range(6)
+        ]
+    )
     brier = np.mean(((p - np.eye(6)[y]) ** 2).sum(1))
     nll = -np.mean(np.log(p[np.arange(300), y]))
     acc = np.mean(p.argmax(1) == y)
@@ -193,8 +199,12 @@ def test_no_valid_sample_gives_zero_not_nan():
     _, p, y = random_problem(10, 3)
     none = np.zeros(10, bool)
     values = [C.calibration_error(p, y, where=none, norm=nm) for nm in ("l1", "l2", "max")]
-    values += [C.calibration_error(p, y, where=none, binning="mass"), C.brier_score(p, y, where=none),
-               C.negative_log_likelihood(p, y, where=none), C.accuracy(p, y, where=none)]
+    values += [
+        C.calibration_error(p, y, where=none, binning="mass"),
+        C.brier_score(p, y, where=none),
+        C.negative_log_likelihood(p, y, where=none),
+        C.accuracy(p, y, where=none),
+    ]
     assert all(float(v) == 0.0 for v in values)
 
 
@@ -211,11 +221,21 @@ def test_metrics_work_inside_an_outer_jit():
 
     @jax.jit
     def all_metrics(p, y):
-        return (C.calibration_error(p, y, norm="l2"), C.calibration_error(p, y, binning="mass"),
-                C.classwise_calibration_error(p, y), C.brier_score(p, y), C.fit_temperature(jnp.log(p), y))
+        return (
+            C.calibration_error(p, y, norm="l2"),
+            C.calibration_error(p, y, binning="mass"),
+            C.classwise_calibration_error(p, y),
+            C.brier_score(p, y),
+            C.fit_temperature(jnp.log(p), y),
+        )
 
-    eager = (C.calibration_error(p, y, norm="l2"), C.calibration_error(p, y, binning="mass"),
-             C.classwise_calibration_error(p, y), C.brier_score(p, y), C.fit_temperature(np.log(p), y))
+    eager = (
+        C.calibration_error(p, y, norm="l2"),
+        C.calibration_error(p, y, binning="mass"),
+        C.classwise_calibration_error(p, y),
+        C.brier_score(p, y),
+        C.fit_temperature(np.log(p), y),
+    )
     for a, b in zip(all_metrics(p, y), eager):
         assert_close(a, float(b), 1e-6)
 
@@ -224,10 +244,15 @@ def test_where_equals_subsetting():
     z, p, y = random_problem(200, 5, seed=4)
     keep = np.random.default_rng(0).uniform(size=200) < 0.6
     for binning in ("width", "mass"):
-        assert_close(C.calibration_error(p, y, where=keep, binning=binning),
-                     float(C.calibration_error(p[keep], y[keep], binning=binning)))
-    assert_close(C.negative_log_likelihood(z, y, from_logits=True, where=keep),
-                 float(C.negative_log_likelihood(z[keep], y[keep], from_logits=True)), 1e-6)
+        assert_close(
+            C.calibration_error(p, y, where=keep, binning=binning),
+            float(C.calibration_error(p[keep], y[keep], binning=binning)),
+        )
+    assert_close(
+        C.negative_log_likelihood(z, y, from_logits=True, where=keep),
+        float(C.negative_log_likelihood(z[keep], y[keep], from_logits=True)),
+        1e-6,
+    )
 
 
 def test_bad_input():
@@ -283,7 +308,7 @@ def test_token_calibration_matches_dense_logits(impl, softcap):
     whole = C.token_calibration(h, w, y, **opts)
     streamed = C.token_calibration(h[:1], w, y[:1], **opts)
     for r in (1, 2):
-        streamed = streamed.merge(C.token_calibration(h[r:r + 1], w, y[r:r + 1], **opts))
+        streamed = streamed.merge(C.token_calibration(h[r : r + 1], w, y[r : r + 1], **opts))
     for bins in (whole, streamed):
         report = C.CalibrationReport.from_bins(bins)
         assert report.count == valid.sum()
@@ -314,8 +339,9 @@ def test_temperature_scaling_recovers_known_temperature():
         zt = z / np.exp(log_t)
         return np.mean(np.log(np.exp(zt - zt.max(1, keepdims=True)).sum(1)) + zt.max(1) - zt[np.arange(len(y)), y])
 
-    best = np.exp(minimize_scalar(nll64, bounds=(np.log(0.1), np.log(10.0)), method="bounded",
-                                  options={"xatol": 1e-9}).x)
+    best = np.exp(
+        minimize_scalar(nll64, bounds=(np.log(0.1), np.log(10.0)), method="bounded", options={"xatol": 1e-9}).x
+    )
     assert abs(t - best) / best < 1e-3
     before = C.negative_log_likelihood(z, y, from_logits=True)
     after = C.negative_log_likelihood(C.apply_temperature(z, t), y, from_logits=True)

@@ -65,8 +65,13 @@ def scene(tmp_path, monkeypatch):
     server.bind(("127.0.0.1", 0))
     server.listen(8)
     server.setblocking(False)
-    fields = dict(victim=str(victim), victim_dir=str(victim_dir), target=str(target),
-                  port=server.getsockname()[1], parent=os.getpid())
+    fields = dict(
+        victim=str(victim),
+        victim_dir=str(victim_dir),
+        target=str(target),
+        port=server.getsockname()[1],
+        parent=os.getpid(),
+    )
 
     def check():
         assert victim.read_text() == "keep me" and (victim_dir / "inside.txt").exists() and not target.exists()
@@ -108,8 +113,11 @@ def test_a_correct_snippet_passes(arm, machine, scene):
 
 # each kernel-level layer alone (the Python guard off): what it stops, and the layer it needs
 KERNEL = {
-    "delete a file outside the workdir": "user", "write a file outside the workdir": "user",
-    "kill the parent": "user", "connect through _socket": "namespaces", "connect through ctypes": "namespaces",
+    "delete a file outside the workdir": "user",
+    "write a file outside the workdir": "user",
+    "kill the parent": "user",
+    "connect through _socket": "namespaces",
+    "connect through ctypes": "namespaces",
     "unbounded fork bomb": "user",
 }
 
@@ -127,11 +135,13 @@ def test_kernel_layers_hold_without_the_guard(name, machine, scene):
 
 def test_workdir_environment_and_limits(machine):
     names = sorted(execution.LIMITS) + ["RLIMIT_CPU"]
-    report = ("import json, os, resource\n"
-              "limits = {n: resource.getrlimit(getattr(resource, n))[1] for n in %r}\n"
-              "print(json.dumps({'cwd': os.getcwd(), 'files': os.listdir('.'), 'env': dict(os.environ), "
-              "'limits': limits}))\n"
-              "open('scratch.txt', 'w').write('ok')  # inside the working directory: allowed\n" % names)
+    report = (
+        "import json, os, resource\n"
+        f"limits = {{n: resource.getrlimit(getattr(resource, n))[1] for n in {names!r}}}\n"
+        "print(json.dumps({'cwd': os.getcwd(), 'files': os.listdir('.'), 'env': dict(os.environ), "
+        "'limits': limits}))\n"
+        "open('scratch.txt', 'w').write('ok')  # inside the working directory: allowed\n"
+    )
     outcome = _run(report, machine)
     assert outcome.passed, outcome
     seen = json.loads(outcome.output)
@@ -171,8 +181,10 @@ def test_s3ft_build_goes_on_after_hostile_rows(eos_model, monkeypatch):
     rows.append({"prompt": "ok", "response": "r", "judge": "code", "tests": "assert 1 + 1 == 2"})
     with pytest.raises(CodeExecutionRefused):  # a row asks for the code judge: refused before generating
         build(model, tok, rows, judge="exact", progress=False)
-    result = build(model, tok, rows, judge="exact", paraphrase=False, timeout=TIMEOUT, progress=False,
-                   allow_code_execution=True)
-    assert [(r["s3ft_source"], r["s3ft_self_verdict"]) for r in result.rows] == \
-        [("gold", "incorrect")] * 3 + [("self", "correct")]
+    result = build(
+        model, tok, rows, judge="exact", paraphrase=False, timeout=TIMEOUT, progress=False, allow_code_execution=True
+    )
+    assert [(r["s3ft_source"], r["s3ft_self_verdict"]) for r in result.rows] == [("gold", "incorrect")] * 3 + [
+        ("self", "correct")
+    ]
     assert f"code judge ran in: {execution.best_isolation().describe()}" in result.table()

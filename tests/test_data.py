@@ -7,14 +7,26 @@ import datasets
 import numpy as np
 import pytest
 
-from ls_jax.data import (IGNORE_INDEX, Batches, DataError, build_row, eval_batches, expand_responses, load_rows,
-                         pack, prepare, tokenize_example)
+from ls_jax.data import (
+    IGNORE_INDEX,
+    Batches,
+    DataError,
+    build_row,
+    eval_batches,
+    expand_responses,
+    load_rows,
+    pack,
+    prepare,
+    tokenize_example,
+)
 from ls_jax.tokenizer import train_bpe_tokenizer
 from ls_jax.train import synthetic
 
-ROWS = [{"prompt": "What is 3 + 4?\nAnswer: ", "response": "7"},
-        {"prompt": "Which number is the largest?\nA) 1\nB) 9\nAnswer: ", "response": "B"},
-        {"messages": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi there"}]}]
+ROWS = [
+    {"prompt": "What is 3 + 4?\nAnswer: ", "response": "7"},
+    {"prompt": "Which number is the largest?\nA) 1\nB) 9\nAnswer: ", "response": "B"},
+    {"messages": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi there"}]},
+]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +44,7 @@ def test_tokenizer_round_trip_and_single_digits(tok):
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert _decode(tok, ids) == text
     digits = [t for t in tok.convert_ids_to_tokens(ids) if any(c.isdigit() for c in t)]
-    assert digits == list("1234" "5" "1239")
+    assert digits == list("123451239")
     assert (tok.pad_token, tok.eos_token, tok.bos_token) == ("<pad>", "<eos>", "<bos>")
 
 
@@ -56,10 +68,18 @@ def test_messages_simple_template_masking(tok):
 def test_messages_chat_template_multi_turn(tok, tmp_path):
     tok.save_pretrained(tmp_path)
     templated = type(tok).from_pretrained(tmp_path)
-    templated.chat_template = ("{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{{ eos_token }}{% endfor %}"
-                               "{% if add_generation_prompt %}[assistant]{% endif %}")
-    row = {"messages": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"},
-                        {"role": "user", "content": "again"}, {"role": "assistant", "content": "there"}]}
+    templated.chat_template = (
+        "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{{ eos_token }}{% endfor %}"
+        "{% if add_generation_prompt %}[assistant]{% endif %}"
+    )
+    row = {
+        "messages": [
+            {"role": "user", "content": "Say hi"},
+            {"role": "assistant", "content": "hi"},
+            {"role": "user", "content": "again"},
+            {"role": "assistant", "content": "there"},
+        ]
+    }
     ids, labels = tokenize_example(row, templated)
     resp = labels != IGNORE_INDEX
     assert _decode(templated, ids) == templated.apply_chat_template(row["messages"], tokenize=False)
@@ -97,7 +117,7 @@ def test_truncation_counts_and_drops(tok):
     assert (stats.rows, stats.truncated, stats.dropped) == (3, 2, 1)
     assert [len(ids) for ids, _, _ in examples] == [m, m]
     np.testing.assert_array_equal(examples[1][0], tokenize_example(long_resp, tok)[0][:m])
-    assert "2 truncated to %d tokens, 1 dropped" % m in stats.log_line("train", m)
+    assert f"2 truncated to {m} tokens, 1 dropped" in stats.log_line("train", m)
     with pytest.raises(DataError, match="no example has a response token after truncation"):
         prepare([long_prompt], tok, max_length=m)
 
@@ -148,7 +168,7 @@ def test_eval_batches_cover_all_once(tok):
     got = np.concatenate([b["labels"] for b in batches])
     assert (got[21:] == IGNORE_INDEX).all()
     for i, (_, labels, _) in enumerate(examples):
-        np.testing.assert_array_equal(got[i, 1:len(labels)], labels[1:])
+        np.testing.assert_array_equal(got[i, 1 : len(labels)], labels[1:])
 
 
 def test_load_formats(tmp_path):
@@ -168,7 +188,7 @@ def test_load_errors(tmp_path):
     with pytest.raises(DataError, match="not found"):
         load_rows(str(tmp_path / "nope.jsonl"))
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps(ROWS[0]) + "\n" + json.dumps(ROWS[1]) + "\n{\"prompt\": \"x\",\n")
+    bad.write_text(json.dumps(ROWS[0]) + "\n" + json.dumps(ROWS[1]) + '\n{"prompt": "x",\n')
     with pytest.raises(DataError, match=re.escape("line 3: malformed JSON")):
         load_rows(str(bad))
     (tmp_path / "empty.jsonl").write_text("\n")
@@ -185,7 +205,9 @@ def test_load_errors(tmp_path):
 def test_unreadable_files_are_data_errors(tmp_path):
     """Non-UTF-8 text, cut or garbage parquet: a DataError naming the file (and line)."""
     bad = tmp_path / "latin1.jsonl"
-    bad.write_bytes(json.dumps(ROWS[0]).encode() + b"\n" + '{"prompt": "caf\u00e9", "response": "x"}\n'.encode("latin-1"))
+    bad.write_bytes(
+        json.dumps(ROWS[0]).encode() + b"\n" + '{"prompt": "caf\u00e9", "response": "x"}\n'.encode("latin-1")
+    )
     with pytest.raises(DataError, match=re.escape(f"{bad}: line 2: not UTF-8 text (byte 0xe9 at column 16)")):
         load_rows(str(bad))
     (tmp_path / "latin1.json").write_bytes('[{"prompt": "caf\u00e9"}]'.encode("latin-1"))
@@ -221,8 +243,11 @@ def test_empty_responses_are_counted_and_all_empty_is_an_error(tok):
     _, stats = prepare([ROWS[0], empty], tok, max_length=64)
     assert stats.empty == 1 and stats.log_line("train", 64).endswith(", 1 with an empty response")
     with pytest.raises(DataError, match=re.escape("every response is empty (2 examples)")):
-        prepare([empty, {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": ""}]}],
-                tok, max_length=64)
+        prepare(
+            [empty, {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": ""}]}],
+            tok,
+            max_length=64,
+        )
 
 
 def test_synthetic_answers_check_out_and_split_is_disjoint():
@@ -240,7 +265,6 @@ def test_synthetic_answers_check_out_and_split_is_disjoint():
             assert len(opts) == 4 and r["response"] == " " + max(opts, key=lambda k: int(opts[k]))
             assert r["choices"] == list(opts.values()) and "ABCD"[r["answer"]] == r["response"].strip()
     assert kinds == {"add", "mc"}
-
 
 
 def _shared(rows, tok, max_length, count, monkeypatch):
@@ -305,8 +329,10 @@ def test_a_bad_row_in_one_share_fails_every_process_alike(tok, monkeypatch):
     assert "row 3" in str(want.value) and [str(e) for e in out.values()] == [str(want.value)] * 2
 
 
-SOFT = {"prompt": "Classify this review: It was not bad.\nAnswer: ",
-        "responses": [{"text": "Positive", "p": 0.6}, {"text": "Neutral", "p": 0.4}]}
+SOFT = {
+    "prompt": "Classify this review: It was not bad.\nAnswer: ",
+    "responses": [{"text": "Positive", "p": 0.6}, {"text": "Neutral", "p": 0.4}],
+}
 
 
 def test_weighted_responses_become_weighted_examples(tok):
@@ -320,24 +346,31 @@ def test_weighted_responses_become_weighted_examples(tok):
     assert rows[3]["messages"][-1] == {"role": "assistant", "content": "hi"}
     examples, stats = prepare(rows, tok, 64, weights=weights)
     assert stats.rows == 4 and [w for *_, w in examples] == weights
-    for (ids, labels, _), row in zip(examples, rows):
+    for (ids, _labels, _), row in zip(examples, rows):
         np.testing.assert_array_equal(ids, tokenize_example(row, tok)[0])
     (batch,) = eval_batches(examples, 4, 64, tok.pad_token_id)
     for i, (ids, _, w) in enumerate(examples):
         np.testing.assert_array_equal(batch["weights"][i], np.where(np.arange(64) < len(ids), w, 0).astype(np.float32))
 
 
-@pytest.mark.parametrize("responses, message", [
-    ([{"text": "a", "p": 0.6}, {"text": "b", "p": 0.6}],
-     "line 4: soft label {'a': 0.6, 'b': 0.6} is not a distribution (sums to 1.2, not 1)"),
-    ([{"text": "a", "p": -0.5}, {"text": "b", "p": 1.5}],
-     "line 4: soft label probability -0.5 of 'a' is not a number >= 0"),
-    ([{"text": "a", "p": "1"}], "line 4: soft label probability '1' of 'a' is not a number >= 0"),
-    ([{"text": "a", "p": True}], "line 4: soft label probability True of 'a' is not a number >= 0"),
-    ([], "line 4: 'responses' must be a non-empty list"),
-    (["a"], "line 4: 'responses' must be a non-empty list"),
-    ([{"text": 3, "p": 1.0}], "line 4: 'responses' must be a non-empty list"),
-])
+@pytest.mark.parametrize(
+    "responses, message",
+    [
+        (
+            [{"text": "a", "p": 0.6}, {"text": "b", "p": 0.6}],
+            "line 4: soft label {'a': 0.6, 'b': 0.6} is not a distribution (sums to 1.2, not 1)",
+        ),
+        (
+            [{"text": "a", "p": -0.5}, {"text": "b", "p": 1.5}],
+            "line 4: soft label probability -0.5 of 'a' is not a number >= 0",
+        ),
+        ([{"text": "a", "p": "1"}], "line 4: soft label probability '1' of 'a' is not a number >= 0"),
+        ([{"text": "a", "p": True}], "line 4: soft label probability True of 'a' is not a number >= 0"),
+        ([], "line 4: 'responses' must be a non-empty list"),
+        (["a"], "line 4: 'responses' must be a non-empty list"),
+        ([{"text": 3, "p": 1.0}], "line 4: 'responses' must be a non-empty list"),
+    ],
+)
 def test_bad_weighted_responses_name_the_row(responses, message):
     with pytest.raises(DataError) as e:
         expand_responses([ROWS[0], {"prompt": "Q", "responses": responses}], ["line 3", "line 4"])

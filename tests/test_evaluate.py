@@ -20,8 +20,11 @@ RECORDS = [
     {"question": "Largest planet?", "choices": ["Mars", "Venus", "Jupiter"], "answer": "c"},
     {"question": "Cold season?", "choices": ["summer", "winter", "spring", "autumn"], "answer": 1},
     {"question": "A fruit?", "choices": ["apple", "rock", "chair"], "answer": 0},
-    {"question": "Not an animal, surely not an animal at all?", "choices": ["cat", "dog", "table", "cow"],
-     "answer": "C"},
+    {
+        "question": "Not an animal, surely not an animal at all?",
+        "choices": ["cat", "dog", "table", "cow"],
+        "answer": "C",
+    },
     {"question": "Water freezes at?", "choices": ["zero", "ten", "fifty", "ninety"], "answer": 0},
 ]
 
@@ -75,8 +78,9 @@ def oracle_probs(full_logits_fn, tokenizer, records, letters="ABCD"):
     letter_ids = [tokenizer.convert_tokens_to_ids(" " + c) for c in letters]
     probs = np.zeros((len(records), len(letters)))
     for i, r in enumerate(records):
-        ids = [tokenizer.bos_token_id] + tokenizer(format_prompt(r["question"], r["choices"]),
-                                                   add_special_tokens=False)["input_ids"]
+        ids = [tokenizer.bos_token_id] + tokenizer(
+            format_prompt(r["question"], r["choices"]), add_special_tokens=False
+        )["input_ids"]
         z = np.asarray(full_logits_fn(np.array([ids])), np.float64)[0, -1]
         k = len(r["choices"])
         zk = z[letter_ids[:k]]
@@ -111,8 +115,9 @@ def test_padding_side_and_batch_size_do_not_matter():
     base = evaluate_multiple_choice(model, tok, RECORDS, batch_size=len(RECORDS), pad_to_multiple_of=1)
     for side in ("left", "right"):
         for batch_size, multiple in [(1, 1), (3, 16), (16, 8)]:
-            other = evaluate_multiple_choice(model, tok, RECORDS, batch_size=batch_size, padding_side=side,
-                                             pad_to_multiple_of=multiple)
+            other = evaluate_multiple_choice(
+                model, tok, RECORDS, batch_size=batch_size, padding_side=side, pad_to_multiple_of=multiple
+            )
             np.testing.assert_allclose(other.option_logits, base.option_logits, atol=1e-5)
 
 
@@ -174,9 +179,11 @@ def test_bad_data_is_a_clear_error(tmp_path, capsys):
     afile = tmp_path / "afile"
     afile.write_text("x")
     for model, data, out, message in [
-            (tmp_path / "nope", one, None, "is not a local checkpoint directory"), (tmp_path, one, None, "config.json"),
-            (tmp_path, one, afile / "out", f"--out {afile / 'out'}: {afile} is a file, not a directory"),
-            (tmp_path, one, afile, f"{afile} is a file, not a directory")]:
+        (tmp_path / "nope", one, None, "is not a local checkpoint directory"),
+        (tmp_path, one, None, "config.json"),
+        (tmp_path, one, afile / "out", f"--out {afile / 'out'}: {afile} is a file, not a directory"),
+        (tmp_path, one, afile, f"{afile} is a file, not a directory"),
+    ]:
         with pytest.raises(SystemExit) as exit_info:
             main(["--model", str(model), "--data", str(data), *(["--out", str(out)] if out else [])])
         assert exit_info.value.code == 2
@@ -200,8 +207,10 @@ def test_unreadable_checkpoint_or_data_is_a_clear_error(tmp_path, capsys):
     data, latin = tmp_path / "mc.jsonl", tmp_path / "latin.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
     latin.write_bytes(json.dumps(RECORDS[0]).encode() + b"\n" + '{"question": "caf\u00e9"}'.encode("latin-1"))
-    for model, path, message in [(cut, data, "model.safetensors: not a complete safetensors file"),
-                                 (ckpt, latin, "latin.jsonl: line 2: not UTF-8 text (byte 0xe9 at column 18)")]:
+    for model, path, message in [
+        (cut, data, "model.safetensors: not a complete safetensors file"),
+        (ckpt, latin, "latin.jsonl: line 2: not UTF-8 text (byte 0xe9 at column 18)"),
+    ]:
         with pytest.raises(SystemExit) as exit_info:
             main(["--model", str(model), "--data", str(path), "--out", str(tmp_path / "out")])
         assert exit_info.value.code == 2
@@ -221,9 +230,19 @@ def test_command_line_on_a_saved_llama_checkpoint(tmp_path, capsys):
 
     tok = word_tokenizer(RECORDS)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         pad_token_id=0, bos_token_id=2, eos_token_id=1, initializer_range=0.5)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=1,
+        initializer_range=0.5,
+    )
     hf = LlamaForCausalLM(config).eval()
     ckpt = tmp_path / "ckpt"
     hf.save_pretrained(ckpt)
@@ -232,8 +251,9 @@ def test_command_line_on_a_saved_llama_checkpoint(tmp_path, capsys):
     data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
 
     out = tmp_path / "out"
-    metrics = main(["--model", str(ckpt), "--data", str(data), "--out", str(out), "--batch-size", "4",
-                    "--padding-side", "left"])
+    metrics = main(
+        ["--model", str(ckpt), "--data", str(data), "--out", str(out), "--batch-size", "4", "--padding-side", "left"]
+    )
     assert json.loads(capsys.readouterr().out)["ece"] == pytest.approx(metrics["ece"])
 
     with torch.no_grad():
@@ -244,8 +264,7 @@ def test_command_line_on_a_saved_llama_checkpoint(tmp_path, capsys):
     np.testing.assert_allclose(metrics["nll"], -np.mean(np.log(expected[np.arange(n), y])), rtol=1e-4)
     np.testing.assert_allclose(metrics["brier"], np.mean(((expected - np.eye(4)[y]) ** 2).sum(1)), rtol=1e-4)
     np.testing.assert_allclose(metrics["accuracy"], np.mean(expected.argmax(1) == y))
-    np.testing.assert_allclose(metrics["ece"], float(C.calibration_error(expected.astype(np.float32), y)),
-                               atol=1e-4)
+    np.testing.assert_allclose(metrics["ece"], float(C.calibration_error(expected.astype(np.float32), y)), atol=1e-4)
     predictions = [json.loads(line)["probs"] for line in open(out / "predictions.jsonl")]
     for row, p in zip(predictions, expected):
         np.testing.assert_allclose(row, p[: len(row)], atol=1e-4)

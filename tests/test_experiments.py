@@ -20,14 +20,33 @@ def large_vocab():
 
 
 def test_large_vocab_sweep_smoke(tmp_path, capsys, large_vocab):
-    argv = ["--vocab", "0,512", "--hidden", "16", "--base-steps", "2", "--num-base", "64", "--steps", "2",
-            "--num-train", "32", "--num-eval", "16", "--seeds", "0,1", "--out", str(tmp_path)]
+    argv = [
+        "--vocab",
+        "0,512",
+        "--hidden",
+        "16",
+        "--base-steps",
+        "2",
+        "--num-base",
+        "64",
+        "--steps",
+        "2",
+        "--num-train",
+        "32",
+        "--num-eval",
+        "16",
+        "--seeds",
+        "0,1",
+        "--out",
+        str(tmp_path),
+    ]
     means = large_vocab.main(argv)
     assert json.load(open(tmp_path / "init-V512-D16" / "config.json"))["vocab_size"] == 512
     own = means[0]["V"]
     assert own < 512  # the tokenizer's own vocabulary, then the padded one
     assert [(m["V"], m["stage"], m["seeds"]) for m in means] == [
-        (v, stage, n) for v in (own, 512) for stage, n in (("base", 1), ("SFT a=0", 2), ("SFT a=0.1", 2))]
+        (v, stage, n) for v in (own, 512) for stage, n in (("base", 1), ("SFT a=0", 2), ("SFT a=0.1", 2))
+    ]
     saved = json.load(open(tmp_path / "large_vocab.json"))
     assert saved["means"] == means and len(saved["runs"]) == 10  # base + 2 smoothing x 2 seeds, per V
     runs = [r for r in saved["runs"] if r["V"] == 512 and r["stage"] == "SFT a=0.1"]

@@ -8,14 +8,33 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["--steps", "2", "--num-train", "48", "--num-eval", "16", "--batch-size", "16", "--no-progress",
-         "--eval-every", "2", "--log-every", "1"]
+SMALL = [
+    "--steps",
+    "2",
+    "--num-train",
+    "48",
+    "--num-eval",
+    "16",
+    "--batch-size",
+    "16",
+    "--no-progress",
+    "--eval-every",
+    "2",
+    "--log-every",
+    "1",
+]
 
 
 def _train(tmp_path, *flags):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "train.py", *SMALL, *flags, "--output-dir", str(tmp_path / "out")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "train.py", *SMALL, *flags, "--output-dir", str(tmp_path / "out")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout.splitlines()
 

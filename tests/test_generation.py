@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from test_models import CONFIGS, perturbed_nnx, save_hf
 
 from ls_jax.generation import generate, top_p_filter
 from ls_jax.models import KVCache, from_config, from_pretrained
 from ls_jax.tokenizer import train_bpe_tokenizer
-
-from test_models import CONFIGS, perturbed_nnx, save_hf
 
 PROMPTS = ["hello world 3", "hi", "plus 4 plus 5 hello world 12", "world"]
 
@@ -33,13 +32,19 @@ def hf_generate(hf, prompts, max_new_tokens, eos, pad):
     ids = np.full((len(prompts), width), pad)
     mask = np.zeros_like(ids)
     for r, p in enumerate(prompts):
-        ids[r, width - len(p):], mask[r, width - len(p):] = p, 1
+        ids[r, width - len(p) :], mask[r, width - len(p) :] = p, 1
     hf.generation_config.eos_token_id = None
     with torch.no_grad():
-        out = hf.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=max_new_tokens,
-                          do_sample=False, eos_token_id=eos, pad_token_id=pad)
+        out = hf.generate(
+            torch.tensor(ids),
+            attention_mask=torch.tensor(mask),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=pad,
+        )
     rows = out[:, width:].tolist()
-    return [r[:r.index(eos) + 1] if eos in r else r for r in rows]
+    return [r[: r.index(eos) + 1] if eos in r else r for r in rows]
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2_bias_sliding", "gemma2"])
@@ -54,12 +59,14 @@ def test_greedy_equals_transformers_generate(name, tok, tmp_path):
     assert [g.tokens for g in free] == hf_generate(hf, prompts, 9, None, tok.pad_token_id)
     assert all(g.finish_reason == "length" and len(g.tokens) == 9 for g in free)
     # an eos that some row r first produces at its k-th token (k >= 3): row r stops there, all rows as transformers
-    r, k = next((r, k + 1) for r, g in enumerate(free) for k, t in enumerate(g.tokens) if k >= 2 and t not in g.tokens[:k])
+    r, k = next(
+        (r, k + 1) for r, g in enumerate(free) for k, t in enumerate(g.tokens) if k >= 2 and t not in g.tokens[:k]
+    )
     eos = free[r].tokens[k - 1]
     ended = generate(model, tok, prompts, max_new_tokens=9, eos_token_id=eos, batch_size=4)
     assert [g.tokens for g in ended] == hf_generate(hf, prompts, 9, eos, tok.pad_token_id)
     assert ended[r].finish_reason == "eos" and ended[r].tokens == free[r].tokens[:k]
-    assert ended[r].text == tok.decode(free[r].tokens[:k - 1], skip_special_tokens=True)
+    assert ended[r].text == tok.decode(free[r].tokens[: k - 1], skip_special_tokens=True)
 
 
 @pytest.mark.parametrize("name", ["gemma2", "qwen2_bias_sliding"])
@@ -74,10 +81,12 @@ def test_kv_cache_gives_the_no_cache_logits(name):
     full = np.asarray(nnx.jit(lambda m, x, k: m.logits(x, k))(model, jnp.asarray(ids), jnp.asarray(mask)))
     prompt = 5
     step = nnx.jit(lambda m, t, k, c: m(t, k, cache=c))
-    hidden, cache = step(model, jnp.asarray(ids[:, :prompt]), jnp.asarray(mask[:, :prompt]), KVCache.empty(model.spec, 2, 16))
+    hidden, cache = step(
+        model, jnp.asarray(ids[:, :prompt]), jnp.asarray(mask[:, :prompt]), KVCache.empty(model.spec, 2, 16)
+    )
     cached = [model.project(hidden)]
     for t in range(prompt, ids.shape[1]):
-        hidden, cache = step(model, jnp.asarray(ids[:, t:t + 1]), None, cache)
+        hidden, cache = step(model, jnp.asarray(ids[:, t : t + 1]), None, cache)
         cached.append(model.project(hidden))
     cached = np.concatenate([np.asarray(c) for c in cached], axis=1)
     real = mask.astype(bool)
@@ -129,30 +138,38 @@ def test_sampling_follows_the_softmax_and_the_seed(tok):
     model = perturbed_nnx(from_config(config, seed=3))
     prompt = encode(tok, ["hello"])
     n, temperature = 512, 0.5
-    draws = generate(model, tok, prompt * n, max_new_tokens=1, temperature=temperature, seed=0, batch_size=n,
-                     eos_token_id=[])
+    draws = generate(
+        model, tok, prompt * n, max_new_tokens=1, temperature=temperature, seed=0, batch_size=n, eos_token_id=[]
+    )
     freq = np.bincount([g.tokens[0] for g in draws], minlength=len(tok)) / n
     probs = np.asarray(jax.nn.softmax(model.logits(jnp.asarray(prompt))[0, -1] / temperature))
     top = np.argsort(-probs)[:5]
     assert probs[top].sum() > 0.3  # peaked enough for a test with 512 draws
     bound = 4 * np.sqrt(probs[top] * (1 - probs[top]) / n)  # 4 standard deviations of each frequency
     assert (np.abs(freq[top] - probs[top]) < bound).all(), (freq[top], probs[top])
-    again = generate(model, tok, prompt * n, max_new_tokens=1, temperature=temperature, seed=0, batch_size=n,
-                     eos_token_id=[])
-    other = generate(model, tok, prompt * n, max_new_tokens=1, temperature=temperature, seed=1, batch_size=n,
-                     eos_token_id=[])
+    again = generate(
+        model, tok, prompt * n, max_new_tokens=1, temperature=temperature, seed=0, batch_size=n, eos_token_id=[]
+    )
+    other = generate(
+        model, tok, prompt * n, max_new_tokens=1, temperature=temperature, seed=1, batch_size=n, eos_token_id=[]
+    )
     assert [g.tokens for g in again] == [g.tokens for g in draws] != [g.tokens for g in other]
     # same shapes as above (one compilation each for sampling and greedy): a tiny nucleus is greedy
     greedy = generate(model, tok, prompt * n, max_new_tokens=5, batch_size=n, eos_token_id=[])
-    nucleus = generate(model, tok, prompt * n, max_new_tokens=5, temperature=1.0, top_p=1e-6, seed=4, batch_size=n,
-                       eos_token_id=[])
+    nucleus = generate(
+        model, tok, prompt * n, max_new_tokens=5, temperature=1.0, top_p=1e-6, seed=4, batch_size=n, eos_token_id=[]
+    )
     assert [g.tokens for g in nucleus] == [g.tokens for g in greedy]
 
 
 def test_bad_arguments_are_clear_errors(tok):
     model = from_config(CONFIGS["llama"](), seed=0)
-    for kwargs, match in [(dict(max_new_tokens=0), "max_new_tokens"), (dict(top_p=0.0), "top_p"),
-                          (dict(temperature=-1.0), "temperature"), (dict(batch_size=0), "batch_size")]:
+    for kwargs, match in [
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(batch_size=0), "batch_size"),
+    ]:
         with pytest.raises(ValueError, match=match):
             generate(model, tok, ["hi"], **kwargs)
     with pytest.raises(ValueError, match=r"prompts\[1\] has no tokens"):

@@ -8,11 +8,11 @@ import optax
 import pytest
 import torch
 from flax import nnx
+from test_models import CONFIGS, V, hf_logits, padded_batch, save_hf
 
 from ls_jax.lm_loss import causal_lm_loss, next_token_targets
 from ls_jax.logit_stats import BlockSizes
 from ls_jax.models import CausalLMProtocol, from_pretrained
-from test_models import CONFIGS, V, hf_logits, padded_batch, save_hf
 
 IGNORE = -100
 
@@ -23,7 +23,7 @@ def lm_batch(seed=0):
     labels = np.where(mask == 1, ids, IGNORE)
     first_real = mask.argmax(-1)
     for row, start in enumerate(first_real):
-        labels[row, start:start + 2] = IGNORE
+        labels[row, start : start + 2] = IGNORE
     return ids, mask, labels
 
 
@@ -61,8 +61,12 @@ def test_softcap_override_uses_uncapped_logits(tmp_path):
     batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask), "labels": jnp.asarray(labels)}
     loss, _ = causal_lm_loss(model, batch, label_smoothing=0.1, logit_softcap=None, impl="reference")
     with torch.no_grad():
-        out = hf(torch.tensor(ids), attention_mask=torch.tensor(mask),
-                 position_ids=torch.tensor(np.maximum(mask.cumsum(-1) - 1, 0)), output_hidden_states=True)
+        out = hf(
+            torch.tensor(ids),
+            attention_mask=torch.tensor(mask),
+            position_ids=torch.tensor(np.maximum(mask.cumsum(-1) - 1, 0)),
+            output_hidden_states=True,
+        )
         raw = hf.lm_head(out.hidden_states[-1]).numpy()  # before the final softcap
     assert abs(float(loss) - torch_loss(raw, labels, 0.1)[0]) < 1e-4
     with pytest.raises(ValueError, match="logit_softcap"):
@@ -77,8 +81,11 @@ def test_gradients_finite_and_match_reference_path(tmp_path):
 
     @nnx.jit(static_argnums=1)
     def grads(m, impl):
-        return nnx.grad(lambda m: causal_lm_loss(m, batch, label_smoothing=0.1, z_loss=1e-3, impl=impl,
-                                                 blocks=BlockSizes(block_v=48))[0])(m)
+        return nnx.grad(
+            lambda m: causal_lm_loss(
+                m, batch, label_smoothing=0.1, z_loss=1e-3, impl=impl, blocks=BlockSizes(block_v=48)
+            )[0]
+        )(m)
 
     fused, dense = jax.tree.leaves(grads(model, "xla")), jax.tree.leaves(grads(model, "reference"))
     assert all(bool(jnp.isfinite(g).all()) for g in fused)

@@ -53,7 +53,9 @@ def test_negative_dense_targets():
         smoothed_cross_entropy(Z, q)
     traced = np.asarray(jax.jit(lambda q: smoothed_cross_entropy(Z, q))(q))
     assert np.isnan(traced[1])
-    np.testing.assert_allclose(traced[[0, 2]], np.asarray(optax.softmax_cross_entropy(Z, q))[[0, 2]], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        traced[[0, 2]], np.asarray(optax.softmax_cross_entropy(Z, q))[[0, 2]], rtol=1e-5, atol=1e-6
+    )
 
 
 def test_complex_inputs_are_type_errors():
@@ -82,27 +84,40 @@ def test_ignore_index_must_be_an_int32(loss):
     with pytest.raises(ValueError, match="ignore_index must fit int32"):
         loss(Z, LABELS, ignore_index=2**40)
     labels = np.array([3, 7, 4])  # 7 ignored: same as masking it out
-    np.testing.assert_allclose(loss(Z, labels, ignore_index=np.int64(7), reduction="none"),
-                               loss(Z, LABELS, where=labels != 7, reduction="none"), rtol=0, atol=0)
+    np.testing.assert_allclose(
+        loss(Z, labels, ignore_index=np.int64(7), reduction="none"),
+        loss(Z, LABELS, where=labels != 7, reduction="none"),
+        rtol=0,
+        atol=0,
+    )
 
 
 @pytest.mark.parametrize("loss", LOSSES, ids=("dense", "fused"))
 def test_options_must_be_real_numbers(loss):
-    for name, value in [("label_smoothing", "0.1"), ("z_loss", "0"), ("logit_softcap", "30"),
-                        ("label_smoothing", True), ("z_loss", 1e-4 + 0j)]:
+    for name, value in [
+        ("label_smoothing", "0.1"),
+        ("z_loss", "0"),
+        ("logit_softcap", "30"),
+        ("label_smoothing", True),
+        ("z_loss", 1e-4 + 0j),
+    ]:
         with pytest.raises(TypeError, match=f"{name} must be a real number"):
             loss(Z, LABELS, **{name: value})
-    np.testing.assert_allclose(loss(Z, LABELS, label_smoothing=np.float32(0.25), reduction="none"),
-                               optax.softmax_cross_entropy(Z, optax.smooth_labels(np.eye(5)[LABELS], 0.25)),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        loss(Z, LABELS, label_smoothing=np.float32(0.25), reduction="none"),
+        optax.softmax_cross_entropy(Z, optax.smooth_labels(np.eye(5)[LABELS], 0.25)),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_traced_label_smoothing_outside_its_range_is_nan(impl, reduction):
     """A traced label_smoothing outside [0, 1] (a concrete one raises) gives NaN, not a number."""
-    f = jax.jit(lambda a: linear_smoothed_cross_entropy(H, W, LABELS, label_smoothing=a, impl=impl,
-                                                        reduction=reduction))
+    f = jax.jit(
+        lambda a: linear_smoothed_cross_entropy(H, W, LABELS, label_smoothing=a, impl=impl, reduction=reduction)
+    )
     for a in (1.5, -0.1, float("nan")):
         assert np.isnan(np.asarray(f(a))).all(), a
     assert np.isfinite(np.asarray(f(1.0))).all() and np.isfinite(np.asarray(f(0.0))).all()
@@ -129,16 +144,16 @@ def test_dense_target_of_the_wrong_class_count_names_the_dense_form():
 def test_soft_labels_with_no_entries_are_an_empty_batch(impl, reduction):
     """K = 0 entries per token: every token ignored, loss 0 and zero gradients (no IndexError)."""
     labels = (np.zeros((3, 0), np.int32), np.zeros((3, 0), np.float32))
-    f = lambda h, w: linear_smoothed_cross_entropy(h, w, labels, label_smoothing=0.1, impl=impl,
-                                                   reduction=reduction).sum()
+    f = lambda h, w: linear_smoothed_cross_entropy(
+        h, w, labels, label_smoothing=0.1, impl=impl, reduction=reduction
+    ).sum()
     loss, grads = jax.value_and_grad(f, argnums=(0, 1))(H, W)
     assert float(loss) == 0.0 and all(not np.asarray(g).any() for g in grads)
 
 
 def test_token_stats_of_ignored_tokens_are_zero_in_every_impl():
     labels = np.array([3, -100, 4])
-    stats = [linear_smoothed_cross_entropy(H, W, labels, impl=impl, return_stats=True)[1]
-             for impl in IMPLS]
+    stats = [linear_smoothed_cross_entropy(H, W, labels, impl=impl, return_stats=True)[1] for impl in IMPLS]
     for s in stats:
         assert not bool(s.valid[1])
         assert float(s.lse[1]) == float(s.max_logit[1]) == float(s.target_logprob[1]) == int(s.prediction[1]) == 0

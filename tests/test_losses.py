@@ -10,11 +10,12 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from problems import IGNORE, make_problem
 
 from ls_jax import linear_smoothed_cross_entropy, smoothed_cross_entropy
 from ls_jax.dispatch import IMPLS
 from ls_jax.logit_stats import BlockSizes
-from problems import IGNORE, make_problem
+
 
 def to_torch(x):
     return torch.tensor(np.asarray(x, np.float64), requires_grad=True)
@@ -75,8 +76,9 @@ def test_unnormalised_soft_labels_with_duplicate_ids_match_optax():
     expected = optax.softmax_cross_entropy(logits, optax.smooth_labels(t, 0.3))
     assert_close(smoothed_cross_entropy(logits, t, label_smoothing=0.3), expected, 1e-5, 1e-5)
     assert_close(smoothed_cross_entropy(logits, (ids, weights), label_smoothing=0.3), expected, 1e-5, 1e-5)
-    fused = linear_smoothed_cross_entropy(h, w, (ids, weights), bias=b, label_smoothing=0.3, impl="xla",
-                                          blocks=BlockSizes(block_v=4), reduction="none")
+    fused = linear_smoothed_cross_entropy(
+        h, w, (ids, weights), bias=b, label_smoothing=0.3, impl="xla", blocks=BlockSizes(block_v=4), reduction="none"
+    )
     assert_close(fused, expected, 1e-5, 1e-5)
 
 
@@ -118,11 +120,13 @@ def test_dense_matches_torch_with_ignore_index(reduction):
     k = jax.random.split(jax.random.key(4), 2)
     logits = jax.random.normal(k[0], (77, 1000)) * 3
     y = jax.random.randint(k[1], (77,), 0, 1000).at[::5].set(IGNORE)
-    ours, grad = jax.value_and_grad(
-        lambda z: smoothed_cross_entropy(z, y, label_smoothing=0.1, reduction=reduction)
-    )(logits)
+    ours, grad = jax.value_and_grad(lambda z: smoothed_cross_entropy(z, y, label_smoothing=0.1, reduction=reduction))(
+        logits
+    )
     zt = to_torch(logits)
-    ref = F.cross_entropy(zt, torch.tensor(np.asarray(y, np.int64)), label_smoothing=0.1, ignore_index=IGNORE, reduction=reduction)
+    ref = F.cross_entropy(
+        zt, torch.tensor(np.asarray(y, np.int64)), label_smoothing=0.1, ignore_index=IGNORE, reduction=reduction
+    )
     ref.backward()
     assert_close(ours, ref.item(), 1e-5, 1e-5)
     assert_close(grad, zt.grad, 1e-5, 1e-7)
@@ -198,7 +202,14 @@ def test_linear_xla_matches_reference_fp32(case, shape):
     if kw.get("reduction") == "none":
         # a vector loss: differentiate a random projection of it
         proj = jax.random.normal(jax.random.key(9), (n,))
-        f = lambda impl: (lambda h, w, b: proj @ linear_smoothed_cross_entropy(h, w, y, bias=b, impl=impl, blocks=BlockSizes(block_n=13, block_v=block_v), **kw))
+        f = lambda impl: (
+            lambda h, w, b: (
+                proj
+                @ linear_smoothed_cross_entropy(
+                    h, w, y, bias=b, impl=impl, blocks=BlockSizes(block_n=13, block_v=block_v), **kw
+                )
+            )
+        )
         ref = jax.value_and_grad(f("reference"), argnums=(0, 1, 2))(h, w, b)
         got = jax.jit(jax.value_and_grad(f("xla"), argnums=(0, 1, 2)))(h, w, b)
     else:
@@ -231,8 +242,16 @@ def test_linear_sparse_soft_labels_match_dense_targets():
     where = jnp.arange(20) != 3  # row 3 is all padding: ignored either way
     for impl in IMPLS:
         block_v = 8 if impl.startswith("pallas") else 7  # pallas blocks are powers of two; both ragged on V = 30
-        ours = linear_smoothed_cross_entropy(h, w, (ids, wts), bias=b, label_smoothing=0.1, impl=impl,
-                                             blocks=BlockSizes(block_v=block_v), reduction="none")
+        ours = linear_smoothed_cross_entropy(
+            h,
+            w,
+            (ids, wts),
+            bias=b,
+            label_smoothing=0.1,
+            impl=impl,
+            blocks=BlockSizes(block_v=block_v),
+            reduction="none",
+        )
         expected = smoothed_cross_entropy(h @ w.T + b, dense, label_smoothing=0.1, where=where)
         assert_close(ours, expected, 1e-5, 1e-5)
 
@@ -243,7 +262,9 @@ def test_all_tokens_masked_gives_zero_loss_and_zero_grads(impl, reduction):
     h, w, b, _ = make_problem(9, 8, 40)
     y = jnp.full((9,), IGNORE)
     loss, grads = jax.value_and_grad(
-        lambda h, w, b: linear_smoothed_cross_entropy(h, w, y, bias=b, label_smoothing=0.1, z_loss=1e-3, impl=impl, reduction=reduction).sum(),
+        lambda h, w, b: linear_smoothed_cross_entropy(
+            h, w, y, bias=b, label_smoothing=0.1, z_loss=1e-3, impl=impl, reduction=reduction
+        ).sum(),
         argnums=(0, 1, 2),
     )(h, w, b)
     assert float(loss) == 0.0
@@ -268,15 +289,21 @@ def test_minus_inf_bias_on_whole_vocabulary_blocks():
 def test_where_mask_equals_ignore_index():
     h, w, b, y = make_problem(30, 8, 40)
     keep = jnp.arange(30) % 3 != 0
-    by_where = linear_smoothed_cross_entropy(h, w, y, bias=b, where=keep, label_smoothing=0.1, impl="xla", blocks=BlockSizes(block_v=16))
-    by_ignore = linear_smoothed_cross_entropy(h, w, jnp.where(keep, y, IGNORE), bias=b, label_smoothing=0.1, impl="xla", blocks=BlockSizes(block_v=16))
+    by_where = linear_smoothed_cross_entropy(
+        h, w, y, bias=b, where=keep, label_smoothing=0.1, impl="xla", blocks=BlockSizes(block_v=16)
+    )
+    by_ignore = linear_smoothed_cross_entropy(
+        h, w, jnp.where(keep, y, IGNORE), bias=b, label_smoothing=0.1, impl="xla", blocks=BlockSizes(block_v=16)
+    )
     assert_close(by_where, by_ignore, 1e-6, 1e-6)
 
 
 def test_batch_dims_vmap_and_stats():
     h, w, b, y = make_problem(24, 8, 40, masked=3)
     h3, y3 = h.reshape(2, 3, 4, 8), y.reshape(2, 3, 4)
-    loss, stats = linear_smoothed_cross_entropy(h3, w, y3, bias=b, impl="xla", blocks=BlockSizes(block_v=16), reduction="none", return_stats=True)
+    loss, stats = linear_smoothed_cross_entropy(
+        h3, w, y3, bias=b, impl="xla", blocks=BlockSizes(block_v=16), reduction="none", return_stats=True
+    )
     assert loss.shape == stats.lse.shape == stats.prediction.shape == (2, 3, 4)
     logits = (h @ w.T + b).reshape(2, 3, 4, 40)
     valid = y3 != IGNORE  # ignored tokens' statistics are 0 (TokenStats)
@@ -284,7 +311,11 @@ def test_batch_dims_vmap_and_stats():
     assert_close(stats.max_logit, jnp.where(valid, logits.max(-1), 0.0), 1e-5, 1e-5)
     np.testing.assert_array_equal(stats.prediction, jnp.where(valid, logits.argmax(-1), 0))
     np.testing.assert_array_equal(stats.valid, valid)
-    batched = jax.vmap(lambda h, y: linear_smoothed_cross_entropy(h, w, y, bias=b, impl="xla", blocks=BlockSizes(block_v=16), reduction="none"))(h3, y3)
+    batched = jax.vmap(
+        lambda h, y: linear_smoothed_cross_entropy(
+            h, w, y, bias=b, impl="xla", blocks=BlockSizes(block_v=16), reduction="none"
+        )
+    )(h3, y3)
     assert_close(batched, loss, 1e-5, 1e-5)
 
 
@@ -301,8 +332,19 @@ def test_numpy_bias_under_jit(impl):
 def test_xla_is_twice_differentiable():
     """Its custom_vjp backward is plain JAX, so jax.hessian works and equals the reference's."""
     h, w, b, y = make_problem(4, 3, 11, masked=1)
-    f = lambda impl: lambda h: linear_smoothed_cross_entropy(
-        h, w, y, bias=b, label_smoothing=0.1, z_loss=1e-2, logit_softcap=2.0, impl=impl, blocks=BlockSizes(block_v=4))
+    f = lambda impl: (
+        lambda h: linear_smoothed_cross_entropy(
+            h,
+            w,
+            y,
+            bias=b,
+            label_smoothing=0.1,
+            z_loss=1e-2,
+            logit_softcap=2.0,
+            impl=impl,
+            blocks=BlockSizes(block_v=4),
+        )
+    )
     assert_close(jax.hessian(f("xla"))(h), jax.hessian(f("reference"))(h), 1e-4, 1e-6)
 
 
@@ -338,13 +380,16 @@ def test_bad_options_raise(kw, match):
         linear_smoothed_cross_entropy(h, w, y, **kw)
 
 
-@pytest.mark.parametrize("kw, error", [
-    (dict(block_v=0), ValueError),  # 0 is not None: no silent default
-    (dict(block_n=-1), ValueError),
-    (dict(block_d=2.5), TypeError),  # never silently truncated
-    (dict(block_n=True), TypeError),
-    (dict(filter_eps=-1.0), ValueError),
-])
+@pytest.mark.parametrize(
+    "kw, error",
+    [
+        (dict(block_v=0), ValueError),  # 0 is not None: no silent default
+        (dict(block_n=-1), ValueError),
+        (dict(block_d=2.5), TypeError),  # never silently truncated
+        (dict(block_n=True), TypeError),
+        (dict(filter_eps=-1.0), ValueError),
+    ],
+)
 def test_bad_block_sizes_raise(kw, error):
     with pytest.raises(error, match=next(iter(kw))):
         BlockSizes(**kw)
@@ -398,7 +443,16 @@ def test_out_of_range_label_raises_when_concrete_and_is_nan_under_jit(bad):
 def test_property_xla_matches_reference(n, d, v, block_v, a, cap, seed):
     h, w, b, y = make_problem(n, d, v, seed=seed, masked=n // 3)
     ref = linear_loss_and_grads("reference", h, w, b, y, label_smoothing=a, logit_softcap=cap)
-    got = linear_loss_and_grads("xla", h, w, b, y, label_smoothing=a, logit_softcap=cap, blocks=BlockSizes(block_n=max(1, n // 3), block_v=block_v))
+    got = linear_loss_and_grads(
+        "xla",
+        h,
+        w,
+        b,
+        y,
+        label_smoothing=a,
+        logit_softcap=cap,
+        blocks=BlockSizes(block_n=max(1, n // 3), block_v=block_v),
+    )
     assert_close(got[0], ref[0], 1e-5, 1e-5)
     for g, r in zip(got[1], ref[1]):
         assert_close(g, r, 1e-4, 1e-5)
@@ -409,5 +463,12 @@ def test_python_list_labels_are_class_ids_and_a_tuple_is_a_soft_label_pair():
     as_list = linear_smoothed_cross_entropy(h, w, [int(y[0]), int(y[1])], impl="xla", reduction="none")
     assert_close(as_list, linear_smoothed_cross_entropy(h, w, y, impl="xla", reduction="none"), 1e-6, 1e-6)
     pair = (y[:, None], jnp.ones((2, 1)))
-    assert_close(linear_smoothed_cross_entropy(h, w, pair, impl="xla"), linear_smoothed_cross_entropy(h, w, y, impl="xla"), 1e-6, 1e-6)
-    assert_close(smoothed_cross_entropy(h @ w.T, [int(y[0]), int(y[1])]), smoothed_cross_entropy(h @ w.T, y), 1e-6, 1e-6)
+    assert_close(
+        linear_smoothed_cross_entropy(h, w, pair, impl="xla"),
+        linear_smoothed_cross_entropy(h, w, y, impl="xla"),
+        1e-6,
+        1e-6,
+    )
+    assert_close(
+        smoothed_cross_entropy(h @ w.T, [int(y[0]), int(y[1])]), smoothed_cross_entropy(h @ w.T, y), 1e-6, 1e-6
+    )

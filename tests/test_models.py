@@ -14,34 +14,68 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from safetensors import safe_open
 from transformers import (
-    AutoModelForCausalLM, AutoModelForSequenceClassification, Gemma2Config, GPT2Config, LlamaConfig,
-    MistralConfig, Qwen2Config,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    Gemma2Config,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
 )
 
 from ls_jax.models import (
-    CausalLM, CausalLMProtocol, SequenceClassifier, check_pretrained, from_config, from_pretrained,
-    save_pretrained, sequence_classification_loss,
+    CausalLM,
+    CausalLMProtocol,
+    SequenceClassifier,
+    check_pretrained,
+    from_config,
+    from_pretrained,
+    save_pretrained,
+    sequence_classification_loss,
     tiny_llama_config,
 )
-from safetensors import safe_open
 
 V, PAD = 128, 0
 TOL = 1e-4
-TINY = dict(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, pad_token_id=PAD, max_position_embeddings=256)
+TINY = dict(
+    vocab_size=V,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    pad_token_id=PAD,
+    max_position_embeddings=256,
+)
 
 CONFIGS = {
     "llama": lambda: LlamaConfig(**TINY),
     "llama3_rope_bias_tied": lambda: LlamaConfig(
-        **TINY, attention_bias=True, mlp_bias=True, tie_word_embeddings=True,
+        **TINY,
+        attention_bias=True,
+        mlp_bias=True,
+        tie_word_embeddings=True,
         rope_theta=10000.0,  # legacy config.json layout of Llama 3.1, as on the hub
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 128}),
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 128,
+        },
+    ),
     "mistral_sliding": lambda: MistralConfig(**TINY, sliding_window=3),
     "qwen2_bias_sliding": lambda: Qwen2Config(**TINY, use_sliding_window=True, sliding_window=3, max_window_layers=1),
-    "gemma2": lambda: Gemma2Config(**TINY, head_dim=16, sliding_window=3, query_pre_attn_scalar=24,
-                                   attn_logit_softcapping=2.0, final_logit_softcapping=5.0),
+    "gemma2": lambda: Gemma2Config(
+        **TINY,
+        head_dim=16,
+        sliding_window=3,
+        query_pre_attn_scalar=24,
+        attn_logit_softcapping=2.0,
+        final_logit_softcapping=5.0,
+    ),
 }
 
 
@@ -77,7 +111,7 @@ def padded_batch(seed=0, b=3, t=11):
     rng = np.random.RandomState(seed)
     ids = rng.randint(3, V, size=(b, t))
     mask = np.ones((b, t), np.int64)
-    mask[1, t - 4:] = 0
+    mask[1, t - 4 :] = 0
     mask[2, :3] = 0
     return np.where(mask == 1, ids, PAD), mask
 
@@ -188,8 +222,9 @@ def test_classifier_from_causal_checkpoint_initialises_score(tmp_path):
     lm = from_pretrained(str(tmp_path))
     clf = from_pretrained(str(tmp_path), task="sequence_classification", num_labels=3)
     ids, mask = padded_batch(5)
-    np.testing.assert_array_equal(np.asarray(clf.model(jnp.asarray(ids), jnp.asarray(mask))),
-                                  np.asarray(lm(jnp.asarray(ids), jnp.asarray(mask))))
+    np.testing.assert_array_equal(
+        np.asarray(clf.model(jnp.asarray(ids), jnp.asarray(mask))), np.asarray(lm(jnp.asarray(ids), jnp.asarray(mask)))
+    )
     assert clf.score.kernel[...].shape == (64, 3) and float(jnp.abs(clf.score.kernel[...]).max()) > 0
     batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask), "labels": jnp.array([0, 1, 2])}
     grads = nnx.jit(nnx.grad(lambda m: sequence_classification_loss(m, batch, label_smoothing=0.1)[0]))(clf)
@@ -257,8 +292,10 @@ def test_save_pretrained_keeps_bf16_and_takes_an_explicit_config(tmp_path):
         assert {f.get_tensor(k).dtype for k in f.keys()} == {jnp.dtype(jnp.bfloat16)}
     loaded = from_pretrained(str(tmp_path), param_dtype=jnp.bfloat16)
     ids, mask = padded_batch()
-    np.testing.assert_array_equal(np.asarray(loaded.logits(jnp.asarray(ids), jnp.asarray(mask)), np.float32),
-                                  np.asarray(model.logits(jnp.asarray(ids), jnp.asarray(mask)), np.float32))
+    np.testing.assert_array_equal(
+        np.asarray(loaded.logits(jnp.asarray(ids), jnp.asarray(mask)), np.float32),
+        np.asarray(model.logits(jnp.asarray(ids), jnp.asarray(mask)), np.float32),
+    )
 
 
 def test_save_pretrained_classifier_from_a_causal_config(tmp_path):
@@ -273,7 +310,8 @@ def test_save_pretrained_classifier_from_a_causal_config(tmp_path):
     loaded = from_pretrained(str(tmp_path))
     assert isinstance(loaded, SequenceClassifier)
     np.testing.assert_array_equal(np.asarray(loaded(jnp.asarray(ids), jnp.asarray(mask))), ours)
-    hf = AutoModelForSequenceClassification.from_pretrained(str(tmp_path), local_files_only=True,
-                                                            attn_implementation="eager").eval()
+    hf = AutoModelForSequenceClassification.from_pretrained(
+        str(tmp_path), local_files_only=True, attn_implementation="eager"
+    ).eval()
     ref = hf_logits(hf, ids, mask)
     assert ours.shape == (3, 3) and np.abs(ref).max() > 0.1 and np.abs(ours - ref).max() < TOL

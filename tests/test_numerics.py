@@ -10,10 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from problems import IGNORE, make_problem
 
 from ls_jax import dispatch, linear_smoothed_cross_entropy
 from ls_jax.logit_stats import BlockSizes
-from problems import IGNORE, make_problem
 
 RATIO = 4.0  # allowed: row-wise max error <= RATIO x the row's bf16 rounding error
 # bf16 products (the Pallas kernels, and "xla" with precision "input", its GPU / TPU default) take
@@ -72,8 +72,16 @@ def worst_ratio(got, exact):
 
 def grads(impl, reduction, precision, h, w, b, y, a):
     def loss(h, w, b):
-        out = linear_smoothed_cross_entropy(h, w, y, bias=b, label_smoothing=a, impl=impl, reduction=reduction,
-                                            blocks=dataclasses.replace(BLOCKS, precision=precision))
+        out = linear_smoothed_cross_entropy(
+            h,
+            w,
+            y,
+            bias=b,
+            label_smoothing=a,
+            impl=impl,
+            reduction=reduction,
+            blocks=dataclasses.replace(BLOCKS, precision=precision),
+        )
         return out if reduction == "mean" else out.sum() / (y != IGNORE).sum()
 
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(h, w, b)
@@ -100,11 +108,15 @@ def frequent_class_problem(n=2048, d=64, v=512, seed=1):
     return h.astype(jnp.bfloat16), w.astype(jnp.bfloat16), b.astype(jnp.bfloat16), y
 
 
-CASES = [(problem, name) for problem in (confident_problem, frequent_class_problem) for name in IMPLS
-         # the dense oracle is plain float32 autodiff: on tokens with p_target ~ 1 - 1e-6 its dh rows
-         # carry float32's error of 1 - p (28x the bf16 rounding measured here); the blocked paths
-         # form p - 1 from the other classes' probabilities (logit_stats.dz_tile)
-         if (problem, name) != (confident_problem, "reference")]
+CASES = [
+    (problem, name)
+    for problem in (confident_problem, frequent_class_problem)
+    for name in IMPLS
+    # the dense oracle is plain float32 autodiff: on tokens with p_target ~ 1 - 1e-6 its dh rows
+    # carry float32's error of 1 - p (28x the bf16 rounding measured here); the blocked paths
+    # form p - 1 from the other classes' probabilities (logit_stats.dz_tile)
+    if (problem, name) != (confident_problem, "reference")
+]
 
 
 @pytest.mark.parametrize("a", [0.0, 0.1])
@@ -117,7 +129,7 @@ def test_bf16_gradients_within_4x_of_bf16_rounding(problem, name, a):
         p /= p.sum(1, keepdims=True)
         assert np.median(p[np.arange(len(y)), np.asarray(y)][5:]) > 0.99
     got = grads(*IMPLS[name], h, w, b, y, a)
-    for g, x in zip(got, (h, w, b)):
+    for g, _x in zip(got, (h, w, b)):
         assert g.dtype == jnp.bfloat16
     ratios = [worst_ratio(g, e) for g, e in zip(got, exact_grads(h, w, b, y, a))]
     bound = RATIO_BF16_DOTS if bf16_dots(name) and problem is confident_problem else RATIO
@@ -133,8 +145,11 @@ def test_bf16_bias_gradient_of_one_shared_class_does_not_stall():
     y = jnp.zeros((n,), jnp.int32)
     for name in IMPLS:
         impl, _, precision = IMPLS[name]
-        db = jax.grad(lambda b: linear_smoothed_cross_entropy(h, w, y, bias=b, impl=impl, reduction="sum",
-                                                              blocks=dataclasses.replace(BLOCKS, precision=precision)))(b)
+        db = jax.grad(
+            lambda b: linear_smoothed_cross_entropy(
+                h, w, y, bias=b, impl=impl, reduction="sum", blocks=dataclasses.replace(BLOCKS, precision=precision)
+            )
+        )(b)
         assert float(db[0]) == pytest.approx(-n * (1 - 1 / v)), name
 
 
@@ -152,9 +167,16 @@ def test_ignored_tokens_contribute_exactly_zero(name):
     poisoned = h.at[0].set(jnp.nan).at[1].set(jnp.inf).at[2].set(1e38)
 
     def run(h):
-        f = lambda h, w, b: linear_smoothed_cross_entropy(h, w, y, bias=b, label_smoothing=0.1, impl=impl,
-                                                          reduction=reduction,
-                                                          blocks=dataclasses.replace(BLOCKS, precision=precision)).sum()
+        f = lambda h, w, b: linear_smoothed_cross_entropy(
+            h,
+            w,
+            y,
+            bias=b,
+            label_smoothing=0.1,
+            impl=impl,
+            reduction=reduction,
+            blocks=dataclasses.replace(BLOCKS, precision=precision),
+        ).sum()
         return jax.grad(f, argnums=(0, 1, 2))(h, w, b)
 
     clean, got = run(h), run(poisoned)
@@ -173,8 +195,9 @@ def test_one_pass_does_no_weight_gradient_work_for_a_frozen_head():
     cost analysis counts a loop body once, whatever its trip count."""
     n, d, v = 256, 64, 1024
     h, w, _, y = make_problem(n, d, v)
-    loss = lambda h, w: linear_smoothed_cross_entropy(h, w, y, label_smoothing=0.1, impl="xla",
-                                                      blocks=BlockSizes(block_n=n))
+    loss = lambda h, w: linear_smoothed_cross_entropy(
+        h, w, y, label_smoothing=0.1, impl="xla", blocks=BlockSizes(block_n=n)
+    )
     both = _flops(jax.grad(loss, argnums=(0, 1)), h, w)
     hidden_only = _flops(jax.grad(loss), h, w)
     stopped = _flops(jax.grad(lambda h, w: loss(h, jax.lax.stop_gradient(w))), h, w)
@@ -185,8 +208,11 @@ def test_one_pass_does_no_weight_gradient_work_for_a_frozen_head():
 
 def test_jvp_and_hessian_of_the_one_pass_loss_match_the_reference():
     h, w, b, y = make_problem(13, 6, 17, masked=2)
-    f = lambda impl: lambda h, w: linear_smoothed_cross_entropy(
-        h, w, y, bias=b, impl=impl, label_smoothing=0.1, z_loss=1e-2, blocks=BlockSizes(block_n=4, block_v=5))
+    f = lambda impl: (
+        lambda h, w: linear_smoothed_cross_entropy(
+            h, w, y, bias=b, impl=impl, label_smoothing=0.1, z_loss=1e-2, blocks=BlockSizes(block_n=4, block_v=5)
+        )
+    )
     tangents = (0.3 * h, 0.1 * w)
     jvp = lambda impl: jax.jvp(f(impl), (h, w), tangents)
     np.testing.assert_allclose(jvp("xla")[1], jvp("reference")[1], rtol=1e-5)

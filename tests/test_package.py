@@ -19,7 +19,18 @@ def _run(code, cwd, env=None):
 
 def test_wheel_installs_and_imports_outside_the_repo(tmp_path):
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
         check=True,
     )
     wheel = next(tmp_path.glob("ls_jax-*.whl"))
@@ -28,20 +39,30 @@ def test_wheel_installs_and_imports_outside_the_repo(tmp_path):
     assert "ls_jax/integrations/tunix.py" in names and "ls_jax/train/classification.py" in names
     assert not any(n.startswith("kernels/") for n in names)
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)], check=True
+    )
     code = "import ls_jax, ls_jax.kernels.fused as f; print(ls_jax.__file__); print(f.__file__)"
-    out = subprocess.run([sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(target)!r}); {code}"],
-                         cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(target)!r}); {code}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert out.count(str(target)) == 2
 
 
 def test_plain_checkout_imports_the_kernels(tmp_path):
     """``PYTHONPATH=<checkout>`` with nothing installed (the GPU machine runs the benchmark so):
     ``ls_jax.kernels`` is the checkout's kernels/ folder. ``-I`` hides the installed package."""
-    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import ls_jax.kernels.fused as f, ls_jax.dispatch as d; "
-            "print(f.__file__); print(d.logit_stats_fn('pallas'))")
-    out = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                         check=True).stdout
+    code = (
+        f"import sys; sys.path.insert(0, {str(ROOT)!r}); import ls_jax.kernels.fused as f, ls_jax.dispatch as d; "
+        "print(f.__file__); print(d.logit_stats_fn('pallas'))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True
+    ).stdout
     assert Path(out.splitlines()[0]).resolve() == ROOT / "kernels" / "fused.py"
 
 

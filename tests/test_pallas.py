@@ -6,39 +6,61 @@ Unwritten outputs cannot pass: in interpret mode Pallas fills every output buffe
 compared with the oracle, and all outputs must be finite.
 """
 
-from functools import partial
-
 import re
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental import pallas as pl
+from problems import make_problem as random_problem
 
 from ls_jax import reference, xla
 from ls_jax.kernels import fused, tiles
 from ls_jax.logit_stats import Backend, BlockSizes, dense_logits, two_pass
-from problems import make_problem as random_problem
 
 SMALL_BLOCKS = dict(block_n=16, block_v=64, block_d=16)
-cuda_lowering = pytest.mark.skipif(jax.__version_info__ >= (0, 11) and jax.default_backend() != "gpu",
-                                   reason="jax >= 0.11 refuses to lower for CUDA on a machine without a GPU")
+cuda_lowering = pytest.mark.skipif(
+    jax.__version_info__ >= (0, 11) and jax.default_backend() != "gpu",
+    reason="jax >= 0.11 refuses to lower for CUDA on a machine without a GPU",
+)
 
 
-def pallas_stats(h, w, b=None, ids=None, tw=None, *, logit_softcap=None, need_sum=False,
-                 backward="two_kernel", interpret=None, layout="vd", **blocks):
+def pallas_stats(
+    h,
+    w,
+    b=None,
+    ids=None,
+    tw=None,
+    *,
+    logit_softcap=None,
+    need_sum=False,
+    backward="two_kernel",
+    interpret=None,
+    layout="vd",
+    **blocks,
+):
     """The seam's LogitStats by the Pallas forward and ``backward``'s kernels ("xla": the blocked
     XLA backward) for the head ``w`` in ``layout``; no target unless ``ids`` / ``tw`` [N, K] are given."""
     bwd = xla.backward if backward == "xla" else fused.backward_fn(backward, interpret)
     f = two_pass(Backend(partial(fused.forward, interpret=interpret), bwd))
-    return f(h, w, b, *_targets(h, ids, tw), softcap=logit_softcap, need_sum=need_sum, blocks=BlockSizes(**blocks),
-             layout=layout)
+    return f(
+        h,
+        w,
+        b,
+        *_targets(h, ids, tw),
+        softcap=logit_softcap,
+        need_sum=need_sum,
+        blocks=BlockSizes(**blocks),
+        layout=layout,
+    )
 
 
 def reference_stats(h, w, b=None, ids=None, tw=None, *, logit_softcap=None, need_sum=False, layout="vd"):
-    return reference.logit_stats(h, w, b, *_targets(h, ids, tw), softcap=logit_softcap, need_sum=need_sum,
-                                 layout=layout)
+    return reference.logit_stats(
+        h, w, b, *_targets(h, ids, tw), softcap=logit_softcap, need_sum=need_sum, layout=layout
+    )
 
 
 def _targets(h, ids, tw):
@@ -46,8 +68,10 @@ def _targets(h, ids, tw):
     return (jnp.zeros((n, 1), jnp.int32), jnp.zeros((n, 1))) if ids is None else (ids, tw)
 
 
-pallas_jit = jax.jit(pallas_stats, static_argnames=(
-    "logit_softcap", "need_sum", "block_n", "block_v", "block_d", "filter_eps", "backward", "layout"))
+pallas_jit = jax.jit(
+    pallas_stats,
+    static_argnames=("logit_softcap", "need_sum", "block_n", "block_v", "block_d", "filter_eps", "backward", "layout"),
+)
 
 
 def make_problem(n, d, v, dtype, seed):
@@ -61,8 +85,13 @@ def make_problem(n, d, v, dtype, seed):
 def stats_and_vjp(fn, h, w, b, ids, tw, g, **kw):
     """Statistics and (dh, dw, db) for cotangents g = (g_lse, g_sum, g_target) [3, n]."""
     stats, vjp = jax.vjp(lambda h, w, b: fn(h, w, b, ids, tw, **kw), h, w, b)
-    ct = stats._replace(lse=g[0], logit_sum=g[1], target=g[2], max_logit=jnp.ones_like(g[0]),
-                        prediction=np.zeros(g[0].shape, jax.dtypes.float0))
+    ct = stats._replace(
+        lse=g[0],
+        logit_sum=g[1],
+        target=g[2],
+        max_logit=jnp.ones_like(g[0]),
+        prediction=np.zeros(g[0].shape, jax.dtypes.float0),
+    )
     return stats, vjp(ct)
 
 
@@ -75,9 +104,11 @@ def check_finite_and_close(actual, expected, rel):
 
 def test_interpret_mode_poisons_outputs():
     """The premise of the poison argument: an output the kernel never writes comes back NaN."""
-    out = pl.pallas_call(lambda x_ref, o_ref, i_ref: None, interpret=True,
-                         out_shape=(jax.ShapeDtypeStruct((8,), jnp.float32),
-                                    jax.ShapeDtypeStruct((8,), jnp.int32)))(jnp.ones(8))
+    out = pl.pallas_call(
+        lambda x_ref, o_ref, i_ref: None,
+        interpret=True,
+        out_shape=(jax.ShapeDtypeStruct((8,), jnp.float32), jax.ShapeDtypeStruct((8,), jnp.int32)),
+    )(jnp.ones(8))
     assert np.isnan(out[0]).all() and (out[1] == np.iinfo(np.int32).min).all()
 
 
@@ -242,15 +273,29 @@ def test_filter_eps():
 def _lowered_text(n, d, v, dtype, bias, softcap, need_sum, filter_eps, backward="two_kernel", layout="vd"):
     """value_and_grad's CUDA lowering (StableHLO text) for the hidden ``[n, d]`` (%arg0), the head
     in ``layout`` (%arg1) and the bias ``[v]``; dtype, or (hidden, weight) dtypes."""
+
     def loss(h, w, b):
-        s = pallas_stats(h, w, b, jnp.zeros((h.shape[0], 1), jnp.int32), jnp.ones((h.shape[0], 1)),
-                         logit_softcap=softcap, need_sum=need_sum, filter_eps=filter_eps, interpret=False,
-                         backward=backward, layout=layout)
+        s = pallas_stats(
+            h,
+            w,
+            b,
+            jnp.zeros((h.shape[0], 1), jnp.int32),
+            jnp.ones((h.shape[0], 1)),
+            logit_softcap=softcap,
+            need_sum=need_sum,
+            filter_eps=filter_eps,
+            interpret=False,
+            backward=backward,
+            layout=layout,
+        )
         return (s.lse + s.logit_sum - s.target).sum()
 
     h_dtype, w_dtype = dtype if isinstance(dtype, tuple) else (dtype, dtype)
-    args = (jax.ShapeDtypeStruct((n, d), h_dtype), jax.ShapeDtypeStruct((v, d) if layout == "vd" else (d, v), w_dtype),
-            jax.ShapeDtypeStruct((v,), w_dtype) if bias else None)
+    args = (
+        jax.ShapeDtypeStruct((n, d), h_dtype),
+        jax.ShapeDtypeStruct((v, d) if layout == "vd" else (d, v), w_dtype),
+        jax.ShapeDtypeStruct((v,), w_dtype) if bias else None,
+    )
     lowered = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2) if bias else (0, 1))).trace(*args)
     return lowered.lower(lowering_platforms=("cuda",)).as_text()
 
@@ -273,7 +318,9 @@ def test_head_reaches_the_kernels_as_given(n, d, v, layout, backward, kernels):
     calls = [re.search(r"triton\(([^)]*)\)", line) for line in text.splitlines() if "__gpu$xla.gpu.triton" in line]
     assert len(calls) == kernels and all(c.group(1).split(", ")[1] == "%arg1" for c in calls), calls
     head = (v, d) if layout == "vd" else (d, v)
-    big = {(int(a), int(b), t) for a, b, t in re.findall(r"tensor<(\d+)x(\d+)x(\w+)>", text) if int(a) * int(b) >= v * d}
+    big = {
+        (int(a), int(b), t) for a, b, t in re.findall(r"tensor<(\d+)x(\d+)x(\w+)>", text) if int(a) * int(b) >= v * d
+    }
     assert head + ("bf16",) in big and head + ("f32",) in big
     for a, b, dtype in big:
         rows, cols = (a, b) if layout == "vd" else (b, a)
@@ -284,24 +331,25 @@ def test_head_reaches_the_kernels_as_given(n, d, v, layout, backward, kernels):
 @pytest.mark.parametrize("backward,kernels", [("two_kernel", 3), ("atomic", 2), ("xla", 1)])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("softcap,need_sum,filter_eps",
-                         [(None, False, None), (None, False, 1e-5), (None, True, None), (30.0, True, None),
-                          (30.0, False, 1e-5)])
+@pytest.mark.parametrize(
+    "softcap,need_sum,filter_eps",
+    [(None, False, None), (None, False, 1e-5), (None, True, None), (30.0, True, None), (30.0, False, 1e-5)],
+)
 @pytest.mark.parametrize("layout", ["vd", "dv"])
 def test_lowers_to_triton_for_cuda(dtype, bias, softcap, need_sum, filter_eps, backward, kernels, layout):
     """Every shipped configuration (default H100 blocks, either head layout) lowers to Triton for
     the GPU from this CPU machine: the forward kernel plus dh and dW kernels (two_kernel), one
     (atomic) or none (xla: the blocked XLA backward)."""
-    assert _lowered_triton_calls(77, 96, 1000, dtype, bias, softcap, need_sum, filter_eps, backward,
-                                 layout) == kernels
+    assert _lowered_triton_calls(77, 96, 1000, dtype, bias, softcap, need_sum, filter_eps, backward, layout) == kernels
 
 
 @cuda_lowering
 @pytest.mark.parametrize("backward,kernels", [("two_kernel", 3), ("atomic", 2)])
 @pytest.mark.parametrize("layout", ["vd", "dv"])
 def test_lowers_at_gemma_head_shape(backward, kernels, layout):
-    assert _lowered_triton_calls(8192, 2304, 256000, jnp.bfloat16, False, None, False, None, backward,
-                                 layout) == kernels
+    assert (
+        _lowered_triton_calls(8192, 2304, 256000, jnp.bfloat16, False, None, False, None, backward, layout) == kernels
+    )
 
 
 @cuda_lowering

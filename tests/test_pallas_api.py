@@ -5,10 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from problems import make_problem
 
 from ls_jax import linear_smoothed_cross_entropy
 from ls_jax.logit_stats import BlockSizes
-from problems import make_problem
 
 BLOCKS = dict(blocks=BlockSizes(block_n=16, block_v=64, block_d=16))
 OPTIONS = {
@@ -47,7 +47,8 @@ def test_pallas_all_tokens_masked_is_zero():
     y = jnp.full((h.shape[0],), -100)
     loss, grads = jax.value_and_grad(
         lambda h, w: linear_smoothed_cross_entropy(h, w, y, label_smoothing=0.1, impl="pallas", **BLOCKS),
-        argnums=(0, 1))(h, w)
+        argnums=(0, 1),
+    )(h, w)
     assert float(loss) == 0.0 and all(bool(jnp.all(g == 0)) for g in grads)
 
 
@@ -74,8 +75,9 @@ def test_dv_head_matches_vd_and_reference(impl, dtype, options):
     blocks = BlockSizes(block_n=32, block_v=128, block_d=32)
 
     def run(weight, layout, impl, **extra):
-        f = lambda h, w, b: linear_smoothed_cross_entropy(h, w, y, bias=b, impl=impl, weight_layout=layout, **kw,
-                                                          **extra)
+        f = lambda h, w, b: linear_smoothed_cross_entropy(
+            h, w, y, bias=b, impl=impl, weight_layout=layout, **kw, **extra
+        )
         return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2) if bias else (0, 1)))(h, weight, b)
 
     vd, dv, ref = run(w, "vd", impl, blocks=blocks), run(w.T, "dv", impl, blocks=blocks), run(w.T, "dv", "reference")

@@ -2,8 +2,8 @@
 ``logit_stats.gemm_operands``) and the one-pass tile budget (``BlockSizes.tile_bytes``).
 
 The accelerators' view is checked on CPU by lowering the training step for CUDA (and TPU) with
-the default backend reported as "gpu" ("tpu"), as such a process traces it: every dot_general of the loss takes bf16 operands
-into float32, and no float32 copy of the head is made."""
+the default backend reported as "gpu" ("tpu"), as such a process traces it: every dot_general of
+the loss takes bf16 operands into float32, and no float32 copy of the head is made."""
 
 import re
 
@@ -11,14 +11,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from problems import make_problem
 
 from ls_jax import linear_smoothed_cross_entropy
 from ls_jax.logit_stats import BlockSizes, gemm_operands
 from ls_jax.xla import _one_pass_block_n
-from problems import make_problem
 
 # matrix products (a contraction; the scalar-times-gradient "dots" of the scalar loss's JVP are scaling)
-DOT = re.compile(r"stablehlo\.dot_general .*contracting_dims = \[\d.*: \(tensor<([0-9x]*)x(\w+)>, tensor<([0-9x]*)x(\w+)>\) -> tensor<([0-9x]*)x(\w+)>")
+DOT = re.compile(
+    r"stablehlo\.dot_general .*contracting_dims = \[\d.*: "
+    r"\(tensor<([0-9x]*)x(\w+)>, tensor<([0-9x]*)x(\w+)>\) -> tensor<([0-9x]*)x(\w+)>"
+)
 HEAD_COPY = re.compile(r"stablehlo\.convert %arg1 .*-> tensor<[0-9x]*xf32>")
 
 
@@ -29,22 +32,33 @@ def _step_text(n, d, v, dtype, layout, reduction, blocks, backend, monkeypatch, 
     y = jnp.zeros((n,), jnp.int32)
 
     def loss(h, w):
-        out = linear_smoothed_cross_entropy(h, w, y, label_smoothing=0.1, logit_softcap=30.0, impl=impl,
-                                            reduction=reduction, blocks=blocks, weight_layout=layout)
+        out = linear_smoothed_cross_entropy(
+            h,
+            w,
+            y,
+            label_smoothing=0.1,
+            logit_softcap=30.0,
+            impl=impl,
+            reduction=reduction,
+            blocks=blocks,
+            weight_layout=layout,
+        )
         return out.sum()
 
     args = jax.ShapeDtypeStruct((n, d), dtype), jax.ShapeDtypeStruct((v, d) if layout == "vd" else (d, v), dtype)
     platform = {"gpu": "cuda", "tpu": "tpu", "cpu": "cpu"}[backend]
-    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).trace(*args).lower(
-        lowering_platforms=(platform,)).as_text()
+    return (
+        jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+    )
 
 
 @pytest.mark.parametrize("backend", ["gpu", "tpu"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])  # the one-pass and the two-pass path
 @pytest.mark.parametrize("layout", ["vd", "dv"])
 def test_accelerator_step_multiplies_bf16_into_float32(reduction, layout, backend, monkeypatch):
-    text = _step_text(77, 96, 1000, jnp.bfloat16, layout, reduction, BlockSizes(block_n=32, block_v=256),
-                      backend, monkeypatch)
+    text = _step_text(
+        77, 96, 1000, jnp.bfloat16, layout, reduction, BlockSizes(block_n=32, block_v=256), backend, monkeypatch
+    )
     dots = DOT.findall(text)
     assert len(dots) >= 3  # logits, dh, dW (two-pass: forward tile, backward tile products)
     for dot in dots:
@@ -83,8 +97,9 @@ def test_both_policies_match_the_reference(dtype, precision):
     tol = 2e-2 if dtype == jnp.bfloat16 else 2e-5
 
     def run(impl, reduction, blocks):
-        f = lambda h, w, b: linear_smoothed_cross_entropy(h, w, y, bias=b, label_smoothing=0.1, logit_softcap=20.0,
-                                                          impl=impl, reduction=reduction, blocks=blocks).sum()
+        f = lambda h, w, b: linear_smoothed_cross_entropy(
+            h, w, y, bias=b, label_smoothing=0.1, logit_softcap=20.0, impl=impl, reduction=reduction, blocks=blocks
+        ).sum()
         return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(h, w, b)
 
     want = run("reference", "mean", None)

@@ -19,13 +19,13 @@ NUMBER = re.compile(r"-?\d+\.\d+")
 
 def readme_table() -> str:
     text = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
-    block = text[text.index(BEGIN) + len(BEGIN):text.index(END)].strip("\n")
+    block = text[text.index(BEGIN) + len(BEGIN) : text.index(END)].strip("\n")
     return "\n".join(line[4:] if line.startswith("    ") else line for line in block.splitlines())
 
 
 def printed_tables(stdout: str) -> str:
     """The tables: everything the command prints before its closing "checkpoints, ..." line."""
-    return stdout[:stdout.index("checkpoints, metrics.jsonl")].strip("\n")
+    return stdout[: stdout.index("checkpoints, metrics.jsonl")].strip("\n")
 
 
 def assert_same_table(got: str, expected: str) -> None:
@@ -47,7 +47,12 @@ def test_comparison_rejects_a_changed_number():
 
 
 def test_readme_table_is_what_train_py_prints(tmp_path):
-    proc = subprocess.run([sys.executable, "train.py", "--no-progress", "--output-dir", str(tmp_path / "run")],
-                          cwd=REPO, capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run(
+        [sys.executable, "train.py", "--no-progress", "--output-dir", str(tmp_path / "run")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_table(printed_tables(proc.stdout), readme_table())

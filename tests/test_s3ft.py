@@ -90,20 +90,32 @@ def test_build_gives_the_expected_sources(tok, eos_model):
             raise RuntimeError("judge failed")
         return {"S": calls[prompt] == 1, "P": calls[prompt] == 2, "G": False}[gold]
 
-    rows = [{"prompt": "a", "response": "S"}, {"prompt": "b", "response": "P"}, {"prompt": "c", "response": "G"},
-            {"prompt": "d", "response": "boom"}, {"prompt": "e", "response": None},
-            {"prompt": "f", "response": "S", "judge": "nope"},
-            {"messages": [{"role": "user", "content": "g"}, {"role": "assistant", "content": "P"}]}]
+    rows = [
+        {"prompt": "a", "response": "S"},
+        {"prompt": "b", "response": "P"},
+        {"prompt": "c", "response": "G"},
+        {"prompt": "d", "response": "boom"},
+        {"prompt": "e", "response": None},
+        {"prompt": "f", "response": "S", "judge": "nope"},
+        {"messages": [{"role": "user", "content": "g"}, {"role": "assistant", "content": "P"}]},
+    ]
     result = build(eos_model, tok, rows, judge=judge, max_new_tokens=4, progress=False)
-    sources = {r["s3ft_row"]: (r["s3ft_source"], r["s3ft_self_verdict"], r["s3ft_paraphrase_verdict"])
-               for r in result.rows}
-    assert sources == {0: ("self", "correct", ""), 1: ("paraphrase", "incorrect", "correct"),
-                       2: ("gold", "incorrect", "incorrect"), 3: ("gold", "error", "error"),
-                       6: ("paraphrase", "incorrect", "correct")}
+    sources = {
+        r["s3ft_row"]: (r["s3ft_source"], r["s3ft_self_verdict"], r["s3ft_paraphrase_verdict"]) for r in result.rows
+    }
+    assert sources == {
+        0: ("self", "correct", ""),
+        1: ("paraphrase", "incorrect", "correct"),
+        2: ("gold", "incorrect", "incorrect"),
+        3: ("gold", "error", "error"),
+        6: ("paraphrase", "incorrect", "correct"),
+    }
     assert result.rows[0]["response"] == "" and result.rows[2]["response"] == "G"  # self: the model's text
     assert result.rows[4]["messages"][-1] == {"role": "assistant", "content": ""}
-    assert result.skipped == [{"row": 4, "reason": "no gold response"},
-                              {"row": 5, "reason": "unknown judge 'nope'; known: exact, numeric, code (or a callable)"}]
+    assert result.skipped == [
+        {"row": 4, "reason": "no gold response"},
+        {"row": 5, "reason": "unknown judge 'nope'; known: exact, numeric, code (or a callable)"},
+    ]
     assert result.counts() == {"self": 1, "paraphrase": 2, "gold": 2, "skipped": 2}
     table = result.table()
     assert "judge raised on 2 responses" in table and "row 3: RuntimeError: judge failed" in table
@@ -113,8 +125,7 @@ def test_build_gives_the_expected_sources(tok, eos_model):
 def test_length_limited_generations_are_not_targets(tok, eos_model):
     """eos = token 1, which the zero-head model never picks: every response hits the limit."""
     rows = [{"prompt": "q", "response": "a"}, {"prompt": "r", "response": "b"}]
-    result = build(eos_model, tok, rows, judge=lambda p, g, c: True, max_new_tokens=3, paraphrase=False,
-                   progress=False)
+    result = build(eos_model, tok, rows, judge=lambda p, g, c: True, max_new_tokens=3, paraphrase=False, progress=False)
     assert [(r["s3ft_source"], r["s3ft_self_verdict"]) for r in result.rows] == [("gold", "truncated")] * 2
     assert "2 self responses hit max_new_tokens=3" in result.table()
     with pytest.raises(ValueError, match="unknown judge"):
@@ -128,8 +139,19 @@ def test_cli_builds_reuses_and_rejects_bad_input(tok, eos_model, tmp_path, capsy
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"q{i}", "response": f"#### {i}"}) + "\n" for i in range(5)))
     out = str(tmp_path / "s3ft.jsonl")
-    args = ["--model", model_dir, "--data", str(data), "--judge", "numeric", "--out", out, "--max-new-tokens", "3",
-            "--no-progress"]
+    args = [
+        "--model",
+        model_dir,
+        "--data",
+        str(data),
+        "--judge",
+        "numeric",
+        "--out",
+        out,
+        "--max-new-tokens",
+        "3",
+        "--no-progress",
+    ]
     assert s3ft_main(args) == 0
     rows = [json.loads(line) for line in open(out)]
     assert [r["s3ft_source"] for r in rows] == ["gold"] * 5 and rows[3]["response"] == "#### 3"
@@ -140,9 +162,11 @@ def test_cli_builds_reuses_and_rejects_bad_input(tok, eos_model, tmp_path, capsy
     data.write_text(data.read_text() + json.dumps({"prompt": "q9", "response": "#### 9"}) + "\n")
     assert s3ft_main(args) == 0  # the data changed: rebuilt
     assert len(open(out).readlines()) == 6
-    for bad, message in [(["--judge", "fuzzy"], "unknown --judge 'fuzzy'"),
-                         (["--data", str(tmp_path / "missing.jsonl")], "data not found"),
-                         (["--model", str(tmp_path)], "not a checkpoint directory")]:
+    for bad, message in [
+        (["--judge", "fuzzy"], "unknown --judge 'fuzzy'"),
+        (["--data", str(tmp_path / "missing.jsonl")], "data not found"),
+        (["--model", str(tmp_path)], "not a checkpoint directory"),
+    ]:
         assert s3ft_main(args + bad) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err
@@ -150,9 +174,28 @@ def test_cli_builds_reuses_and_rejects_bad_input(tok, eos_model, tmp_path, capsy
 
 def test_train_s3ft_end_to_end_on_the_tiny_model(tmp_path, capsys):
     out = tmp_path / "run"
-    flags = ["--s3ft", "--judge", "exact", "--steps", "2", "--num-train", "48", "--num-eval", "16",
-             "--batch-size", "16", "--eval-batch-size", "16", "--max-length", "40", "--compare-smoothing", "",
-             "--no-progress", "--output-dir", str(out)]
+    flags = [
+        "--s3ft",
+        "--judge",
+        "exact",
+        "--steps",
+        "2",
+        "--num-train",
+        "48",
+        "--num-eval",
+        "16",
+        "--batch-size",
+        "16",
+        "--eval-batch-size",
+        "16",
+        "--max-length",
+        "40",
+        "--compare-smoothing",
+        "",
+        "--no-progress",
+        "--output-dir",
+        str(out),
+    ]
     assert train_main(flags) == 0
     cache = tmp_path / "s3ft-cache" / "generated-tiny.jsonl"
     rows = [json.loads(line) for line in open(cache)]

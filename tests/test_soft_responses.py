@@ -19,17 +19,24 @@ from ls_jax.train.config import TrainConfig
 from ls_jax.train.sharding import make_mesh, tree_shardings
 from ls_jax.train.step import make_train_step
 
-ROWS = [{"prompt": "Classify this review: It was not bad.\nAnswer: ",
-         "responses": [{"text": "Positive", "p": 0.6}, {"text": "Neutral", "p": 0.4}]},
-        {"prompt": "Classify this review: Awful.\nAnswer: ", "response": "Negative"},
-        {"messages": [{"role": "user", "content": "Classify: fine, I guess."}],
-         "responses": [{"text": "Neutral", "p": 0.7}, {"text": "Positive", "p": 0.2}, {"text": "Negative", "p": 0.1}]}]
+ROWS = [
+    {
+        "prompt": "Classify this review: It was not bad.\nAnswer: ",
+        "responses": [{"text": "Positive", "p": 0.6}, {"text": "Neutral", "p": 0.4}],
+    },
+    {"prompt": "Classify this review: Awful.\nAnswer: ", "response": "Negative"},
+    {
+        "messages": [{"role": "user", "content": "Classify: fine, I guess."}],
+        "responses": [{"text": "Neutral", "p": 0.7}, {"text": "Positive", "p": 0.2}, {"text": "Negative", "p": 0.1}],
+    },
+]
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return train_bpe_tokenizer(["Classify this review: It was not bad. Awful. fine, I guess. Answer: "
-                                "Positive Neutral Negative user assistant"])
+    return train_bpe_tokenizer(
+        ["Classify this review: It was not bad. Awful. fine, I guess. Answer: Positive Neutral Negative user assistant"]
+    )
 
 
 def _dense_losses(model, ids, labels, a):
@@ -51,19 +58,27 @@ def test_weighted_response_loss_is_the_weighted_sum_of_dense_losses(tok, dtype, 
     examples, _ = prepare(rows, tok, 48, weights=weights)
     assert [w for *_, w in examples] == [0.6, 0.4, 1.0, 0.7, 0.2, 0.1]
     (batch,) = eval_batches(examples, 6, 48, tok.pad_token_id)
-    model = from_config(tiny_llama_config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1), seed=0,
-                        dtype=dtype)
+    model = from_config(
+        tiny_llama_config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1), seed=0, dtype=dtype
+    )
     a = 0.1
     per_response = [_dense_losses(model, ids, labels, a) for ids, labels, _ in examples]
-    want = (sum(w * l.sum() for (*_, w), l in zip(examples, per_response))
-            / sum(w * len(l) for (*_, w), l in zip(examples, per_response)))
+    want = sum(w * l.sum() for (*_, w), l in zip(examples, per_response)) / sum(
+        w * len(l) for (*_, w), l in zip(examples, per_response)
+    )
 
     graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
     mesh = make_mesh("data=1,fsdp=1,tensor=1")
     tx = optax.sgd(0.0)
-    step = make_train_step(graphdef, tx, TrainConfig(label_smoothing=a, impl="xla"),
-                           param_shardings=tree_shardings(params, mesh), frozen_shardings=tree_shardings(frozen, mesh),
-                           opt_shardings=tree_shardings(tx.init(params), mesh), mesh=mesh)
+    step = make_train_step(
+        graphdef,
+        tx,
+        TrainConfig(label_smoothing=a, impl="xla"),
+        param_shardings=tree_shardings(params, mesh),
+        frozen_shardings=tree_shardings(frozen, mesh),
+        opt_shardings=tree_shardings(tx.init(params), mesh),
+        mesh=mesh,
+    )
     _, _, metrics = step(params, frozen, tx.init(params), {k: v[None] for k, v in batch.items()})
     assert float(metrics["loss"]) == pytest.approx(want, rel=rtol)
     assert int(metrics["tokens"]) == sum(len(l) for l in per_response)
@@ -74,18 +89,37 @@ def _write(path, rows):
     return str(path)
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"p": 0.5}, "line 3: soft label {'Positive': 0.5, 'Neutral': 0.4} is not a distribution (sums to 0.9, not 1)"),
-    ({"p": -0.1}, "line 3: soft label probability -0.1 of 'Positive' is not a number >= 0"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"p": 0.5}, "line 3: soft label {'Positive': 0.5, 'Neutral': 0.4} is not a distribution (sums to 0.9, not 1)"),
+        ({"p": -0.1}, "line 3: soft label probability -0.1 of 'Positive' is not a number >= 0"),
+    ],
+)
 def test_bad_weighted_rows_are_refused_on_the_command_line(tok, tmp_path, capsys, bad, message):
     rows = [ROWS[1]] * 10
     rows[2] = {**ROWS[0], "responses": [{**ROWS[0]["responses"][0], **bad}, ROWS[0]["responses"][1]]}
     data = _write(tmp_path / "rows.jsonl", rows)
     held = _write(tmp_path / "held.jsonl", [ROWS[1]] * 2)
     out = tmp_path / "out"
-    assert main(["--data", data, "--eval-data", held, "--output-dir", str(out), "--no-progress",
-                 "--batch-size", "2", "--steps", "1"]) == 2
+    assert (
+        main(
+            [
+                "--data",
+                data,
+                "--eval-data",
+                held,
+                "--output-dir",
+                str(out),
+                "--no-progress",
+                "--batch-size",
+                "2",
+                "--steps",
+                "1",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err == f"error: {data} (train): {message}", err
     assert not out.exists()
@@ -103,8 +137,10 @@ def test_answer_level_scores_against_the_answers_distribution():
     tok = train_bpe_tokenizer([r["prompt"] + r["response"] for r in train])
     model = from_config(tiny_llama_config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1), seed=0)
     plain = [r for r in held if r.get("choices") is None][:4]
-    rows = [{"prompt": r["prompt"], "responses": [{"text": r["response"], "p": 0.3}, {"text": "7", "p": 0.7}]}
-            for r in plain[:3]] + plain[3:]
+    rows = [
+        {"prompt": r["prompt"], "responses": [{"text": r["response"], "p": 0.3}, {"text": "7", "p": 0.7}]}
+        for r in plain[:3]
+    ] + plain[3:]
     out = generate_answers(model, tok, rows, batch_size=4)
     prompts, answers, skipped = reference_answers(tok, rows)
     assert skipped == 0 and [[p for _, p in a] for a in answers] == [[0.3, 0.7]] * 3 + [[1.0]]
@@ -114,7 +150,7 @@ def test_answer_level_scores_against_the_answers_distribution():
     for i, (p_ids, a) in enumerate(zip(prompts, answers)):
         log_q = []
         for ref, _ in a:
-            z = np.asarray(model.logits(jnp.asarray([p_ids + ref])), np.float64)[0, len(p_ids) - 1:-1]
+            z = np.asarray(model.logits(jnp.asarray([p_ids + ref])), np.float64)[0, len(p_ids) - 1 : -1]
             log_q.append((z[np.arange(len(ref)), ref] - np.log(np.exp(z).sum(-1))).sum())
         assert s.nll[i] == pytest.approx(-sum(p * lq for (_, p), lq in zip(a, log_q)), rel=1e-4)
         heaviest = max(a, key=lambda x: x[1])[0]
@@ -133,7 +169,8 @@ def test_weighted_temperature_fit_equals_repeated_samples():
     z, y = rng.normal(size=(40, 5)).astype(np.float32) * 2, rng.integers(0, 5, 40)
     w = rng.integers(1, 3, 40)
     assert float(C.fit_temperature(z, y, weights=w.astype(np.float32))) == pytest.approx(
-        float(C.fit_temperature(np.repeat(z, w, 0), np.repeat(y, w))), rel=1e-5)
+        float(C.fit_temperature(np.repeat(z, w, 0), np.repeat(y, w))), rel=1e-5
+    )
 
 
 def test_a_run_on_weighted_answers(tmp_path):
@@ -142,9 +179,34 @@ def test_a_run_on_weighted_answers(tmp_path):
     rows = [ROWS[i % 3] for i in range(24)]
     data, held = _write(tmp_path / "rows.jsonl", rows), _write(tmp_path / "held.jsonl", ROWS[:2] * 2)
     out = tmp_path / "out"
-    assert main(["--data", data, "--eval-data", held, "--output-dir", str(out), "--no-progress", "--batch-size", "8",
-                 "--steps", "3", "--max-length", "48", "--answer-rows", "4", "--label-smoothing", "0.1",
-                 "--warmup-steps", "1", "--log-every", "1"]) == 0
+    assert (
+        main(
+            [
+                "--data",
+                data,
+                "--eval-data",
+                held,
+                "--output-dir",
+                str(out),
+                "--no-progress",
+                "--batch-size",
+                "8",
+                "--steps",
+                "3",
+                "--max-length",
+                "48",
+                "--answer-rows",
+                "4",
+                "--label-smoothing",
+                "0.1",
+                "--warmup-steps",
+                "1",
+                "--log-every",
+                "1",
+            ]
+        )
+        == 0
+    )
     final = json.loads((out / "final.json").read_text())
     assert final["step"] == 3 and final["answers"]["generated"]["count"] == 2
     losses = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").open()) if r["kind"] == "train"]

@@ -16,7 +16,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
-from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
+from jax.sharding import AbstractMesh, AxisType
+from jax.sharding import PartitionSpec as P
 
 from ls_jax.models import from_config, from_pretrained, tiny_llama_config
 from ls_jax.train import TrainConfig, main, run
@@ -26,9 +27,21 @@ from ls_jax.train.sharding import AXES, MeshError, check_batch, param_spec, pars
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # tiny, fast settings shared by every run here (generated data, built-in tiny model)
-TINY = dict(num_train=192, num_eval=32, max_length=40, batch_size=16, eval_batch_size=32, lr=3e-3,
-            warmup_steps=2, eval_every=1000, save_every=1000, log_every=1, progress=False, compare_smoothing=[],
-            answer_rows=8)
+TINY = dict(
+    num_train=192,
+    num_eval=32,
+    max_length=40,
+    batch_size=16,
+    eval_batch_size=32,
+    lr=3e-3,
+    warmup_steps=2,
+    eval_every=1000,
+    save_every=1000,
+    log_every=1,
+    progress=False,
+    compare_smoothing=[],
+    answer_rows=8,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -70,7 +83,7 @@ def _checkpoint_model(out, step: int, lora_rank: int = 0):
     graphdef, params, rest = nnx.split(model, nnx.LoRAParam if lora_rank else nnx.Param, ...)
     leaves, treedef = jax.tree.flatten(params)
     saved = ocp.StandardCheckpointer().restore(str((out / "checkpoints" / str(step) / "state").absolute()))
-    return nnx.merge(graphdef, jax.tree.unflatten(treedef, saved[:len(leaves)]), rest)
+    return nnx.merge(graphdef, jax.tree.unflatten(treedef, saved[: len(leaves)]), rest)
 
 
 def _check_hf_export(out, step: int, lora_rank: int = 0, atol: float = 0.0):
@@ -170,8 +183,10 @@ def test_local_checkpoint_with_chat_messages(tmp_path):
 
     rows, _ = synthetic.generate(40, 0, seed=2)
     tok = train_bpe_tokenizer([r["prompt"] + r["response"] for r in rows] + ["user assistant"])
-    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
-                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    tok.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
     model_dir = tmp_path / "ckpt"
     torch.manual_seed(0)
     hf = LlamaForCausalLM(tiny_llama_config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1))
@@ -180,11 +195,31 @@ def test_local_checkpoint_with_chat_messages(tmp_path):
     hf.save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     data = tmp_path / "chat.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": r["prompt"]},
-                                                     {"role": "assistant", "content": r["response"]}]}) + "\n"
-                            for r in rows))
-    (final,) = run(_config(tmp_path / "run", model=str(model_dir), data=str(data), steps=3, batch_size=8,
-                           eval_batch_size=8, eval_fraction=0.2))
+    data.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": r["prompt"]},
+                        {"role": "assistant", "content": r["response"]},
+                    ]
+                }
+            )
+            + "\n"
+            for r in rows
+        )
+    )
+    (final,) = run(
+        _config(
+            tmp_path / "run",
+            model=str(model_dir),
+            data=str(data),
+            steps=3,
+            batch_size=8,
+            eval_batch_size=8,
+            eval_fraction=0.2,
+        )
+    )
     assert len(_losses(tmp_path / "run")) == 3 and final["tokens"] > 0
     # a fresh random init starts near log V; the loaded checkpoint's scaled head far above it
     assert _losses(tmp_path / "run")[0] > np.log(len(tok)) + 5
@@ -201,8 +236,9 @@ def test_lora_starts_as_the_base_model_and_trains_only_adapters():
     _, lora, frozen = nnx.split(model, nnx.LoRAParam, ...)
     assert len(jax.tree.leaves(lora)) == 2 * 7 and len(jax.tree.leaves(frozen)) == base_params
     assert all(2 in np.shape(x) for x in jax.tree.leaves(lora))  # only the rank-2 factors train
-    only_q = add_lora(from_config(tiny_llama_config(vocab_size=64, hidden_size=32, num_hidden_layers=2)), 2,
-                      targets=r".*/q_proj")
+    only_q = add_lora(
+        from_config(tiny_llama_config(vocab_size=64, hidden_size=32, num_hidden_layers=2)), 2, targets=r".*/q_proj"
+    )
     assert [type(m).__name__ for m in lora_layers(only_q)] == ["Linear"] * 2  # one q_proj per layer
     with pytest.raises(ValueError, match="no nnx.Linear layer has a module path matching"):
         add_lora(model, 2, targets="nothing")
@@ -211,8 +247,9 @@ def test_lora_starts_as_the_base_model_and_trains_only_adapters():
 @pytest.mark.parametrize("alpha", [None, 12.0])
 def test_merge_lora_reproduces_the_adapted_model(alpha):
     """W + (alpha / rank) A @ B in each kernel gives the logits of qwix's LoRA model (random nonzero A, B)."""
-    model = add_lora(from_config(tiny_llama_config(vocab_size=64, hidden_size=32, num_hidden_layers=1), seed=0), 3,
-                     alpha=alpha)
+    model = add_lora(
+        from_config(tiny_llama_config(vocab_size=64, hidden_size=32, num_hidden_layers=1), seed=0), 3, alpha=alpha
+    )
     adapters = nnx.state(model, nnx.LoRAParam)
     leaves, treedef = jax.tree.flatten(adapters)
     keys = jax.random.split(jax.random.key(1), len(leaves))
@@ -242,10 +279,12 @@ def test_sharding_rules():
     assert spec(*attn, "q_proj", "kernel_lora_b", shape=(2, 6)) == P(None, "tensor")  # LoRA (qwix's names)
     assert spec("mu", *attn, "o_proj", "kernel", shape=(6, 8)) == P("tensor", "fsdp")  # row-parallel
     assert spec(*attn, "o_proj", "kernel_lora_a", shape=(6, 2)) == P("tensor", None)
-    lora = nnx.state(add_lora(from_config(tiny_llama_config(vocab_size=16, hidden_size=8, num_hidden_layers=1)), 2),
-                     nnx.LoRAParam)  # the factors' real paths reach their declared layouts
+    lora = nnx.state(
+        add_lora(from_config(tiny_llama_config(vocab_size=16, hidden_size=8, num_hidden_layers=1)), 2), nnx.LoRAParam
+    )  # the factors' real paths reach their declared layouts
     assert {p[-2:]: param_spec(tuple(map(DictKey, p)), np.shape(x), mesh) for p, x in nnx.to_flat_state(lora)}[
-        ("o_proj", "kernel_lora_a")] == P("tensor", None)
+        ("o_proj", "kernel_lora_a")
+    ] == P("tensor", None)
     assert spec("model", "layers", 0, "mlp", "down_proj", "kernel", shape=(10, 8)) == P("tensor", "fsdp")
     assert spec("model", "embed_tokens", "embedding", shape=(12, 8)) == P("tensor", "fsdp")  # vocabulary
     assert spec("lm_head", shape=(12, 8)) == P("tensor", "fsdp")
@@ -281,8 +320,14 @@ def test_eight_devices_match_one(runs):
     out = runs["base"] / "eight"
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     cfg = _config(out, batch_size=16, mesh="data=2,fsdp=4,tensor=1", **runs["kw"]).to_json()
-    proc = subprocess.run([sys.executable, "-c", EIGHT_DEVICES, json.dumps(cfg)], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", EIGHT_DEVICES, json.dumps(cfg)],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     eight, one = json.loads(proc.stdout.strip().splitlines()[-1]), runs["big"]
     np.testing.assert_allclose(_losses(out), _losses(runs["base"] / "big"), rtol=1e-4)
@@ -301,10 +346,27 @@ def _free_port() -> int:
 def _launch(n: int, port: int, flags, devices: int = 4, num_processes=None):
     """``n`` train.py processes with ``devices`` CPU devices each, joined through 127.0.0.1:port."""
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
-    return [subprocess.Popen([sys.executable, "train.py", *flags, "--coordinator", f"127.0.0.1:{port}",
-                              "--num-processes", str(num_processes or n), "--process-id", str(i)],
-                             env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for i in range(n)]
+    return [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "train.py",
+                *flags,
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                str(num_processes or n),
+                "--process-id",
+                str(i),
+            ],
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(n)
+    ]
 
 
 def _wait(procs, timeout=300):
@@ -345,13 +407,32 @@ def test_two_processes_match_one_and_resume_after_kill(runs):
     procs[1].communicate()
     port = procs[0].args[procs[0].args.index("--coordinator") + 1].rsplit(":", 1)[1]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    bad = subprocess.run([sys.executable, "train.py", *flags, "--output-dir", str(out / "never"), "--coordinator",
-                          f"127.0.0.1:{port}", "--num-processes", "3", "--process-id", "1"],
-                         env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            *flags,
+            "--output-dir",
+            str(out / "never"),
+            "--coordinator",
+            f"127.0.0.1:{port}",
+            "--num-processes",
+            "3",
+            "--process-id",
+            "1",
+        ],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     procs[0].kill()
     procs[0].communicate()
     assert bad.returncode == 2, bad.stderr[-2000:]
-    assert bad.stderr.strip().splitlines()[-1] == "error: --num-processes 3 does not match the coordinator's 2 processes"
+    assert (
+        bad.stderr.strip().splitlines()[-1] == "error: --num-processes 3 does not match the coordinator's 2 processes"
+    )
 
 
 def _bad(tmp_path, capsys, *args, out=None):
@@ -375,7 +456,9 @@ def test_bad_inputs(tmp_path, capsys):
     assert "empty" in _bad(tmp_path, capsys, "--data", str(empty))
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(json.dumps({"prompt": "What is 1 + 2? " * 4, "response": "3"}) + "\n" for _ in range(20)))
-    assert "no example has a response token after truncation to 8 tokens" in _bad(tmp_path, capsys, "--data", str(rows), "--max-length", "8")
+    assert "no example has a response token after truncation to 8 tokens" in _bad(
+        tmp_path, capsys, "--data", str(rows), "--max-length", "8"
+    )
     assert "needs 3 devices" in _bad(tmp_path, capsys, "--mesh", "data=3")
     model_dir = tmp_path / "bert"
     model_dir.mkdir()
@@ -392,16 +475,19 @@ def test_bad_inputs(tmp_path, capsys):
     assert "--steps must be >= 1" in _bad(tmp_path, capsys, "--steps", "0")
     assert "--block-n/-v/-d: block_v must be >= 1" in _bad(tmp_path, capsys, "--block-v", "0")
     assert "--lora-targets: no nnx.Linear layer has a module path matching 'qproj'" in _bad(
-        tmp_path, capsys, "--lora-rank", "2", "--lora-targets", "qproj")
+        tmp_path, capsys, "--lora-rank", "2", "--lora-targets", "qproj"
+    )
     assert "is not a regular expression" in _bad(tmp_path, capsys, "--lora-targets", "(q")
     assert "--lora-alpha must be > 0" in _bad(tmp_path, capsys, "--lora-alpha", "0")
     assert "--remat must be one of ('none', 'full', 'dots')" in _bad(tmp_path, capsys, "--remat", "all")
     assert "--eval-data needs --data" in _bad(tmp_path, capsys, "--eval-data", str(rows))
     bad_row = tmp_path / "bad_row.jsonl"  # line 14 lacks its response: named by its line in the file
-    bad_row.write_text("".join(json.dumps({"prompt": "1 + 2 = ", **({} if i == 13 else {"response": "3"})}) + "\n"
-                               for i in range(20)))
+    bad_row.write_text(
+        "".join(json.dumps({"prompt": "1 + 2 = ", **({} if i == 13 else {"response": "3"})}) + "\n" for i in range(20))
+    )
     assert f"{bad_row} (train): line 14: needs 'messages' or 'prompt' and 'response'" in _bad(
-        tmp_path, capsys, "--data", str(bad_row), "--batch-size", "2")
+        tmp_path, capsys, "--data", str(bad_row), "--batch-size", "2"
+    )
     assert "--compare-smoothing repeats a value" in _bad(tmp_path, capsys, "--compare-smoothing", "0.1,0,0.10")
     assert main(["--resume", "--no-progress"]) == 2  # without --output-dir it would start afresh in runs/<now>
     assert capsys.readouterr().err.strip() == "error: --resume needs the --output-dir of the run to continue"
@@ -409,13 +495,17 @@ def test_bad_inputs(tmp_path, capsys):
 
 def test_bad_inputs_of_issue_15(tmp_path, capsys):
     """Each is one error line, exit status 2, nothing written."""
-    for flags, message in [(("--lr", "inf"), "--lr must be finite and > 0"), (("--lr", "nan"), "--lr must be"),
-                           (("--b1", "1"), "--b1 must be in [0, 1)"), (("--b2", "-0.1"), "--b2 must be in [0, 1)"),
-                           (("--clip-norm", "-1"), "--clip-norm must be finite and >= 0"),
-                           (("--weight-decay", "inf"), "--weight-decay must be"),
-                           (("--mesh", "data=1,data=1"), "axis 'data' is given twice"),
-                           (("--num-train", "30000"), "the generated data has at most 20000 distinct questions"),
-                           (("--num-eval", "0"), "--num-eval must be >= 1")]:
+    for flags, message in [
+        (("--lr", "inf"), "--lr must be finite and > 0"),
+        (("--lr", "nan"), "--lr must be"),
+        (("--b1", "1"), "--b1 must be in [0, 1)"),
+        (("--b2", "-0.1"), "--b2 must be in [0, 1)"),
+        (("--clip-norm", "-1"), "--clip-norm must be finite and >= 0"),
+        (("--weight-decay", "inf"), "--weight-decay must be"),
+        (("--mesh", "data=1,data=1"), "axis 'data' is given twice"),
+        (("--num-train", "30000"), "the generated data has at most 20000 distinct questions"),
+        (("--num-eval", "0"), "--num-eval must be >= 1"),
+    ]:
         assert message in _bad(tmp_path, capsys, *flags), flags
     # --output-dir a file, or under a file
     afile = tmp_path / "afile"
@@ -428,18 +518,22 @@ def test_bad_inputs_of_issue_15(tmp_path, capsys):
     single = tmp_path / "single"
     single.mkdir()
     (single / "config.json").write_text("{}")
-    assert f"no run to continue in {single / 'ls0'}" in _bad(tmp_path, capsys, "--resume", "--compare-smoothing",
-                                                              "0,0.1", "--seeds", "", "--base-steps", "0", out=single)
+    assert f"no run to continue in {single / 'ls0'}" in _bad(
+        tmp_path, capsys, "--resume", "--compare-smoothing", "0,0.1", "--seeds", "", "--base-steps", "0", out=single
+    )
     assert f"no run to continue in {single / 'base'}" in _bad(tmp_path, capsys, "--resume", out=single)  # the demo
     assert os.listdir(single) == ["config.json"]
     # data: not UTF-8, mixed types, garbage parquet, only empty responses
     rows = [{"prompt": f"What is {i} + 1? ", "response": str(i + 1)} for i in range(20)]
     latin = tmp_path / "latin.jsonl"
-    latin.write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in rows) + '{"prompt": "\u00e9"}\n'.encode("latin-1"))
+    latin.write_bytes(
+        b"".join(json.dumps(r).encode() + b"\n" for r in rows) + '{"prompt": "\u00e9"}\n'.encode("latin-1")
+    )
     assert f"{latin}: line 21: not UTF-8 text" in _bad(tmp_path, capsys, "--data", str(latin))
     mixed = tmp_path / "mixed.jsonl"
-    mixed.write_text("".join(json.dumps({**r, "response": i if i == 4 else r["response"]}) + "\n"
-                             for i, r in enumerate(rows)))
+    mixed.write_text(
+        "".join(json.dumps({**r, "response": i if i == 4 else r["response"]}) + "\n" for i, r in enumerate(rows))
+    )
     assert "line 5: 'response' must be a string, got int 4" in _bad(tmp_path, capsys, "--data", str(mixed))
     garbage = tmp_path / "garbage.parquet"
     garbage.write_bytes(b"PAR1 not really")
@@ -460,7 +554,8 @@ def test_bad_inputs_of_issue_15(tmp_path, capsys):
     good = tmp_path / "rows.jsonl"
     good.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert "model.safetensors: not a complete safetensors file" in _bad(
-        tmp_path, capsys, "--model", str(cut), "--data", str(good), "--batch-size", "2")
+        tmp_path, capsys, "--model", str(cut), "--data", str(good), "--batch-size", "2"
+    )
 
 
 @pytest.mark.parametrize("model_type", ["qwen2", "gemma2", "llama"])
@@ -473,15 +568,29 @@ def test_checkpoint_without_tokenizer(tmp_path, capsys, model_type):
     from ls_jax.models import save_pretrained
 
     model_dir = str(tmp_path / model_type)
-    save_pretrained(from_config(AutoConfig.for_model(
-        model_type, vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=16)), model_dir)
+    save_pretrained(
+        from_config(
+            AutoConfig.for_model(
+                model_type,
+                vocab_size=300,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                head_dim=16,
+            )
+        ),
+        model_dir,
+    )
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(json.dumps({"prompt": f"{i} + 1 = ", "response": str(i + 1)}) + "\n" for i in range(20)))
     err = _bad(tmp_path, capsys, "--model", str(model_dir), "--data", str(rows))
-    assert err == (f"error: {model_dir} holds no tokenizer (none of tokenizer.json, tokenizer_config.json, "
-                   f"tokenizer.model, vocab.json, vocab.txt): save the model's tokenizer there "
-                   f"(tokenizer.save_pretrained)"), err
+    assert err == (
+        f"error: {model_dir} holds no tokenizer (none of tokenizer.json, tokenizer_config.json, "
+        f"tokenizer.model, vocab.json, vocab.txt): save the model's tokenizer there "
+        f"(tokenizer.save_pretrained)"
+    ), err
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write into any directory, so none is unwritable")
@@ -495,9 +604,31 @@ def test_divergence_stops_before_saving(tmp_path, capsys):
     """A learning rate so large the loss overflows: exit 1 with one error line; no non-finite
     line in metrics.jsonl and only the checkpoints of the steps before it."""
     out = tmp_path / "run"
-    code = main(["--output-dir", str(out), "--no-progress", "--lr", "1e30", "--warmup-steps", "0", "--steps", "5",
-                 "--save-every", "1", "--log-every", "1", "--num-train", "64", "--num-eval", "16", "--batch-size", "16",
-                 "--label-smoothing", "0"])
+    code = main(
+        [
+            "--output-dir",
+            str(out),
+            "--no-progress",
+            "--lr",
+            "1e30",
+            "--warmup-steps",
+            "0",
+            "--steps",
+            "5",
+            "--save-every",
+            "1",
+            "--log-every",
+            "1",
+            "--num-train",
+            "64",
+            "--num-eval",
+            "16",
+            "--batch-size",
+            "16",
+            "--label-smoothing",
+            "0",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 1 and err.startswith("error: training diverged at step "), err
     step = int(err.split("step ")[1].split()[0])
@@ -511,8 +642,13 @@ def test_divergence_stops_before_saving(tmp_path, capsys):
 
 def test_command_line_exit_status(tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "train.py", "--data", str(tmp_path / "nope.jsonl"), "--output-dir", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "train.py", "--data", str(tmp_path / "nope.jsonl"), "--output-dir", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: data not found: {tmp_path / 'nope.jsonl'}"
     assert not out.exists()
@@ -529,8 +665,21 @@ def test_flags():
         assert (c.compare_smoothing, c.seeds, c.base_steps) == ([], [], 0)
     c = parse_args(["--seeds", "3,4", "--base-steps", "5", "--compare-smoothing", ""])
     assert (c.compare_smoothing, c.seeds, c.base_steps) == ([], [3, 4], 5)
-    c = parse_args(["--compare-smoothing", "0,0.05", "--no-progress", "--lora-rank", "8", "--mesh", "fsdp=-1",
-                    "--lora-alpha", "16", "--lora-targets", ".*/q_proj"])
+    c = parse_args(
+        [
+            "--compare-smoothing",
+            "0,0.05",
+            "--no-progress",
+            "--lora-rank",
+            "8",
+            "--mesh",
+            "fsdp=-1",
+            "--lora-alpha",
+            "16",
+            "--lora-targets",
+            ".*/q_proj",
+        ]
+    )
     assert (c.compare_smoothing, c.progress, c.lora_rank, c.mesh) == ([0.0, 0.05], False, 8, "fsdp=-1")
     assert (c.lora_alpha, c.lora_targets, default.lora_alpha) == (16.0, ".*/q_proj", None)
     assert (default.remat, parse_args(["--remat", "dots"]).remat) == ("none", "dots")
@@ -546,13 +695,17 @@ def test_tasks_and_sources_sit_below_the_command(tmp_path):
     from ls_jax.train import config, tasks
 
     assert tuple(tasks.BY_NAME) == config.TASKS
-    code = ("import sys; from ls_jax.train import main; import ls_jax.train.loop; "
-            "print(sorted(m for m in sys.modules if m.startswith('ls_jax.s3ft'))); "
-            f"sys.exit(main(['--s3ft', '--output-dir', {str(tmp_path / 'out')!r}]))")
+    code = (
+        "import sys; from ls_jax.train import main; import ls_jax.train.loop; "
+        "print(sorted(m for m in sys.modules if m.startswith('ls_jax.s3ft'))); "
+        f"sys.exit(main(['--s3ft', '--output-dir', {str(tmp_path / 'out')!r}]))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert (proc.returncode, proc.stdout.strip()) == (2, "[]")
-    assert proc.stderr.strip() == ("error: --s3ft: the S3FT data source is not loaded: import ls_jax.s3ft first "
-                                   "(train.py and python -m ls_jax.train do)")
+    assert proc.stderr.strip() == (
+        "error: --s3ft: the S3FT data source is not loaded: import ls_jax.s3ft first "
+        "(train.py and python -m ls_jax.train do)"
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -564,8 +717,15 @@ def test_flags_say_what_they_do(tmp_path, capsys):
     from ls_jax.train.config import build_parser
 
     helps = {a.option_strings[0]: a.help for a in build_parser()._actions}
-    for flag, default in (("--steps", 320), ("--lr", 0.003), ("--batch-size", 32), ("--max-length", 48),
-                          ("--eval-fraction", 0.1), ("--lora-rank", 0), ("--num-train", 256)):
+    for flag, default in (
+        ("--steps", 320),
+        ("--lr", 0.003),
+        ("--batch-size", 32),
+        ("--max-length", 48),
+        ("--eval-fraction", 0.1),
+        ("--lora-rank", 0),
+        ("--num-train", 256),
+    ):
         assert helps[flag].endswith(f"(default: {default})"), (flag, helps[flag])
     assert [a.choices for a in build_parser()._actions if a.dest == "task"] == [("causal_lm", "classification")]
     assert [parse_args(["--logit-softcap", v]).logit_softcap for v in ("model", "none", "30")] == ["model", None, 30.0]
@@ -573,20 +733,32 @@ def test_flags_say_what_they_do(tmp_path, capsys):
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(json.dumps({"prompt": f"{i} + 1 = ", "response": str(i + 1)}) + "\n" for i in range(20)))
     both = "--label-smoothing with --compare-smoothing: each run takes its value from --compare-smoothing"
-    for flags, message in [(("--label-smoothing", "1.0"), "--label-smoothing must be in [0, 1), got 1"),
-                           (("--compare-smoothing", "0,1"), "--compare-smoothing must be in [0, 1), got 1"),
-                           (("--label-smoothing", "0.1", "--compare-smoothing", "0,0.2"), both),
-                           (("--label-smoothing", "0", "--compare-smoothing", "0,0.2"), both),
-                           (("--data", str(rows), "--num-train", "100"), "--num-train sizes the generated data"),
-                           (("--data", str(rows), "--num-eval", "10"), "--num-eval sizes the generated data"),
-                           (("--eval-fraction", "0.2",), "--eval-fraction holds out part of --data"),
-                           (("--data", str(rows), "--eval-data", str(rows), "--eval-fraction", "0.2"),
-                            "--eval-fraction holds out part of --data")]:
+    for flags, message in [
+        (("--label-smoothing", "1.0"), "--label-smoothing must be in [0, 1), got 1"),
+        (("--compare-smoothing", "0,1"), "--compare-smoothing must be in [0, 1), got 1"),
+        (("--label-smoothing", "0.1", "--compare-smoothing", "0,0.2"), both),
+        (("--label-smoothing", "0", "--compare-smoothing", "0,0.2"), both),
+        (("--data", str(rows), "--num-train", "100"), "--num-train sizes the generated data"),
+        (("--data", str(rows), "--num-eval", "10"), "--num-eval sizes the generated data"),
+        (
+            (
+                "--eval-fraction",
+                "0.2",
+            ),
+            "--eval-fraction holds out part of --data",
+        ),
+        (
+            ("--data", str(rows), "--eval-data", str(rows), "--eval-fraction", "0.2"),
+            "--eval-fraction holds out part of --data",
+        ),
+    ]:
         assert message in _bad(tmp_path, capsys, *flags), flags
     with pytest.raises(ValueError, match="each run takes its value"):  # from the Python API too
         run(_config(tmp_path / "out", label_smoothing=0.1, compare_smoothing=[0.0, 0.2]))
-    for flags, message in ((["--task", "regression"], "argument --task: invalid choice: 'regression'"),
-                           (["--logit-softcap", "off"], "expected 'model', 'none' or a number, got 'off'")):
+    for flags, message in (
+        (["--task", "regression"], "argument --task: invalid choice: 'regression'"),
+        (["--logit-softcap", "off"], "expected 'model', 'none' or a number, got 'off'"),
+    ):
         with pytest.raises(SystemExit):  # argparse: the usage line, then the error
             parse_args(flags)
         assert message in capsys.readouterr().err.splitlines()[-1]
@@ -618,18 +790,50 @@ if kind == "export":
     export.save_pretrained = killing_export
 sys.exit(main(sys.argv[2:]))
 """
-KILL_FLAGS = ["--steps", "6", "--save-every", "2", "--eval-every", "2", "--log-every", "1", "--num-train", "64",
-              "--num-eval", "16", "--batch-size", "16", "--eval-batch-size", "16", "--max-length", "40",
-              "--warmup-steps", "1", "--label-smoothing", "0.1", "--no-progress"]
+KILL_FLAGS = [
+    "--steps",
+    "6",
+    "--save-every",
+    "2",
+    "--eval-every",
+    "2",
+    "--log-every",
+    "1",
+    "--num-train",
+    "64",
+    "--num-eval",
+    "16",
+    "--batch-size",
+    "16",
+    "--eval-batch-size",
+    "16",
+    "--max-length",
+    "40",
+    "--warmup-steps",
+    "1",
+    "--label-smoothing",
+    "0.1",
+    "--no-progress",
+]
 TIMINGS = ("tokens_per_s", "step_time_s")
 
 
 def _killed_run(out, plan, *flags):
     """Run KILLED_RUN (sharing this module's compilation cache); it must end killed."""
-    env = {**os.environ, "PYTHONPATH": REPO, "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.2"}
-    proc = subprocess.run([sys.executable, "-c", KILLED_RUN, plan, *KILL_FLAGS, "--output-dir", str(out), *flags],
-                          env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "PYTHONPATH": REPO,
+        "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.2",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLED_RUN, plan, *KILL_FLAGS, "--output-dir", str(out), *flags],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
 
 
@@ -652,9 +856,15 @@ def test_killed_and_resumed_run_logs_what_an_uninterrupted_run_logs(tmp_path):
     assert not (out / "hf").exists() and not (out / "final.json").exists()  # ... with nothing under its name
     assert main([*KILL_FLAGS, "--output-dir", str(out), "--resume"]) == 0
     assert _metrics_lines(out) == _metrics_lines(ref)
-    assert [(r["kind"], r["step"]) for r in _metrics_lines(ref) if r["kind"] == "eval"] == [("eval", 2), ("eval", 4), ("eval", 6)]
+    assert [(r["kind"], r["step"]) for r in _metrics_lines(ref) if r["kind"] == "eval"] == [
+        ("eval", 2),
+        ("eval", 4),
+        ("eval", 6),
+    ]
     final, final_ref = (json.loads((d / "final.json").read_text()) for d in (out, ref))
-    assert {k: v for k, v in final.items() if k not in TIMINGS} == {k: v for k, v in final_ref.items() if k not in TIMINGS}
+    assert {k: v for k, v in final.items() if k not in TIMINGS} == {
+        k: v for k, v in final_ref.items() if k not in TIMINGS
+    }
     assert (out / "hf" / "model.safetensors").read_bytes() == (ref / "hf" / "model.safetensors").read_bytes()
     assert sorted(os.listdir(out / "hf")) == sorted(os.listdir(ref / "hf"))
 
@@ -676,21 +886,32 @@ def test_eval_step_splits_content_and_special_tokens():
     (batch,) = eval_batches(examples, 12, 40, tok.pad_token_id)
     mesh = make_mesh("data=1,fsdp=1,tensor=1")
     graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
-    sums = make_eval_step(graphdef, LossOptions(label_smoothing=0.1), param_shardings=tree_shardings(params, mesh),
-                          frozen_shardings=tree_shardings(frozen, mesh), mesh=mesh,
-                          special_ids=tok.all_special_ids)(params, frozen, batch)
+    sums = make_eval_step(
+        graphdef,
+        LossOptions(label_smoothing=0.1),
+        param_shardings=tree_shardings(params, mesh),
+        frozen_shardings=tree_shardings(frozen, mesh),
+        mesh=mesh,
+        special_ids=tok.all_special_ids,
+    )(params, frozen, batch)
     z = np.asarray(model.logits(jnp.asarray(batch["input_ids"]), jnp.asarray(batch["segment_ids"] > 0)), np.float64)
     targets = np.asarray(next_token_targets(batch["labels"], batch["segment_ids"] > 0))
     p = np.exp(z - z.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
-    for name, keep in (("bins", ~np.isin(targets, tok.all_special_ids)), ("special_bins", np.isin(targets, tok.all_special_ids))):
+    for name, keep in (
+        ("bins", ~np.isin(targets, tok.all_special_ids)),
+        ("special_bins", np.isin(targets, tok.all_special_ids)),
+    ):
         sel = (targets != IGNORE_INDEX) & keep
         bins = sums[name]
         assert int(bins.count.sum()) == sel.sum() > 0
         np.testing.assert_allclose(float(bins.confidence_sum.sum()), p.max(-1)[sel].sum(), rtol=1e-4)
         assert int(bins.correct_sum.sum()) == (p.argmax(-1) == targets)[sel].sum()
-        np.testing.assert_allclose(float(bins.nll_sum), -np.log(np.take_along_axis(
-            p, np.where(sel, targets, 0)[..., None], -1)[..., 0][sel]).sum(), rtol=1e-4)
+        np.testing.assert_allclose(
+            float(bins.nll_sum),
+            -np.log(np.take_along_axis(p, np.where(sel, targets, 0)[..., None], -1)[..., 0][sel]).sum(),
+            rtol=1e-4,
+        )
     assert int(sums["special_bins"].count.sum()) == 12  # one end-of-sequence token per row
 
 
@@ -702,19 +923,64 @@ def test_base_stage_then_seeds(tmp_path, capsys):
     kw = dict(steps=2, base_steps=3, num_base=64, compare_smoothing=[0.0, 0.1], seeds=[0, 1], answer_rows=8)
     results = run(_config(out, **kw))
     assert [(r["stage"], r["label_smoothing"], r["seed"], r["step"]) for r in results] == [
-        ("base", 0.0, 0, 3), ("sft", 0.0, 0, 2), ("sft", 0.0, 1, 2), ("sft", 0.1, 0, 2), ("sft", 0.1, 1, 2)]
-    assert sorted(os.listdir(out)) == ["base", "ls0-seed0", "ls0-seed1", "ls0.1-seed0", "ls0.1-seed1",
-                                       "reliability.png", "summary.json"]
+        ("base", 0.0, 0, 3),
+        ("sft", 0.0, 0, 2),
+        ("sft", 0.0, 1, 2),
+        ("sft", 0.1, 0, 2),
+        ("sft", 0.1, 1, 2),
+    ]
+    assert sorted(os.listdir(out)) == [
+        "base",
+        "ls0-seed0",
+        "ls0-seed1",
+        "ls0.1-seed0",
+        "ls0.1-seed1",
+        "reliability.png",
+        "summary.json",
+    ]
     base = from_pretrained(str(out / "base" / "hf"))
     first = _checkpoint_model(out / "ls0-seed0", 2)  # the fine-tuned run is the base plus 2 steps: close, not equal
     ids = jnp.arange(10)[None] % base.spec.vocab_size
     gap = float(jnp.abs(first.logits(ids) - base.logits(ids)).max())
     assert 0 < gap < 2.0
     base_lines = (out / "base" / "metrics.jsonl").read_text()
-    assert main(["--output-dir", str(out), "--resume", "--no-progress", "--steps", "2", "--base-steps", "3",
-                 "--num-base", "64", "--num-train", "192", "--num-eval", "32", "--max-length", "40",
-                 "--batch-size", "16", "--eval-batch-size", "32", "--warmup-steps", "2", "--eval-every", "1000",
-                 "--save-every", "1000", "--log-every", "1", "--answer-rows", "8"]) == 0
+    assert (
+        main(
+            [
+                "--output-dir",
+                str(out),
+                "--resume",
+                "--no-progress",
+                "--steps",
+                "2",
+                "--base-steps",
+                "3",
+                "--num-base",
+                "64",
+                "--num-train",
+                "192",
+                "--num-eval",
+                "32",
+                "--max-length",
+                "40",
+                "--batch-size",
+                "16",
+                "--eval-batch-size",
+                "32",
+                "--warmup-steps",
+                "2",
+                "--eval-every",
+                "1000",
+                "--save-every",
+                "1000",
+                "--log-every",
+                "1",
+                "--answer-rows",
+                "8",
+            ]
+        )
+        == 0
+    )
     assert (out / "base" / "metrics.jsonl").read_text() == base_lines
     printed = capsys.readouterr().out
     for label in ("base", "base + T", "SFT a=0 + T", "SFT a=0.1", "addition questions", "content tokens"):

@@ -25,8 +25,9 @@ class _Fixed:
         return LOGITS
 
 
-@pytest.mark.parametrize("convention, first_row", [("others", [0.8, 0.1, 0.1]),
-                                                   ("uniform", [0.8 + 0.2 / 3, 0.2 / 3, 0.2 / 3])])
+@pytest.mark.parametrize(
+    "convention, first_row", [("others", [0.8, 0.1, 0.1]), ("uniform", [0.8 + 0.2 / 3, 0.2 / 3, 0.2 / 3])]
+)
 def test_smoothing_conventions_equal_optax_on_hand_written_targets(convention, first_row):
     """a = 0.2 on 3 classes: "others" is [0.8, 0.1, 0.1] for class 0, "uniform" PyTorch / optax's."""
     batch = {"input_ids": jnp.zeros((2, 4), jnp.int32), "labels": jnp.array([0, 2])}
@@ -36,8 +37,9 @@ def test_smoothing_conventions_equal_optax_on_hand_written_targets(convention, f
     np.testing.assert_allclose(loss, optax.softmax_cross_entropy(LOGITS, q).mean(), rtol=1e-6)
     # a soft label t: (1 - a) t + a (1 - t) / (K - 1) under "others"
     soft = jnp.array([[0.6, 0.4, 0.0], [0.0, 0.5, 0.5]])
-    loss, _ = sequence_classification_loss(_Fixed(), {**batch, "labels": soft}, label_smoothing=0.2,
-                                           smoothing_convention=convention)
+    loss, _ = sequence_classification_loss(
+        _Fixed(), {**batch, "labels": soft}, label_smoothing=0.2, smoothing_convention=convention
+    )
     want = 0.8 * soft + (0.2 * (1 - soft) / 2 if convention == "others" else 0.2 / 3)
     np.testing.assert_allclose(loss, optax.softmax_cross_entropy(LOGITS, want).mean(), rtol=1e-6)
     traced = jax.jit(convention_smoothing, static_argnums=(1, 2))(0.2, 3, convention)  # a schedule's value
@@ -56,9 +58,13 @@ def test_labels_index_name_or_distribution():
     np.testing.assert_array_equal(target(1, ["0", "1", "2"], "x"), [0, 1, 0])
     np.testing.assert_array_equal(target(np.int64(2), ["0", "1", "2"], "x"), [0, 0, 1])  # parquet columns
     np.testing.assert_array_equal(target({"pos": np.float32(1.0)}, classes, "x"), [0, 1])
-    bad = [({"neg": 60, "pos": 40}, "not a distribution (sums to 100, not 1)"),
-           ({"neg": -0.5, "pos": 1.5}, "-0.5 of 'neg' is not a number >= 0"),
-           ({"neu": 1.0}, "unknown class 'neu'"), ("neu", "not one of the classes"), (5, "outside [0, 2)")]
+    bad = [
+        ({"neg": 60, "pos": 40}, "not a distribution (sums to 100, not 1)"),
+        ({"neg": -0.5, "pos": 1.5}, "-0.5 of 'neg' is not a number >= 0"),
+        ({"neu": 1.0}, "unknown class 'neu'"),
+        ("neu", "not one of the classes"),
+        (5, "outside [0, 2)"),
+    ]
     for label, message in bad:
         with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
             target(label, classes, "line 3")
@@ -80,8 +86,22 @@ def test_bad_soft_label_is_a_one_line_error(tmp_path, capsys):
     assert not out.exists()
     assert main(["--smoothing-convention", "others", "--output-dir", str(out), "--no-progress"]) == 2
     assert "is for --task classification" in capsys.readouterr().err
-    assert main(["--task", "classification", "--smoothing-convention", "others", "--label-smoothing", "0.7",
-                 "--output-dir", str(out), "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "--task",
+                "classification",
+                "--smoothing-convention",
+                "others",
+                "--label-smoothing",
+                "0.7",
+                "--output-dir",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert "at most 0.6667 on 3 classes" in capsys.readouterr().err
 
 
@@ -94,14 +114,30 @@ def test_lora_classifier_run_and_its_report(tmp_path, monkeypatch):
 
     titles = []
     draw = loop.reliability_diagram
-    monkeypatch.setattr(loop, "reliability_diagram",
-                        lambda bins, path, title: (titles.append(title), draw(bins, path, title=title))[1])
+    monkeypatch.setattr(
+        loop, "reliability_diagram", lambda bins, path, title: (titles.append(title), draw(bins, path, title=title))[1]
+    )
 
     out = tmp_path / "run"
-    config = TrainConfig(task="classification", num_train=128, num_eval=48, steps=12, batch_size=16,
-                         eval_batch_size=32, lr=1e-2, warmup_steps=1, lora_rank=2, lora_alpha=4.0,
-                         label_smoothing=0.1, smoothing_convention="others", output_dir=str(out), progress=False,
-                         eval_every=1000, save_every=1000, log_every=1)
+    config = TrainConfig(
+        task="classification",
+        num_train=128,
+        num_eval=48,
+        steps=12,
+        batch_size=16,
+        eval_batch_size=32,
+        lr=1e-2,
+        warmup_steps=1,
+        lora_rank=2,
+        lora_alpha=4.0,
+        label_smoothing=0.1,
+        smoothing_convention="others",
+        output_dir=str(out),
+        progress=False,
+        eval_every=1000,
+        save_every=1000,
+        log_every=1,
+    )
     (final,) = run(config)
     assert final["classes"] == ["Negative", "Neutral", "Positive"] and final["examples"] == 48
     losses = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").open()) if r["kind"] == "train"]
@@ -117,25 +153,51 @@ def test_lora_classifier_run_and_its_report(tmp_path, monkeypatch):
 
     tok = AutoTokenizer.from_pretrained(str(out / "hf"), local_files_only=True)
     exported = from_pretrained(str(out / "hf"))
-    fresh = from_config(tiny_llama_config(vocab_size=len(tok), **TINY_MODELS["tiny"]),
-                        task="sequence_classification", num_labels=3, seed=config.seed)
+    fresh = from_config(
+        tiny_llama_config(vocab_size=len(tok), **TINY_MODELS["tiny"]),
+        task="sequence_classification",
+        num_labels=3,
+        seed=config.seed,
+    )
     assert not np.allclose(exported.score.kernel[...], fresh.score.kernel[...])  # the head trained
-    assert not np.allclose(exported.model.layers[0].self_attn.q_proj.kernel[...],
-                           fresh.model.layers[0].self_attn.q_proj.kernel[...])  # adapters merged in
+    assert not np.allclose(
+        exported.model.layers[0].self_attn.q_proj.kernel[...], fresh.model.layers[0].self_attn.q_proj.kernel[...]
+    )  # adapters merged in
     np.testing.assert_array_equal(exported.model.embed_tokens.embedding[...], fresh.model.embed_tokens.embedding[...])
     _, held = generate(128, 48, seed=config.seed)
     classes = final["classes"]
     q = np.stack([target(r["label"], classes, "") for r in held])
-    logits = np.concatenate([np.asarray(exported(jnp.asarray([[tok.bos_token_id] + tok(r["text"], add_special_tokens=False)["input_ids"]])))
-                             for r in held])
+    logits = np.concatenate(
+        [
+            np.asarray(
+                exported(jnp.asarray([[tok.bos_token_id] + tok(r["text"], add_special_tokens=False)["input_ids"]]))
+            )
+            for r in held
+        ]
+    )
     log_p = np.asarray(jax.nn.log_softmax(jnp.asarray(logits)))
     assert final["accuracy"] == pytest.approx(np.mean(logits.argmax(-1) == q.argmax(-1)))
     assert final["log_loss"] == pytest.approx(-(q * log_p).sum(-1).mean(), rel=1e-4)
 
 
 # the smallest classification run of the command line (generated reviews)
-TINY_FLAGS = ["--task", "classification", "--num-train", "64", "--num-eval", "32", "--steps", "2", "--batch-size", "16",
-              "--eval-batch-size", "32", "--max-length", "24", "--no-progress"]
+TINY_FLAGS = [
+    "--task",
+    "classification",
+    "--num-train",
+    "64",
+    "--num-eval",
+    "32",
+    "--steps",
+    "2",
+    "--batch-size",
+    "16",
+    "--eval-batch-size",
+    "32",
+    "--max-length",
+    "24",
+    "--no-progress",
+]
 
 
 def test_compare_smoothing_report(tmp_path, capsys, monkeypatch):
@@ -146,8 +208,9 @@ def test_compare_smoothing_report(tmp_path, capsys, monkeypatch):
 
     panels = []
     draw = calibration.reliability_diagrams
-    monkeypatch.setattr(calibration, "reliability_diagrams",
-                        lambda grid, path: (panels.append(grid), draw(grid, path))[1])
+    monkeypatch.setattr(
+        calibration, "reliability_diagrams", lambda grid, path: (panels.append(grid), draw(grid, path))[1]
+    )
     out = tmp_path / "run"
     assert main([*TINY_FLAGS, "--compare-smoothing", "0,0.2", "--output-dir", str(out)]) == 0
     table = capsys.readouterr().out.splitlines()
@@ -155,7 +218,9 @@ def test_compare_smoothing_report(tmp_path, capsys, monkeypatch):
     assert (out / "reliability.png").stat().st_size > 0
     combined = panels[-1]
     assert [(title, ceiling) for title, _, ceiling in combined[0]] == [
-        ("SFT a=0, 3 classes", None), ("SFT a=0.2, 3 classes", pytest.approx(0.8 + 0.2 / 3))]
+        ("SFT a=0, 3 classes", None),
+        ("SFT a=0.2, 3 classes", pytest.approx(0.8 + 0.2 / 3)),
+    ]
 
 
 def test_declared_classes(tmp_path, capsys):
@@ -167,19 +232,35 @@ def test_declared_classes(tmp_path, capsys):
     rows = [{"text": f"review {i}", "label": ["neg", "neu", "pos"][i % 3]} for i in range(30)]
     rows[7]["label"] = "posittive"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    flags = ["--task", "classification", "--data", str(data), "--batch-size", "4", "--no-progress",
-             "--output-dir", str(tmp_path / "out")]
+    flags = [
+        "--task",
+        "classification",
+        "--data",
+        str(data),
+        "--batch-size",
+        "4",
+        "--no-progress",
+        "--output-dir",
+        str(tmp_path / "out"),
+    ]
     assert main([*flags, "--classes", "pos,neu,neg"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {data} (") and err.endswith(
-        "line 8: label 'posittive' is not one of the classes (pos, neu, neg)"), err
+        "line 8: label 'posittive' is not one of the classes (pos, neu, neg)"
+    ), err
     assert prepare(TrainConfig(task="classification", data=str(data), batch_size=4)).classes == [
-        "neg", "neu", "pos", "posittive"]
+        "neg",
+        "neu",
+        "pos",
+        "posittive",
+    ]
     data.write_text("".join(json.dumps({**r, "label": i % 3}) + "\n" for i, r in enumerate(rows)))
     prep = prepare(TrainConfig(task="classification", data=str(data), batch_size=4, classes=["pos", "neu", "neg"]))
     assert prep.classes == ["pos", "neu", "neg"] and all(r["targets"].shape == (3,) for r in prep.train)
-    for bad, message in ((["--classes", "a,b,a"], "--classes repeats a class"),
-                         (["--classes", "a"], "--classes needs at least 2 classes")):
+    for bad, message in (
+        (["--classes", "a,b,a"], "--classes repeats a class"),
+        (["--classes", "a"], "--classes needs at least 2 classes"),
+    ):
         assert main([*flags, *bad]) == 2
         assert capsys.readouterr().err.strip() == f"error: {message}"
     assert main(["--classes", "a,b", "--no-progress", "--output-dir", str(tmp_path / "out")]) == 2

@@ -34,14 +34,34 @@ def unsharded_variables():
 
 def _model(kind: str):
     if kind.startswith("qwen2"):
-        config = qwen2.ModelConfig(num_layers=2, vocab_size=V, embed_dim=32, hidden_dim=64, num_heads=4, head_dim=8,
-                                   num_kv_heads=2, rope_theta=10000, norm_eps=1e-6,
-                                   use_tied_embedding=kind == "qwen2_tied")
+        config = qwen2.ModelConfig(
+            num_layers=2,
+            vocab_size=V,
+            embed_dim=32,
+            hidden_dim=64,
+            num_heads=4,
+            head_dim=8,
+            num_kv_heads=2,
+            rope_theta=10000,
+            norm_eps=1e-6,
+            use_tied_embedding=kind == "qwen2_tied",
+        )
         return qwen2.Qwen2(config, rngs=nnx.Rngs(0))
-    config = gemma.ModelConfig(num_layers=2, num_embed=V, embed_dim=32, hidden_dim=64, num_heads=4, head_dim=8,
-                               num_kv_heads=2, final_logit_softcap=2.0, use_post_attn_norm=True,
-                               use_pre_ffw_norm=True, use_post_ffw_norm=True, sliding_window_size=4,
-                               attention_types=(gemma.AttentionType.LOCAL_SLIDING, gemma.AttentionType.GLOBAL))
+    config = gemma.ModelConfig(
+        num_layers=2,
+        num_embed=V,
+        embed_dim=32,
+        hidden_dim=64,
+        num_heads=4,
+        head_dim=8,
+        num_kv_heads=2,
+        final_logit_softcap=2.0,
+        use_post_attn_norm=True,
+        use_pre_ffw_norm=True,
+        use_post_ffw_norm=True,
+        sliding_window_size=4,
+        attention_types=(gemma.AttentionType.LOCAL_SLIDING, gemma.AttentionType.GLOBAL),
+    )
     return gemma.Transformer(config, rngs=nnx.Rngs(0))
 
 
@@ -50,8 +70,12 @@ def _inputs(seed=0, b=3, t=9):
     tokens = jax.random.randint(jax.random.key(seed), (b, t), 0, V)
     mask = jnp.ones((b, t), bool).at[1, 6:].set(False).at[2, :3].set(False)
     real = jnp.ones((b, t), bool).at[1, 6:].set(False)
-    return {"input_tokens": tokens, "input_mask": mask, "positions": utils.build_positions_from_mask(real),
-            "attention_mask": utils.make_causal_attn_mask(real)}
+    return {
+        "input_tokens": tokens,
+        "input_mask": mask,
+        "positions": utils.build_positions_from_mask(real),
+        "attention_mask": utils.make_causal_attn_mask(real),
+    }
 
 
 def _optax_loss(model, inputs, a):

@@ -84,8 +84,9 @@ def bin_edges(n_bins: int) -> np.ndarray:
 
 
 @partial(jax.jit, static_argnames=("n_bins", "binning"))
-def bin_statistics(confidence, correct, *, n_bins: int = 15, binning: str = "width", where=None,
-                   nll=None, brier=None) -> CalibrationBins:
+def bin_statistics(
+    confidence, correct, *, n_bins: int = 15, binning: str = "width", where=None, nll=None, brier=None
+) -> CalibrationBins:
     """Per-bin sums of top-label confidences and correctness (binning conventions: module docstring).
 
     Args:
@@ -128,6 +129,7 @@ def bin_statistics(confidence, correct, *, n_bins: int = 15, binning: str = "wid
         index = jnp.where(rank < big, rank // (q + 1), r + (rank - big) // jnp.maximum(q, 1))
         index = jnp.minimum(index, n_bins - 1)
     seg = partial(jax.ops.segment_sum, segment_ids=index, num_segments=n_bins + 1)
+
     def total(x, missing):
         return jnp.float32(missing) if x is None else jnp.where(valid, jnp.asarray(x, jnp.float32).ravel(), 0.0).sum()
 

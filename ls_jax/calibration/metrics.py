@@ -87,8 +87,9 @@ def top_label(scores, labels, *, from_logits: bool = False):
 
 
 @_metric("from_logits", "n_bins", "binning", "norm")
-def calibration_error(scores, labels, *, from_logits: bool = False, n_bins: int = 15,
-                      binning: str = "width", norm: str = "l1", where=None):
+def calibration_error(
+    scores, labels, *, from_logits: bool = False, n_bins: int = 15, binning: str = "width", norm: str = "l1", where=None
+):
     """Top-label calibration error: ECE, RMS or maximum calibration error.
 
     Args:

@@ -1,13 +1,11 @@
 """Reliability diagrams of equal-width bins as PNG files (matplotlib, imported when drawing)."""
 
-from typing import Optional
-
 import numpy as np
 
 from ls_jax.calibration.bins import CalibrationBins, bin_edges, errors_from_bins
 
 
-def _draw_reliability(top, bottom, bins: CalibrationBins, title: Optional[str], ceiling: Optional[float]) -> None:
+def _draw_reliability(top, bottom, bins: CalibrationBins, title: str | None, ceiling: float | None) -> None:
     """One reliability diagram of equal-width ``bins`` on the axes ``top`` (accuracy per bin, the
     gap to the mean confidence, the diagonal, an optional vertical confidence ``ceiling``) and
     ``bottom`` (sample counts)."""
@@ -20,10 +18,19 @@ def _draw_reliability(top, bottom, bins: CalibrationBins, title: Optional[str], 
     left, width, full = edges[:-1], 1.0 / n_bins, count[:-1] > 0
     ece = float(errors_from_bins(bins)["ece"])
     top.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
-    top.bar(left[full], acc[:-1][full], width=width, align="edge", edgecolor="k", color="tab:blue",
-            label="accuracy")
-    top.bar(left[full], (conf - acc)[:-1][full], bottom=acc[:-1][full], width=width, align="edge",
-            color="tab:red", alpha=0.35, edgecolor="tab:red", hatch="//", label="gap to confidence")
+    top.bar(left[full], acc[:-1][full], width=width, align="edge", edgecolor="k", color="tab:blue", label="accuracy")
+    top.bar(
+        left[full],
+        (conf - acc)[:-1][full],
+        bottom=acc[:-1][full],
+        width=width,
+        align="edge",
+        color="tab:red",
+        alpha=0.35,
+        edgecolor="tab:red",
+        hatch="//",
+        label="gap to confidence",
+    )
     if count[-1] > 0:
         top.plot([1.0], [acc[-1]], "o", color="tab:purple", label="confidence = 1.0")
     if ceiling is not None:
@@ -32,8 +39,7 @@ def _draw_reliability(top, bottom, bins: CalibrationBins, title: Optional[str], 
     top.set_ylim(0, 1)
     top.set_ylabel("accuracy")
     top.legend(loc="upper left", fontsize=7)
-    top.set_title(f"{title + ': ' if title else ''}ECE = {ece:.4f} (n = {int(count.sum())}, {n_bins} bins)",
-                  fontsize=9)
+    top.set_title(f"{title + ': ' if title else ''}ECE = {ece:.4f} (n = {int(count.sum())}, {n_bins} bins)", fontsize=9)
     bottom.bar(left, count[:-1], width=width, align="edge", edgecolor="k", color="tab:gray")
     if count[-1] > 0:
         bottom.bar([1.0], [count[-1]], width=width / 4, color="tab:purple")
@@ -41,8 +47,7 @@ def _draw_reliability(top, bottom, bins: CalibrationBins, title: Optional[str], 
     bottom.set_ylabel("count")
 
 
-def reliability_diagram(bins: CalibrationBins, path, *, title: Optional[str] = None,
-                        ceiling: Optional[float] = None) -> str:
+def reliability_diagram(bins: CalibrationBins, path, *, title: str | None = None, ceiling: float | None = None) -> str:
     """Write a reliability diagram PNG of equal-width bins.
 
     Top: per-bin accuracy bars over ``[k / n, (k + 1) / n)``, the gap to the mean confidence

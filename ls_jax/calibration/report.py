@@ -1,7 +1,6 @@
 """A calibration summary of all metrics (:class:`CalibrationReport`), from scores or from bins."""
 
 import dataclasses
-from typing import Optional
 
 import numpy as np
 
@@ -29,9 +28,9 @@ class CalibrationReport:
     max_calibration_error: float
     n_bins: int
     bins: CalibrationBins
-    ece_equal_mass: Optional[float] = None
-    brier: Optional[float] = None
-    classwise_ece: Optional[float] = None
+    ece_equal_mass: float | None = None
+    brier: float | None = None
+    classwise_ece: float | None = None
 
     @classmethod
     def from_bins(cls, bins: CalibrationBins, **extra) -> "CalibrationReport":
@@ -56,9 +55,18 @@ class CalibrationReport:
         e = {k: float(v) for k, v in errors_from_bins(bins).items()}
         if not np.isnan(e["brier"]):
             extra.setdefault("brier", e["brier"])
-        return cls(count=int(bins.count.sum()), accuracy=e["accuracy"], mean_confidence=e["confidence"],
-                   nll=e["nll"], ece=e["ece"], rms_calibration_error=e["rms"],
-                   max_calibration_error=e["mce"], n_bins=len(bins.count) - 1, bins=bins, **extra)
+        return cls(
+            count=int(bins.count.sum()),
+            accuracy=e["accuracy"],
+            mean_confidence=e["confidence"],
+            nll=e["nll"],
+            ece=e["ece"],
+            rms_calibration_error=e["rms"],
+            max_calibration_error=e["mce"],
+            n_bins=len(bins.count) - 1,
+            bins=bins,
+            **extra,
+        )
 
     def to_dict(self) -> dict:
         """JSON-ready dict: the scalar fields, and ``bins``: ``edges`` (``[n_bins + 2]``, the last 1.0
@@ -87,8 +95,9 @@ class CalibrationReport:
         return out
 
 
-def calibration_report(scores, labels, *, from_logits: bool = False, n_bins: int = 15,
-                       where=None, classwise: bool = True) -> CalibrationReport:
+def calibration_report(
+    scores, labels, *, from_logits: bool = False, n_bins: int = 15, where=None, classwise: bool = True
+) -> CalibrationReport:
     """All the metrics of scores and labels in one :class:`CalibrationReport`.
 
     Args:

@@ -1,7 +1,6 @@
 """Token-level calibration of a causal LM from the fused loss' statistics, without ``[N, V]`` logits."""
 
 from functools import partial
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -10,8 +9,19 @@ from ls_jax.calibration.bins import CalibrationBins, bin_statistics
 from ls_jax.losses import linear_smoothed_cross_entropy
 
 
-def token_brier(hidden, weight, labels, stats, *, bias=None, ignore_index: int = -100, where=None,
-                logit_softcap: Optional[float] = None, impl: str = "auto", blocks=None) -> jax.Array:
+def token_brier(
+    hidden,
+    weight,
+    labels,
+    stats,
+    *,
+    bias=None,
+    ignore_index: int = -100,
+    where=None,
+    logit_softcap: float | None = None,
+    impl: str = "auto",
+    blocks=None,
+) -> jax.Array:
     """Exact multi-class Brier score per token, ``sum_v p_v^2 - 2 p_label + 1``, from one more fused pass.
 
     ``sum_v p_v^2 = exp(lse(2z) - 2 lse(z))``, and ``2z`` is the same problem with hidden and bias
@@ -52,9 +62,18 @@ def token_brier(hidden, weight, labels, stats, *, bias=None, ignore_index: int =
       (2, 3) True 0.0
     """
     _, doubled = linear_smoothed_cross_entropy(
-        2 * jnp.asarray(hidden), weight, labels, bias=None if bias is None else 2 * jnp.asarray(bias),
-        logit_softcap=None if logit_softcap is None else 2 * logit_softcap, ignore_index=ignore_index,
-        where=where, reduction="none", impl=impl, blocks=blocks, return_stats=True)
+        2 * jnp.asarray(hidden),
+        weight,
+        labels,
+        bias=None if bias is None else 2 * jnp.asarray(bias),
+        logit_softcap=None if logit_softcap is None else 2 * logit_softcap,
+        ignore_index=ignore_index,
+        where=where,
+        reduction="none",
+        impl=impl,
+        blocks=blocks,
+        return_stats=True,
+    )
     return jnp.exp(doubled.lse - 2 * stats.lse) - 2 * jnp.exp(stats.target_logprob) + 1
 
 
@@ -86,14 +105,26 @@ def token_bins(stats, labels, *, n_bins: int = 15, brier=None) -> CalibrationBin
       5 True
     """
     correct = stats.prediction == jnp.asarray(labels)
-    return bin_statistics(stats.confidence, correct, n_bins=n_bins, where=stats.valid,
-                          nll=-stats.target_logprob, brier=brier)
+    return bin_statistics(
+        stats.confidence, correct, n_bins=n_bins, where=stats.valid, nll=-stats.target_logprob, brier=brier
+    )
 
 
 @partial(jax.jit, static_argnames=("n_bins", "ignore_index", "logit_softcap", "impl", "blocks", "with_brier"))
-def token_calibration(hidden, weight, labels, *, n_bins: int = 15, bias=None, ignore_index: int = -100,
-                      where=None, logit_softcap: Optional[float] = None, impl: str = "auto",
-                      blocks=None, with_brier: bool = True) -> CalibrationBins:
+def token_calibration(
+    hidden,
+    weight,
+    labels,
+    *,
+    n_bins: int = 15,
+    bias=None,
+    ignore_index: int = -100,
+    where=None,
+    logit_softcap: float | None = None,
+    impl: str = "auto",
+    blocks=None,
+    with_brier: bool = True,
+) -> CalibrationBins:
     """Equal-width :class:`CalibrationBins` of next-token predictions, without ``[N, V]`` logits.
 
     One pass of :func:`ls_jax.losses.linear_smoothed_cross_entropy` and, with ``with_brier``, one
@@ -135,8 +166,9 @@ def token_calibration(hidden, weight, labels, *, n_bins: int = 15, bias=None, ig
       >>> print(report.count, abs(report.ece - dense.ece) < 1e-5, abs(report.brier - dense.brier) < 1e-5)
       5 True True
     """
-    common = dict(bias=bias, ignore_index=ignore_index, where=where, logit_softcap=logit_softcap, impl=impl,
-                  blocks=blocks)
+    common = dict(
+        bias=bias, ignore_index=ignore_index, where=where, logit_softcap=logit_softcap, impl=impl, blocks=blocks
+    )
     _, stats = linear_smoothed_cross_entropy(hidden, weight, labels, reduction="none", return_stats=True, **common)
     brier = token_brier(hidden, weight, labels, stats, **common) if with_brier else None
     return token_bins(stats, labels, n_bins=n_bins, brier=brier)

@@ -30,7 +30,25 @@ from ls_jax.data.packing import build_row, pack
 from ls_jax.data.responses import PROBABILITY_TOLERANCE, expand_responses, probabilities, weighted_responses
 
 __all__ = [
-    "IGNORE_INDEX", "PROBABILITY_TOLERANCE", "SIMPLE_TEMPLATE", "Batches", "DataError", "Encoded", "Example",
-    "PrepareStats", "build_row", "encode_row", "encode_shared", "eval_batches", "expand_responses", "load_rows",
-    "pack", "prepare", "probabilities", "prompt_ids", "read_jsonl", "tokenize_example", "weighted_responses",
+    "IGNORE_INDEX",
+    "PROBABILITY_TOLERANCE",
+    "SIMPLE_TEMPLATE",
+    "Batches",
+    "DataError",
+    "Encoded",
+    "Example",
+    "PrepareStats",
+    "build_row",
+    "encode_row",
+    "encode_shared",
+    "eval_batches",
+    "expand_responses",
+    "load_rows",
+    "pack",
+    "prepare",
+    "probabilities",
+    "prompt_ids",
+    "read_jsonl",
+    "tokenize_example",
+    "weighted_responses",
 ]

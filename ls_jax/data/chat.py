@@ -8,8 +8,6 @@
   template) is a response; all other text is prompt.
 """
 
-from typing import List, Tuple
-
 import numpy as np
 
 from ls_jax.data.errors import DataError
@@ -18,13 +16,13 @@ IGNORE_INDEX = -100
 SIMPLE_TEMPLATE = "<|{role}|>\n{content}\n"
 
 
-def _segments(row: dict, tokenizer, where: str) -> List[Tuple[str, bool]]:
+def _segments(row: dict, tokenizer, where: str) -> list[tuple[str, bool]]:
     """The example as ``(text, is_response)`` pieces, in order; ``where`` names the row in errors."""
     if "messages" in row and row["messages"] is not None:
         msgs = row["messages"]
         if not isinstance(msgs, (list, tuple)) or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in msgs):
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs
+        ):
             raise DataError(f"{where}: 'messages' must be a list of {{'role': str, 'content': str}} objects")
         if getattr(tokenizer, "chat_template", None):
             return _chat_template_segments(list(msgs), tokenizer, where)
@@ -46,14 +44,14 @@ def _segments(row: dict, tokenizer, where: str) -> List[Tuple[str, bool]]:
     raise DataError(f"{where}: needs 'messages' or 'prompt' and 'response' fields, has {fields}")
 
 
-def _responses(row: dict) -> List[str]:
+def _responses(row: dict) -> list[str]:
     """The response texts of a row that :func:`_segments` accepted."""
     if row.get("messages") is not None:
         return [m["content"] for m in row["messages"] if m["role"] == "assistant"]
     return [row["response"]]
 
 
-def _chat_template_segments(msgs: List[dict], tokenizer, where: str) -> List[Tuple[str, bool]]:
+def _chat_template_segments(msgs: list[dict], tokenizer, where: str) -> list[tuple[str, bool]]:
     """Split a chat-template rendering at each assistant message by rendering prefixes."""
     out, done = [], ""
     for i, m in enumerate(msgs):
@@ -63,19 +61,19 @@ def _chat_template_segments(msgs: List[dict], tokenizer, where: str) -> List[Tup
         upto = tokenizer.apply_chat_template(msgs[: i + 1], tokenize=False)
         if not before.startswith(done) or not upto.startswith(before):
             raise DataError(f"{where}: the chat template does not render conversations prefix by prefix")
-        out += [(before[len(done):], False), (upto[len(before):], True)]
+        out += [(before[len(done) :], False), (upto[len(before) :], True)]
         done = upto
     full = tokenizer.apply_chat_template(msgs, tokenize=False)
     if not full.startswith(done):
         raise DataError(f"{where}: the chat template does not render conversations prefix by prefix")
-    out.append((full[len(done):], False))
+    out.append((full[len(done) :], False))
     return out
 
 
-def _encode(segs: List[Tuple[str, bool]], tokenizer, templated: bool) -> Tuple[np.ndarray, np.ndarray]:
+def _encode(segs: list[tuple[str, bool]], tokenizer, templated: bool) -> tuple[np.ndarray, np.ndarray]:
     """``(input_ids, labels)`` of the pieces ``segs``, a bos first unless ``templated``."""
-    ids: List[int] = []
-    labels: List[int] = []
+    ids: list[int] = []
+    labels: list[int] = []
     if tokenizer.bos_token_id is not None and not templated:
         ids.append(tokenizer.bos_token_id)
         labels.append(IGNORE_INDEX)
@@ -92,7 +90,7 @@ def _templated(row: dict, tokenizer) -> bool:
     return "messages" in row and bool(getattr(tokenizer, "chat_template", None))
 
 
-def tokenize_example(row: dict, tokenizer, where: str = "row 1") -> Tuple[np.ndarray, np.ndarray]:
+def tokenize_example(row: dict, tokenizer, where: str = "row 1") -> tuple[np.ndarray, np.ndarray]:
     """``(input_ids [T] int32, labels [T] int32)`` with ``IGNORE_INDEX`` on prompt tokens.
 
     With no chat template a bos token (if the tokenizer has one) starts the sequence.

@@ -1,7 +1,7 @@
 """Rows to examples: tokenise, truncate, count and drop, optionally sharing the work between processes."""
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -20,23 +20,32 @@ class PrepareStats:
     empty: int = 0
 
     def log_line(self, name: str, max_length: int) -> str:
-        line = (f"{name}: {self.rows} examples, {self.truncated} truncated to {max_length} tokens, "
-                f"{self.dropped} dropped with no response token left")
+        line = (
+            f"{name}: {self.rows} examples, {self.truncated} truncated to {max_length} tokens, "
+            f"{self.dropped} dropped with no response token left"
+        )
         return line + (f", {self.empty} with an empty response" if self.empty else "")
 
 
-Encoded = Tuple[np.ndarray, np.ndarray, bool]  # (input_ids, labels) cut to max_length, whether cut
+Encoded = tuple[np.ndarray, np.ndarray, bool]  # (input_ids, labels) cut to max_length, whether cut
 
 
-def encode_row(rows, i: int, tokenizer, max_length: int, where: Optional[Sequence[str]] = None) -> Encoded:
+def encode_row(rows, i: int, tokenizer, max_length: int, where: Sequence[str] | None = None) -> Encoded:
     """Row ``i`` of ``rows`` tokenised (:func:`tokenize_example`) and cut to ``max_length``; ``where``
     as in :func:`prepare`. Raises :class:`DataError` for a bad row."""
     ids, labels = tokenize_example(rows[i], tokenizer, f"row {i + 1}" if where is None else where[i])
     return ids[:max_length], labels[:max_length], len(ids) > max_length
 
 
-def encode_shared(rows, tokenizer, max_length: int, where: Optional[Sequence[str]], index: int, count: int,
-                  gather: Callable[[np.ndarray], List[np.ndarray]]) -> Callable[[int], Encoded]:
+def encode_shared(
+    rows,
+    tokenizer,
+    max_length: int,
+    where: Sequence[str] | None,
+    index: int,
+    count: int,
+    gather: Callable[[np.ndarray], list[np.ndarray]],
+) -> Callable[[int], Encoded]:
     """:func:`encode_row` of every row, process ``index`` of ``count`` tokenising only its share
     (rows ``index``, ``index + count``, ...): the shares are exchanged through ``gather`` (every
     process's int32 array ``[*]``, in process order: an all-gather). Returns ``encoded(i)``. A row
@@ -53,18 +62,24 @@ def encode_shared(rows, tokenizer, max_length: int, where: Optional[Sequence[str
     for part in gather(np.concatenate(mine + [np.zeros(0, np.int64)]).astype(np.int32)):
         at = 0
         while at < len(part):
-            i, ok, cut, n = (int(x) for x in part[at:at + 4])
-            table[i] = (part[at + 4:at + 4 + n], part[at + 4 + n:at + 4 + 2 * n], bool(cut)) if ok else None
+            i, ok, cut, n = (int(x) for x in part[at : at + 4])
+            table[i] = (part[at + 4 : at + 4 + n], part[at + 4 + n : at + 4 + 2 * n], bool(cut)) if ok else None
             at += 4 + 2 * n
     return lambda i: table[i] or encode_row(rows, i, tokenizer, max_length, where)
 
 
-Example = Tuple[np.ndarray, np.ndarray, float]  # (input_ids [T] int32, labels [T] int32, weight of its tokens)
+Example = tuple[np.ndarray, np.ndarray, float]  # (input_ids [T] int32, labels [T] int32, weight of its tokens)
 
 
-def prepare(rows, tokenizer, max_length: int, name: str = "data", where: Optional[Sequence[str]] = None,
-            encoded: Optional[Callable[[int], Encoded]] = None,
-            weights: Optional[Sequence[float]] = None) -> Tuple[List[Example], PrepareStats]:
+def prepare(
+    rows,
+    tokenizer,
+    max_length: int,
+    name: str = "data",
+    where: Sequence[str] | None = None,
+    encoded: Callable[[int], Encoded] | None = None,
+    weights: Sequence[float] | None = None,
+) -> tuple[list[Example], PrepareStats]:
     """Tokenise, truncate to ``max_length`` and drop examples without response tokens.
 
     Returns the examples ``(input_ids, labels, weight)`` and the counts; ``weights``: each row's
@@ -90,9 +105,12 @@ def prepare(rows, tokenizer, max_length: int, name: str = "data", where: Optiona
         examples.append((ids, labels, 1.0 if weights is None else float(weights[i])))
     stats = PrepareStats(len(rows), truncated, dropped, empty)
     if not examples:
-        raise DataError(f"{name}: no example has a response token after truncation to {max_length} tokens "
-                        f"({stats.rows} rows, {stats.truncated} truncated)")
+        raise DataError(
+            f"{name}: no example has a response token after truncation to {max_length} tokens "
+            f"({stats.rows} rows, {stats.truncated} truncated)"
+        )
     if empty == len(examples):
-        raise DataError(f"{name}: every response is empty ({empty} examples): "
-                        "there is nothing to learn but the end token")
+        raise DataError(
+            f"{name}: every response is empty ({empty} examples): there is nothing to learn but the end token"
+        )
     return examples, stats

@@ -2,12 +2,11 @@
 
 import json
 import os
-from typing import List, Tuple
 
 from ls_jax.data.errors import DataError
 
 
-def read_jsonl(path: str) -> List[Tuple[int, dict]]:
+def read_jsonl(path: str) -> list[tuple[int, dict]]:
     """``(line number, object)`` for each non-blank line of a ``.jsonl`` file (lines counted
     from 1); a line that is not UTF-8, malformed or not an object raises :class:`DataError`
     naming it (``"PATH: line K: ..."``)."""
@@ -31,7 +30,7 @@ def read_jsonl(path: str) -> List[Tuple[int, dict]]:
     return rows
 
 
-def _read_json(path: str) -> List[dict]:
+def _read_json(path: str) -> list[dict]:
     """Rows of a ``.json`` list / {"data": [...]}."""
     try:
         with open(path, encoding="utf-8") as f:
@@ -43,11 +42,11 @@ def _read_json(path: str) -> List[dict]:
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-        raise DataError(f"{path}: expected a JSON list of objects (or {{\"data\": [...]}})")
+        raise DataError(f'{path}: expected a JSON list of objects (or {{"data": [...]}})')
     return data
 
 
-def _read_table(path: str, split: str) -> List[dict]:
+def _read_table(path: str, split: str) -> list[dict]:
     """Rows of a ``.parquet`` file or a ``datasets`` save_to_disk directory."""
     import pyarrow as pa
 
@@ -71,7 +70,7 @@ def _read_table(path: str, split: str) -> List[dict]:
         raise DataError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
 
 
-def load_rows(path: str, split: str = "train") -> Tuple[List[dict], List[str]]:
+def load_rows(path: str, split: str = "train") -> tuple[list[dict], list[str]]:
     """``(rows, where)`` from a local .jsonl/.json/.parquet file or a save_to_disk dir:
     the rows as dicts (each with its own keys), and each row's place for messages (``"line K"``
     in a .jsonl file, ``"row K"`` otherwise, counted from 1).
@@ -90,8 +89,9 @@ def load_rows(path: str, split: str = "train") -> Tuple[List[dict], List[str]]:
         elif path.endswith(".json"):
             rows = _read_json(path)
         else:
-            raise DataError(f"{path}: unsupported data format "
-                            "(use .jsonl, .json, .parquet or a save_to_disk directory)")
+            raise DataError(
+                f"{path}: unsupported data format (use .jsonl, .json, .parquet or a save_to_disk directory)"
+            )
         where = [f"row {i}" for i in range(1, len(rows) + 1)]
     if not rows:
         raise DataError(f"{path}: the data set is empty")

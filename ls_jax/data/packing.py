@@ -1,6 +1,6 @@
 """Examples placed in fixed-length rows: greedy packing and one padded row with segment ids."""
 
-from typing import Dict, List, Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -8,10 +8,10 @@ from ls_jax.data.chat import IGNORE_INDEX
 from ls_jax.data.encoding import Example
 
 
-def pack(examples: Sequence[Example], max_length: int) -> List[List[int]]:
+def pack(examples: Sequence[Example], max_length: int) -> list[list[int]]:
     """Greedy first-fit packing: a list of rows, each the indices of the examples it holds."""
-    rows: List[List[int]] = []
-    room: List[int] = []
+    rows: list[list[int]] = []
+    room: list[int] = []
     for i, example in enumerate(examples):
         n = len(example[0])
         for r, free in enumerate(room):
@@ -25,8 +25,13 @@ def pack(examples: Sequence[Example], max_length: int) -> List[List[int]]:
     return rows
 
 
-def build_row(examples, members: Sequence[int], max_length: int, pad_id: int,
-              targets: Optional[Sequence[Dict[str, np.ndarray]]] = None) -> Dict[str, np.ndarray]:
+def build_row(
+    examples,
+    members: Sequence[int],
+    max_length: int,
+    pad_id: int,
+    targets: Sequence[dict[str, np.ndarray]] | None = None,
+) -> dict[str, np.ndarray]:
     """One padded row ``[max_length]`` from the examples ``members`` placed end to end.
 
     input_ids, labels (IGNORE_INDEX on padding and on each segment's first token, so no
@@ -50,12 +55,12 @@ def build_row(examples, members: Sequence[int], max_length: int, pad_id: int,
     for seg, i in enumerate(members, 1):
         ids, labels, weight = examples[i]
         n = len(ids)
-        out["input_ids"][at:at + n] = ids
-        out["labels"][at + 1:at + n] = labels[1:]
-        out["positions"][at:at + n] = np.arange(n)
-        out["segment_ids"][at:at + n] = seg
-        out["weights"][at:at + n] = weight
+        out["input_ids"][at : at + n] = ids
+        out["labels"][at + 1 : at + n] = labels[1:]
+        out["positions"][at : at + n] = np.arange(n)
+        out["segment_ids"][at : at + n] = seg
+        out["weights"][at : at + n] = weight
         for key, value in (targets[i] if targets else {}).items():
-            out[key][at + 1:at + n] = value[1:]
+            out[key][at + 1 : at + n] = value[1:]
         at += n
     return out

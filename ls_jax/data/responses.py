@@ -1,14 +1,14 @@
 """Sequence-level soft labels: a row's weighted ``responses``, validated and expanded to one row per answer."""
 
 import numbers
-from typing import List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 from ls_jax.data.errors import DataError
 
 PROBABILITY_TOLERANCE = 1e-3
 
 
-def probabilities(pairs: Sequence[Tuple[str, object]], where: str, label) -> List[float]:
+def probabilities(pairs: Sequence[tuple[str, object]], where: str, label) -> list[float]:
     """The probabilities of ``(name, p)`` pairs, checked to be a distribution: each a real number
     >= 0 (not a bool), summing to 1 within :data:`PROBABILITY_TOLERANCE`. ``label`` is shown in
     the error. Raises :class:`DataError` (``"WHERE: ..."``) otherwise."""
@@ -21,7 +21,7 @@ def probabilities(pairs: Sequence[Tuple[str, object]], where: str, label) -> Lis
     return [float(p) for _, p in pairs]
 
 
-def weighted_responses(row: dict, where: str) -> Optional[List[Tuple[str, float]]]:
+def weighted_responses(row: dict, where: str) -> list[tuple[str, float]] | None:
     """``[(text, p)]`` of a row's ``responses`` (validated, :func:`probabilities`), or None for a
     row without them. Raises :class:`DataError` for a malformed list or a row that also has a
     ``response``."""
@@ -30,15 +30,19 @@ def weighted_responses(row: dict, where: str) -> Optional[List[Tuple[str, float]
         return None
     if row.get("response") is not None:
         raise DataError(f"{where}: has both 'response' and 'responses': give one")
-    if not isinstance(answers, (list, tuple)) or not answers or not all(
-            isinstance(a, dict) and isinstance(a.get("text"), str) and "p" in a for a in answers):
+    if (
+        not isinstance(answers, (list, tuple))
+        or not answers
+        or not all(isinstance(a, dict) and isinstance(a.get("text"), str) and "p" in a for a in answers)
+    ):
         raise DataError(f"{where}: 'responses' must be a non-empty list of {{'text': str, 'p': probability}} objects")
     pairs = [(a["text"], a["p"]) for a in answers]
     return list(zip((text for text, _ in pairs), probabilities(pairs, where, dict(pairs))))
 
 
-def expand_responses(rows: Sequence[dict], where: Optional[Sequence[str]] = None
-                     ) -> Tuple[List[dict], List[str], List[float]]:
+def expand_responses(
+    rows: Sequence[dict], where: Sequence[str] | None = None
+) -> tuple[list[dict], list[str], list[float]]:
     """``(rows, where, weights)``: every row with ``responses`` replaced by one single-response row
     per answer (``prompt`` + ``response``, or ``messages`` + a final assistant message) of weight
     ``p``, its place ``"WHERE (response K)"``; other rows kept, weight 1. ``where`` as in

@@ -8,7 +8,7 @@ matrix. Under ``jit`` the returned logits are unused, so XLA drops the head's ma
 ``[B, T, V]`` logits are never held.
 """
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +19,6 @@ from ls_jax.logit_stats import BlockSizes
 from ls_jax.losses import linear_smoothed_cross_entropy
 
 
-
 def sown_hidden_states(model: nnx.Module, forward: Callable[[], object], name: str = "all_hidden_states") -> jax.Array:
     """Run ``forward()`` (a forward pass of ``model`` that sows its final hidden state as
     ``nnx.Intermediate`` ``name``), pop the model's intermediates and return the last value
@@ -28,15 +27,27 @@ def sown_hidden_states(model: nnx.Module, forward: Callable[[], object], name: s
     sown = nnx.pop(model, nnx.Intermediate)
     found = [value for path, value in nnx.to_flat_state(sown) if path[-1] == name]
     if not found:
-        raise ValueError(f"the forward pass sowed no nnx.Intermediate named {name!r} "
-                         f"(sowed: {[path for path, _ in nnx.to_flat_state(sown)] or 'nothing'})")
+        raise ValueError(
+            f"the forward pass sowed no nnx.Intermediate named {name!r} "
+            f"(sowed: {[path for path, _ in nnx.to_flat_state(sown)] or 'nothing'})"
+        )
     values = found[-1].get_value()
     return values[-1] if isinstance(values, tuple) else values
 
 
-def next_token_loss(hidden: jax.Array, head: jax.Array, input_ids: jax.Array, token_mask: jax.Array, *,
-                    head_layout: str = "vd", logit_softcap: Optional[float] = None, label_smoothing: float = 0.0,
-                    z_loss: float = 0.0, impl: str = "auto", blocks: Optional[BlockSizes] = None):
+def next_token_loss(
+    hidden: jax.Array,
+    head: jax.Array,
+    input_ids: jax.Array,
+    token_mask: jax.Array,
+    *,
+    head_layout: str = "vd",
+    logit_softcap: float | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    impl: str = "auto",
+    blocks: BlockSizes | None = None,
+):
     """Mean smoothed next-token cross-entropy of ``hidden [B, T, D]`` under ``head`` (``[V, D]``,
     ``head_layout="vd"``, or ``[D, V]``, "dv": Tunix's lm_head, nnx.Linear, MaxText; read in
     place, see ``weight_layout`` of :func:`ls_jax.linear_smoothed_cross_entropy`), and metrics.
@@ -52,8 +63,18 @@ def next_token_loss(hidden: jax.Array, head: jax.Array, input_ids: jax.Array, to
     labels = jnp.where(jnp.asarray(token_mask, bool), input_ids, -100)
     targets = next_token_targets(labels)
     loss, stats = linear_smoothed_cross_entropy(
-        hidden, weight, targets, label_smoothing=label_smoothing, z_loss=z_loss, logit_softcap=logit_softcap,
-        reduction="mean", impl=impl, blocks=blocks, weight_layout=head_layout, return_stats=True)
+        hidden,
+        weight,
+        targets,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        logit_softcap=logit_softcap,
+        reduction="mean",
+        impl=impl,
+        blocks=blocks,
+        weight_layout=head_layout,
+        return_stats=True,
+    )
     metrics = token_metrics(stats, targets)
     nll = -stats.target_logprob.sum() / jnp.maximum(metrics["tokens"], 1)
     return loss, {**metrics, "nll": nll, "perplexity": jnp.exp(nll)}

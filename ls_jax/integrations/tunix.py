@@ -16,7 +16,7 @@ loss. ``aux``: ``nll`` and ``perplexity`` (unsmoothed: Tunix's own ``perplexity`
 :func:`ls_jax.integrations.logits_models.next_token_loss`).
 """
 
-from typing import Callable, Optional, Tuple
+from collections.abc import Callable
 
 import jax
 
@@ -24,7 +24,7 @@ from ls_jax.integrations.logits_models import next_token_loss, sown_hidden_state
 from ls_jax.logit_stats import BlockSizes
 
 
-def head(model) -> Tuple[jax.Array, str]:
+def head(model) -> tuple[jax.Array, str]:
     """The output head of a Tunix causal LM and its layout: ``lm_head.w [D, V]`` ("dv", Qwen /
     Llama without tied embeddings), else the tied ``embedder.input_embedding [V, D]`` ("vd")."""
     lm_head = getattr(model, "lm_head", None)
@@ -32,28 +32,40 @@ def head(model) -> Tuple[jax.Array, str]:
         return lm_head.w[...], "dv"
     embedder = getattr(model, "embedder", None)
     if embedder is None or not hasattr(embedder, "input_embedding"):
-        raise TypeError(f"{type(model).__name__} has neither lm_head.w nor embedder.input_embedding: "
-                        "not a Tunix causal LM")
+        raise TypeError(
+            f"{type(model).__name__} has neither lm_head.w nor embedder.input_embedding: not a Tunix causal LM"
+        )
     return embedder.input_embedding[...], "vd"
 
 
-def final_logit_softcap(model) -> Optional[float]:
+def final_logit_softcap(model) -> float | None:
     """The final-logit softcap a Tunix model applies (Gemma 2's ``final_logits_softcap``), or None."""
     return getattr(model, "final_logits_softcap", None)
 
 
-def loss_fn(*, label_smoothing: float = 0.0, z_loss: float = 0.0, impl: str = "auto",
-            blocks: Optional[BlockSizes] = None) -> Callable:
+def loss_fn(
+    *, label_smoothing: float = 0.0, z_loss: float = 0.0, impl: str = "auto", blocks: BlockSizes | None = None
+) -> Callable:
     """A Tunix ``loss_fn`` (pass ``has_aux=True`` to ``with_loss_fn``) computing the mean
     label-smoothed next-token cross-entropy with the fused loss (options as in
     :func:`ls_jax.linear_smoothed_cross_entropy`)."""
 
     def tunix_loss(model, input_tokens, input_mask, positions, attention_mask):
-        hidden = sown_hidden_states(model, lambda: model(input_tokens, positions, None, attention_mask,
-                                                         output_hidden_states=True))
+        hidden = sown_hidden_states(
+            model, lambda: model(input_tokens, positions, None, attention_mask, output_hidden_states=True)
+        )
         weight, layout = head(model)
-        return next_token_loss(hidden, weight, input_tokens, input_mask, head_layout=layout,
-                               logit_softcap=final_logit_softcap(model), label_smoothing=label_smoothing,
-                               z_loss=z_loss, impl=impl, blocks=blocks)
+        return next_token_loss(
+            hidden,
+            weight,
+            input_tokens,
+            input_mask,
+            head_layout=layout,
+            logit_softcap=final_logit_softcap(model),
+            label_smoothing=label_smoothing,
+            z_loss=z_loss,
+            impl=impl,
+            blocks=blocks,
+        )
 
     return tunix_loss

@@ -5,8 +5,6 @@ non-padding token; :func:`sequence_classification_loss` trains it with the smoot
 cross-entropy, hard or soft labels.
 """
 
-from typing import Optional, Union
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -15,8 +13,7 @@ from ls_jax.losses import smoothed_cross_entropy
 from ls_jax.models.transformer import Decoder, DecoderSpec
 
 
-def last_token_index(input_ids: jax.Array, attention_mask: Optional[jax.Array],
-                     pad_token_id: Optional[int]) -> jax.Array:
+def last_token_index(input_ids: jax.Array, attention_mask: jax.Array | None, pad_token_id: int | None) -> jax.Array:
     """int32 ``[B]``: index of the rightmost real token of each row (left or right padding).
 
     Real tokens are ``attention_mask == 1``; without a mask, ids ``!= pad_token_id`` (HF's rule);
@@ -38,12 +35,26 @@ class SequenceClassifier(nnx.Module):
     ``model(input_ids, attention_mask, positions, segment_ids)`` -> float32 logits ``[B, C]``.
     """
 
-    def __init__(self, spec: DecoderSpec, num_labels: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                 remat: Union[bool, str] = False, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        spec: DecoderSpec,
+        num_labels: int,
+        *,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        remat: bool | str = False,
+        rngs: nnx.Rngs,
+    ):
         self.model = Decoder(spec, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
-        self.score = nnx.Linear(spec.hidden_size, num_labels, use_bias=False, dtype=dtype,
-                                param_dtype=param_dtype,
-                                kernel_init=nnx.initializers.normal(spec.initializer_range), rngs=rngs)
+        self.score = nnx.Linear(
+            spec.hidden_size,
+            num_labels,
+            use_bias=False,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            kernel_init=nnx.initializers.normal(spec.initializer_range),
+            rngs=rngs,
+        )
         self.num_labels = num_labels
 
     def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None) -> jax.Array:
@@ -80,9 +91,16 @@ def convention_smoothing(label_smoothing, num_classes: int, convention: str = "u
     return label_smoothing * num_classes / (num_classes - 1)
 
 
-def sequence_classification_loss(model: SequenceClassifier, batch: dict, *, label_smoothing: float = 0.0,
-                                 smoothing_convention: str = "uniform", z_loss: float = 0.0,
-                                 ignore_index: int = -100, where=None):
+def sequence_classification_loss(
+    model: SequenceClassifier,
+    batch: dict,
+    *,
+    label_smoothing: float = 0.0,
+    smoothing_convention: str = "uniform",
+    z_loss: float = 0.0,
+    ignore_index: int = -100,
+    where=None,
+):
     """Mean smoothed cross-entropy of a batch, and metrics.
 
     batch: ``input_ids [B, T]``, ``attention_mask [B, T]`` (optional), ``labels``: class ids
@@ -92,15 +110,25 @@ def sequence_classification_loss(model: SequenceClassifier, batch: dict, *, labe
     ``label_smoothing <= (C - 1) / C``). Returns ``(loss, {"examples", "accuracy",
     "mean_confidence"})``; accuracy compares the argmax with the label's (heaviest) class.
     """
-    logits = model(batch["input_ids"], batch.get("attention_mask"), batch.get("positions"),
-                   batch.get("segment_ids"))
+    logits = model(batch["input_ids"], batch.get("attention_mask"), batch.get("positions"), batch.get("segment_ids"))
     labels = batch["labels"]
     a = convention_smoothing(label_smoothing, logits.shape[-1], smoothing_convention)
-    loss, stats = smoothed_cross_entropy(logits, labels, label_smoothing=a, z_loss=z_loss, where=where,
-                                         ignore_index=ignore_index, reduction="mean", return_stats=True)
+    loss, stats = smoothed_cross_entropy(
+        logits,
+        labels,
+        label_smoothing=a,
+        z_loss=z_loss,
+        where=where,
+        ignore_index=ignore_index,
+        reduction="mean",
+        return_stats=True,
+    )
     count = jnp.maximum(stats.valid.sum(), 1).astype(jnp.float32)
     correct = (stats.prediction == _hard_class(labels)) & stats.valid
     confidence = jnp.where(stats.valid, stats.confidence, 0.0)
-    metrics = {"examples": stats.valid.sum(), "accuracy": correct.sum() / count,
-               "mean_confidence": confidence.sum() / count}
+    metrics = {
+        "examples": stats.valid.sum(),
+        "accuracy": correct.sum() / count,
+        "mean_confidence": confidence.sum() / count,
+    }
     return loss, metrics

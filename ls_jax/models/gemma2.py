@@ -25,7 +25,7 @@ def gemma2_spec(config) -> DecoderSpec:
         head_dim=head_dim,
         rope=RopeConfig.from_hf(config.rope_parameters, head_dim),
         sliding_windows=tuple(config.sliding_window if t == "sliding_attention" else None for t in types),
-        query_scale=config.query_pre_attn_scalar ** -0.5,
+        query_scale=config.query_pre_attn_scalar**-0.5,
         rms_norm_eps=config.rms_norm_eps,
         activation=config.hidden_activation,
         qkv_bias=bool(config.attention_bias),

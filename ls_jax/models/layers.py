@@ -8,7 +8,7 @@ Hugging Face (``q_proj``, ``gate_proj``, ...), so checkpoint keys map one to one
 import functools
 import math
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import jax
 import jax.extend.backend
@@ -68,7 +68,7 @@ class RopeConfig:
     SUPPORTED = ("default", "linear", "llama3")
 
     @classmethod
-    def from_hf(cls, rope_parameters: Optional[dict], head_dim: int) -> "RopeConfig":
+    def from_hf(cls, rope_parameters: dict | None, head_dim: int) -> "RopeConfig":
         """From a transformers ``config.rope_parameters`` dict (transformers >= 5 layout)."""
         p = dict(rope_parameters or {})
         rope_type = p.get("rope_type", p.get("type", "default"))
@@ -110,7 +110,7 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
-def default_positions(attention_mask: Optional[jax.Array], segment_ids: Optional[jax.Array], shape) -> jax.Array:
+def default_positions(attention_mask: jax.Array | None, segment_ids: jax.Array | None, shape) -> jax.Array:
     """int32 positions ``[B, T]``: count of real tokens before each one in its own segment.
 
     Padding (``attention_mask == 0``) does not advance the position, so a left-padded row gets
@@ -121,16 +121,13 @@ def default_positions(attention_mask: Optional[jax.Array], segment_ids: Optional
     if segment_ids is None:
         base = jnp.zeros(shape, jnp.int32)
     else:
-        starts = jnp.concatenate(
-            [jnp.ones((shape[0], 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=-1
-        )
+        starts = jnp.concatenate([jnp.ones((shape[0], 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=-1)
         # real tokens before the segment start; non-decreasing along T, so a running max carries it
         base = jax.lax.cummax(jnp.where(starts, count - real, 0), axis=1)
     return jnp.maximum(count - base - 1, 0)
 
 
-def token_mask(attention_mask: Optional[jax.Array], segment_ids: Optional[jax.Array], shape,
-               offset=0) -> jax.Array:
+def token_mask(attention_mask: jax.Array | None, segment_ids: jax.Array | None, shape, offset=0) -> jax.Array:
     """bool ``[B, T(query), S(key)]``: causal, key is a real token, same packed segment.
 
     ``shape`` is the queries' ``(B, T)``; query ``i`` sits at slot ``offset + i`` (an int or a
@@ -148,7 +145,7 @@ def token_mask(attention_mask: Optional[jax.Array], segment_ids: Optional[jax.Ar
     return mask
 
 
-def sliding_window_mask(mask: jax.Array, window: Optional[int], offset=0) -> jax.Array:
+def sliding_window_mask(mask: jax.Array, window: int | None, offset=0) -> jax.Array:
     """``mask [B, T, S]`` restricted to keys less than ``window`` slots back (None: unchanged);
     query ``i`` sits at slot ``offset + i`` as in :func:`token_mask`."""
     if window is None:
@@ -166,10 +163,10 @@ class AttentionMask(NamedTuple):
     offset: query 0's slot, an int or int32 scalar (a KV cache's write index).
     """
 
-    dense: Optional[jax.Array] = None
+    dense: jax.Array | None = None
     offset: object = 0
 
-    def with_window(self, shape, window: Optional[int]) -> jax.Array:
+    def with_window(self, shape, window: int | None) -> jax.Array:
         """bool ``[B, T, S]`` of either form with the sliding ``window`` applied; ``shape`` is
         the queries' ``(B, T)``."""
         dense = token_mask(None, None, shape) if self.dense is None else self.dense
@@ -179,8 +176,7 @@ class AttentionMask(NamedTuple):
 ATTENTION_IMPLEMENTATIONS = ("auto", "explicit", "xla", "cudnn")
 
 
-def attention_path(implementation: str, mask: AttentionMask, softcap: Optional[float], dtype,
-                   head_dim: int) -> str:
+def attention_path(implementation: str, mask: AttentionMask, softcap: float | None, dtype, head_dim: int) -> str:
     """The one place choosing how a call computes attention: "explicit", "xla" or "cudnn".
 
     "explicit" is this module's einsum (float32 ``[B, heads, T, S]`` scores, materialised); it
@@ -211,8 +207,9 @@ def attention_path(implementation: str, mask: AttentionMask, softcap: Optional[f
         return "explicit"
     if implementation != "auto":
         return implementation
-    fits = (mask.dense is None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-            and head_dim <= 128 and head_dim % 8 == 0)
+    fits = (
+        mask.dense is None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim <= 128 and head_dim % 8 == 0
+    )
     return "cudnn" if fits and on_cuda() else "xla"
 
 
@@ -222,9 +219,17 @@ def on_cuda() -> bool:
     return backend.platform == "gpu" and "cuda" in backend.platform_version.lower()
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, *, scale: float,
-              softcap: Optional[float] = None, window: Optional[int] = None,
-              implementation: str = "auto") -> jax.Array:
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: AttentionMask,
+    *,
+    scale: float,
+    softcap: float | None = None,
+    window: int | None = None,
+    implementation: str = "auto",
+) -> jax.Array:
     """Grouped-query attention on the path :func:`attention_path` picks.
 
     Args:
@@ -249,10 +254,18 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, *, 
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, heads, dh)
     if mask.dense is not None:
-        return jax.nn.dot_product_attention(q, k, v, mask=mask.with_window((b, t), window)[:, None],
-                                            scale=scale, implementation=path)
-    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation=path,
-                                        local_window_size=None if window is None else (window - 1, 0))
+        return jax.nn.dot_product_attention(
+            q, k, v, mask=mask.with_window((b, t), window)[:, None], scale=scale, implementation=path
+        )
+    return jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        scale=scale,
+        is_causal=True,
+        implementation=path,
+        local_window_size=None if window is None else (window - 1, 0),
+    )
 
 
 class Attention(nnx.Module):
@@ -263,15 +276,27 @@ class Attention(nnx.Module):
     path :func:`attention_path` picks from ``implementation``.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
-                 scale: float, qkv_bias: bool = False, out_bias: bool = False,
-                 softcap: Optional[float] = None, sliding_window: Optional[int] = None,
-                 implementation: str = "auto", dtype=jnp.float32, param_dtype=jnp.float32,
-                 kernel_init=nnx.initializers.normal(0.02), rngs: nnx.Rngs):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        scale: float,
+        qkv_bias: bool = False,
+        out_bias: bool = False,
+        softcap: float | None = None,
+        sliding_window: int | None = None,
+        implementation: str = "auto",
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        kernel_init=nnx.initializers.normal(0.02),
+        rngs: nnx.Rngs,
+    ):
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-        linear = functools.partial(nnx.Linear, dtype=dtype, param_dtype=param_dtype,
-                                   kernel_init=kernel_init, rngs=rngs)
+        linear = functools.partial(nnx.Linear, dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init, rngs=rngs)
         self.q_proj = linear(hidden_size, num_heads * head_dim, use_bias=qkv_bias)
         self.k_proj = linear(hidden_size, num_kv_heads * head_dim, use_bias=qkv_bias)
         self.v_proj = linear(hidden_size, num_kv_heads * head_dim, use_bias=qkv_bias)
@@ -280,8 +305,9 @@ class Attention(nnx.Module):
         self.scale, self.softcap = scale, softcap
         self.sliding_window, self.implementation = sliding_window, implementation
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: AttentionMask,
-                 cache: Optional[tuple] = None, index=0) -> tuple:
+    def __call__(
+        self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: AttentionMask, cache: tuple | None = None, index=0
+    ) -> tuple:
         """x ``[B, T, D]``, rope tables ``[B, T, Dh]``, :class:`AttentionMask` ->
         ``(out [B, T, D], cache)``.
 
@@ -296,24 +322,43 @@ class Attention(nnx.Module):
         k = apply_rope(k.reshape(b, t, self.num_kv_heads, self.head_dim), cos, sin)
         v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
         if cache is not None:
-            k, v = (jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (0, index, 0, 0))
-                    for c, new in zip(cache, (k, v)))
+            k, v = (
+                jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (0, index, 0, 0)) for c, new in zip(cache, (k, v))
+            )
             cache = (k, v)
-        out = attention(q, k, v, mask, scale=self.scale, softcap=self.softcap, window=self.sliding_window,
-                        implementation=self.implementation)
+        out = attention(
+            q,
+            k,
+            v,
+            mask,
+            scale=self.scale,
+            softcap=self.softcap,
+            window=self.sliding_window,
+            implementation=self.implementation,
+        )
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), cache
 
 
 class GatedMLP(nnx.Module):
     """``down_proj(act(gate_proj(x)) * up_proj(x))``: SwiGLU (silu, Llama) or GeGLU (gelu, Gemma)."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, *, activation: str = "silu",
-                 use_bias: bool = False, dtype=jnp.float32, param_dtype=jnp.float32,
-                 kernel_init=nnx.initializers.normal(0.02), rngs: nnx.Rngs):
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        *,
+        activation: str = "silu",
+        use_bias: bool = False,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        kernel_init=nnx.initializers.normal(0.02),
+        rngs: nnx.Rngs,
+    ):
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation {activation!r} is not supported; supported: {sorted(ACTIVATIONS)}")
-        linear = functools.partial(nnx.Linear, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-                                   kernel_init=kernel_init, rngs=rngs)
+        linear = functools.partial(
+            nnx.Linear, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init, rngs=rngs
+        )
         self.gate_proj = linear(hidden_size, intermediate_size)
         self.up_proj = linear(hidden_size, intermediate_size)
         self.down_proj = linear(intermediate_size, hidden_size)

@@ -36,7 +36,7 @@ def llama_spec(config) -> DecoderSpec:
         head_dim=head_dim,
         rope=RopeConfig.from_hf(config.rope_parameters, head_dim),
         sliding_windows=windows,
-        query_scale=head_dim ** -0.5,
+        query_scale=head_dim**-0.5,
         rms_norm_eps=config.rms_norm_eps,
         activation=config.hidden_act,
         qkv_bias=model_type == "qwen2" or attention_bias,
@@ -48,8 +48,7 @@ def llama_spec(config) -> DecoderSpec:
     )
 
 
-def tiny_llama_config(vocab_size: int = 256, hidden_size: int = 64, num_hidden_layers: int = 2,
-                      **overrides):
+def tiny_llama_config(vocab_size: int = 256, hidden_size: int = 64, num_hidden_layers: int = 2, **overrides):
     """A small random-init ``LlamaConfig`` for demos and tests (4 heads, 2 KV heads, MLP 2 x D).
 
     ``ls_jax.models.from_config(tiny_llama_config(vocab_size=tok.vocab_size))`` builds the model;
@@ -57,8 +56,17 @@ def tiny_llama_config(vocab_size: int = 256, hidden_size: int = 64, num_hidden_l
     """
     from transformers import LlamaConfig  # deferred: importing transformers takes seconds
 
-    fields = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
-                  intermediate_size=2 * hidden_size, num_attention_heads=4, num_key_value_heads=2,
-                  max_position_embeddings=2048, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    fields = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        intermediate_size=2 * hidden_size,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     fields.update(overrides)
     return LlamaConfig(**fields)

@@ -12,7 +12,7 @@ is checkpoint tensor ``model.layers.0.self_attn.q_proj.weight`` (transposed: nnx
 import contextlib
 import json
 import os
-from typing import Callable, Dict, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
 
 import jax.numpy as jnp
 from flax import nnx
@@ -24,8 +24,11 @@ from ls_jax.models.llama import llama_spec
 from ls_jax.models.transformer import CausalLM, DecoderSpec
 
 # config.model_type -> its DecoderSpec builder
-ARCHITECTURES: Dict[str, Callable[..., DecoderSpec]] = {
-    "llama": llama_spec, "mistral": llama_spec, "qwen2": llama_spec, "gemma2": gemma2_spec,
+ARCHITECTURES: dict[str, Callable[..., DecoderSpec]] = {
+    "llama": llama_spec,
+    "mistral": llama_spec,
+    "qwen2": llama_spec,
+    "gemma2": gemma2_spec,
 }
 TASKS = ("causal_lm", "sequence_classification")
 # checkpoint tensors that are fine to leave unused
@@ -43,7 +46,7 @@ def decoder_spec(config) -> DecoderSpec:
     return ARCHITECTURES[model_type](config)
 
 
-def _task(config, task: Optional[str]) -> str:
+def _task(config, task: str | None) -> str:
     if task is None:
         archs = getattr(config, "architectures", None) or []
         task = "sequence_classification" if any(a.endswith("ForSequenceClassification") for a in archs) else "causal_lm"
@@ -55,17 +58,26 @@ def _task(config, task: Optional[str]) -> str:
 def _build(config, task, num_labels, dtype, param_dtype, remat, rngs):
     spec = decoder_spec(config)
     if _task(config, task) == "sequence_classification":
-        model = SequenceClassifier(spec, num_labels or config.num_labels, dtype=dtype,
-                                   param_dtype=param_dtype, remat=remat, rngs=rngs)
+        model = SequenceClassifier(
+            spec, num_labels or config.num_labels, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs
+        )
     else:
         model = CausalLM(spec, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
     model.hf_config = config.to_json_string()  # static (a str), for save_pretrained's config.json
     return model
 
 
-def from_config(config, *, task: Optional[str] = None, num_labels: Optional[int] = None, seed: int = 0,
-                rngs: Optional[nnx.Rngs] = None, dtype=jnp.float32, param_dtype=jnp.float32,
-                remat: Union[bool, str] = False):
+def from_config(
+    config,
+    *,
+    task: str | None = None,
+    num_labels: int | None = None,
+    seed: int = 0,
+    rngs: nnx.Rngs | None = None,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    remat: bool | str = False,
+):
     """Randomly initialised model for a transformers config (``LlamaConfig``, ``MistralConfig``,
     ``Qwen2Config``, ``Gemma2Config``).
 
@@ -156,7 +168,9 @@ def _match(path: str, model, state, ckpt: _Checkpoint) -> list:
         if name in ckpt.weight_map:
             found = ckpt.shape(name)
             if (found[::-1] if transpose else found) != shape:
-                raise ValueError(f"{name}: checkpoint shape {found[::-1] if transpose else found}, model expects {shape}")
+                raise ValueError(
+                    f"{name}: checkpoint shape {found[::-1] if transpose else found}, model expects {shape}"
+                )
             used.add(name)
             plan.append((key, var, name, transpose))
         elif key[0] == "score" and isinstance(model, SequenceClassifier):
@@ -165,8 +179,10 @@ def _match(path: str, model, state, ckpt: _Checkpoint) -> list:
             missing.append(name)
     unexpected = [k for k in ckpt.weight_map if k not in used and not _may_be_unused(k, model)]
     if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not match the {type(model).__name__} built from its config: "
-                         f"missing {missing[:10]}, unexpected {unexpected[:10]}")
+        raise ValueError(
+            f"checkpoint {path} does not match the {type(model).__name__} built from its config: "
+            f"missing {missing[:10]}, unexpected {unexpected[:10]}"
+        )
     return plan
 
 
@@ -181,7 +197,7 @@ def _abstract(path: str, task, num_labels, dtype, param_dtype, remat, seed):
     return (config, model, *nnx.split(model))
 
 
-def check_pretrained(path: str, *, task: Optional[str] = None, num_labels: Optional[int] = None) -> None:
+def check_pretrained(path: str, *, task: str | None = None, num_labels: int | None = None) -> None:
     """Raise what :func:`from_pretrained` would (unsupported architecture, missing files,
     missing / unexpected / mis-shaped tensors) without reading any weights."""
     _, model, _, state = _abstract(path, task, num_labels, jnp.float32, jnp.float32, False, 0)
@@ -189,8 +205,16 @@ def check_pretrained(path: str, *, task: Optional[str] = None, num_labels: Optio
         _match(path, model, state, ckpt)
 
 
-def from_pretrained(path: str, *, task: Optional[str] = None, num_labels: Optional[int] = None,
-                    dtype=jnp.float32, param_dtype=jnp.float32, remat: Union[bool, str] = False, seed: int = 0):
+def from_pretrained(
+    path: str,
+    *,
+    task: str | None = None,
+    num_labels: int | None = None,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    remat: bool | str = False,
+    seed: int = 0,
+):
     """Load a local Hugging Face checkpoint directory (config.json + safetensors) as an NNX model.
 
     The architecture comes from ``config.model_type`` (see :data:`ARCHITECTURES`). Loading a
@@ -245,7 +269,7 @@ def from_pretrained(path: str, *, task: Optional[str] = None, num_labels: Option
     return nnx.merge(graphdef, nnx.from_flat_state(loaded))
 
 
-def save_pretrained(model, path: str, *, config=None, labels: Optional[Sequence[str]] = None) -> None:
+def save_pretrained(model, path: str, *, config=None, labels: Sequence[str] | None = None) -> None:
     """Write ``model`` as a local Hugging Face checkpoint directory: ``config.json`` and
     ``model.safetensors``.
 
@@ -290,8 +314,9 @@ def save_pretrained(model, path: str, *, config=None, labels: Optional[Sequence[
 
     if config is None:
         if not hasattr(model, "hf_config"):
-            raise ValueError("the model carries no transformers config (not built by from_config / from_pretrained): "
-                             "pass config=")
+            raise ValueError(
+                "the model carries no transformers config (not built by from_config / from_pretrained): pass config="
+            )
         config = AutoConfig.for_model(**json.loads(model.hf_config))
     if isinstance(model, SequenceClassifier):  # e.g. built from a causal-LM config with task=
         from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES as names

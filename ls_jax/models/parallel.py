@@ -20,8 +20,12 @@ from jax.sharding import PartitionSpec as P
 
 TENSOR = "tensor"
 
-COLUMN = {"kernel": ("fsdp", TENSOR), "bias": (TENSOR,), "kernel_lora_a": ("fsdp", None),
-          "kernel_lora_b": (None, TENSOR)}
+COLUMN = {
+    "kernel": ("fsdp", TENSOR),
+    "bias": (TENSOR,),
+    "kernel_lora_a": ("fsdp", None),
+    "kernel_lora_b": (None, TENSOR),
+}
 ROW = {"kernel": (TENSOR, "fsdp"), "bias": (None,), "kernel_lora_a": (TENSOR, None), "kernel_lora_b": (None, "fsdp")}
 
 

@@ -15,17 +15,21 @@ The loss never asks for logits. A model that returns logits (Tunix's, most NNX m
 sows its final hidden state works through :mod:`ls_jax.integrations` instead.
 """
 
-from typing import Optional, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import jax
 
 
 @runtime_checkable
 class CausalLMProtocol(Protocol):
-    final_logit_softcap: Optional[float]
+    final_logit_softcap: float | None
 
-    def __call__(self, input_ids: jax.Array, attention_mask: Optional[jax.Array] = None,
-                 positions: Optional[jax.Array] = None,
-                 segment_ids: Optional[jax.Array] = None) -> jax.Array: ...
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> jax.Array: ...
 
     def unembedding(self) -> jax.Array: ...

@@ -8,7 +8,7 @@ not separate code paths. Module attribute names mirror Hugging Face checkpoints:
 """
 
 from dataclasses import dataclass
-from typing import NamedTuple, Optional, Tuple, Union
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +16,14 @@ from flax import nnx
 
 from ls_jax.logit_stats import dense_logits
 from ls_jax.models.layers import (
-    Attention, AttentionMask, GatedMLP, RMSNorm, RopeConfig, default_positions, rope_tables, token_mask,
+    Attention,
+    AttentionMask,
+    GatedMLP,
+    RMSNorm,
+    RopeConfig,
+    default_positions,
+    rope_tables,
+    token_mask,
 )
 
 
@@ -39,7 +46,7 @@ class DecoderSpec:
     num_kv_heads: int
     head_dim: int
     rope: RopeConfig
-    sliding_windows: Tuple[Optional[int], ...]
+    sliding_windows: tuple[int | None, ...]
     query_scale: float
     rms_norm_eps: float = 1e-6
     activation: str = "silu"
@@ -49,10 +56,10 @@ class DecoderSpec:
     norm_offset: float = 0.0
     sandwich_norms: bool = False
     embed_scale: bool = False
-    attn_softcap: Optional[float] = None
-    final_logit_softcap: Optional[float] = None
+    attn_softcap: float | None = None
+    final_logit_softcap: float | None = None
     tie_word_embeddings: bool = False
-    pad_token_id: Optional[int] = None
+    pad_token_id: int | None = None
     initializer_range: float = 0.02
     attention: str = "auto"
 
@@ -69,16 +76,34 @@ class DecoderBlock(nnx.Module):
     Without it (Llama), ``post_attention_layernorm`` is the norm before the MLP, as in HF.
     """
 
-    def __init__(self, spec: DecoderSpec, sliding_window: Optional[int], *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, spec: DecoderSpec, sliding_window: int | None, *, dtype, param_dtype, rngs: nnx.Rngs):
         init = nnx.initializers.normal(spec.initializer_range)
         self.self_attn = Attention(
-            spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim, scale=spec.query_scale,
-            qkv_bias=spec.qkv_bias, out_bias=spec.out_bias, softcap=spec.attn_softcap,
-            sliding_window=sliding_window, implementation=spec.attention, dtype=dtype, param_dtype=param_dtype, kernel_init=init, rngs=rngs,
+            spec.hidden_size,
+            spec.num_heads,
+            spec.num_kv_heads,
+            spec.head_dim,
+            scale=spec.query_scale,
+            qkv_bias=spec.qkv_bias,
+            out_bias=spec.out_bias,
+            softcap=spec.attn_softcap,
+            sliding_window=sliding_window,
+            implementation=spec.attention,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            kernel_init=init,
+            rngs=rngs,
         )
-        self.mlp = GatedMLP(spec.hidden_size, spec.intermediate_size, activation=spec.activation,
-                            use_bias=spec.mlp_bias, dtype=dtype, param_dtype=param_dtype,
-                            kernel_init=init, rngs=rngs)
+        self.mlp = GatedMLP(
+            spec.hidden_size,
+            spec.intermediate_size,
+            activation=spec.activation,
+            use_bias=spec.mlp_bias,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            kernel_init=init,
+            rngs=rngs,
+        )
 
         def norm():
             return RMSNorm(spec.hidden_size, eps=spec.rms_norm_eps, offset=spec.norm_offset, param_dtype=param_dtype)
@@ -90,8 +115,9 @@ class DecoderBlock(nnx.Module):
             self.pre_feedforward_layernorm = norm()
             self.post_feedforward_layernorm = norm()
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: AttentionMask,
-                 cache: Optional[tuple] = None, index=0) -> tuple:
+    def __call__(
+        self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: AttentionMask, cache: tuple | None = None, index=0
+    ) -> tuple:
         """x ``[B, T, D]``, rope tables ``[B, T, Dh]``, :class:`AttentionMask` ->
         ``(x [B, T, D], cache)``; ``cache``/``index``: this layer's ``(k, v)`` (see :class:`Attention`)."""
         attn, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, index)
@@ -125,7 +151,7 @@ class KVCache(NamedTuple):
     never change while decoding.
     """
 
-    layers: Tuple[Tuple[jax.Array, jax.Array], ...]
+    layers: tuple[tuple[jax.Array, jax.Array], ...]
     mask: jax.Array
     index: jax.Array
 
@@ -145,8 +171,15 @@ class Decoder(nnx.Module):
     for memory in fine-tuning.
     """
 
-    def __init__(self, spec: DecoderSpec, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                 remat: Union[bool, str] = False, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        spec: DecoderSpec,
+        *,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        remat: bool | str = False,
+        rngs: nnx.Rngs,
+    ):
         remat = {True: "full", False: "none"}.get(remat, remat)
         if remat not in REMAT:
             raise ValueError(f"remat must be one of {tuple(REMAT)} (or a bool), got {remat!r}")
@@ -154,18 +187,26 @@ class Decoder(nnx.Module):
         self.dtype = dtype
         self.remat = remat
         self.embed_tokens = nnx.Embed(
-            spec.vocab_size, spec.hidden_size, dtype=dtype, param_dtype=param_dtype,
-            embedding_init=nnx.initializers.normal(spec.initializer_range), rngs=rngs,
+            spec.vocab_size,
+            spec.hidden_size,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            embedding_init=nnx.initializers.normal(spec.initializer_range),
+            rngs=rngs,
         )
-        self.layers = nnx.List([
-            DecoderBlock(spec, w, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for w in spec.sliding_windows
-        ])
-        self.norm = RMSNorm(spec.hidden_size, eps=spec.rms_norm_eps, offset=spec.norm_offset,
-                            param_dtype=param_dtype)
+        self.layers = nnx.List(
+            [DecoderBlock(spec, w, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for w in spec.sliding_windows]
+        )
+        self.norm = RMSNorm(spec.hidden_size, eps=spec.rms_norm_eps, offset=spec.norm_offset, param_dtype=param_dtype)
 
-    def __call__(self, input_ids: jax.Array, attention_mask: Optional[jax.Array] = None,
-                 positions: Optional[jax.Array] = None, segment_ids: Optional[jax.Array] = None,
-                 cache: Optional[KVCache] = None):
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        cache: KVCache | None = None,
+    ):
         """input_ids int ``[B, T]``; attention_mask ``[B, T]`` (1 token, 0 padding) or None;
         positions int ``[B, T]`` or None (then :func:`default_positions`); segment_ids ``[B, T]``
         or None (packed sequences: attention stays inside a segment). Returns ``[B, T, D]`` in
@@ -194,7 +235,7 @@ class Decoder(nnx.Module):
             positions = default_positions(attention_mask, segment_ids, shape)
         x = self.embed_tokens(input_ids)
         if self.spec.embed_scale:
-            x = x * jnp.asarray(self.spec.hidden_size ** 0.5, x.dtype)
+            x = x * jnp.asarray(self.spec.hidden_size**0.5, x.dtype)
         cos, sin = rope_tables(positions, self.spec.rope, x.dtype)
         if cache is None and segment_ids is None and attention_mask is None:
             mask = AttentionMask()  # plain causal: the form cuDNN's kernel takes
@@ -219,8 +260,15 @@ class CausalLM(nnx.Module):
     loss), absent when the embeddings are tied.
     """
 
-    def __init__(self, spec: DecoderSpec, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                 remat: Union[bool, str] = False, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        spec: DecoderSpec,
+        *,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        remat: bool | str = False,
+        rngs: nnx.Rngs,
+    ):
         self.model = Decoder(spec, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
         if not spec.tie_word_embeddings:
             init = nnx.initializers.normal(spec.initializer_range)
@@ -245,8 +293,9 @@ class CausalLM(nnx.Module):
     def project(self, hidden: jax.Array) -> jax.Array:
         """float32 logits ``[..., V]`` of hidden states ``[..., D]``, final softcap applied."""
         w = self.unembedding()
-        flat = dense_logits(hidden.reshape(-1, hidden.shape[-1]), w.astype(hidden.dtype), None,
-                            self.final_logit_softcap)
+        flat = dense_logits(
+            hidden.reshape(-1, hidden.shape[-1]), w.astype(hidden.dtype), None, self.final_logit_softcap
+        )
         return flat.reshape(*hidden.shape[:-1], w.shape[0])
 
     def logits(self, input_ids, attention_mask=None, positions=None, segment_ids=None) -> jax.Array:

@@ -9,5 +9,16 @@ from ls_jax.s3ft.judges import JUDGES, NAMES, exact_match, final_number, numeric
 from ls_jax.s3ft.pipeline import S3FTSet, build, build_cached
 from ls_jax.s3ft.source import SOURCE
 
-__all__ = ["JUDGES", "NAMES", "S3FTSet", "SOURCE", "build", "build_cached", "exact_match", "final_number",
-           "numeric_match", "resolve", "run_python_tests"]
+__all__ = [
+    "JUDGES",
+    "NAMES",
+    "S3FTSet",
+    "SOURCE",
+    "build",
+    "build_cached",
+    "exact_match",
+    "final_number",
+    "numeric_match",
+    "resolve",
+    "run_python_tests",
+]

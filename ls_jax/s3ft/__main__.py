@@ -9,7 +9,7 @@ and needs ``--allow-code-execution``. Exit status 2 with an ``error:`` line on b
 import argparse
 import os
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from ls_jax.data import DataError
 
@@ -20,27 +20,38 @@ def parse_args(argv):
 
     p = argparse.ArgumentParser(prog="python -m ls_jax.s3ft", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="local Hugging Face checkpoint directory (with its tokenizer)")
-    p.add_argument("--data", required=True, help=".jsonl / .json / .parquet or save_to_disk dir "
-                   "(rows with 'prompt'/'response' or 'messages'; optional 'judge' and 'tests')")
+    p.add_argument(
+        "--data",
+        required=True,
+        help=".jsonl / .json / .parquet or save_to_disk dir "
+        "(rows with 'prompt'/'response' or 'messages'; optional 'judge' and 'tests')",
+    )
     p.add_argument("--out", required=True, help="where to write the new training set (.jsonl)")
     p.add_argument("--judge", default="exact", help=f"default judge of the rows: {', '.join(NAMES)}")
     p.add_argument("--split", default="train", help="split of a saved DatasetDict")
     p.add_argument("--max-new-tokens", type=int, default=128, help="generation limit per response")
     p.add_argument("--batch-size", type=int, default=16, help="prompts generated together")
-    p.add_argument("--paraphrase", action=argparse.BooleanOptionalAction, default=True,
-                   help="ask the model to paraphrase the gold when its own response is wrong")
+    p.add_argument(
+        "--paraphrase",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="ask the model to paraphrase the gold when its own response is wrong",
+    )
     p.add_argument("--template", default=PARAPHRASE_TEMPLATE, help="paraphrase request, with {prompt} and {gold}")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per code-judge run")
-    p.add_argument("--allow-code-execution", action="store_true",
-                   help="allow the code judge to run model-written Python code (with the rows' tests) on this "
-                        "machine, in a child process isolated and limited as far as the platform allows "
-                        "(not a sandbox for hostile code)")
+    p.add_argument(
+        "--allow-code-execution",
+        action="store_true",
+        help="allow the code judge to run model-written Python code (with the rows' tests) on this "
+        "machine, in a child process isolated and limited as far as the platform allows "
+        "(not a sandbox for hostile code)",
+    )
     p.add_argument("--force", action="store_true", help="rebuild even when OUT is current")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
     return p.parse_args(argv)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     from ls_jax.s3ft.judges import NAMES, require_opt_in
 
@@ -63,12 +74,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from ls_jax.s3ft.pipeline import build_cached, checkpoint_id
 
         check_pretrained(args.model)
-        result = build_cached(args.out, lambda: from_pretrained(args.model), tokenizer, rows,
-                              checkpoint_id(args.model), force=args.force, where=where,
-                              allow_code_execution=args.allow_code_execution, judge=args.judge,
-                              paraphrase=args.paraphrase, max_new_tokens=args.max_new_tokens,
-                              batch_size=args.batch_size, template=args.template, timeout=args.timeout,
-                              progress=args.progress)
+        result = build_cached(
+            args.out,
+            lambda: from_pretrained(args.model),
+            tokenizer,
+            rows,
+            checkpoint_id(args.model),
+            force=args.force,
+            where=where,
+            allow_code_execution=args.allow_code_execution,
+            judge=args.judge,
+            paraphrase=args.paraphrase,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            template=args.template,
+            timeout=args.timeout,
+            progress=args.progress,
+        )
     except (DataError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -20,11 +20,53 @@ import sys
 
 # functions that delete, rename, change owners or modes, signal, spawn, or leave the session / directory
 DISABLED = {
-    (os, posix): ("remove", "unlink", "rmdir", "removedirs", "rename", "renames", "replace", "truncate", "chmod",
-                  "lchmod", "chown", "lchown", "fchown", "link", "symlink", "mkfifo", "mknod", "kill", "killpg",
-                  "system", "popen", "fork", "forkpty", "execv", "execve", "execl", "execle", "execlp", "execlpe",
-                  "execvp", "execvpe", "spawnv", "spawnve", "spawnvp", "spawnvpe", "posix_spawn", "posix_spawnp",
-                  "setsid", "setpgid", "setpgrp", "setuid", "setgid", "chdir", "fchdir", "chroot"),
+    (os, posix): (
+        "remove",
+        "unlink",
+        "rmdir",
+        "removedirs",
+        "rename",
+        "renames",
+        "replace",
+        "truncate",
+        "chmod",
+        "lchmod",
+        "chown",
+        "lchown",
+        "fchown",
+        "link",
+        "symlink",
+        "mkfifo",
+        "mknod",
+        "kill",
+        "killpg",
+        "system",
+        "popen",
+        "fork",
+        "forkpty",
+        "execv",
+        "execve",
+        "execl",
+        "execle",
+        "execlp",
+        "execlpe",
+        "execvp",
+        "execvpe",
+        "spawnv",
+        "spawnve",
+        "spawnvp",
+        "spawnvpe",
+        "posix_spawn",
+        "posix_spawnp",
+        "setsid",
+        "setpgid",
+        "setpgrp",
+        "setuid",
+        "setgid",
+        "chdir",
+        "fchdir",
+        "chroot",
+    ),
     (shutil,): ("rmtree", "move", "chown"),
     (subprocess,): ("Popen",),
 }
@@ -35,8 +77,10 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
 def _refused(name: str):
     """A stand-in for ``name`` that raises PermissionError."""
+
     def refused(*args, **kwargs):
         raise PermissionError(f"{name} is disabled while judging code")
+
     return refused
 
 

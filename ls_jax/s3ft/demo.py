@@ -22,10 +22,9 @@ import random
 import string
 import sys
 import time
-from typing import Dict, List
 
 
-def _general(rng: random.Random, kinds=("add", "max", "rev", "next")) -> Dict[str, str]:
+def _general(rng: random.Random, kinds=("add", "max", "rev", "next")) -> dict[str, str]:
     kind = rng.choice(kinds)
     if kind == "add":
         a, b = rng.randint(0, 20), rng.randint(0, 20)
@@ -40,19 +39,26 @@ def _general(rng: random.Random, kinds=("add", "max", "rev", "next")) -> Dict[st
     return {"task": kind, "prompt": f"Q: next {n}\nA: ", "response": str(n + 1)}
 
 
-def _new(rng: random.Random) -> Dict[str, str]:
+def _new(rng: random.Random) -> dict[str, str]:
     xs = [rng.randint(0, 9) for _ in range(rng.choice((4, 5)))]
-    return {"task": "new", "prompt": f"Q: max {' '.join(map(str, xs))}\nA: ",
-            "response": f"Of these numbers the largest is {max(xs)}."}
+    return {
+        "task": "new",
+        "prompt": f"Q: max {' '.join(map(str, xs))}\nA: ",
+        "response": f"Of these numbers the largest is {max(xs)}.",
+    }
 
 
-def make_data(out: str, seed: int, n_base: int, n_new: int, n_eval: int) -> Dict[str, str]:
+def make_data(out: str, seed: int, n_base: int, n_new: int, n_eval: int) -> dict[str, str]:
     """Write the base / new-task train and held-out files (no held-out prompt in any train file)."""
     rng = random.Random(seed)
     seen, sets = set(), {}
     held_out_general = lambda r: _general(r, ("add", "rev", "next"))  # max is the new task's skill
-    for name, draw, n in (("general_eval", held_out_general, n_eval), ("new_eval", _new, n_eval),
-                          ("base_train", _general, n_base), ("new_train", _new, n_new)):
+    for name, draw, n in (
+        ("general_eval", held_out_general, n_eval),
+        ("new_eval", _new, n_eval),
+        ("base_train", _general, n_base),
+        ("new_train", _new, n_new),
+    ):
         rows = []
         while len(rows) < n:
             row = draw(rng)
@@ -71,7 +77,7 @@ def make_data(out: str, seed: int, n_base: int, n_new: int, n_eval: int) -> Dict
     return paths
 
 
-def accuracy(model_dir: str, path: str, judge: str) -> Dict[str, float]:
+def accuracy(model_dir: str, path: str, judge: str) -> dict[str, float]:
     """Greedy accuracy of the model in ``model_dir`` on the rows of ``path``, per task and overall."""
     from ls_jax.data import read_jsonl
     from ls_jax.generation import generate
@@ -82,7 +88,7 @@ def accuracy(model_dir: str, path: str, judge: str) -> Dict[str, float]:
     rows = [r for _, r in read_jsonl(path)]
     model, tok = from_pretrained(model_dir), load_tokenizer(model_dir)
     gens = generate(model, tok, [r["prompt"] for r in rows], max_new_tokens=32, batch_size=128)
-    hits: Dict[str, List[bool]] = {}
+    hits: dict[str, list[bool]] = {}
     for r, g in zip(rows, gens):
         hits.setdefault(r["task"], []).append(JUDGES[judge](r["prompt"], r["response"], g.text))
     out = {k: sum(v) / len(v) for k, v in sorted(hits.items())}
@@ -104,34 +110,85 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     paths = make_data(args.out, 0, n_base=3000, n_new=600, n_eval=200)
-    common = dict(batch_size=32, eval_batch_size=64, progress=False, compare_smoothing=[],
-                  label_smoothing=args.label_smoothing, save_every=10 ** 6, eval_every=10 ** 6, log_every=50)
+    common = dict(
+        batch_size=32,
+        eval_batch_size=64,
+        progress=False,
+        compare_smoothing=[],
+        label_smoothing=args.label_smoothing,
+        save_every=10**6,
+        eval_every=10**6,
+        log_every=50,
+    )
     base = os.path.join(args.out, "base")
     if not os.path.isdir(os.path.join(base, "hf")):
-        run(TrainConfig(model="tiny", data=paths["base_train"], eval_data=paths["general_eval"], steps=args.base_steps,
-                        lr=3e-3, max_length=32, output_dir=base, **common))
+        run(
+            TrainConfig(
+                model="tiny",
+                data=paths["base_train"],
+                eval_data=paths["general_eval"],
+                steps=args.base_steps,
+                lr=3e-3,
+                max_length=32,
+                output_dir=base,
+                **common,
+            )
+        )
     base_hf = os.path.join(base, "hf")
-    results = [("base", "-", accuracy(base_hf, paths["new_eval"], "numeric"),
-                accuracy(base_hf, paths["general_eval"], "exact"))]
+    results = [
+        (
+            "base",
+            "-",
+            accuracy(base_hf, paths["new_eval"], "numeric"),
+            accuracy(base_hf, paths["general_eval"], "exact"),
+        )
+    ]
     for seed in seeds:
         for method in ("sft", "s3ft"):
             d = os.path.join(args.out, f"{method}-seed{seed}")
             if not os.path.isdir(os.path.join(d, "hf")):
-                run(TrainConfig(model=base_hf, data=paths["new_train"], eval_data=paths["new_eval"], steps=args.steps,
-                                lr=args.lr, max_length=64, warmup_steps=10, seed=seed, output_dir=d, s3ft=method == "s3ft",
-                                judge="numeric", s3ft_out=os.path.join(args.out, "s3ft.jsonl"), **common))
+                run(
+                    TrainConfig(
+                        model=base_hf,
+                        data=paths["new_train"],
+                        eval_data=paths["new_eval"],
+                        steps=args.steps,
+                        lr=args.lr,
+                        max_length=64,
+                        warmup_steps=10,
+                        seed=seed,
+                        output_dir=d,
+                        s3ft=method == "s3ft",
+                        judge="numeric",
+                        s3ft_out=os.path.join(args.out, "s3ft.jsonl"),
+                        **common,
+                    )
+                )
             hf = os.path.join(d, "hf")
-            results.append((method, str(seed), accuracy(hf, paths["new_eval"], "numeric"),
-                            accuracy(hf, paths["general_eval"], "exact")))
+            results.append(
+                (
+                    method,
+                    str(seed),
+                    accuracy(hf, paths["new_eval"], "numeric"),
+                    accuracy(hf, paths["general_eval"], "exact"),
+                )
+            )
     base_general = results[0][3]["all"]
-    lines = [f"{'model':<6}{'seed':>5}{'new task':>10}{'general':>9}{'change':>8}   general per task",
-             *(f"{m:<6}{s:>5}{new['all']:>10.3f}{gen['all']:>9.3f}{gen['all'] - base_general:>+8.3f}   "
-               + " ".join(f"{k} {v:.2f}" for k, v in gen.items() if k != "all") for m, s, new, gen in results)]
+    lines = [
+        f"{'model':<6}{'seed':>5}{'new task':>10}{'general':>9}{'change':>8}   general per task",
+        *(
+            f"{m:<6}{s:>5}{new['all']:>10.3f}{gen['all']:>9.3f}{gen['all'] - base_general:>+8.3f}   "
+            + " ".join(f"{k} {v:.2f}" for k, v in gen.items() if k != "all")
+            for m, s, new, gen in results
+        ),
+    ]
     table = "\n".join(lines)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump([{"model": m, "seed": s, "new_task": n, "general": g} for m, s, n, g in results], f, indent=2)
-    print(f"\nnew task: accuracy of the final number (numeric judge); general: exact match of the bare answer "
-          f"({time.perf_counter() - start:.0f} s)\n{table}")
+    print(
+        f"\nnew task: accuracy of the final number (numeric judge); general: exact match of the bare answer "
+        f"({time.perf_counter() - start:.0f} s)\n{table}"
+    )
     return 0
 
 

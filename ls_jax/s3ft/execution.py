@@ -33,15 +33,16 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Optional, Tuple
 
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_child.py")
 NOBODY = 65534  # uid and gid of the unprivileged user
 # per process of the child: address space, file size (so also its output), open files, processes of the
 # user (binding only for a user other than root), no core dumps
 LIMITS = {"RLIMIT_AS": 1 << 30, "RLIMIT_FSIZE": 1 << 20, "RLIMIT_NOFILE": 64, "RLIMIT_NPROC": 32, "RLIMIT_CORE": 0}
-NAMESPACES = (("unshare", "--net", "--pid", "--fork", "--kill-child"),
-              ("unshare", "--user", "--map-root-user", "--net", "--pid", "--fork", "--kill-child"))
+NAMESPACES = (
+    ("unshare", "--net", "--pid", "--fork", "--kill-child"),
+    ("unshare", "--user", "--map-root-user", "--net", "--pid", "--fork", "--kill-child"),
+)
 DROP = ("setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--no-new-privs", "--inh-caps=-all")
 DROP_READING = DROP[:-1] + ("--inh-caps=-all,+dac_read_search", "--ambient-caps=+dac_read_search")
 # what a candidate isolation must run: this interpreter (not another one found instead), its standard library
@@ -52,8 +53,8 @@ PROBE = f"import json, sys\nassert sys.version == {sys.version!r} and json.loads
 class Isolation:
     """How the child is started: a namespaces command, a user-dropping command, the Python guard."""
 
-    namespaces: Tuple[str, ...] = ()
-    user: Tuple[str, ...] = ()
+    namespaces: tuple[str, ...] = ()
+    user: tuple[str, ...] = ()
     guard: bool = True
 
     def describe(self) -> str:
@@ -75,7 +76,7 @@ class Outcome:
     output: str
 
 
-def run(source: str, timeout: float, isolation: Optional[Isolation] = None) -> Outcome:
+def run(source: str, timeout: float, isolation: Isolation | None = None) -> Outcome:
     """Run the Python program ``source`` in an isolated, limited child (see the module doc).
 
     Args:
@@ -89,15 +90,19 @@ def run(source: str, timeout: float, isolation: Optional[Isolation] = None) -> O
     isolation = isolation or best_isolation()
     config = {"limits": {**LIMITS, "RLIMIT_CPU": max(1, math.ceil(timeout))}, "guard": isolation.guard}
     command = [*isolation.namespaces, *isolation.user, sys.executable, "-I", CHILD, json.dumps(config)]
-    with tempfile.TemporaryDirectory(prefix="ls_jax-judge-") as work, tempfile.TemporaryFile() as program, \
-            tempfile.TemporaryFile() as output:
+    with (
+        tempfile.TemporaryDirectory(prefix="ls_jax-judge-") as work,
+        tempfile.TemporaryFile() as program,
+        tempfile.TemporaryFile() as output,
+    ):
         program.write(source.encode("utf-8"))
         program.seek(0)
         if isolation.user:
             os.chown(work, NOBODY, NOBODY)
         env = {"PATH": os.defpath, "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8"}
-        proc = subprocess.Popen(command, cwd=work, env=env, stdin=program, stdout=output, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            command, cwd=work, env=env, stdin=program, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+        )
         deadline, timed_out = time.monotonic() + timeout, False
         try:  # wait without reaping, so that the group id stays the child's until the group is killed
             while os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
@@ -114,7 +119,7 @@ def run(source: str, timeout: float, isolation: Optional[Isolation] = None) -> O
     return Outcome(returncode == 0 and not timed_out, returncode, timed_out, text)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def best_isolation() -> Isolation:
     """The strongest :class:`Isolation` under which :data:`PROBE` passes here, tried once per process.
 

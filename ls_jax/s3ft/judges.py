@@ -18,7 +18,7 @@ A row picks its judge with a ``"judge"`` field; otherwise the default (``--judge
 
 import re
 import string
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from ls_jax.s3ft import execution
 
@@ -27,9 +27,11 @@ Judge = Callable[[str, str, str], bool]
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _FENCE = re.compile(r"```[\w+-]*\n(.*?)```", re.S)
-REFUSAL = ("the 'code' judge runs model-written Python code on this machine and needs --allow-code-execution "
-           "(Python: allow_code_execution=True), which allows running it in a child process that is isolated and "
-           "limited as far as the platform allows (see ls_jax.s3ft.execution; not a sandbox for hostile code)")
+REFUSAL = (
+    "the 'code' judge runs model-written Python code on this machine and needs --allow-code-execution "
+    "(Python: allow_code_execution=True), which allows running it in a child process that is isolated and "
+    "limited as far as the platform allows (see ls_jax.s3ft.execution; not a sandbox for hostile code)"
+)
 
 
 class CodeExecutionRefused(ValueError):
@@ -47,7 +49,7 @@ def exact_match(prompt: str, gold: str, candidate: str) -> bool:
     return normalize(candidate) == normalize(gold)
 
 
-def final_number(text: str) -> Optional[float]:
+def final_number(text: str) -> float | None:
     """The number after the last ``####`` if present, else the last number in ``text``; None if none."""
     text = str(text)
     if "####" in text:

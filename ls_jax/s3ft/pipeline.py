@@ -19,31 +19,33 @@ import contextlib
 import hashlib
 import json
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ls_jax import data
 from ls_jax.atomic import write_text
 from ls_jax.s3ft import execution, judges
 
 SOURCES = ("self", "paraphrase", "gold")
-PARAPHRASE_TEMPLATE = ("{prompt}\n\nHere is a correct response:\n{gold}\n\n"
-                       "Rewrite this response in your own words, keeping its final answer.\n")
+PARAPHRASE_TEMPLATE = (
+    "{prompt}\n\nHere is a correct response:\n{gold}\n\n"
+    "Rewrite this response in your own words, keeping its final answer.\n"
+)
 
 
 @dataclass
 class S3FTSet:
     """The new training rows, the rows left out (``{"row": i, "reason": str}``) and notes."""
 
-    rows: List[dict]
-    skipped: List[dict]
-    notes: List[str] = field(default_factory=list)
+    rows: list[dict]
+    skipped: list[dict]
+    notes: list[str] = field(default_factory=list)
 
-    def kept_rows(self) -> List[int]:
+    def kept_rows(self) -> list[int]:
         """The input row number of each training row."""
         return [r["s3ft_row"] for r in self.rows]
 
-    def counts(self) -> Dict[str, int]:
+    def counts(self) -> dict[str, int]:
         """Rows per source (self / paraphrase / gold) and skipped."""
         out = {s: sum(r["s3ft_source"] == s for r in self.rows) for s in SOURCES}
         out["skipped"] = len(self.skipped)
@@ -65,7 +67,7 @@ class S3FTSet:
         return "\n".join(lines + self.notes)
 
 
-def gold_of(row: dict) -> Tuple[Optional[str], Optional[str]]:
+def gold_of(row: dict) -> tuple[str | None, str | None]:
     """(prompt text for the judge, gold response) of a row; None for what is missing."""
     msgs = row.get("messages")
     if msgs:
@@ -110,10 +112,21 @@ def _verdict(judge, prompt, gold, gen, index, errors) -> str:
         return "error"
 
 
-def build(model, tokenizer, rows: Sequence[dict], *, judge="exact", paraphrase: bool = True,
-          max_new_tokens: int = 128, batch_size: int = 16, template: str = PARAPHRASE_TEMPLATE,
-          timeout: float = 10.0, progress: bool = True, where: Optional[Sequence[str]] = None,
-          allow_code_execution: bool = False) -> S3FTSet:
+def build(
+    model,
+    tokenizer,
+    rows: Sequence[dict],
+    *,
+    judge="exact",
+    paraphrase: bool = True,
+    max_new_tokens: int = 128,
+    batch_size: int = 16,
+    template: str = PARAPHRASE_TEMPLATE,
+    timeout: float = 10.0,
+    progress: bool = True,
+    where: Sequence[str] | None = None,
+    allow_code_execution: bool = False,
+) -> S3FTSet:
     """The S3FT training set of ``rows`` for ``model`` (greedy generation, see the module doc).
 
     judge: a name in :data:`ls_jax.s3ft.judges.NAMES` or a callable ``(prompt, gold, candidate)
@@ -150,17 +163,29 @@ def build(model, tokenizer, rows: Sequence[dict], *, judge="exact", paraphrase: 
     uses_code = any(judges.chosen(judge, u[1]) == "code" for u in usable)
     isolation = execution.best_isolation() if uses_code else None
     bar = tqdm(total=len(usable) * (2 if paraphrase else 1), desc="s3ft generate", disable=not progress)
-    gens = generate(model, tokenizer, [u[5] for u in usable], max_new_tokens=max_new_tokens,
-                    batch_size=batch_size, progress=bar.update)
-    errors: List[str] = []
+    gens = generate(
+        model,
+        tokenizer,
+        [u[5] for u in usable],
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        progress=bar.update,
+    )
+    errors: list[str] = []
     verdicts = [_verdict(u[4], u[2], u[3], g, u[0], errors) for u, g in zip(usable, gens)]
     wrong = [k for k, v in enumerate(verdicts) if v != "correct"]
     para = {}
     if paraphrase and wrong:
         bar.total = len(usable) + len(wrong)
         asks = [_paraphrase_ids(usable[k][2], usable[k][3], tokenizer, template) for k in wrong]
-        para = dict(zip(wrong, generate(model, tokenizer, asks, max_new_tokens=max_new_tokens,
-                                        batch_size=batch_size, progress=bar.update)))
+        para = dict(
+            zip(
+                wrong,
+                generate(
+                    model, tokenizer, asks, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=bar.update
+                ),
+            )
+        )
     bar.close()
     out = []
     for k, ((i, row, prompt, gold, judge_fn, _), gen, verdict) in enumerate(zip(usable, gens, verdicts)):
@@ -174,8 +199,17 @@ def build(model, tokenizer, rows: Sequence[dict], *, judge="exact", paraphrase: 
                 p_verdict = _verdict(judge_fn, prompt, gold, para[k], i, errors)
                 if p_verdict == "correct":
                     source, target = "paraphrase", p_text
-        out.append({**with_target(row, target), "s3ft_row": i, "s3ft_source": source, "s3ft_self_verdict": verdict,
-                     "s3ft_paraphrase_verdict": p_verdict, "s3ft_self": gen.text, "s3ft_paraphrase": p_text})
+        out.append(
+            {
+                **with_target(row, target),
+                "s3ft_row": i,
+                "s3ft_source": source,
+                "s3ft_self_verdict": verdict,
+                "s3ft_paraphrase_verdict": p_verdict,
+                "s3ft_self": gen.text,
+                "s3ft_paraphrase": p_text,
+            }
+        )
     notes = []
     if isolation is not None:
         notes.append(f"code judge ran in: {isolation.describe()}")
@@ -202,8 +236,11 @@ def fingerprint(rows: Sequence[dict], model_id: str, tokenizer, settings: dict) 
 def checkpoint_id(path: str) -> str:
     """A model directory's identity: its path and each file's name, size and modification time."""
     files = sorted(os.listdir(path))
-    stats = [(f, os.path.getsize(os.path.join(path, f)), os.path.getmtime(os.path.join(path, f))) for f in files
-             if os.path.isfile(os.path.join(path, f))]
+    stats = [
+        (f, os.path.getsize(os.path.join(path, f)), os.path.getmtime(os.path.join(path, f)))
+        for f in files
+        if os.path.isfile(os.path.join(path, f))
+    ]
     return json.dumps([os.path.abspath(path), stats])
 
 
@@ -217,7 +254,7 @@ def write(result: S3FTSet, out: str, key: str) -> None:
     write_text(out + ".meta.json", json.dumps({"key": key, "counts": result.counts(), "notes": result.notes}, indent=2))
 
 
-def load_if_current(out: str, key: str) -> Optional[S3FTSet]:
+def load_if_current(out: str, key: str) -> S3FTSet | None:
     """The set written to ``out`` when it was built from the inputs ``key`` names, else None."""
     try:
         with open(out + ".meta.json") as f:
@@ -231,9 +268,19 @@ def load_if_current(out: str, key: str) -> Optional[S3FTSet]:
     return S3FTSet(rows, skipped, list(meta.get("notes", [])))
 
 
-def build_cached(out: str, build_model: Callable, tokenizer, rows: Sequence[dict], model_id: str, *,
-                 force: bool = False, log=print, where: Optional[Sequence[str]] = None,
-                 allow_code_execution: bool = False, **settings) -> S3FTSet:
+def build_cached(
+    out: str,
+    build_model: Callable,
+    tokenizer,
+    rows: Sequence[dict],
+    model_id: str,
+    *,
+    force: bool = False,
+    log=print,
+    where: Sequence[str] | None = None,
+    allow_code_execution: bool = False,
+    **settings,
+) -> S3FTSet:
     """:func:`build` into ``out``, or the set already there when its inputs are unchanged
     (``allow_code_execution`` is not one of them: reusing a set runs no code)."""
     safe = {k: (v if not callable(v) else getattr(v, "__qualname__", repr(v))) for k, v in settings.items()}

@@ -6,7 +6,7 @@ the code judge's opt-in with every config, and with ``--s3ft`` trains on the S3F
 """
 
 import os
-from typing import Callable, List, Optional, Tuple
+from collections.abc import Callable
 
 from ls_jax import data
 from ls_jax.s3ft import judges
@@ -31,8 +31,15 @@ class S3FTSource:
         except judges.CodeExecutionRefused as e:
             raise ConfigError(str(e)) from None
 
-    def rows(self, c: TrainConfig, build_model: Callable, tokenizer, rows: List[dict], where: Optional[List[str]],
-             log: List[str]) -> Tuple[List[dict], Optional[List[str]]]:
+    def rows(
+        self,
+        c: TrainConfig,
+        build_model: Callable,
+        tokenizer,
+        rows: list[dict],
+        where: list[str] | None,
+        log: list[str],
+    ) -> tuple[list[dict], list[str] | None]:
         """The S3FT training rows (built, or reused when current) and their places in the data;
         the counts per source go to ``log``. Rows left out are reported there, never silently.
 
@@ -40,20 +47,36 @@ class S3FTSource:
           ConfigError: a row asks for the code judge without ``--allow-code-execution``.
           ls_jax.data.DataError: no training row is left.
         """
-        out = c.s3ft_out or os.path.join(os.path.dirname(os.path.abspath(c.output_dir or "runs/x")), "s3ft-cache",
-                                         f"{os.path.basename(c.data or 'generated')}-{os.path.basename(c.model)}.jsonl")
+        out = c.s3ft_out or os.path.join(
+            os.path.dirname(os.path.abspath(c.output_dir or "runs/x")),
+            "s3ft-cache",
+            f"{os.path.basename(c.data or 'generated')}-{os.path.basename(c.model)}.jsonl",
+        )
         model_id = checkpoint_id(c.model) if os.path.isdir(c.model) else f"{c.model} seed={c.seed} {c.param_dtype}"
         try:
-            result = build_cached(out, build_model, tokenizer, rows, model_id, force=False, log=log.append,
-                                  where=where, allow_code_execution=c.allow_code_execution, judge=c.judge,
-                                  paraphrase=c.s3ft_paraphrase, max_new_tokens=c.max_length,
-                                  batch_size=c.eval_batch_size, progress=c.progress)
+            result = build_cached(
+                out,
+                build_model,
+                tokenizer,
+                rows,
+                model_id,
+                force=False,
+                log=log.append,
+                where=where,
+                allow_code_execution=c.allow_code_execution,
+                judge=c.judge,
+                paraphrase=c.s3ft_paraphrase,
+                max_new_tokens=c.max_length,
+                batch_size=c.eval_batch_size,
+                progress=c.progress,
+            )
         except judges.CodeExecutionRefused as e:  # a row asks for the code judge
             raise ConfigError(str(e)) from None
         log.extend(["s3ft targets (train rows):", *result.table().splitlines()])
         if not result.rows:
-            raise data.DataError(f"s3ft: no training row left ({len(result.skipped)} left out; "
-                                 f"see {out}.skipped.jsonl)")
+            raise data.DataError(
+                f"s3ft: no training row left ({len(result.skipped)} left out; see {out}.skipped.jsonl)"
+            )
         return result.rows, None if where is None else [where[r] for r in result.kept_rows()]
 
 

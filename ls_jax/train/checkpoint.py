@@ -8,7 +8,7 @@ intact; leftover temporary directories are removed when the manager is next open
 """
 
 import os
-from typing import Any, Optional, Tuple
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
@@ -19,24 +19,26 @@ class CheckpointStore:
 
     def __init__(self, directory: str, keep: int = 3):
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, cleanup_tmp_directories=True, create=True)
-        self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options,
-                                             item_names=("state", "meta"))
+        self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=("state", "meta"))
 
-    def latest_step(self) -> Optional[int]:
+    def latest_step(self) -> int | None:
         """Newest complete checkpoint's step, or None."""
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, meta: dict) -> None:
         """Start saving ``state`` (any pytree of arrays) and ``meta`` (JSON-able) as ``step``."""
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(jax.tree.leaves(state)), meta=ocp.args.JsonSave(meta)))
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(jax.tree.leaves(state)), meta=ocp.args.JsonSave(meta)),
+        )
 
-    def restore(self, step: int, like: Any) -> Tuple[Any, dict]:
+    def restore(self, step: int, like: Any) -> tuple[Any, dict]:
         """``(state, meta)`` of ``step``; ``like`` gives the structure, shapes, dtypes and shardings."""
         leaves, treedef = jax.tree.flatten(like)
         abstract = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) for x in leaves]
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        out = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
+        )
         return jax.tree.unflatten(treedef, list(out["state"])), dict(out["meta"])
 
     def meta(self, step: int) -> dict:

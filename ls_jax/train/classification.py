@@ -10,7 +10,7 @@ distribution ``[K]`` float32. The embedded default (no ``--data``) is generated 
 
 import numbers
 import random
-from typing import Dict, List, Sequence, Tuple
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,13 +24,15 @@ from ls_jax.train.config import LossOptions
 from ls_jax.train.step import model_inputs
 
 CLASSES = ("Negative", "Neutral", "Positive")
-_WORDS = {"Negative": ("awful", "boring", "broken", "terrible", "slow", "rude", "bland", "noisy"),
-          "Neutral": ("okay", "average", "fine", "ordinary", "plain", "usual", "standard", "fair"),
-          "Positive": ("great", "lovely", "superb", "friendly", "fast", "tasty", "bright", "perfect")}
+_WORDS = {
+    "Negative": ("awful", "boring", "broken", "terrible", "slow", "rude", "bland", "noisy"),
+    "Neutral": ("okay", "average", "fine", "ordinary", "plain", "usual", "standard", "fair"),
+    "Positive": ("great", "lovely", "superb", "friendly", "fast", "tasty", "bright", "perfect"),
+}
 _THINGS = ("food", "service", "room", "movie", "staff", "screen", "book", "ride", "music", "price")
 
 
-def generate(num_train: int, num_eval: int, seed: int = 0) -> Tuple[List[dict], List[dict]]:
+def generate(num_train: int, num_eval: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
     """Generated review-like rows: ``"the food was lovely and the staff was fast"`` labelled by
     the words' sentiment; a tenth of the training labels are flipped at random (noise), and a
     review mixing two sentiments gets the soft label ``{a: 0.5, b: 0.5}``."""
@@ -40,8 +42,10 @@ def generate(num_train: int, num_eval: int, seed: int = 0) -> Tuple[List[dict], 
         first, second = rng.choice(CLASSES), rng.choice(CLASSES)
         if rng.random() < 0.7:
             second = first
-        text = (f"the {rng.choice(_THINGS)} was {rng.choice(_WORDS[first])} "
-                f"and the {rng.choice(_THINGS)} was {rng.choice(_WORDS[second])}")
+        text = (
+            f"the {rng.choice(_THINGS)} was {rng.choice(_WORDS[first])} "
+            f"and the {rng.choice(_THINGS)} was {rng.choice(_WORDS[second])}"
+        )
         if first != second:
             return {"text": text, "label": {first: 0.5, second: 0.5}}
         if train and rng.random() < 0.1:
@@ -51,7 +55,7 @@ def generate(num_train: int, num_eval: int, seed: int = 0) -> Tuple[List[dict], 
     return [row(True) for _ in range(num_train)], [row(False) for _ in range(num_eval)]
 
 
-def label_classes(rows: Sequence[dict], where: Sequence[str], declared: Sequence[str] = ()) -> List[str]:
+def label_classes(rows: Sequence[dict], where: Sequence[str], declared: Sequence[str] = ()) -> list[str]:
     """The class names: ``declared`` (``--classes``) when given, else the training rows' label
     names (sorted), or ``"0" .. "max"``; every row's label is checked to be one of the three kinds.
     A declared list makes a label naming another class an error (in :func:`target`): without it,
@@ -100,8 +104,9 @@ def target(label, classes: Sequence[str], where: str) -> np.ndarray:
     return out
 
 
-def prepare(rows: Sequence[dict], where: Sequence[str], tokenizer, max_length: int, classes: Sequence[str],
-            name: str) -> Tuple[List[Dict[str, np.ndarray]], str]:
+def prepare(
+    rows: Sequence[dict], where: Sequence[str], tokenizer, max_length: int, classes: Sequence[str], name: str
+) -> tuple[list[dict[str, np.ndarray]], str]:
     """Padded rows ``{input_ids, positions, segment_ids: int32 [max_length], targets: float32 [K]}``
     (segment_ids 1 on tokens, 0 on padding), and a log line with the truncation count."""
     out, cut = [], 0
@@ -113,10 +118,17 @@ def prepare(rows: Sequence[dict], where: Sequence[str], tokenizer, max_length: i
         ids = bos + tokenizer(text, add_special_tokens=False)["input_ids"]
         cut += len(ids) > max_length
         ids = ids[:max_length]
-        row = {"input_ids": np.full(max_length, tokenizer.pad_token_id, np.int32),
-               "positions": np.zeros(max_length, np.int32), "segment_ids": np.zeros(max_length, np.int32),
-               "targets": target(r["label"], classes, f"{name}: {w}")}
-        row["input_ids"][:len(ids)], row["positions"][:len(ids)], row["segment_ids"][:len(ids)] = ids, range(len(ids)), 1
+        row = {
+            "input_ids": np.full(max_length, tokenizer.pad_token_id, np.int32),
+            "positions": np.zeros(max_length, np.int32),
+            "segment_ids": np.zeros(max_length, np.int32),
+            "targets": target(r["label"], classes, f"{name}: {w}"),
+        }
+        row["input_ids"][: len(ids)], row["positions"][: len(ids)], row["segment_ids"][: len(ids)] = (
+            ids,
+            range(len(ids)),
+            1,
+        )
         out.append(row)
     return out, f"{name}: {len(out)} rows, {cut} cut to {max_length} tokens"
 
@@ -131,12 +143,14 @@ class ClassificationBatches(Batches):
             raise DataError(f"only {len(rows)} rows of data for a batch size of {batch_size}")
 
 
-def eval_batches(rows, batch_size: int) -> List[Dict[str, np.ndarray]]:
+def eval_batches(rows, batch_size: int) -> list[dict[str, np.ndarray]]:
     """Every row once, in order; the last batch padded with all-zero rows (no target: not scored)."""
     blank = {k: np.zeros_like(v) for k, v in rows[0].items()}
     rows = list(rows) + [blank] * (-len(rows) % batch_size)
-    return [{k: np.stack([r[k] for r in rows[s:s + batch_size]]) for k in rows[0]}
-            for s in range(0, len(rows), batch_size)]
+    return [
+        {k: np.stack([r[k] for r in rows[s : s + batch_size]]) for k in rows[0]}
+        for s in range(0, len(rows), batch_size)
+    ]
 
 
 def scored(batch) -> jax.Array:
@@ -148,8 +162,13 @@ def loss_sum(model, batch, opts) -> jax.Array:
     """Summed smoothed cross-entropy of the batch's scored rows (``opts.smoothing_convention``)."""
     inputs = {"input_ids": batch["input_ids"], "labels": batch["targets"], **model_inputs(batch)}
     loss, metrics = sequence_classification_loss(
-        model, inputs, label_smoothing=opts.label_smoothing, smoothing_convention=opts.smoothing_convention,
-        z_loss=opts.z_loss, where=scored(batch))
+        model,
+        inputs,
+        label_smoothing=opts.label_smoothing,
+        smoothing_convention=opts.smoothing_convention,
+        z_loss=opts.z_loss,
+        where=scored(batch),
+    )
     return loss * metrics["examples"]
 
 
@@ -167,12 +186,14 @@ def make_eval_step(graphdef, opts: LossOptions, *, param_shardings, frozen_shard
         logits = model(batch["input_ids"], **model_inputs(batch))
         return {"logits": logits, "loss_sum": loss_sum(model, batch, opts)}
 
-    return jax.jit(sharding.on_mesh(evaluate, mesh, sharding.replicated(mesh)),
-                   in_shardings=(param_shardings, frozen_shardings, sharding.batch_sharding(mesh)),
-                   out_shardings=sharding.replicated(mesh))
+    return jax.jit(
+        sharding.on_mesh(evaluate, mesh, sharding.replicated(mesh)),
+        in_shardings=(param_shardings, frozen_shardings, sharding.batch_sharding(mesh)),
+        out_shardings=sharding.replicated(mesh),
+    )
 
 
-def evaluate(step, params, frozen, batches, mesh) -> Dict:
+def evaluate(step, params, frozen, batches, mesh) -> dict:
     """Held-out metrics of the classifier: ``loss`` (smoothed, as trained), ``accuracy`` (argmax
     against the label's heaviest class), ``log_loss`` (cross-entropy against the labels as given,
     soft ones included: the NLL for hard labels), ``ece``, ``brier``, ``mean_confidence``,
@@ -190,6 +211,13 @@ def evaluate(step, params, frozen, batches, mesh) -> Dict:
     log_probs = np.asarray(jax.nn.log_softmax(jnp.asarray(logits, jnp.float32)))
     log_loss = float(-(targets * np.where(targets > 0, log_probs, 0.0)).sum(-1).mean())
     n = int(keep.sum())
-    metrics = {"loss": loss / n, "accuracy": report.accuracy, "log_loss": log_loss, "ece": report.ece,
-               "brier": report.brier, "mean_confidence": report.mean_confidence, "examples": n}
+    metrics = {
+        "loss": loss / n,
+        "accuracy": report.accuracy,
+        "log_loss": log_loss,
+        "ece": report.ece,
+        "brier": report.brier,
+        "mean_confidence": report.mean_confidence,
+        "examples": n,
+    }
     return {"metrics": metrics, "bins": report.bins}

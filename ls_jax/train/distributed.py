@@ -10,8 +10,6 @@ writes one checkpoint across processes, and only process 0 writes the other file
 report, export).
 """
 
-from typing import List
-
 import jax
 import numpy as np
 
@@ -26,8 +24,10 @@ def initialize(c) -> None:
     if all(f is None for f in flags) and not c.distributed:
         return
     if any(f is None for f in flags) and not all(f is None for f in flags):
-        raise ConfigError("--coordinator, --num-processes and --process-id go together "
-                          "(or --distributed alone, to take them from Slurm / TPU / MPI)")
+        raise ConfigError(
+            "--coordinator, --num-processes and --process-id go together "
+            "(or --distributed alone, to take them from Slurm / TPU / MPI)"
+        )
     if c.num_processes is not None and not 0 <= c.process_id < c.num_processes:
         raise ConfigError(f"--process-id must be in [0, --num-processes {c.num_processes}), got {c.process_id}")
     if c.init_timeout < 1:
@@ -35,13 +35,15 @@ def initialize(c) -> None:
     if not jax.distributed.is_initialized():
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes (tests); no-op on GPU / TPU
         try:
-            jax.distributed.initialize(c.coordinator, c.num_processes, c.process_id,
-                                       initialization_timeout=c.init_timeout)
+            jax.distributed.initialize(
+                c.coordinator, c.num_processes, c.process_id, initialization_timeout=c.init_timeout
+            )
         except (RuntimeError, ValueError) as e:
             raise ConfigError(f"cannot join the other processes: {str(e).strip().splitlines()[0]}") from None
     if c.num_processes is not None and jax.process_count() != c.num_processes:
-        raise ConfigError(f"--num-processes {c.num_processes} does not match the coordinator's "
-                          f"{jax.process_count()} processes")
+        raise ConfigError(
+            f"--num-processes {c.num_processes} does not match the coordinator's {jax.process_count()} processes"
+        )
 
 
 def is_main() -> bool:
@@ -49,12 +51,12 @@ def is_main() -> bool:
     return jax.process_index() == 0
 
 
-def allgather(local: np.ndarray) -> List[np.ndarray]:
+def allgather(local: np.ndarray) -> list[np.ndarray]:
     """Every process's 1-d int32 array (their lengths may differ), in process order."""
     from jax.experimental import multihost_utils
 
     sizes = np.asarray(multihost_utils.process_allgather(np.array([local.size], np.int32))).reshape(-1)
     padded = np.zeros(int(sizes.max()), np.int32)
-    padded[:local.size] = local
+    padded[: local.size] = local
     stacked = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
-    return [stacked[q, :int(n)] for q, n in enumerate(sizes)]
+    return [stacked[q, : int(n)] for q, n in enumerate(sizes)]

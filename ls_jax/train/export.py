@@ -4,7 +4,7 @@
 ``AutoModelForCausalLM.from_pretrained`` read it; LoRA adapters are merged into the weights.
 """
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from flax import nnx
 
@@ -12,8 +12,15 @@ from ls_jax.models import save_pretrained
 from ls_jax.train.lora import merge_lora
 
 
-def export_hf(graphdef, params, frozen, tokenizer, path: str, lora_alpha: Optional[float] = None,
-              classes: Optional[Sequence[str]] = None) -> None:
+def export_hf(
+    graphdef,
+    params,
+    frozen,
+    tokenizer,
+    path: str,
+    lora_alpha: float | None = None,
+    classes: Sequence[str] | None = None,
+) -> None:
     """Write the model ``nnx.merge(graphdef, params, frozen)`` (LoRA merged with ``lora_alpha``,
     see :func:`ls_jax.train.lora.merge_lora`) and its tokenizer to ``path`` (config.json,
     model.safetensors, tokenizer files); a classifier's ``classes`` become config.json's

@@ -16,7 +16,6 @@ import json
 import math
 import os
 import time
-from typing import Dict, Optional
 
 import jax
 import numpy as np
@@ -41,22 +40,19 @@ def check_resumable(meta: dict, config: TrainConfig) -> None:
     checkpoint of ``meta`` inexact, or this run has another number of processes."""
     saved, processes = meta["config"], meta.get("processes", 1)
     if processes != jax.process_count():
-        raise ConfigError(f"--resume: the checkpoint was written by {processes} processes, this run has "
-                          f"{jax.process_count()}; resume with the same number of processes")
+        raise ConfigError(
+            f"--resume: the checkpoint was written by {processes} processes, this run has "
+            f"{jax.process_count()}; resume with the same number of processes"
+        )
     now = config.to_json()
     changed = [k for k in RESUME_FIELDS if k in saved and saved[k] != now[k]]
     if changed:
-        raise ConfigError("--resume with changed settings: " + ", ".join(
-            f"{k} {saved[k]!r} -> {now[k]!r}" for k in changed))
+        raise ConfigError(
+            "--resume with changed settings: " + ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}" for k in changed)
+        )
 
 
-
-
-
-
-
-
-def train(config: TrainConfig, prep: Prepared, out_dir: str, *, stop_at: Optional[int] = None) -> Dict:
+def train(config: TrainConfig, prep: Prepared, out_dir: str, *, stop_at: int | None = None) -> dict:
     """Train with ``config`` into ``out_dir``; returns the final held-out metrics.
 
     ``stop_at``: save a checkpoint and return after this step, as if the job were stopped
@@ -67,8 +63,9 @@ def train(config: TrainConfig, prep: Prepared, out_dir: str, *, stop_at: Optiona
     mesh = prep.mesh
     model = prep.build_model(config.seed)
     if config.lora_rank:
-        model = add_lora(model, config.lora_rank, alpha=config.lora_alpha, targets=config.lora_targets,
-                         seed=config.seed)
+        model = add_lora(
+            model, config.lora_rank, alpha=config.lora_alpha, targets=config.lora_targets, seed=config.seed
+        )
     task = task_of(config)
     graphdef, params, frozen = nnx.split(model, task.trainable(bool(config.lora_rank)), ...)
     del model
@@ -80,8 +77,16 @@ def train(config: TrainConfig, prep: Prepared, out_dir: str, *, stop_at: Optiona
     opt_sh = sharding.tree_shardings(jax.eval_shape(tx.init, params), mesh)
     opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
 
-    train_step, batches, evaluate = task.steps(config, prep, graphdef, tx, param_shardings=param_sh,
-                                               frozen_shardings=frozen_sh, opt_shardings=opt_sh, mesh=mesh)
+    train_step, batches, evaluate = task.steps(
+        config,
+        prep,
+        graphdef,
+        tx,
+        param_shardings=param_sh,
+        frozen_shardings=frozen_sh,
+        opt_shardings=opt_sh,
+        mesh=mesh,
+    )
 
     main = is_main()
     store = CheckpointStore(os.path.join(out_dir, "checkpoints"), keep=config.keep_checkpoints)
@@ -96,8 +101,11 @@ def train(config: TrainConfig, prep: Prepared, out_dir: str, *, stop_at: Optiona
         log.truncate_after(step)
 
     def save():
-        store.save(step, (params, opt_state), {"step": step, "data_position": position, "config": config.to_json(),
-                                               "processes": jax.process_count()})
+        store.save(
+            step,
+            (params, opt_state),
+            {"step": step, "data_position": position, "config": config.to_json(), "processes": jax.process_count()},
+        )
 
     progress = Progress(config.steps, step, f"train a={config.label_smoothing:g}", config.progress and main)
     if latest is not None:
@@ -107,6 +115,7 @@ def train(config: TrainConfig, prep: Prepared, out_dir: str, *, stop_at: Optiona
     last = config.steps if stop_at is None else min(stop_at, config.steps)
     try:
         while step < last:
+
             def rows(r, start=position):  # this process's rows of each micro-batch, stacked [grad_accum, rows, T]
                 micro = [batches.batch(start + i, r) for i in range(config.grad_accum)]
                 return {k: np.stack([m[k] for m in micro]) for k in micro[0]}
@@ -118,9 +127,11 @@ def train(config: TrainConfig, prep: Prepared, out_dir: str, *, stop_at: Optiona
             loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
             seconds = time.perf_counter() - t0
             if not (math.isfinite(loss) and math.isfinite(grad_norm) and bool(metrics["finite"])):
-                raise Diverged(f"training diverged at step {step + 1} (loss {loss:g}, gradient norm {grad_norm:g}"
-                               f"{'' if bool(metrics['finite']) else ', non-finite parameters'}): stopped before "
-                               f"saving it; the earlier checkpoints are kept (try a lower --lr)")
+                raise Diverged(
+                    f"training diverged at step {step + 1} (loss {loss:g}, gradient norm {grad_norm:g}"
+                    f"{'' if bool(metrics['finite']) else ', non-finite parameters'}): stopped before "
+                    f"saving it; the earlier checkpoints are kept (try a lower --lr)"
+                )
             rate = int(metrics["real_tokens"]) / seconds  # real (non-padding) tokens per second
             if losses:  # this session's first step includes compilation
                 rates.append(rate)
@@ -128,16 +139,30 @@ def train(config: TrainConfig, prep: Prepared, out_dir: str, *, stop_at: Optiona
             losses.append(loss)
             progress.update(loss, rate)
             if step % config.log_every == 0 or step == last:
-                log.write("train", step, {"loss": loss, "grad_norm": grad_norm, "lr": float(schedule(step - 1)),
-                                          "response_tokens": int(metrics["tokens"]), "tokens_per_s": rate,
-                                          "step_time_s": seconds})
+                log.write(
+                    "train",
+                    step,
+                    {
+                        "loss": loss,
+                        "grad_norm": grad_norm,
+                        "lr": float(schedule(step - 1)),
+                        "response_tokens": int(metrics["tokens"]),
+                        "tokens_per_s": rate,
+                        "step_time_s": seconds,
+                    },
+                )
             # evaluate before saving: a run killed after the save never has to redo this step's lines
             if step % config.eval_every == 0 or step == config.steps:
                 result, evaluated = evaluate(params, frozen), step
                 log.write("eval", step, result["metrics"])
-                progress.note(f"step {step}: held-out " + ", ".join(
-                    f"{k} {result['metrics'][k]:.4f}" for k in ("loss", "accuracy", "nll", "log_loss", "brier", "ece")
-                    if k in result["metrics"]))
+                progress.note(
+                    f"step {step}: held-out "
+                    + ", ".join(
+                        f"{k} {result['metrics'][k]:.4f}"
+                        for k in ("loss", "accuracy", "nll", "log_loss", "brier", "ece")
+                        if k in result["metrics"]
+                    )
+                )
             if step % config.save_every == 0 or step == last:
                 save()
     finally:
@@ -146,8 +171,14 @@ def train(config: TrainConfig, prep: Prepared, out_dir: str, *, stop_at: Optiona
     if evaluated != step:  # stopped between evaluations, or resumed at the end (its eval line is logged)
         result = evaluate(params, frozen)
     throughput = float(np.median(rates)) if rates else float("nan")
-    final = {"step": step, "label_smoothing": config.label_smoothing, "seed": config.seed, **result["metrics"],
-             "tokens_per_s": throughput, "token_bins": bins_json(result["bins"])}
+    final = {
+        "step": step,
+        "label_smoothing": config.label_smoothing,
+        "seed": config.seed,
+        **result["metrics"],
+        "tokens_per_s": throughput,
+        "token_bins": bins_json(result["bins"]),
+    }
     if prep.classes is not None:
         final.update(smoothing_convention=config.smoothing_convention, classes=prep.classes)
     if step == config.steps and jax.process_count() > 1:  # every process sends its shards to the host

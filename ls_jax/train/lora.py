@@ -10,7 +10,6 @@ only those by splitting on that type (plus whatever else must train, e.g. a fres
 """
 
 import re
-from typing import Optional
 
 import jax.numpy as jnp
 from flax import nnx
@@ -18,8 +17,9 @@ from flax import nnx
 from ls_jax.train.config import LORA_TARGETS
 
 
-def add_lora(model: nnx.Module, rank: int, *, alpha: Optional[float] = None, targets: str = LORA_TARGETS,
-             seed: int = 0) -> nnx.Module:
+def add_lora(
+    model: nnx.Module, rank: int, *, alpha: float | None = None, targets: str = LORA_TARGETS, seed: int = 0
+) -> nnx.Module:
     """The LoRA-adapted copy of ``model`` (a qwix ``LoraProvider`` over ``targets``).
 
     alpha: the LoRA scale numerator (default ``rank``: scale 1). ``model`` must take
@@ -44,8 +44,10 @@ def lora_targets(model: nnx.Module, targets: str) -> list:
     paths = ["/".join(map(str, p)) for p, m in nnx.iter_modules(model) if isinstance(m, nnx.Linear)]
     matched = [p for p in paths if re.fullmatch(targets, p)]
     if not matched:
-        raise ValueError(f"no nnx.Linear layer has a module path matching {targets!r} to put LoRA adapters on "
-                         f"(paths look like {paths[0] if paths else 'nothing: the model has no nnx.Linear'})")
+        raise ValueError(
+            f"no nnx.Linear layer has a module path matching {targets!r} to put LoRA adapters on "
+            f"(paths look like {paths[0] if paths else 'nothing: the model has no nnx.Linear'})"
+        )
     return matched
 
 
@@ -54,7 +56,7 @@ def lora_layers(model: nnx.Module) -> list:
     return [m for _, m in nnx.iter_modules(model) if isinstance(m, nnx.Linear) and hasattr(m, "kernel_lora_a")]
 
 
-def merge_lora(model: nnx.Module, alpha: Optional[float] = None) -> int:
+def merge_lora(model: nnx.Module, alpha: float | None = None) -> int:
     """Fold, in place, every adapter into its kernel: ``W + (alpha / rank) * A @ B`` (nnx
     layouts: ``W [in, out]``, ``A [in, rank]``, ``B [rank, out]``), summed in float32 and stored
     in ``W``'s dtype; drop the adapters and qwix's interception, so the model is a plain one

@@ -11,21 +11,21 @@ import json
 import os
 import sys
 import time
-from typing import List, Optional, Sequence
+from collections.abc import Sequence
 
 from ls_jax.atomic import atomic_path, check_output_dir, write_text
 from ls_jax.data import DataError
 from ls_jax.train import distributed
 from ls_jax.train.config import ConfigError, TrainConfig, parse_args
+from ls_jax.train.report import Diverged, stage_reliability
 from ls_jax.train.setup import check_config, checkpoint_builder, prepare
 from ls_jax.train.sharding import MeshError
-from ls_jax.train.report import Diverged, stage_reliability
 from ls_jax.train.tasks import task_of
 
 BAD_INPUT = (ConfigError, DataError, MeshError)
 
 
-def _run_dirs(config: TrainConfig, out_dir: str) -> List[tuple]:
+def _run_dirs(config: TrainConfig, out_dir: str) -> list[tuple]:
     """(config, directory) per run: one per --compare-smoothing value and per --seeds seed
     (``ls<a>``, ``ls<a>-seed<s>``, ``seed<s>``), or the single run; with --base-steps the base
     stage (``base``) comes first."""
@@ -36,10 +36,15 @@ def _run_dirs(config: TrainConfig, out_dir: str) -> List[tuple]:
         runs.append((base, os.path.join(out_dir, "base")))
     for a in config.compare_smoothing or [None]:
         for seed in config.seeds or [None]:
-            name = "-".join(part for part in (None if a is None else f"ls{a:g}", None if seed is None else f"seed{seed}")
-                            if part)
-            run_config = dataclasses.replace(config, **single, **({} if a is None else {"label_smoothing": a}),
-                                             **({} if seed is None else {"seed": seed}))
+            name = "-".join(
+                part for part in (None if a is None else f"ls{a:g}", None if seed is None else f"seed{seed}") if part
+            )
+            run_config = dataclasses.replace(
+                config,
+                **single,
+                **({} if a is None else {"label_smoothing": a}),
+                **({} if seed is None else {"seed": seed}),
+            )
             runs.append((run_config, os.path.join(out_dir, name) if name else out_dir))
     return runs
 
@@ -56,7 +61,9 @@ def _check_output(runs, resume: bool) -> None:
     except ValueError as e:
         raise ConfigError(f"--output-dir {e}") from None
     if resume and not os.path.isfile(os.path.join(dirs[0], "config.json")):  # runs start in order
-        raise ConfigError(f"--resume: no run to continue in {dirs[0]} (no config.json); leave out --resume to start one")
+        raise ConfigError(
+            f"--resume: no run to continue in {dirs[0]} (no config.json); leave out --resume to start one"
+        )
     for run_config, d in runs:
         path = os.path.join(d, "checkpoints")
         if not os.path.isdir(path):
@@ -80,7 +87,7 @@ def default_output_dir() -> str:
     return os.path.join("runs", time.strftime("%Y%m%d-%H%M%S", time.gmtime()))
 
 
-def run(config: TrainConfig, *, stop_at: Optional[int] = None) -> List[dict]:
+def run(config: TrainConfig, *, stop_at: int | None = None) -> list[dict]:
     """Validate, then train every run of ``config``; returns each run's final metrics.
 
     Raises the :data:`BAD_INPUT` errors before anything is written.
@@ -110,7 +117,9 @@ def run(config: TrainConfig, *, stop_at: Optional[int] = None) -> List[dict]:
         if config.base_steps and i == 0:  # pre-train on the plain-text corpus; the runs after fine-tune it
             stage, run_prep = "base", dataclasses.replace(prep, train=prep.base)
         elif config.base_steps:
-            run_prep = dataclasses.replace(prep, build_model=checkpoint_builder(run_config, os.path.join(runs[0][1], "hf")))
+            run_prep = dataclasses.replace(
+                prep, build_model=checkpoint_builder(run_config, os.path.join(runs[0][1], "hf"))
+            )
         else:
             run_prep = prep
         results.append({"stage": stage, **train(run_config, run_prep, d, stop_at=stop_at)["metrics"]})
@@ -125,7 +134,7 @@ def run(config: TrainConfig, *, stop_at: Optional[int] = None) -> List[dict]:
     return results
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python train.py [flags]``; returns the exit status."""
     start = time.perf_counter()
     try:
@@ -146,6 +155,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"\nheld-out results ({time.perf_counter() - start:.0f} s):", file=sys.stderr)
     task = task_of(config)
     print(task.summary(results))
-    print(f"checkpoints, metrics.jsonl, reliability.png and hf/ (the final model as a Hugging Face "
-          f"checkpoint: {task.usage}) under {config.output_dir}")
+    print(
+        f"checkpoints, metrics.jsonl, reliability.png and hf/ (the final model as a Hugging Face "
+        f"checkpoint: {task.usage}) under {config.output_dir}"
+    )
     return 0

@@ -3,7 +3,7 @@
 import json
 import os
 import sys
-from typing import Dict, List, Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -15,7 +15,7 @@ class Diverged(RuntimeError):
     """Training produced a non-finite loss, gradient norm or parameter (one-line message)."""
 
 
-def bins_json(bins) -> Dict[str, list]:
+def bins_json(bins) -> dict[str, list]:
     """The per-bin sums of equal-width bins as JSON lists (``count``, ``confidence_sum``, ``correct_sum``)."""
     return {k: np.asarray(getattr(bins, k)).tolist() for k in ("count", "confidence_sum", "correct_sum")}
 
@@ -44,7 +44,7 @@ class MetricsLog:
             keep = [line for line in f if kept(line)]
         write_text(self.path, "".join(keep))  # a kill now leaves the old file, not a cut one
 
-    def write(self, kind: str, step: int, values: Dict[str, float]) -> None:
+    def write(self, kind: str, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
         with open(self.path, "a", encoding="utf-8") as f:
@@ -56,8 +56,9 @@ class Progress:
 
     def __init__(self, total: int, start: int, desc: str, enabled: bool):
         self.enabled = enabled
-        self.bar = tqdm(total=total, initial=start, desc=desc, file=sys.stderr, dynamic_ncols=True,
-                        disable=not enabled, leave=True)
+        self.bar = tqdm(
+            total=total, initial=start, desc=desc, file=sys.stderr, dynamic_ncols=True, disable=not enabled, leave=True
+        )
 
     def update(self, loss: float, tokens_per_s: float) -> None:
         """Advance one step, showing its loss and throughput."""
@@ -80,21 +81,29 @@ def stage_name(result: dict) -> str:
     return "base" if result.get("stage") == "base" else f"SFT a={result['label_smoothing']:g}"
 
 
-CLASSIFICATION_COLUMNS = (("label_smoothing", "smoothing", "{:.2f}"), ("loss", "eval loss", "{:.4f}"),
-                          ("accuracy", "accuracy", "{:.3f}"), ("log_loss", "log loss", "{:.4f}"),
-                          ("brier", "Brier", "{:.4f}"), ("ece", "ECE", "{:.4f}"),
-                          ("mean_confidence", "confidence", "{:.3f}"))
+CLASSIFICATION_COLUMNS = (
+    ("label_smoothing", "smoothing", "{:.2f}"),
+    ("loss", "eval loss", "{:.4f}"),
+    ("accuracy", "accuracy", "{:.3f}"),
+    ("log_loss", "log loss", "{:.4f}"),
+    ("brier", "Brier", "{:.4f}"),
+    ("ece", "ECE", "{:.4f}"),
+    ("mean_confidence", "confidence", "{:.3f}"),
+)
 
 
-def summary_table(rows: Sequence[Dict[str, float]], columns) -> str:
+def summary_table(rows: Sequence[dict[str, float]], columns) -> str:
     """A fixed-width text table of the final held-out metrics, one row per run."""
-    return _table([title for _, title, _ in columns], [[fmt.format(r[key]) for key, _, fmt in columns] for r in rows],
-                  label_column=False)
+    return _table(
+        [title for _, title, _ in columns],
+        [[fmt.format(r[key]) for key, _, fmt in columns] for r in rows],
+        label_column=False,
+    )
 
 
-def by_stage(results: Sequence[dict]) -> Dict[str, List[dict]]:
+def by_stage(results: Sequence[dict]) -> dict[str, list[dict]]:
     """The final metrics grouped by stage (seeds together), in run order."""
-    groups: Dict[str, List[dict]] = {}
+    groups: dict[str, list[dict]] = {}
     for r in results:
         groups.setdefault(stage_name(r), []).append(r)
     return groups
@@ -112,20 +121,35 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], label_column: b
     """Fixed-width columns, right-aligned but for a first ``label_column`` (left-aligned)."""
     cells = [list(header), *map(list, rows)]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) if label_column and not i else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-             for row in cells]
+    lines = [
+        "  ".join(c.ljust(w) if label_column and not i else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        for row in cells
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
-ANSWER_COLUMNS = (("accuracy", "accuracy", "{:.3f}"), ("confidence", "confidence", "{:.3f}"),
-                  ("ece", "ECE", "{:.3f}"), ("ece10", "ECE-10", "{:.3f}"), ("brier", "Brier", "{:.3f}"),
-                  ("nll", "NLL", "{:.3f}"))
-TOKEN_COLUMNS = (("accuracy", "accuracy", "{:.3f}"), ("mean_confidence", "confidence", "{:.3f}"),
-                 ("ece", "ECE", "{:.3f}"), ("brier", "Brier", "{:.3f}"), ("nll", "NLL", "{:.3f}"),
-                 ("special_accuracy", "EOS acc", "{:.3f}"), ("special_mean_confidence", "EOS conf", "{:.3f}"))
-KIND_TITLES = {"multiple_choice": "multiple-choice questions: option-letter probabilities normalised over the options",
-               "generated": "addition questions: greedy answer, confidence = its sequence probability"}
+ANSWER_COLUMNS = (
+    ("accuracy", "accuracy", "{:.3f}"),
+    ("confidence", "confidence", "{:.3f}"),
+    ("ece", "ECE", "{:.3f}"),
+    ("ece10", "ECE-10", "{:.3f}"),
+    ("brier", "Brier", "{:.3f}"),
+    ("nll", "NLL", "{:.3f}"),
+)
+TOKEN_COLUMNS = (
+    ("accuracy", "accuracy", "{:.3f}"),
+    ("mean_confidence", "confidence", "{:.3f}"),
+    ("ece", "ECE", "{:.3f}"),
+    ("brier", "Brier", "{:.3f}"),
+    ("nll", "NLL", "{:.3f}"),
+    ("special_accuracy", "EOS acc", "{:.3f}"),
+    ("special_mean_confidence", "EOS conf", "{:.3f}"),
+)
+KIND_TITLES = {
+    "multiple_choice": "multiple-choice questions: option-letter probabilities normalised over the options",
+    "generated": "addition questions: greedy answer, confidence = its sequence probability",
+}
 
 
 def summary_tables(results: Sequence[dict]) -> str:
@@ -145,14 +169,20 @@ def summary_tables(results: Sequence[dict]) -> str:
                 rows.append([label] + [_cell([f[k] for f in found], fmt) for k, _, fmt in ANSWER_COLUMNS])
         if rows:
             n = next(r["answers"][kind]["count"] for r in results if kind in r.get("answers", {}))
-            out.append(f"answer level, {title} ({n} held-out questions):\n"
-                       + _table(["stage"] + [t for _, t, _ in ANSWER_COLUMNS], rows))
+            out.append(
+                f"answer level, {title} ({n} held-out questions):\n"
+                + _table(["stage"] + [t for _, t, _ in ANSWER_COLUMNS], rows)
+            )
     rows = [[name] + [_cell([r[k] for r in runs], fmt) for k, _, fmt in TOKEN_COLUMNS] for name, runs in groups.items()]
-    out.append("token level, content tokens of the held-out responses (EOS apart):\n"
-               + _table(["stage"] + [t for _, t, _ in TOKEN_COLUMNS], rows))
+    out.append(
+        "token level, content tokens of the held-out responses (EOS apart):\n"
+        + _table(["stage"] + [t for _, t, _ in TOKEN_COLUMNS], rows)
+    )
     if len(seeds) > 1:
-        out.append(f"(mean ± half the range over seeds {', '.join(map(str, seeds))}; + T: temperature scaling "
-                   f"fitted on other held-out questions)")
+        out.append(
+            f"(mean ± half the range over seeds {', '.join(map(str, seeds))}; + T: temperature scaling "
+            f"fitted on other held-out questions)"
+        )
     return "\n\n".join(out)
 
 
@@ -164,10 +194,12 @@ def _pooled_bins(runs: Sequence[dict], key: str, kind: str = None):
     if not found or any(f is None for f in found):
         return None
     total = {k: np.sum([f[k] for f in found], axis=0) for k in ("count", "confidence_sum", "correct_sum")}
-    return CalibrationBins(total["count"], total["confidence_sum"], total["correct_sum"], np.float32(0), np.float32(np.nan))
+    return CalibrationBins(
+        total["count"], total["confidence_sum"], total["correct_sum"], np.float32(0), np.float32(np.nan)
+    )
 
 
-def _ceiling(run: dict, kind: Optional[str], num_options: int) -> Optional[float]:
+def _ceiling(run: dict, kind: str | None, num_options: int) -> float | None:
     """The highest confidence a run's smoothed training target allows at a level (``kind``: None
     for tokens or classes, else a kind of answer); None without smoothing or for generated
     answers. A classifier's ``1 - a + a / K`` on K classes (``1 - a`` under the "others"
@@ -193,8 +225,11 @@ def stage_reliability(results: Sequence[dict], path: str, num_options: int) -> s
     if any("classes" in r for r in results):
         levels = (("token_bins", None, f"{len(results[0]['classes'])} classes"),)
     else:
-        levels = (("answer_bins", "multiple_choice", "multiple-choice answers"),
-                  ("answer_bins", "generated", "generated answers"), ("token_bins", None, "content tokens"))
+        levels = (
+            ("answer_bins", "multiple_choice", "multiple-choice answers"),
+            ("answer_bins", "generated", "generated answers"),
+            ("token_bins", None, "content tokens"),
+        )
     grid = []
     for key, kind, title in levels:
         row = []

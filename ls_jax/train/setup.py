@@ -9,7 +9,7 @@ import math
 import os
 import random
 import re
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from ls_jax import data
 from ls_jax.targets import check_options
@@ -28,8 +28,19 @@ def check_config(c: TrainConfig) -> None:
     (:func:`ls_jax.train.sources.check`)."""
     check_choices(c)
     task_of(c).check(c)
-    positive = ("steps", "batch_size", "grad_accum", "max_length", "save_every", "eval_every", "log_every",
-                "eval_batch_size", "keep_checkpoints", "num_train", "num_eval")
+    positive = (
+        "steps",
+        "batch_size",
+        "grad_accum",
+        "max_length",
+        "save_every",
+        "eval_every",
+        "log_every",
+        "eval_batch_size",
+        "keep_checkpoints",
+        "num_train",
+        "num_eval",
+    )
     for name in positive:
         if getattr(c, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(c, name)}")
@@ -43,8 +54,10 @@ def check_config(c: TrainConfig) -> None:
         raise ConfigError(str(e)) from None
     checks = [
         (not (c.label_smoothing and c.compare_smoothing), SMOOTHING_CONFLICT),
-        (c.soft_targets is None or not (c.s3ft or c.base_steps),
-         "--soft-targets is for --task causal_lm, without --s3ft or --base-steps"),
+        (
+            c.soft_targets is None or not (c.s3ft or c.base_steps),
+            "--soft-targets is for --task causal_lm, without --s3ft or --base-steps",
+        ),
         (0 < c.distill_temperature < math.inf, "--distill-temperature must be finite and > 0"),
         (0 <= c.distill_hard_weight <= 1, "--distill-hard-weight must be in [0, 1]"),
         (0 < c.lr < math.inf, "--lr must be finite and > 0"),
@@ -58,12 +71,18 @@ def check_config(c: TrainConfig) -> None:
         (c.lora_alpha is None or c.lora_alpha > 0, "--lora-alpha must be > 0"),
         (0 < c.eval_fraction < 1, "--eval-fraction must be in (0, 1)"),
         (c.max_length >= 2, "--max-length must be >= 2"),
-        (c.data is not None or c.eval_data is None,
-         "--eval-data needs --data (the generated data has its own held-out set)"),
-        (c.base_steps >= 0 and c.answer_rows >= 0 and c.num_base >= 0,
-         "--base-steps, --answer-rows and --num-base must be >= 0"),
-        (c.data is None or not c.base_steps,
-         "--base-steps needs the generated data (a checkpoint of your own is --model)"),
+        (
+            c.data is not None or c.eval_data is None,
+            "--eval-data needs --data (the generated data has its own held-out set)",
+        ),
+        (
+            c.base_steps >= 0 and c.answer_rows >= 0 and c.num_base >= 0,
+            "--base-steps, --answer-rows and --num-base must be >= 0",
+        ),
+        (
+            c.data is None or not c.base_steps,
+            "--base-steps needs the generated data (a checkpoint of your own is --model)",
+        ),
         (len(set(c.seeds)) == len(c.seeds), "--seeds repeats a seed"),
         (len(set(c.classes)) == len(c.classes), "--classes repeats a class"),
         (len(c.classes) != 1, "--classes needs at least 2 classes"),
@@ -100,7 +119,7 @@ def _rows(c: TrainConfig) -> Rows:
     return Rows([rows[i] for i in train], [rows[i] for i in held], [where[i] for i in train], [where[i] for i in held])
 
 
-def _tokenizer(c: TrainConfig, train_rows, saved_tokenizer: Optional[str]):
+def _tokenizer(c: TrainConfig, train_rows, saved_tokenizer: str | None):
     """The run's tokenizer: a resumed run's, the checkpoint's, or a BPE trained on the train rows."""
     from ls_jax.tokenizer import load_tokenizer, train_bpe_tokenizer
 
@@ -129,8 +148,10 @@ def _model_config(c: TrainConfig):
 
     if not os.path.isdir(c.model):
         if c.model not in TINY_MODELS:
-            raise ConfigError(f"--model {c.model!r} is neither a local checkpoint directory nor a built-in "
-                              f"model ({', '.join(TINY_MODELS)})")
+            raise ConfigError(
+                f"--model {c.model!r} is neither a local checkpoint directory nor a built-in "
+                f"model ({', '.join(TINY_MODELS)})"
+            )
         return None
     try:
         config = AutoConfig.from_pretrained(c.model, local_files_only=True)
@@ -143,7 +164,7 @@ def _model_config(c: TrainConfig):
     return config
 
 
-def _model_builder(c: TrainConfig, config, vocab: int, num_labels: Optional[int] = None) -> Callable:
+def _model_builder(c: TrainConfig, config, vocab: int, num_labels: int | None = None) -> Callable:
     """A builder ``build(seed=run's seed)`` of the model (random init from the seed, or the
     checkpoint); with ``num_labels`` a SequenceClassifier (a checkpoint's decoder, a fresh ``score`` head)."""
     from ls_jax.models import check_pretrained, from_config, tiny_llama_config
@@ -155,8 +176,9 @@ def _model_builder(c: TrainConfig, config, vocab: int, num_labels: Optional[int]
         _check_lora_targets(c, tiny, task)
         return lambda seed=c.seed: from_config(tiny, seed=seed, **task, **dtypes)
     if config.vocab_size < vocab:
-        raise ConfigError(f"--model {c.model}: vocabulary of {config.vocab_size} is smaller than the tokenizer's "
-                          f"{vocab}")
+        raise ConfigError(
+            f"--model {c.model}: vocabulary of {config.vocab_size} is smaller than the tokenizer's {vocab}"
+        )
     try:  # the weights' files, names and shapes (headers only), before the run writes anything
         check_pretrained(c.model, **task)
     except (OSError, ValueError) as e:
@@ -189,9 +211,7 @@ def _check_lora_targets(c: TrainConfig, config, task: dict) -> None:
         raise ConfigError(f"--lora-targets: {e}") from None
 
 
-
-
-def prepare(c: TrainConfig, saved_tokenizer: Optional[str] = None) -> Prepared:
+def prepare(c: TrainConfig, saved_tokenizer: str | None = None) -> Prepared:
     """Validate the config and load everything; no file is written (with --s3ft, the S3FT set is
     built, or reused, once the rest is valid: see :mod:`ls_jax.s3ft`).
 
@@ -204,5 +224,6 @@ def prepare(c: TrainConfig, saved_tokenizer: Optional[str] = None) -> Prepared:
     sharding.check_batch(c.eval_batch_size, mesh, "--eval-batch-size")
     model_config = _model_config(c)
     tokenizer = _tokenizer(c, (rows.base or []) + list(rows.train), saved_tokenizer)
-    return task_of(c).prepare(c, tokenizer, rows, mesh,
-                              lambda num_labels=None: _model_builder(c, model_config, len(tokenizer), num_labels))
+    return task_of(c).prepare(
+        c, tokenizer, rows, mesh, lambda num_labels=None: _model_builder(c, model_config, len(tokenizer), num_labels)
+    )

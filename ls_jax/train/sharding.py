@@ -23,11 +23,12 @@ layout. Batches are split along their row dimension over ``("data", "fsdp")``.
 """
 
 import functools
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from ls_jax.models.parallel import COLUMN, ROW
 from ls_jax.sharded import BATCH_AXES
@@ -48,7 +49,7 @@ class MeshError(ValueError):
     """A mesh flag that is malformed or does not fit the devices."""
 
 
-def parse_mesh(spec: str, num_devices: int) -> Dict[str, int]:
+def parse_mesh(spec: str, num_devices: int) -> dict[str, int]:
     """``"data=2,fsdp=4,tensor=1"`` -> sizes per axis; at most one ``-1`` takes the rest.
 
     Axes left out have size 1. Raises :class:`MeshError` if the product is not ``num_devices``.
@@ -76,17 +77,16 @@ def parse_mesh(spec: str, num_devices: int) -> Dict[str, int]:
     return sizes
 
 
-def make_mesh(spec: str, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+def make_mesh(spec: str, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """The (data, fsdp, tensor) mesh with Auto axes over ``devices`` (default: all). The steps
     also take a mesh with Explicit axes (:func:`on_mesh`); the trainer's other model calls
     (answer-level evaluation, generation) need Auto ones."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = parse_mesh(spec, len(devices))
-    return jax.make_mesh(tuple(sizes[a] for a in AXES), AXES, axis_types=(AxisType.Auto,) * len(AXES),
-                         devices=devices)
+    return jax.make_mesh(tuple(sizes[a] for a in AXES), AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
 
 
-def _names(path) -> Tuple[str, ...]:
+def _names(path) -> tuple[str, ...]:
     """The string names along a pytree path (dict keys and attributes; ``value`` dropped), e.g.
     ``("model", "layers", "self_attn", "q_proj", "kernel")``."""
     names = []
@@ -103,21 +103,25 @@ def param_spec(path, shape: Sequence[int], mesh: Mesh) -> P:
     names = _names(path)
     declared = None
     if names:
-        declared = (PARAM_LAYOUTS.get((names[-2] if len(names) > 1 else "", names[-1]))
-                    or PARAM_LAYOUTS.get(("", names[-1])))
+        declared = PARAM_LAYOUTS.get((names[-2] if len(names) > 1 else "", names[-1])) or PARAM_LAYOUTS.get(
+            ("", names[-1])
+        )
     if declared is None or len(declared) != len(shape):
         declared = [None] * len(shape)
         if len(shape) >= 2:  # undeclared: fsdp over the largest dimension
             declared[max(range(len(shape)), key=lambda d: (shape[d], -d))] = "fsdp"
-    spec = [a if a is not None and mesh.shape.get(a, 1) > 1 and shape[d] % mesh.shape[a] == 0 else None
-            for d, a in enumerate(declared)]
+    spec = [
+        a if a is not None and mesh.shape.get(a, 1) > 1 and shape[d] % mesh.shape[a] == 0 else None
+        for d, a in enumerate(declared)
+    ]
     return P(*spec)
 
 
 def tree_shardings(tree, mesh: Mesh):
     """NamedSharding per leaf of ``tree`` (arrays or ShapeDtypeStructs), same structure."""
-    return jax.tree_util.tree_map_with_path(lambda path, x: NamedSharding(mesh, param_spec(path, np.shape(x), mesh)),
-                                            tree)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: NamedSharding(mesh, param_spec(path, np.shape(x), mesh)), tree
+    )
 
 
 def on_mesh(fn: Callable, mesh: Mesh, out_shardings) -> Callable:
@@ -154,15 +158,17 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def put_batch(batch: Dict[str, np.ndarray], mesh: Mesh) -> Dict[str, jax.Array]:
+def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """A batch of numpy arrays ``[rows, ...]`` (every process holds all of it) placed with its rows
     over the batch axes, each process putting only its own rows (:func:`put_rows`)."""
-    return put_rows(lambda rows: {k: v[rows] for k, v in batch.items()}, len(next(iter(batch.values()))),
-                    batch_sharding(mesh))
+    return put_rows(
+        lambda rows: {k: v[rows] for k, v in batch.items()}, len(next(iter(batch.values()))), batch_sharding(mesh)
+    )
 
 
-def put_rows(make: Callable[[slice], Dict[str, np.ndarray]], rows: int, sharding: NamedSharding,
-             axis: int = 0) -> Dict[str, jax.Array]:
+def put_rows(
+    make: Callable[[slice], dict[str, np.ndarray]], rows: int, sharding: NamedSharding, axis: int = 0
+) -> dict[str, jax.Array]:
     """Global arrays of a batch of ``rows`` rows along ``axis``, placed by ``sharding``, built from
     this process's rows only: ``make(span)`` returns the batch's numpy arrays restricted to
     ``span`` (a slice of ``axis``: the rows this process's devices hold). One process: all rows."""
@@ -178,9 +184,12 @@ def put_rows(make: Callable[[slice], Dict[str, np.ndarray]], rows: int, sharding
         index[axis] = slice((span.start or 0) - start, (rows if span.stop is None else span.stop) - start)
         return array[tuple(index)]
 
-    return {k: jax.make_array_from_callback(a.shape[:axis] + (rows,) + a.shape[axis + 1:], sharding,
-                                            lambda index, a=a: shard(a, index))
-            for k, a in local.items()}
+    return {
+        k: jax.make_array_from_callback(
+            a.shape[:axis] + (rows,) + a.shape[axis + 1 :], sharding, lambda index, a=a: shard(a, index)
+        )
+        for k, a in local.items()
+    }
 
 
 def check_batch(batch_size: int, mesh: Mesh, flag: str = "--batch-size") -> None:

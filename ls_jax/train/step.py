@@ -11,8 +11,9 @@ with ``lax.scan``, each weighted by its share of the step's (weighted) response 
 update equals that of one batch of ``grad_accum * B`` rows (up to float rounding).
 """
 
+from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +28,7 @@ from ls_jax.train import sharding
 from ls_jax.train.config import LossOptions
 
 
-def model_inputs(batch: Dict[str, jax.Array], packed: bool = True) -> Dict[str, Any]:
+def model_inputs(batch: dict[str, jax.Array], packed: bool = True) -> dict[str, Any]:
     """The model's keyword inputs from a data batch: mask, positions and segments of each row.
 
     ``packed=False`` (rows of one right-padded example each, ``--no-packing``) leaves out the
@@ -37,8 +38,11 @@ def model_inputs(batch: Dict[str, jax.Array], packed: bool = True) -> Dict[str, 
     """
     if not packed:
         return {"attention_mask": None, "positions": batch["positions"], "segment_ids": None}
-    return {"attention_mask": batch["segment_ids"] > 0, "positions": batch["positions"],
-            "segment_ids": batch["segment_ids"]}
+    return {
+        "attention_mask": batch["segment_ids"] > 0,
+        "positions": batch["positions"],
+        "segment_ids": batch["segment_ids"],
+    }
 
 
 def _loss_sum(model, batch, opts: LossOptions, mesh=None, packed: bool = True):
@@ -48,9 +52,17 @@ def _loss_sum(model, batch, opts: LossOptions, mesh=None, packed: bool = True):
     if "target_ids" in batch:
         return soft_loss_sum(model, batch, opts, mesh)
     loss, _ = causal_lm_loss(
-        model, {"input_ids": batch["input_ids"], "labels": batch["labels"], "weights": batch.get("weights"),
-                **model_inputs(batch, packed)},
-        reduction="sum", mesh=mesh, **opts.loss_kwargs())
+        model,
+        {
+            "input_ids": batch["input_ids"],
+            "labels": batch["labels"],
+            "weights": batch.get("weights"),
+            **model_inputs(batch, packed),
+        },
+        reduction="sum",
+        mesh=mesh,
+        **opts.loss_kwargs(),
+    )
     return loss
 
 
@@ -69,12 +81,18 @@ def soft_loss_sum(model, batch, opts: LossOptions, mesh=None) -> jax.Array:
     ids = jnp.where(scored[..., None], shift_left(batch["target_ids"]), IGNORE_INDEX)
     token_weights = next_token_weights(batch["weights"])
     kw = dict(opts.loss_kwargs(), logit_softcap=opts.softcap(model), reduction="sum", mesh=mesh)
-    loss = linear_smoothed_cross_entropy(hidden, weight, (ids, shift_left(batch["target_weights"])),
-                                         weights=token_weights, **kw)
+    loss = linear_smoothed_cross_entropy(
+        hidden, weight, (ids, shift_left(batch["target_weights"])), weights=token_weights, **kw
+    )
     if "target_uniform" in batch:
         uniform = (1.0 - opts.label_smoothing) * shift_left(batch["target_uniform"]) * token_weights
-        loss += linear_smoothed_cross_entropy(hidden, weight, (ids, jnp.zeros(ids.shape, jnp.float32)),
-                                              weights=uniform, **{**kw, "label_smoothing": 1.0, "z_loss": 0.0})
+        loss += linear_smoothed_cross_entropy(
+            hidden,
+            weight,
+            (ids, jnp.zeros(ids.shape, jnp.float32)),
+            weights=uniform,
+            **{**kw, "label_smoothing": 1.0, "z_loss": 0.0},
+        )
     return loss
 
 
@@ -96,10 +114,20 @@ def lm_weight(batch) -> jax.Array:
     return jnp.where(scored, 1.0 if weights is None else weights[..., 1:], 0.0).sum()
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, opts: LossOptions, *,
-                    param_shardings, frozen_shardings, opt_shardings, mesh,
-                    loss_sum: Optional[Callable] = None, count: Callable = lm_tokens,
-                    total: Callable = lm_weight, packed: bool = True) -> Callable:
+def make_train_step(
+    graphdef,
+    tx: optax.GradientTransformation,
+    opts: LossOptions,
+    *,
+    param_shardings,
+    frozen_shardings,
+    opt_shardings,
+    mesh,
+    loss_sum: Callable | None = None,
+    count: Callable = lm_tokens,
+    total: Callable = lm_weight,
+    packed: bool = True,
+) -> Callable:
     """``step(params, frozen, opt_state, batch) -> (params, opt_state, metrics)``, jitted.
 
     loss_sum(model, micro_batch, opts): the summed (weighted) loss (default: the causal LM's, each
@@ -130,8 +158,13 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, opts: LossOption
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         finite = jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(params)]))
-        metrics = {"loss": losses.sum(), "grad_norm": optax.tree.norm(grads),
-                   "tokens": count(batch), "real_tokens": (batch["segment_ids"] > 0).sum(), "finite": finite}
+        metrics = {
+            "loss": losses.sum(),
+            "grad_norm": optax.tree.norm(grads),
+            "tokens": count(batch),
+            "real_tokens": (batch["segment_ids"] > 0).sum(),
+            "finite": finite,
+        }
         return params, opt_state, metrics
 
     out_shardings = (param_shardings, opt_shardings, sharding.replicated(mesh))
@@ -143,8 +176,17 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, opts: LossOption
     )
 
 
-def make_eval_step(graphdef, opts: LossOptions, *, param_shardings, frozen_shardings, mesh,
-                   special_ids: Sequence[int] = (), n_bins: int = 15, packed: bool = True) -> Callable:
+def make_eval_step(
+    graphdef,
+    opts: LossOptions,
+    *,
+    param_shardings,
+    frozen_shardings,
+    mesh,
+    special_ids: Sequence[int] = (),
+    n_bins: int = 15,
+    packed: bool = True,
+) -> Callable:
     """``evaluate(params, frozen, batch) -> sums`` for a batch ``[B, T]``, jitted.
 
     One forward pass; the training loss' own path (same implementation, blocks and compute
@@ -168,25 +210,43 @@ def make_eval_step(graphdef, opts: LossOptions, *, param_shardings, frozen_shard
         weight = model.unembedding().astype(hidden.dtype)  # the compute dtype, as causal_lm_loss
         targets = next_token_targets(batch["labels"], inputs["attention_mask"], inputs["segment_ids"])
         kw = dict(opts.loss_kwargs(), logit_softcap=opts.softcap(model))
-        loss, stats = linear_smoothed_cross_entropy(hidden, weight, targets, reduction="none", return_stats=True,
-                                                    weights=next_token_weights(batch["weights"]), mesh=mesh, **kw)
-        brier = token_brier(hidden, weight, targets, stats, logit_softcap=kw["logit_softcap"], impl=opts.impl,
-                            blocks=kw["blocks"])
+        loss, stats = linear_smoothed_cross_entropy(
+            hidden,
+            weight,
+            targets,
+            reduction="none",
+            return_stats=True,
+            weights=next_token_weights(batch["weights"]),
+            mesh=mesh,
+            **kw,
+        )
+        brier = token_brier(
+            hidden, weight, targets, stats, logit_softcap=kw["logit_softcap"], impl=opts.impl, blocks=kw["blocks"]
+        )
         special = jnp.isin(targets, special_ids)
-        bins = {name: token_bins(stats._replace(valid=stats.valid & keep), targets, n_bins=n_bins, brier=brier)
-                for name, keep in (("bins", ~special), ("special_bins", special))}
+        bins = {
+            name: token_bins(stats._replace(valid=stats.valid & keep), targets, n_bins=n_bins, brier=brier)
+            for name, keep in (("bins", ~special), ("special_bins", special))
+        }
         wrong = (stats.valid & (stats.prediction != targets)).any(-1)
         answered = stats.valid.any(-1)
-        return {"loss_sum": loss.sum(), "weight": lm_weight(batch), "tokens": stats.valid.sum(),
-                "answers": answered.sum(),
-                "answers_correct": (answered & ~wrong).sum(), **bins}
+        return {
+            "loss_sum": loss.sum(),
+            "weight": lm_weight(batch),
+            "tokens": stats.valid.sum(),
+            "answers": answered.sum(),
+            "answers_correct": (answered & ~wrong).sum(),
+            **bins,
+        }
 
-    return jax.jit(sharding.on_mesh(evaluate, mesh, sharding.replicated(mesh)),
-                   in_shardings=(param_shardings, frozen_shardings, sharding.batch_sharding(mesh)),
-                   out_shardings=sharding.replicated(mesh))
+    return jax.jit(
+        sharding.on_mesh(evaluate, mesh, sharding.replicated(mesh)),
+        in_shardings=(param_shardings, frozen_shardings, sharding.batch_sharding(mesh)),
+        out_shardings=sharding.replicated(mesh),
+    )
 
 
-def accumulate(total: Optional[Dict[str, Any]], part: Dict[str, Any]) -> Dict[str, Any]:
+def accumulate(total: dict[str, Any] | None, part: dict[str, Any]) -> dict[str, Any]:
     """Sum eval-step outputs (bins merge by addition)."""
     if total is None:
         return part

@@ -7,8 +7,9 @@ the same for every task; a :class:`Task` holds what differs. :func:`task_of` map
 """
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import NamedTuple
 
 import jax
 from flax import nnx
@@ -27,11 +28,11 @@ class Rows(NamedTuple):
     .jsonl file, ``"row K"``, for error messages; None for generated data) and the base stage's
     plain-text rows (``--base-steps``; else None)."""
 
-    train: List[dict]
-    held: List[dict]
-    train_where: Optional[List[str]] = None
-    held_where: Optional[List[str]] = None
-    base: Optional[List[dict]] = None
+    train: list[dict]
+    held: list[dict]
+    train_where: list[str] | None = None
+    held_where: list[str] | None = None
+    base: list[dict] | None = None
 
 
 @dataclass
@@ -48,15 +49,15 @@ class Prepared:
     """
 
     tokenizer: object
-    train: List[Tuple]
-    held_out: List[Tuple]
+    train: list[tuple]
+    held_out: list[tuple]
     build_model: Callable
     mesh: object
-    log: List[str]
-    classes: Optional[List[str]] = None
-    held_rows: List[dict] = field(default_factory=list)
-    base: Optional[List[Tuple]] = None
-    targets: Optional[List[dict]] = None
+    log: list[str]
+    classes: list[str] | None = None
+    held_rows: list[dict] = field(default_factory=list)
+    base: list[tuple] | None = None
+    targets: list[dict] | None = None
 
 
 class Steps(NamedTuple):
@@ -95,16 +96,17 @@ class Task(ABC):
         return nnx.LoRAParam if lora else nnx.Param
 
     @abstractmethod
-    def steps(self, c: TrainConfig, prep: Prepared, graphdef, tx, *, param_shardings, frozen_shardings,
-              opt_shardings, mesh) -> Steps:
+    def steps(
+        self, c: TrainConfig, prep: Prepared, graphdef, tx, *, param_shardings, frozen_shardings, opt_shardings, mesh
+    ) -> Steps:
         """The jitted steps and the batches of a run on ``mesh``."""
 
     @abstractmethod
-    def final(self, c: TrainConfig, prep: Prepared, model: Callable, progress: report.Progress) -> Dict:
+    def final(self, c: TrainConfig, prep: Prepared, model: Callable, progress: report.Progress) -> dict:
         """``final.json``'s task-specific entries of a finished run; ``model()`` merges the trained model."""
 
     @abstractmethod
-    def summary(self, results: List[dict]) -> str:
+    def summary(self, results: list[dict]) -> str:
         """The final held-out tables of every run (``final.json`` contents, one per run)."""
 
 
@@ -124,7 +126,8 @@ class CausalLM(Task):
     def generate(self, c: TrainConfig) -> Rows:
         try:
             base, train, held = synthetic.generate_splits(
-                [c.num_base if c.base_steps else 0, c.num_train, c.num_eval], seed=c.seed)
+                [c.num_base if c.base_steps else 0, c.num_train, c.num_eval], seed=c.seed
+            )
         except ValueError as e:
             raise ConfigError(f"--num-train / --num-eval / --num-base: {e}") from None
         return Rows(train, held, base=synthetic.as_text(base) if c.base_steps else None)
@@ -139,35 +142,38 @@ class CausalLM(Task):
         train, train_stats = _encode(c, train_rows, tokenizer, f"{name} (train)", train_where)
         packed = len(data.pack(train, c.max_length)) if c.packing else len(train)
         if packed < c.batch_size:
-            raise data.DataError(f"{len(train)} training examples ({packed} rows) are fewer than "
-                                 f"--batch-size {c.batch_size}")
+            raise data.DataError(
+                f"{len(train)} training examples ({packed} rows) are fewer than --batch-size {c.batch_size}"
+            )
         log += [train_stats.log_line("train", c.max_length), held_stats.log_line("held out", c.max_length)]
         targets = None if c.soft_targets is None else _soft_targets(c, tokenizer, train)
         base = None
         if rows.base:
             base, base_stats = _encode(c, rows.base, tokenizer, "generated (base)")
             log.insert(0, base_stats.log_line("base (plain text)", c.max_length))
-        return Prepared(tokenizer, train, held, build, mesh, log, held_rows=list(rows.held), base=base,
-                        targets=targets)
+        return Prepared(tokenizer, train, held, build, mesh, log, held_rows=list(rows.held), base=base, targets=targets)
 
-    def steps(self, c: TrainConfig, prep: Prepared, graphdef, tx, *, param_shardings, frozen_shardings,
-              opt_shardings, mesh) -> Steps:
+    def steps(
+        self, c: TrainConfig, prep: Prepared, graphdef, tx, *, param_shardings, frozen_shardings, opt_shardings, mesh
+    ) -> Steps:
         shardings = dict(param_shardings=param_shardings, frozen_shardings=frozen_shardings, mesh=mesh)
         train_step = make_train_step(graphdef, tx, c, opt_shardings=opt_shardings, packed=c.packing, **shardings)
-        evaluate = make_eval_step(graphdef, c, special_ids=prep.tokenizer.all_special_ids,
-                                  packed=False, **shardings)  # eval_batches: one example a row
+        evaluate = make_eval_step(
+            graphdef, c, special_ids=prep.tokenizer.all_special_ids, packed=False, **shardings
+        )  # eval_batches: one example a row
         pad = prep.tokenizer.pad_token_id
-        batches = data.Batches(prep.train, c.batch_size, c.max_length, pad, seed=c.seed, packing=c.packing,
-                               targets=prep.targets)
+        batches = data.Batches(
+            prep.train, c.batch_size, c.max_length, pad, seed=c.seed, packing=c.packing, targets=prep.targets
+        )
         held = data.eval_batches(prep.held_out, c.eval_batch_size, c.max_length, pad)
         return Steps(train_step, batches, lambda params, frozen: _evaluate(evaluate, params, frozen, held, mesh))
 
-    def final(self, c: TrainConfig, prep: Prepared, model: Callable, progress: report.Progress) -> Dict:
+    def final(self, c: TrainConfig, prep: Prepared, model: Callable, progress: report.Progress) -> dict:
         """The vocabulary size and the answer-level scores (:func:`_answer_level`)."""
         model = model()
         return {"vocab_size": int(model.unembedding().shape[0]), **_answer_level(c, prep, model, progress)}
 
-    def summary(self, results: List[dict]) -> str:
+    def summary(self, results: list[dict]) -> str:
         return report.summary_tables(results)
 
 
@@ -195,14 +201,18 @@ class Classification(Task):
         if c.smoothing_convention == "others":
             for a in [c.label_smoothing, *c.compare_smoothing]:
                 if a > (len(classes) - 1) / len(classes):
-                    raise ConfigError(f"--smoothing-convention others: smoothing {a} leaves the target less than "
-                                      f"each other class; at most {(len(classes) - 1) / len(classes):.4g} on "
-                                      f"{len(classes)} classes")
+                    raise ConfigError(
+                        f"--smoothing-convention others: smoothing {a} leaves the target less than "
+                        f"each other class; at most {(len(classes) - 1) / len(classes):.4g} on "
+                        f"{len(classes)} classes"
+                    )
         name = "generated" if c.data is None else c.data
-        train, train_log = classification.prepare(rows.train, train_where, tokenizer, c.max_length, classes,
-                                                  f"{name} (train)")
-        held, held_log = classification.prepare(rows.held, held_where, tokenizer, c.max_length, classes,
-                                                f"{c.eval_data or name} (held out)")
+        train, train_log = classification.prepare(
+            rows.train, train_where, tokenizer, c.max_length, classes, f"{name} (train)"
+        )
+        held, held_log = classification.prepare(
+            rows.held, held_where, tokenizer, c.max_length, classes, f"{c.eval_data or name} (held out)"
+        )
         if len(train) < c.batch_size:
             raise data.DataError(f"{len(train)} training examples are fewer than --batch-size {c.batch_size}")
         log = [train_log, held_log, f"classes: {', '.join(classes)}"]
@@ -214,21 +224,31 @@ class Classification(Task):
             return nnx.Param
         return nnx.Any(nnx.LoRAParam, nnx.All(nnx.Param, nnx.PathContains("score")))
 
-    def steps(self, c: TrainConfig, prep: Prepared, graphdef, tx, *, param_shardings, frozen_shardings,
-              opt_shardings, mesh) -> Steps:
+    def steps(
+        self, c: TrainConfig, prep: Prepared, graphdef, tx, *, param_shardings, frozen_shardings, opt_shardings, mesh
+    ) -> Steps:
         shardings = dict(param_shardings=param_shardings, frozen_shardings=frozen_shardings, mesh=mesh)
-        train_step = make_train_step(graphdef, tx, c, opt_shardings=opt_shardings, loss_sum=classification.loss_sum,
-                                     count=classification.count, total=classification.count, **shardings)
+        train_step = make_train_step(
+            graphdef,
+            tx,
+            c,
+            opt_shardings=opt_shardings,
+            loss_sum=classification.loss_sum,
+            count=classification.count,
+            total=classification.count,
+            **shardings,
+        )
         evaluate = classification.make_eval_step(graphdef, c, **shardings)
         batches = classification.ClassificationBatches(prep.train, c.batch_size, seed=c.seed)
         held = classification.eval_batches(prep.held_out, c.eval_batch_size)
-        return Steps(train_step, batches,
-                     lambda params, frozen: classification.evaluate(evaluate, params, frozen, held, mesh))
+        return Steps(
+            train_step, batches, lambda params, frozen: classification.evaluate(evaluate, params, frozen, held, mesh)
+        )
 
-    def final(self, c: TrainConfig, prep: Prepared, model: Callable, progress: report.Progress) -> Dict:
+    def final(self, c: TrainConfig, prep: Prepared, model: Callable, progress: report.Progress) -> dict:
         return {}
 
-    def summary(self, results: List[dict]) -> str:
+    def summary(self, results: list[dict]) -> str:
         return report.summary_table(results, report.CLASSIFICATION_COLUMNS)
 
 
@@ -251,12 +271,13 @@ def _encode(c: TrainConfig, rows, tokenizer, name: str, where=None):
         raise data.DataError(f"{name}: {e}") from None
     encoded = None
     if jax.process_count() > 1:
-        encoded = data.encode_shared(rows, tokenizer, c.max_length, where, jax.process_index(), jax.process_count(),
-                                     allgather)
+        encoded = data.encode_shared(
+            rows, tokenizer, c.max_length, where, jax.process_index(), jax.process_count(), allgather
+        )
     return data.prepare(rows, tokenizer, c.max_length, name=name, where=where, encoded=encoded, weights=weights)
 
 
-def _soft_targets(c: TrainConfig, tokenizer, examples) -> List[dict]:
+def _soft_targets(c: TrainConfig, tokenizer, examples) -> list[dict]:
     """Each training example's sparse targets from ``--soft-targets`` (matched by its tokens);
     :class:`ls_jax.data.DataError` when the file lacks one or was made with another tokenizer."""
     from ls_jax import teacher_targets
@@ -266,17 +287,26 @@ def _soft_targets(c: TrainConfig, tokenizer, examples) -> List[dict]:
     for i, example in enumerate(examples):
         target = table.get(example[0].tobytes())
         if target is None:
-            raise data.DataError(f"--soft-targets {c.soft_targets} has no teacher targets for training example {i + 1} "
-                                 f"(made from other data, or another --max-length?)")
+            raise data.DataError(
+                f"--soft-targets {c.soft_targets} has no teacher targets for training example {i + 1} "
+                f"(made from other data, or another --max-length?)"
+            )
         try:
-            out.append(teacher_targets.soft_targets(example, target, temperature=c.distill_temperature, rest=c.distill_rest,
-                                            hard_weight=c.distill_hard_weight))
+            out.append(
+                teacher_targets.soft_targets(
+                    example,
+                    target,
+                    temperature=c.distill_temperature,
+                    rest=c.distill_rest,
+                    hard_weight=c.distill_hard_weight,
+                )
+            )
         except data.DataError as e:
             raise data.DataError(f"--soft-targets {c.soft_targets}: training example {i + 1}: {e}") from None
     return out
 
 
-def _evaluate(evaluate, params, frozen, batches, mesh) -> Dict:
+def _evaluate(evaluate, params, frozen, batches, mesh) -> dict:
     """Held-out metrics: loss (all response tokens, weighted as in training), token-level
     accuracy, confidence, NLL, Brier and ECE over the content tokens, the same accuracy /
     confidence over the special tokens (``special_``), teacher-forced answer accuracy; plus the
@@ -288,22 +318,30 @@ def _evaluate(evaluate, params, frozen, batches, mesh) -> Dict:
     content = CalibrationReport.from_bins(total["bins"])
     special = CalibrationReport.from_bins(total["special_bins"])
     weight = float(total["weight"])
-    metrics = {"loss": float(total["loss_sum"]) / (weight if weight > 0 else 1.0), "accuracy": content.accuracy,
-               "nll": content.nll,
-               "brier": content.brier, "ece": content.ece, "rms_calibration_error": content.rms_calibration_error,
-               "max_calibration_error": content.max_calibration_error, "mean_confidence": content.mean_confidence,
-               "content_tokens": content.count, "special_tokens": special.count,
-               "special_accuracy": special.accuracy, "special_mean_confidence": special.mean_confidence,
-               "answer_accuracy": int(total["answers_correct"]) / max(int(total["answers"]), 1),
-               "tokens": int(total["tokens"])}
+    metrics = {
+        "loss": float(total["loss_sum"]) / (weight if weight > 0 else 1.0),
+        "accuracy": content.accuracy,
+        "nll": content.nll,
+        "brier": content.brier,
+        "ece": content.ece,
+        "rms_calibration_error": content.rms_calibration_error,
+        "max_calibration_error": content.max_calibration_error,
+        "mean_confidence": content.mean_confidence,
+        "content_tokens": content.count,
+        "special_tokens": special.count,
+        "special_accuracy": special.accuracy,
+        "special_mean_confidence": special.mean_confidence,
+        "answer_accuracy": int(total["answers_correct"]) / max(int(total["answers"]), 1),
+        "tokens": int(total["tokens"]),
+    }
     return {"metrics": metrics, "bins": content.bins}
 
 
-def _answer_level(config: TrainConfig, prep: Prepared, model, progress: report.Progress) -> Dict:
+def _answer_level(config: TrainConfig, prep: Prepared, model, progress: report.Progress) -> dict:
     """``answers`` (per kind of question: accuracy, confidence, ECE 15 / 10 bins, Brier, NLL,
     and after temperature scaling) and ``answer_bins`` of the first ``answer_rows`` held-out
     rows: the first half fits the temperatures, the second is scored. Empty when off."""
-    rows = prep.held_rows[:config.answer_rows]
+    rows = prep.held_rows[: config.answer_rows]
     if len(rows) < 2:
         return {}
     half = len(rows) // 2

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from ls_jax import linear_smoothed_cross_entropy
 from ls_jax.lm_loss import causal_lm_loss
@@ -35,7 +36,7 @@ def _close(got, want, dtype):
     np.testing.assert_allclose(loss, want_loss, rtol=1e-5 if dtype == "float32" else 1e-4)
     for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
         g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
-        rtol, atol = (1e-5, 1e-6) if dtype == "float32" else (2 ** -6, 2 ** -7)  # bf16: 2 ulps, 1 of the largest
+        rtol, atol = (1e-5, 1e-6) if dtype == "float32" else (2**-6, 2**-7)  # bf16: 2 ulps, 1 of the largest
         np.testing.assert_allclose(g, w, rtol=rtol, atol=atol * np.abs(w).max())
 
 
@@ -55,8 +56,11 @@ def test_loss_on_a_mesh_of_either_axis_type(axis_type, dtype):
     device's, and compiles to a manual computation (each device its own tokens and classes)."""
     mesh = _mesh(axis_type)
     r = np.random.RandomState(0)
-    args = (jnp.asarray(r.randn(16, 8), dtype), jnp.asarray(r.randn(24, 8) / 3, dtype),
-            jnp.asarray(r.randint(0, 24, 16), jnp.int32))
+    args = (
+        jnp.asarray(r.randn(16, 8), dtype),
+        jnp.asarray(r.randn(24, 8) / 3, dtype),
+        jnp.asarray(r.randint(0, 24, 16), jnp.int32),
+    )
     placed = jax.device_put(args, tuple(NamedSharding(mesh, s) for s in (P("data"), P("tensor"), P("data"))))
 
     def step(m):
@@ -64,10 +68,13 @@ def test_loss_on_a_mesh_of_either_axis_type(axis_type, dtype):
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
 
     want = step(None)(*args)
-    forms = {"mesh=": (contextlib.nullcontext, mesh, args), "placed, mesh=": (contextlib.nullcontext, mesh, placed),
-             "jax.set_mesh": (lambda: jax.set_mesh(mesh), None, args),
-             "placed, jax.set_mesh": (lambda: jax.set_mesh(mesh), None, placed),
-             "with mesh: (legacy)": (lambda: _legacy(mesh), None, args)}
+    forms = {
+        "mesh=": (contextlib.nullcontext, mesh, args),
+        "placed, mesh=": (contextlib.nullcontext, mesh, placed),
+        "jax.set_mesh": (lambda: jax.set_mesh(mesh), None, args),
+        "placed, jax.set_mesh": (lambda: jax.set_mesh(mesh), None, placed),
+        "with mesh: (legacy)": (lambda: _legacy(mesh), None, args),
+    }
     for form, (context, m, a) in forms.items():
         with context():
             lowered = step(m).lower(*a)
@@ -76,12 +83,13 @@ def test_loss_on_a_mesh_of_either_axis_type(axis_type, dtype):
         _close(got, want, dtype)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _lm(dtype: str):
     """(graphdef, params, batch) of a 1-layer Llama (8 heads, V = 64) in ``dtype``, and its loss
     and gradients on one device."""
-    config = tiny_llama_config(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=8,
-                               num_key_value_heads=8)
+    config = tiny_llama_config(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=8
+    )
     graphdef, params = nnx.split(from_config(config, seed=0, dtype=jnp.dtype(dtype)))
     ids = jnp.asarray(np.random.RandomState(0).randint(3, 64, (4, 8)), jnp.int32)
     batch = {"input_ids": ids, "labels": ids}
@@ -89,8 +97,7 @@ def _lm(dtype: str):
 
 
 def _lm_loss(graphdef, mesh):
-    return lambda params, batch: causal_lm_loss(nnx.merge(graphdef, params), batch, label_smoothing=0.1,
-                                                mesh=mesh)[0]
+    return lambda params, batch: causal_lm_loss(nnx.merge(graphdef, params), batch, label_smoothing=0.1, mesh=mesh)[0]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -102,8 +109,10 @@ def test_causal_lm_loss_on_a_mesh_of_either_axis_type(axis_type, dtype):
     with a tensor axis aborted XLA:CPU in the column-parallel input gradient's all-reduce.)"""
     mesh = _mesh(axis_type)
     graphdef, params, batch, want = _lm(dtype)
-    placed = (jax.device_put(params, sharding.tree_shardings(params, mesh)),
-              jax.device_put(batch, NamedSharding(mesh, P("data"))))
+    placed = (
+        jax.device_put(params, sharding.tree_shardings(params, mesh)),
+        jax.device_put(batch, NamedSharding(mesh, P("data"))),
+    )
     for context, m in ((lambda: jax.set_mesh(mesh), None), (contextlib.nullcontext, mesh)):
         with context():
             got = jax.jit(jax.value_and_grad(_lm_loss(graphdef, m)))(*placed)

@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from ls_jax import linear_smoothed_cross_entropy
 from ls_jax.logit_stats import BlockSizes, head_index
@@ -34,16 +35,19 @@ def _compiled(mesh, impl, hidden, weight, bias, labels, weight_layout="vd", **kw
     """(compiled value_and_grad (hidden, weight, bias) of the mean loss, its arguments); inputs laid
     out as the trainer does (tokens over data x fsdp, the head's vocabulary axis over tensor, or
     whole when tensor does not divide V) when ``mesh`` is given."""
+
     def f(h, w, b):
-        return linear_smoothed_cross_entropy(h, w, labels, bias=b, impl=impl, mesh=mesh, blocks=BlockSizes(block_v=16),
-                                             weight_layout=weight_layout, **kw)
+        return linear_smoothed_cross_entropy(
+            h, w, labels, bias=b, impl=impl, mesh=mesh, blocks=BlockSizes(block_v=16), weight_layout=weight_layout, **kw
+        )
 
     args = (hidden, weight, bias)
     if mesh is not None:
         even = len(bias) % mesh.shape["tensor"] == 0
         head = P(*head_index("tensor", None, weight_layout)) if even else P()
-        args = jax.device_put(args, tuple(NamedSharding(mesh, s) for s in (
-            P(("data", "fsdp")), head, P("tensor") if even else P())))
+        args = jax.device_put(
+            args, tuple(NamedSharding(mesh, s) for s in (P(("data", "fsdp")), head, P("tensor") if even else P()))
+        )
     return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2))).lower(*args).compile(), args
 
 
@@ -75,8 +79,15 @@ def test_sharded_loss_and_gradients_equal_one_device(spec, impl, dtype):
     assert grads[1].sharding.spec == P("tensor") or mesh.shape["tensor"] == 1  # dW sharded like W
 
 
-@pytest.mark.parametrize("spec, impl, v", [("tensor=8", "xla", 96), ("tensor=8", "pallas", 101),
-                                           ("data=2,tensor=4", "xla", 101), ("data=2,tensor=4", "pallas", 96)])
+@pytest.mark.parametrize(
+    "spec, impl, v",
+    [
+        ("tensor=8", "xla", 96),
+        ("tensor=8", "pallas", 101),
+        ("data=2,tensor=4", "xla", 101),
+        ("data=2,tensor=4", "pallas", 96),
+    ],
+)
 def test_dv_head_split_in_place_over_the_vocabulary(spec, impl, v):
     """A [D, V] head (weight_layout="dv") on a tensor mesh, split along its own vocabulary axis
     (V = 101: ragged, the last V mod t classes on every device): the [V, D] head's loss and
@@ -85,8 +96,9 @@ def test_dv_head_split_in_place_over_the_vocabulary(spec, impl, v):
     mesh = make_mesh(spec)
     hidden, weight, bias, labels = _inputs(v=v)
     kw = dict(label_smoothing=0.1, z_loss=1e-3, logit_softcap=5.0)
-    compiled, args = _compiled(mesh, impl, hidden, np.ascontiguousarray(weight.T), bias, labels,
-                               weight_layout="dv", **kw)
+    compiled, args = _compiled(
+        mesh, impl, hidden, np.ascontiguousarray(weight.T), bias, labels, weight_layout="dv", **kw
+    )
     (loss, grads), (want, want_grads) = compiled(*args), _loss_and_grads(None, impl, hidden, weight, bias, labels, **kw)
     np.testing.assert_allclose(loss, want, rtol=1e-5)
     for g, w in zip(grads, (want_grads[0], want_grads[1].T, want_grads[2])):
@@ -94,34 +106,50 @@ def test_dv_head_split_in_place_over_the_vocabulary(spec, impl, v):
     assert grads[1].sharding.is_equivalent_to(args[1].sharding, 2)  # dW in the head's layout and sharding
     d, per = hidden.shape[1], v // mesh.shape["tensor"]
     heads = {shape for rows in (v, per * mesh.shape["tensor"], per) for shape in ((rows, d), (d, rows))}
-    transposed = {(int(a), int(b)) for a, b in re.findall(r"f32\[(\d+),(\d+)\]\{[\d,]*\} transpose\(", compiled.as_text())}
+    transposed = {
+        (int(a), int(b)) for a, b in re.findall(r"f32\[(\d+),(\d+)\]\{[\d,]*\} transpose\(", compiled.as_text())
+    }
     assert not transposed & heads, transposed
 
 
-@pytest.mark.parametrize("spec, reduction, layout", [("data=8", "mean", "vd"), ("data=2,fsdp=4", "sum", "dv"),
-                                                     ("data=2,fsdp=4", "mean", "dv")])
+@pytest.mark.parametrize(
+    "spec, reduction, layout",
+    [("data=8", "mean", "vd"), ("data=2,fsdp=4", "sum", "dv"), ("data=2,fsdp=4", "mean", "dv")],
+)
 def test_one_pass_on_the_batch_axes_equals_one_device(spec, reduction, layout):
     """The one-pass path per device (ls_jax.sharded.sharded_one_pass): "mean" divides by the
     global weight of the valid tokens (per-token weights here), the partial sums are psummed."""
     mesh = make_mesh(spec)
     hidden, weight, bias, labels = _inputs()
     weight = weight if layout == "vd" else np.ascontiguousarray(weight.T)
-    kw = dict(label_smoothing=0.1, z_loss=1e-3, logit_softcap=5.0, reduction=reduction, weight_layout=layout,
-              weights=np.random.RandomState(2).rand(len(hidden)).astype(np.float32))
+    kw = dict(
+        label_smoothing=0.1,
+        z_loss=1e-3,
+        logit_softcap=5.0,
+        reduction=reduction,
+        weight_layout=layout,
+        weights=np.random.RandomState(2).rand(len(hidden)).astype(np.float32),
+    )
 
     def run(m):
         f = lambda h, w, b: linear_smoothed_cross_entropy(h, w, labels, bias=b, impl="xla", mesh=m, **kw)
         args = (hidden, weight, bias)
         if m is not None:
-            args = jax.device_put(args, (NamedSharding(m, P(("data", "fsdp"))), NamedSharding(m, P()),
-                                         NamedSharding(m, P())))
+            args = jax.device_put(
+                args, (NamedSharding(m, P(("data", "fsdp"))), NamedSharding(m, P()), NamedSharding(m, P()))
+            )
         return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2))).lower(*args), args
 
     lowered, args = run(mesh)
     assert "shard_map" in lowered.as_text() or "sdy.manual_computation" in lowered.as_text()
-    (loss, grads), (want, want_grads) = lowered.compile()(*args), jax.jit(jax.value_and_grad(
-        lambda h, w, b: linear_smoothed_cross_entropy(h, w, labels, bias=b, impl="xla", **kw),
-        argnums=(0, 1, 2)))(hidden, weight, bias)
+    (loss, grads), (want, want_grads) = (
+        lowered.compile()(*args),
+        jax.jit(
+            jax.value_and_grad(
+                lambda h, w, b: linear_smoothed_cross_entropy(h, w, labels, bias=b, impl="xla", **kw), argnums=(0, 1, 2)
+            )
+        )(hidden, weight, bias),
+    )
     np.testing.assert_allclose(loss, want, rtol=1e-5)
     for g, w in zip(grads, want_grads):  # dW, db: fp32 sums over the devices in another order
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6 * np.abs(w).max())
@@ -134,8 +162,9 @@ def test_one_pass_on_the_batch_axes_does_6ndv_per_device():
     mesh = make_mesh("data=8")
     n, d, v = 512, 32, 256
     hidden, weight, _, labels = _inputs(n=n, d=d, v=v)
-    f = lambda h, w: linear_smoothed_cross_entropy(h, w, labels, label_smoothing=0.1, impl="xla", mesh=mesh,
-                                                   blocks=BlockSizes(block_n=n // 8))
+    f = lambda h, w: linear_smoothed_cross_entropy(
+        h, w, labels, label_smoothing=0.1, impl="xla", mesh=mesh, blocks=BlockSizes(block_n=n // 8)
+    )
     args = jax.device_put((hidden, weight), (NamedSharding(mesh, P("data")), NamedSharding(mesh, P())))
     flops = jax.jit(jax.grad(f, argnums=(0, 1))).lower(*args).compile().cost_analysis()["flops"]
     ndv = n // 8 * d * v
@@ -154,9 +183,20 @@ def test_ragged_vocabulary_and_stats(spec):
     bias[100] = 49.0
 
     def run(m):
-        return jax.jit(lambda h, w, b: linear_smoothed_cross_entropy(
-            h, w, labels, bias=b, label_smoothing=0.2, impl="xla", mesh=m, reduction="none", return_stats=True,
-            blocks=BlockSizes(block_v=16)))(hidden, weight, bias)
+        return jax.jit(
+            lambda h, w, b: linear_smoothed_cross_entropy(
+                h,
+                w,
+                labels,
+                bias=b,
+                label_smoothing=0.2,
+                impl="xla",
+                mesh=m,
+                reduction="none",
+                return_stats=True,
+                blocks=BlockSizes(block_v=16),
+            )
+        )(hidden, weight, bias)
 
     (loss, stats), (want, want_stats) = run(mesh), run(None)
     np.testing.assert_allclose(loss, want, rtol=1e-5, atol=1e-6)
@@ -172,8 +212,10 @@ def test_ignored_token_with_inf_hidden_on_a_ragged_vocabulary():
     ids[5] = -100
     hidden[5] = np.inf
     labels = (ids, weights)
-    (loss, grads), (want, want_grads) = (_loss_and_grads(m, "xla", hidden, weight, bias, labels, label_smoothing=0.1)
-                                         for m in (make_mesh("tensor=8"), None))
+    (loss, grads), (want, want_grads) = (
+        _loss_and_grads(m, "xla", hidden, weight, bias, labels, label_smoothing=0.1)
+        for m in (make_mesh("tensor=8"), None)
+    )
     np.testing.assert_allclose(loss, want, rtol=1e-5)
     for g, w in zip(grads, want_grads):
         assert np.isfinite(np.asarray(g)).all()
@@ -188,9 +230,13 @@ def test_ambient_mesh_is_used():
     want = linear_smoothed_cross_entropy(hidden, weight, labels, bias=bias, impl="xla")
     with jax.set_mesh(mesh):
         got = jax.jit(lambda h, w, b: linear_smoothed_cross_entropy(h, w, labels, bias=b, impl="xla"))(
-            hidden, weight, bias)
-        text = jax.jit(lambda h, w: linear_smoothed_cross_entropy(h, w, labels, impl="xla")).lower(
-            hidden, weight).as_text()
+            hidden, weight, bias
+        )
+        text = (
+            jax.jit(lambda h, w: linear_smoothed_cross_entropy(h, w, labels, impl="xla"))
+            .lower(hidden, weight)
+            .as_text()
+        )
     np.testing.assert_allclose(got, want, rtol=1e-5)
     assert "shard_map" in text or "sdy.manual_computation" in text
 
@@ -218,20 +264,36 @@ def test_pallas_kernels_get_one_devices_block_when_lowered_for_cuda(spec):
     mesh = make_mesh(spec)
     n, d, v = 2048, 256, 1024
     tokens, rows = NamedSharding(mesh, P(("data", "fsdp"))), NamedSharding(mesh, P("tensor"))
-    args = (jax.ShapeDtypeStruct((n, d), jnp.bfloat16, sharding=tokens),
-            jax.ShapeDtypeStruct((v, d), jnp.bfloat16, sharding=rows),
-            jax.ShapeDtypeStruct((n, 1), jnp.int32, sharding=tokens))
-    on_gpu = two_pass(Backend(partial(fused.forward, interpret=False), fused.backward_fn("two_kernel", interpret=False)))
+    args = (
+        jax.ShapeDtypeStruct((n, d), jnp.bfloat16, sharding=tokens),
+        jax.ShapeDtypeStruct((v, d), jnp.bfloat16, sharding=rows),
+        jax.ShapeDtypeStruct((n, 1), jnp.int32, sharding=tokens),
+    )
+    on_gpu = two_pass(
+        Backend(partial(fused.forward, interpret=False), fused.backward_fn("two_kernel", interpret=False))
+    )
 
     def loss(h, w, ids):
-        stats = sharded_logit_stats(on_gpu, h, w, None, ids, jnp.ones(ids.shape, jnp.float32), mesh=mesh,
-                                    softcap=None, need_sum=False, blocks=BlockSizes())
+        stats = sharded_logit_stats(
+            on_gpu,
+            h,
+            w,
+            None,
+            ids,
+            jnp.ones(ids.shape, jnp.float32),
+            mesh=mesh,
+            softcap=None,
+            need_sum=False,
+            blocks=BlockSizes(),
+        )
         return (stats.lse - stats.target).sum()
 
-    text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).trace(*args).lower(
-        lowering_platforms=("cuda",)).as_text()
-    calls = [re.search(r"triton\((.*?)\).*?:\s*\(tensor<(\d+)x\d+xbf16>, tensor<(\d+)x\d+xbf16>", line)
-             for line in text.splitlines() if "__gpu$xla.gpu.triton" in line]
+    text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    calls = [
+        re.search(r"triton\((.*?)\).*?:\s*\(tensor<(\d+)x\d+xbf16>, tensor<(\d+)x\d+xbf16>", line)
+        for line in text.splitlines()
+        if "__gpu$xla.gpu.triton" in line
+    ]
     assert len(calls) >= 3 and all(calls), text[:2000]  # forward, and the backward's kernels
     want = (n // mesh.shape["data"], v // mesh.shape["tensor"])
     assert {(int(c.group(2)), int(c.group(3))) for c in calls} == {want}

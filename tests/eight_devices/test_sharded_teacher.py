@@ -25,8 +25,9 @@ def test_sharded_teacher_top_k_equals_one_device(dtype, axis_type):
     tok = train_bpe_tokenizer([r["prompt"] + r["response"] for r in ROWS])
     examples, _ = prepare(ROWS, tok, LENGTH)
     # an even vocabulary: tensor = 2 splits the head (vocabulary-parallel, as in training)
-    model = from_config(tiny_llama_config(vocab_size=len(tok) + len(tok) % 2, hidden_size=32, num_hidden_layers=2),
-                        seed=1, dtype=dtype)
+    model = from_config(
+        tiny_llama_config(vocab_size=len(tok) + len(tok) % 2, hidden_size=32, num_hidden_layers=2), seed=1, dtype=dtype
+    )
     one = sharding.make_mesh("data=1", devices=jax.devices()[:1])
     mesh = jax.make_mesh((2, 2, 2), sharding.AXES, axis_types=(axis_type,) * 3)
     want = teacher_top_k(model, examples, K, pad_id=tok.pad_token_id, max_length=LENGTH, batch_size=8, mesh=one)
@@ -37,8 +38,9 @@ def test_sharded_teacher_top_k_equals_one_device(dtype, axis_type):
         np.testing.assert_array_equal(g["positions"], w["positions"])
         np.testing.assert_allclose(g["top_p"], w["top_p"], atol=tol)
         np.testing.assert_allclose(g["rest"], w["rest"], atol=tol * K)
-    got_ids, want_ids, want_p = (np.concatenate([t[key] for t in ts]) for ts, key in
-                                 ((got, "top_ids"), (want, "top_ids"), (want, "top_p")))
+    got_ids, want_ids, want_p = (
+        np.concatenate([t[key] for t in ts]) for ts, key in ((got, "top_ids"), (want, "top_ids"), (want, "top_p"))
+    )
     same = got_ids == want_ids
     if dtype == jnp.float32:
         assert same.all()

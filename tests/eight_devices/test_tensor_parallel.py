@@ -60,18 +60,31 @@ def _collectives(hlo: str, floats: bool = True):
         m = re.search(r"= (.*?) (" + "|".join(COLLECTIVES) + r")(-start)?\(", line)
         if m:
             shapes = [s for t, s in re.findall(r"([a-z]+)\d*\[([\d,]*)\]", m.group(1)) if (t in ("f", "bf")) == floats]
-            found.append((m.group(2), _group_size(line), [math.prod(map(int, filter(None, s.split(",")))) for s in shapes]))
+            found.append(
+                (m.group(2), _group_size(line), [math.prod(map(int, filter(None, s.split(",")))) for s in shapes])
+            )
     return found
 
 
 CONFIGS = {  # Llama with as many KV heads as tensor devices; Gemma 2: 2 KV heads (shards within a
     # head), tied embeddings, sandwich norms, GeGLU, attention and final softcaps, bias-free
-    "llama": lambda: tiny_llama_config(vocab_size=VOCAB, hidden_size=D, num_hidden_layers=LAYERS,
-                                       num_attention_heads=8, num_key_value_heads=8),
-    "gemma2": lambda: Gemma2Config(vocab_size=VOCAB, hidden_size=D, intermediate_size=2 * D,
-                                   num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
-                                   head_dim=16, sliding_window=3, query_pre_attn_scalar=24,
-                                   attn_logit_softcapping=2.0, final_logit_softcapping=5.0, pad_token_id=0),
+    "llama": lambda: tiny_llama_config(
+        vocab_size=VOCAB, hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=8, num_key_value_heads=8
+    ),
+    "gemma2": lambda: Gemma2Config(
+        vocab_size=VOCAB,
+        hidden_size=D,
+        intermediate_size=2 * D,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=3,
+        query_pre_attn_scalar=24,
+        attn_logit_softcapping=2.0,
+        final_logit_softcapping=5.0,
+        pad_token_id=0,
+    ),
 }
 
 
@@ -82,8 +95,15 @@ def _setup(spec: str, tx, config: str = "llama", dtype: str = "float32", axis_ty
     mesh = mesh.update(axis_types=(getattr(AxisType, axis_type),) * len(mesh.axis_names))
     param_sh, frozen_sh = sharding.tree_shardings(params, mesh), sharding.tree_shardings(frozen, mesh)
     opt_sh = sharding.tree_shardings(jax.eval_shape(tx.init, params), mesh)
-    step = make_train_step(graphdef, tx, TrainConfig(impl="xla", label_smoothing=0.1), param_shardings=param_sh,
-                           frozen_shardings=frozen_sh, opt_shardings=opt_sh, mesh=mesh)
+    step = make_train_step(
+        graphdef,
+        tx,
+        TrainConfig(impl="xla", label_smoothing=0.1),
+        param_shardings=param_sh,
+        frozen_shardings=frozen_sh,
+        opt_shardings=opt_sh,
+        mesh=mesh,
+    )
     return mesh, step, params, frozen, param_sh, frozen_sh, opt_sh
 
 
@@ -115,26 +135,33 @@ def test_tensor_parallel_step_communicates_what_megatron_needs(spec):
 
 def _keep_gradients() -> optax.GradientTransformation:
     """An "optimizer" whose state is the last gradient (and whose update is zero)."""
-    return optax.GradientTransformation(lambda p: jax.tree.map(jnp.zeros_like, p),
-                                        lambda g, state, params=None: (jax.tree.map(jnp.zeros_like, g), g))
+    return optax.GradientTransformation(
+        lambda p: jax.tree.map(jnp.zeros_like, p), lambda g, state, params=None: (jax.tree.map(jnp.zeros_like, g), g)
+    )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _step_grads(spec: str, config: str = "llama", dtype: str = "float32", axis_type: str = "Auto"):
     """(gradients, metrics) of one train step on a fixed batch (``spec`` "": one device)."""
     r = np.random.RandomState(0)
     ids = r.randint(3, VOCAB, (1, BATCH, LENGTH)).astype(np.int32)
     labels = np.where(r.rand(*ids.shape) < 0.3, -100, ids).astype(np.int32)
-    batch = {"input_ids": ids, "labels": labels, "positions": np.broadcast_to(np.arange(LENGTH), ids.shape).astype(np.int32),
-             "segment_ids": np.ones_like(ids), "weights": np.ones(ids.shape, np.float32)}
+    batch = {
+        "input_ids": ids,
+        "labels": labels,
+        "positions": np.broadcast_to(np.arange(LENGTH), ids.shape).astype(np.int32),
+        "segment_ids": np.ones_like(ids),
+        "weights": np.ones(ids.shape, np.float32),
+    }
     mesh, step, params, frozen, param_sh, frozen_sh, opt_sh = _setup(spec, _keep_gradients(), config, dtype, axis_type)
     placed = jax.device_put((params, frozen, _keep_gradients().init(params)), (param_sh, frozen_sh, opt_sh))
     _, grads, metrics = step(*placed, jax.device_put(batch, sharding.batch_sharding(mesh, leading=1)))
     return grads, metrics
 
 
-@pytest.mark.parametrize("config, specs", [("llama", ("tensor=8", "data=2,tensor=4", "fsdp=2,tensor=4")),
-                                           ("gemma2", ("tensor=8",))])
+@pytest.mark.parametrize(
+    "config, specs", [("llama", ("tensor=8", "data=2,tensor=4", "fsdp=2,tensor=4")), ("gemma2", ("tensor=8",))]
+)
 def test_tensor_parallel_step_equals_one_device(config, specs):
     """The step's loss and gradients on meshes with a tensor axis against one device."""
     want, want_metrics = _step_grads("", config)
@@ -147,9 +174,14 @@ def test_tensor_parallel_step_equals_one_device(config, specs):
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6 * np.abs(w).max())
 
 
-@pytest.mark.parametrize("spec, axis_type, dtype", [("data=2,tensor=4", "Explicit", "float32"),
-                                                    ("data=2,tensor=4", "Explicit", "bfloat16"),
-                                                    ("tensor=8", "Auto", "bfloat16")])
+@pytest.mark.parametrize(
+    "spec, axis_type, dtype",
+    [
+        ("data=2,tensor=4", "Explicit", "float32"),
+        ("data=2,tensor=4", "Explicit", "bfloat16"),
+        ("tensor=8", "Auto", "bfloat16"),
+    ],
+)
 def test_step_on_explicit_axes_and_in_bf16_equals_fp32_on_one_device(spec, axis_type, dtype):
     """The trainer's step on a mesh with Explicit axes (jax.make_mesh's default) or Auto ones, in
     fp32 or bf16 compute (fp32 parameters): the fp32 step on one device, bf16 within its
