@@ -10,7 +10,7 @@ each of them, and the softmax still spreads probability over them. Prints one ta
 over seeds) and writes ``large_vocab.json`` (every run's figures) and ``large_vocab.png``
 (ECE and mean confidence against V, one line per D and stage) to ``--out``.
 
-    python experiments/large_vocab.py --out runs/large_vocab      # the README's table (about an hour of CPU)
+    python experiments/large_vocab.py --out runs/large_vocab      # docs/calibration.md's table (about an hour of CPU)
     python experiments/large_vocab.py --vocab 0,512 --hidden 16 --base-steps 2 --steps 2 --num-base 64 \\
         --seeds 0 --out /tmp/lv                                    # smoke
 """

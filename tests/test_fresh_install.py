@@ -1,6 +1,6 @@
 """README's commands as a new user runs them: ``python train.py`` from the repository root, in a
 subprocess with the installed dependencies (transformers imports Hugging Face's ``kernels``,
-which the root must not shadow), on the smallest settings of the default run and of the
+which the root must not shadow), on the smallest settings of the default run and of docs/classification.md's
 classification command with ``--compare-smoothing``, each to its final table."""
 
 import os

@@ -985,3 +985,15 @@ def test_base_stage_then_seeds(tmp_path, capsys):
     printed = capsys.readouterr().out
     for label in ("base", "base + T", "SFT a=0 + T", "SFT a=0.1", "addition questions", "content tokens"):
         assert label in printed, label
+
+
+def test_answer_table_names_the_questions_of_the_data():
+    """The generated answers' table names the built-in questions, or the data file they come from."""
+    from ls_jax.train import report, tasks
+
+    scores = {"accuracy": 0.5, "confidence": 0.6, "ece": 0.1, "ece10": 0.1, "brier": 0.2, "nll": 0.7, "count": 4}
+    token = {k: 0.5 for k, _, _ in report.TOKEN_COLUMNS}
+    results = [{"stage": "sft", "label_smoothing": 0.1, "seed": 0, "answers": {"generated": scores}, **token}]
+    for data, title in ((None, "addition questions"), ("some/dir/reviews.jsonl", "questions of reviews.jsonl")):
+        text = tasks.task_of(TrainConfig(data=data)).summary(TrainConfig(data=data), results)
+        assert f"answer level, {title}: greedy answer" in text, text

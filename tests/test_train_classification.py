@@ -201,7 +201,7 @@ TINY_FLAGS = [
 
 
 def test_compare_smoothing_report(tmp_path, capsys, monkeypatch):
-    """--compare-smoothing 0,0.2 (README's command): both runs, then the combined table and
+    """--compare-smoothing 0,0.2 (docs/classification.md's command): both runs, then the combined table and
     reliability diagrams, one panel per run titled for the classes with the smoothed run's
     confidence ceiling 1 - a + a / K."""
     from ls_jax import calibration

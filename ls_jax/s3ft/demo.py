@@ -12,7 +12,7 @@
    general-task accuracy (exact match of the bare answer on add, rev and next, the tasks other
    than max), for the base and each run.
 
-Prints the table README quotes; everything goes under ``--out``.
+Prints the table docs/s3ft.md quotes; everything goes under ``--out``.
 """
 
 import argparse

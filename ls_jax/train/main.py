@@ -154,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     print(f"\nheld-out results ({time.perf_counter() - start:.0f} s):", file=sys.stderr)
     task = task_of(config)
-    print(task.summary(results))
+    print(task.summary(config, results))
     print(
         f"checkpoints, metrics.jsonl, reliability.png and hf/ (the final model as a Hugging Face "
         f"checkpoint: {task.usage}) under {config.output_dir}"

@@ -148,13 +148,14 @@ TOKEN_COLUMNS = (
 )
 KIND_TITLES = {
     "multiple_choice": "multiple-choice questions: option-letter probabilities normalised over the options",
-    "generated": "addition questions: greedy answer, confidence = its sequence probability",
+    "generated": "{questions}: greedy answer, confidence = its sequence probability",
 }
 
 
-def summary_tables(results: Sequence[dict]) -> str:
+def summary_tables(results: Sequence[dict], questions: str = "addition questions") -> str:
     """The final tables: answer level per kind of question (each stage, then after temperature
-    scaling), then token level over the content tokens; cells are mean ± half range over seeds."""
+    scaling), then token level over the content tokens; cells are mean ± half range over seeds.
+    ``questions`` names the generated answers' questions in their table's title."""
     groups = by_stage(results)
     seeds = sorted({r.get("seed") for r in results if r.get("stage") != "base"})
     out = []
@@ -170,7 +171,7 @@ def summary_tables(results: Sequence[dict]) -> str:
         if rows:
             n = next(r["answers"][kind]["count"] for r in results if kind in r.get("answers", {}))
             out.append(
-                f"answer level, {title} ({n} held-out questions):\n"
+                f"answer level, {title.format(questions=questions)} ({n} held-out questions):\n"
                 + _table(["stage"] + [t for _, t, _ in ANSWER_COLUMNS], rows)
             )
     rows = [[name] + [_cell([r[k] for r in runs], fmt) for k, _, fmt in TOKEN_COLUMNS] for name, runs in groups.items()]

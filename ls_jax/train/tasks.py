@@ -6,6 +6,7 @@ the same for every task; a :class:`Task` holds what differs. :func:`task_of` map
 :class:`Classification` (text / label rows, a SequenceClassifier).
 """
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -106,8 +107,8 @@ class Task(ABC):
         """``final.json``'s task-specific entries of a finished run; ``model()`` merges the trained model."""
 
     @abstractmethod
-    def summary(self, results: list[dict]) -> str:
-        """The final held-out tables of every run (``final.json`` contents, one per run)."""
+    def summary(self, c: TrainConfig, results: list[dict]) -> str:
+        """The final held-out tables of every run of ``c`` (``final.json`` contents, one per run)."""
 
 
 class CausalLM(Task):
@@ -173,8 +174,9 @@ class CausalLM(Task):
         model = model()
         return {"vocab_size": int(model.unembedding().shape[0]), **_answer_level(c, prep, model, progress)}
 
-    def summary(self, results: list[dict]) -> str:
-        return report.summary_tables(results)
+    def summary(self, c: TrainConfig, results: list[dict]) -> str:
+        questions = "addition questions" if c.data is None else f"questions of {os.path.basename(c.data)}"
+        return report.summary_tables(results, questions)
 
 
 class Classification(Task):
@@ -248,7 +250,7 @@ class Classification(Task):
     def final(self, c: TrainConfig, prep: Prepared, model: Callable, progress: report.Progress) -> dict:
         return {}
 
-    def summary(self, results: list[dict]) -> str:
+    def summary(self, c: TrainConfig, results: list[dict]) -> str:
         return report.summary_table(results, report.CLASSIFICATION_COLUMNS)
 
 
