@@ -41,7 +41,7 @@ def compiled_step(attention: str, remat: str, length: int, dtype, layers: int = 
     """The train step compiled for the default backend at sequence length ``length``.
 
     Args:
-      attention: ``DecoderSpec.attention`` ("explicit", "auto", "xla", "cudnn").
+      attention: ``DecoderSpec.attention`` ("explicit", "auto", "xla", "cudnn", "splash").
       remat: "none", "full" or "dots". length: T of the one row. dtype: compute dtype.
       layers: decoder layers.
     Returns:

@@ -1,6 +1,8 @@
 """Attention through ``jax.nn.dot_product_attention`` (issue 24) equals the explicit einsum path:
 GQA, fp32 / bf16, padding, packing, sliding windows, KV-cache offsets, gradients; the models on it
-equal transformers; the path choice (``attention_path``); the train step's unpacked inputs."""
+equal transformers; the path choice (``attention_path``); the train step's unpacked inputs.
+Splash attention (the TPU kernel, in Pallas interpret mode here) equals the explicit path too:
+GQA, fp32 / bf16, windows, Gemma 2's softcap, gradients, the models."""
 
 import dataclasses
 
@@ -11,7 +13,7 @@ import pytest
 from flax import nnx
 from test_models import CONFIGS, TOL, V, hf_logits, padded_batch, perturbed_nnx, save_hf
 
-from ls_jax.models import CausalLM, from_config, from_pretrained, layers
+from ls_jax.models import CausalLM, from_config, from_pretrained, layers, splash
 from ls_jax.models.layers import AttentionMask, attention, attention_path, token_mask
 from ls_jax.train.config import LossOptions
 from ls_jax.train.step import _loss_sum, model_inputs
@@ -94,22 +96,78 @@ def test_cache_offset_queries(window):
 
 def test_attention_path():
     causal = AttentionMask()
-    assert attention_path("auto", causal, 50.0, jnp.bfloat16, 128) == "explicit"  # softcap: Gemma 2
-    assert attention_path("explicit", causal, None, jnp.bfloat16, 128) == "explicit"
-    assert attention_path("auto", causal, None, jnp.bfloat16, 128) == ("cudnn" if layers.on_cuda() else "xla")
+    softcapped = "splash" if splash.on_tpu() else "explicit"  # Gemma 2
+    assert attention_path("auto", causal, 50.0, jnp.bfloat16, 128, 128) == softcapped
+    assert attention_path("explicit", causal, None, jnp.bfloat16, 128, 128) == "explicit"
+    assert attention_path("auto", causal, None, jnp.bfloat16, 128, 128) == ("cudnn" if layers.on_cuda() else "xla")
     with pytest.raises(ValueError, match="supported"):
-        attention_path("flash", causal, None, jnp.bfloat16, 128)
+        attention_path("flash", causal, None, jnp.bfloat16, 128, 128)
 
 
 def test_auto_takes_cudnn_where_it_applies_on_a_gpu(monkeypatch):
     monkeypatch.setattr(layers, "on_cuda", lambda: True)
     causal, dense = AttentionMask(), AttentionMask(jnp.ones((1, 2, 2), bool))
-    assert attention_path("auto", causal, None, jnp.bfloat16, 128) == "cudnn"
-    assert attention_path("auto", causal, None, jnp.float16, 64) == "cudnn"
-    assert attention_path("auto", dense, None, jnp.bfloat16, 128) == "xla"  # padding / packing / cache
-    assert attention_path("auto", causal, None, jnp.float32, 128) == "xla"
-    assert attention_path("auto", causal, None, jnp.bfloat16, 256) == "xla"
-    assert attention_path("auto", causal, 50.0, jnp.bfloat16, 128) == "explicit"
+    assert attention_path("auto", causal, None, jnp.bfloat16, 128, 128) == "cudnn"
+    assert attention_path("auto", causal, None, jnp.float16, 64, 128) == "cudnn"
+    assert attention_path("auto", dense, None, jnp.bfloat16, 128, 128) == "xla"  # padding / packing / cache
+    assert attention_path("auto", causal, None, jnp.float32, 128, 128) == "xla"
+    assert attention_path("auto", causal, None, jnp.bfloat16, 256, 128) == "xla"
+    assert attention_path("auto", causal, 50.0, jnp.bfloat16, 128, 128) == "explicit"
+
+
+def test_auto_takes_splash_where_it_applies_on_a_tpu(monkeypatch):
+    monkeypatch.setattr(splash, "on_tpu", lambda: True)
+    causal, dense = AttentionMask(), AttentionMask(jnp.ones((1, 2, 2), bool))
+    assert attention_path("auto", causal, None, jnp.bfloat16, 128, 4096) == "splash"
+    assert attention_path("auto", causal, 50.0, jnp.bfloat16, 256, 256) == "splash"  # softcap: a splash feature
+    assert attention_path("auto", causal, None, jnp.float32, 128, 128) == "splash"
+    assert attention_path("auto", causal, None, jnp.bfloat16, 64, 128) == "xla"  # head dim not 128 lanes
+    assert attention_path("auto", causal, 50.0, jnp.bfloat16, 128, 100) == "explicit"  # length not 128 lanes
+    assert attention_path("auto", dense, None, jnp.bfloat16, 128, 128) == "xla"  # padding / packing / cache
+    assert attention_path("explicit", causal, None, jnp.bfloat16, 128, 128) == "explicit"
+    with pytest.raises(ValueError, match="plain causal"):
+        attention_path("splash", dense, None, jnp.bfloat16, 128, 128)
+
+
+SPLASH_T = 128  # the kernel's key blocks are multiples of 128 tokens
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize("window,softcap", [(None, None), (5, None), (None, 2.0), (5, 2.0)])
+def test_splash_equals_the_explicit_path(window, softcap, dtype, tol):
+    kq, kk, kv = jax.random.split(jax.random.key(4), 3)
+    q = jax.random.normal(kq, (2, SPLASH_T, H, DH)).astype(dtype)
+    k, v = (jax.random.normal(key, (2, SPLASH_T, K, DH)).astype(dtype) for key in (kk, kv))
+    run = jax.jit(
+        lambda q, k, v, impl: attention(
+            q, k, v, AttentionMask(), scale=0.3, softcap=softcap, window=window, implementation=impl
+        ),
+        static_argnums=3,
+    )
+    got, want = run(q, k, v, "splash"), run(q, k, v, "explicit")
+    assert got.dtype == dtype and got.shape == q.shape
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=tol, rtol=0)
+
+
+def test_splash_gradients_equal_the_explicit_path():
+    kq, kk, kv = jax.random.split(jax.random.key(5), 3)
+    q = jax.random.normal(kq, (2, SPLASH_T, H, DH))
+    k, v = (jax.random.normal(key, (2, SPLASH_T, K, DH)) for key in (kk, kv))
+
+    def grads(impl):
+        f = lambda q, k, v: jnp.sum(
+            jnp.sin(attention(q, k, v, AttentionMask(), scale=0.3, softcap=2.0, window=5, implementation=impl))
+        )
+        return jax.jit(jax.grad(f, argnums=(0, 1, 2)))(q, k, v)
+
+    for got, want in zip(grads("splash"), grads("explicit")):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_splash_refuses_a_length_off_its_blocks():
+    q, k, v = qkv(jnp.float32)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        attention(q, k, v, AttentionMask(), scale=0.3, implementation="splash")
 
 
 def with_attention(model, implementation):
@@ -140,6 +198,16 @@ def test_causal_form_matches_transformers(name, tmp_path):
     ours = np.asarray(model.logits(jnp.asarray(ids)))
     ref = hf_logits(hf, ids, np.ones_like(ids))
     assert np.abs(ours - ref).max() < TOL
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2"])
+def test_models_on_splash_equal_the_explicit_path(name):
+    """Llama (GQA) and Gemma 2 (sliding windows, attention softcap) through splash at 128 tokens."""
+    model = perturbed_nnx(from_config(CONFIGS[name](), seed=1))
+    ids = jnp.asarray(np.random.RandomState(5).randint(3, V, size=(2, SPLASH_T)))
+    logits = nnx.jit(lambda m, ids: m.logits(ids))
+    got, want = logits(with_attention(model, "splash"), ids), logits(with_attention(model, "explicit"), ids)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
 
 def test_unpacked_train_inputs_give_the_same_loss_and_gradients():

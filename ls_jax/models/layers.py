@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from ls_jax.logit_stats import apply_softcap
+from ls_jax.models import splash
 from ls_jax.models.parallel import column_parallel
 
 # Score given to masked attention entries: finite, so a fully masked row (a padding query)
@@ -173,43 +174,56 @@ class AttentionMask(NamedTuple):
         return sliding_window_mask(dense, window, self.offset)
 
 
-ATTENTION_IMPLEMENTATIONS = ("auto", "explicit", "xla", "cudnn")
+ATTENTION_IMPLEMENTATIONS = ("auto", "explicit", "xla", "cudnn", "splash")
 
 
-def attention_path(implementation: str, mask: AttentionMask, softcap: float | None, dtype, head_dim: int) -> str:
-    """The one place choosing how a call computes attention: "explicit", "xla" or "cudnn".
+def attention_path(
+    implementation: str, mask: AttentionMask, softcap: float | None, dtype, head_dim: int, length: int
+) -> str:
+    """The one place choosing how a call computes attention: "explicit", "xla", "cudnn" or "splash".
 
-    "explicit" is this module's einsum (float32 ``[B, heads, T, S]`` scores, materialised); it
-    is the only path with an attention-logit softcap (Gemma 2), which neither cuDNN nor
-    ``jax.nn.dot_product_attention`` offers, so a softcap always takes it. The others go
-    through ``jax.nn.dot_product_attention``: "cudnn" is cuDNN's fused flash-attention kernel
-    (no ``[T, S]`` scores in memory). "auto" gives it only the causal form of the mask
-    (``mask.dense`` None: causal and the sliding window are built into the kernel): a padding
-    mask, a packed batch's block-diagonal mask or a KV cache's offset queries would reach cuDNN
-    only as an additive ``[B, 1, T, S]`` bias, quadratic in T again, so those take "xla"; and
-    it needs a CUDA GPU, bf16/fp16 and a head dim <= 128 that is a multiple of 8. "xla" is
-    JAX's own implementation (still float32 ``[T, S]`` scores, per key/value head group).
-    "auto" takes "cudnn" where all of that holds on the default backend (:func:`on_cuda`), else "xla".
-    ``jax.nn.dot_product_attention(implementation=None)`` does not do this choice itself: in
-    JAX 0.10 it always means XLA.
+    "explicit" is this module's einsum (float32 ``[B, heads, T, S]`` scores, materialised). "xla"
+    and "cudnn" go through ``jax.nn.dot_product_attention``: "cudnn" is cuDNN's fused
+    flash-attention kernel on a GPU (no ``[T, S]`` scores in memory), "xla" JAX's own
+    implementation (still float32 ``[T, S]`` scores, per key/value head group). "splash" is
+    JAX's Pallas TPU flash-attention kernel (:mod:`ls_jax.models.splash`; off a TPU it runs in
+    interpret mode). Neither cuDNN nor ``dot_product_attention`` has an attention-logit softcap
+    (Gemma 2): with one, "xla" and "cudnn" become "explicit"; splash has it.
+
+    The fused kernels take only the causal form of the mask (``mask.dense`` None: causal and the
+    sliding window are built into the kernel): a padding mask, a packed batch's block-diagonal
+    mask or a KV cache's offset queries would reach cuDNN only as an additive ``[B, 1, T, S]``
+    bias, quadratic in T again, and splash not at all. "auto" takes "splash" on a TPU where
+    :func:`ls_jax.models.splash.fits` (T and Dh multiples of 128); else "explicit" with a
+    softcap; else "cudnn" on a CUDA GPU (:func:`on_cuda`) for bf16/fp16 with a head dim <= 128
+    that is a multiple of 8; else "xla". ``jax.nn.dot_product_attention(implementation=None)``
+    does not do this choice itself: in JAX 0.10 it always means XLA.
 
     Args:
-      implementation: "auto", "explicit", "xla" or "cudnn" (forced; "cudnn" raises where
-        cuDNN cannot run the call).
+      implementation: "auto", "explicit", "xla", "cudnn" or "splash" (forced; "cudnn" raises
+        where cuDNN cannot run the call, "splash" on a mask other than the causal form or a
+        length that is not a multiple of 128).
       mask: the call's :class:`AttentionMask`. softcap: attention-logit softcap or None.
-      dtype: the queries' dtype. head_dim: Dh.
+      dtype: the queries' dtype. head_dim: Dh. length: T, the call's query (and key) tokens.
     Returns:
-      "explicit", "xla" or "cudnn".
+      "explicit", "xla", "cudnn" or "splash".
+    Raises:
+      ValueError: an unknown ``implementation``, or "splash" forced on a mask it cannot take.
     """
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {implementation!r}; supported: {ATTENTION_IMPLEMENTATIONS}")
+    causal = mask.dense is None
+    if implementation == "splash":
+        if not causal:
+            raise ValueError("splash attention takes plain causal attention: no padding mask, packed segments or cache")
+        return "splash"
+    if implementation == "auto" and causal and splash.on_tpu() and splash.fits(length, head_dim):
+        return "splash"
     if softcap is not None or implementation == "explicit":
         return "explicit"
     if implementation != "auto":
         return implementation
-    fits = (
-        mask.dense is None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim <= 128 and head_dim % 8 == 0
-    )
+    fits = causal and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim <= 128 and head_dim % 8 == 0
     return "cudnn" if fits and on_cuda() else "xla"
 
 
@@ -243,7 +257,9 @@ def attention(
       ``[B, T, H, Dh]`` in the dtype of ``v``; scores and softmax in float32 on every path.
     """
     b, t, heads, dh = q.shape
-    path = attention_path(implementation, mask, softcap, q.dtype, dh)
+    path = attention_path(implementation, mask, softcap, q.dtype, dh, t)
+    if path == "splash":
+        return splash.splash_attention(q, k, v, scale=scale, softcap=softcap, window=window)
     if path == "explicit":
         dense = mask.with_window((b, t), window)
         k_heads = k.shape[2]

@@ -36,7 +36,7 @@ class DecoderSpec:
     sandwich_norms: Gemma 2's extra norms after attention and after the MLP.
     embed_scale: multiply token embeddings by sqrt(hidden_size) (Gemma).
     query_scale: attention score scale (``head_dim ** -0.5``; Gemma 2: ``query_pre_attn_scalar ** -0.5``).
-    attention: "auto", "explicit", "xla" or "cudnn"; see :func:`ls_jax.models.layers.attention_path`.
+    attention: "auto", "explicit", "xla", "cudnn" or "splash"; see :func:`ls_jax.models.layers.attention_path`.
     """
 
     vocab_size: int
@@ -213,7 +213,7 @@ class Decoder(nnx.Module):
         the compute dtype, final norm applied.
 
         Without a mask, segments or cache, attention is plain causal: the form cuDNN's fused
-        kernel takes on a GPU (:func:`~ls_jax.models.layers.attention_path`). Right-padded rows
+        kernel takes on a GPU and splash on a TPU (:func:`~ls_jax.models.layers.attention_path`). Right-padded rows
         may leave ``attention_mask`` out too: no real token attends to the padding after it, so
         only the (unused) outputs at padding change.
 
@@ -238,7 +238,7 @@ class Decoder(nnx.Module):
             x = x * jnp.asarray(self.spec.hidden_size**0.5, x.dtype)
         cos, sin = rope_tables(positions, self.spec.rope, x.dtype)
         if cache is None and segment_ids is None and attention_mask is None:
-            mask = AttentionMask()  # plain causal: the form cuDNN's kernel takes
+            mask = AttentionMask()  # plain causal: the form the fused kernels take
         else:
             mask = AttentionMask(dense=token_mask(key_mask, segment_ids, shape, offset), offset=offset)
         if cache is None:
