@@ -13,7 +13,9 @@ Attention paths (``DecoderSpec.attention``): "explicit", the einsum every layer 
 issue 24; "auto", ``jax.nn.dot_product_attention`` as the models now call it. On a CPU "auto"
 is XLA's implementation, which materialises the scores too, so both grow quadratically
 there; cuDNN's fused kernel ("auto" on a GPU, bf16) keeps no ``[T, T]`` scores, and its
-figure needs the GPU (kernels/NOTES.md, "Plan on the GPU").
+figure needs the GPU (kernels/NOTES.md, "Plan on the GPU"). "splash" (the TPU path, T a
+multiple of 128) compiles on a CPU in Pallas interpret mode: its blocked loops show the linear
+growth there.
 
     python benchmarks/step_memory.py                     # T = 256 .. 4096, float32
     python benchmarks/step_memory.py --lengths 256,512 --dtype bfloat16 --remat none
